@@ -1,0 +1,144 @@
+"""Task files: what a data scientist asks the federation to learn, and under which guarantee."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from fedgov.config._base import ConfigPath, StrictModel, problems_from_validation, validate_file
+from fedgov.config.contract import ColumnType, Contract, load_contract
+from fedgov.errors import ConfigError, Problem
+
+__all__ = [
+    "ModelSpec",
+    "TrainingSpec",
+    "PrivacySpec",
+    "EvaluationSpec",
+    "Task",
+    "load_task",
+    "MODEL_NAMES",
+]
+
+MODEL_NAMES = ("logreg", "mlp")
+"""Names in the model registry (``fedgov.models``); kept here so configs load without torch."""
+
+
+class ModelSpec(StrictModel):
+    """Which model from the registry, and its shape."""
+
+    name: Literal["logreg", "mlp"] = "logreg"
+    hidden: list[int] = Field(default_factory=lambda: [64, 64])
+    activation: Literal["relu", "tanh"] = "relu"
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if any(h < 1 for h in self.hidden):
+            raise ValueError("every hidden layer needs at least 1 unit")
+        return self
+
+
+class TrainingSpec(StrictModel):
+    """Rounds, local optimisation and the Flower strategy."""
+
+    rounds: int = Field(default=10, ge=1, le=10_000)
+    local_epochs: int = Field(default=1, ge=1, le=1000)
+    batch_size: int = Field(default=256, ge=1)
+    learning_rate: float = Field(default=0.1, gt=0, le=100)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    proximal_mu: float = Field(default=0.0, ge=0)
+    fraction_train: float = Field(default=1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(default=1.0, ge=0, le=1)
+    min_nodes: int = Field(default=2, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingSpec:
+        if self.strategy == "fedprox" and self.proximal_mu <= 0:
+            raise ValueError("strategy 'fedprox' needs proximal_mu > 0")
+        return self
+
+
+class PrivacySpec(StrictModel):
+    """The node-level DP-SGD guarantee for the whole task (all rounds together)."""
+
+    enabled: bool = True
+    target_epsilon: float = Field(default=2.0, gt=0, le=100)
+    delta: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="None: min(1e-5, 0.1 / rows) per node, well under 1/n of every node",
+    )
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    accountant: Literal["prv", "rdp"] = "prv"
+    grad_sample_mode: Literal["hooks", "ghost", "functorch", "ew"] = "hooks"
+    margin: float = Field(
+        default=0.98,
+        gt=0.5,
+        le=1.0,
+        description="calibrate sigma to margin * target_epsilon, for the accountant's numerical error",
+    )
+
+    def delta_for(self, rows: int) -> float:
+        """The delta a node with ``rows`` training rows uses."""
+        if self.delta is not None:
+            return self.delta
+        return min(1e-5, 0.1 / max(rows, 1))
+
+
+class EvaluationSpec(StrictModel):
+    """Centralized evaluation data held by the coordinator (public, held out)."""
+
+    centralized: ConfigPath | None = None
+
+
+class Task(StrictModel):
+    """A training task."""
+
+    name: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    kind: Literal["training"] = "training"
+    description: str = ""
+    contract: ConfigPath
+    federation: ConfigPath | None = None
+    features: list[str] | None = None
+    model: ModelSpec = ModelSpec()
+    training: TrainingSpec = TrainingSpec()
+    privacy: PrivacySpec = PrivacySpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+
+
+def _check_against_contract(task: Task, contract: Contract, file: str) -> list[Problem]:
+    problems = []
+    names = contract.names()
+    if contract.target is None:
+        problems.append(Problem(file, "contract", f"contract {contract.ref} names no target column"))
+    for i, f in enumerate(task.features or []):
+        if f not in names:
+            problems.append(Problem(file, f"features[{i}]", f"'{f}' is not a column of {contract.ref}"))
+        elif f == contract.target:
+            problems.append(Problem(file, f"features[{i}]", f"'{f}' is the target; it cannot be a feature"))
+        elif f == contract.person_id:
+            problems.append(Problem(file, f"features[{i}]", f"'{f}' is the person id; it cannot be a feature"))
+        elif contract.column(f).type == ColumnType.STRING:
+            problems.append(Problem(file, f"features[{i}]", f"'{f}' is free text; only numeric, boolean and categorical columns can be features"))
+    return problems
+
+
+def load_task(path: Path | str) -> tuple[Task, Contract]:
+    """Load a task file and the contract it names, checking the two against each other."""
+    p = Path(path)
+    try:
+        task = validate_file(Task, p, "task")
+    except ConfigError:
+        raise
+    except ValidationError as exc:  # pragma: no cover - validate_file converts these
+        raise ConfigError(f"Invalid task file {p}", problems_from_validation(exc, str(p))) from exc
+    contract = load_contract(task.contract)
+    problems = _check_against_contract(task, contract, str(p))
+    if problems:
+        raise ConfigError(f"Task {p} does not fit contract {contract.ref}:", problems)
+    return task, contract
