@@ -1,0 +1,32 @@
+# fedgov: `make demo` and `make test` do all the set-up on a fresh machine with Python 3.11.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.fedgov-installed
+
+.PHONY: demo test test-fast lint clean venv
+
+venv: $(STAMP)
+
+# torch is installed first and pinned: pip then takes the CPU wheel where one is at hand
+# (a find-links folder such as /opt/wheels), instead of a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "fedgov needs Python 3.11; set PYTHON=/path/to/python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[test]"
+	@$(BIN)/python -c 'import torch; print("torch", torch.__version__, "CUDA build" if torch.version.cuda else "CPU build")'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedgov run configs/tasks/adult-income.toml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

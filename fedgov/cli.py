@@ -1,0 +1,239 @@
+"""The ``fedgov`` command line. Entry point: :func:`main`.
+
+Errors fedgov raises on purpose end in a clear message and a documented exit code
+(``fedgov exit-codes``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedgov.errors import EXIT_HELP, ExitCode, FedgovError
+
+app = typer.Typer(
+    name="fedgov",
+    help="Privacy-preserving federated learning for municipalities.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Check data files against a data contract.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(exc: FedgovError) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(int(exc.exit_code))
+
+
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_summary(report: Any, run_dir: Path) -> None:
+    """The terminal summary of a training report."""
+    t = Table(title=f"{report.task}: per node (target epsilon {report.privacy.get('target_epsilon')})")
+    for col in ("node", "name", "rows", "epsilon", "delta", "federated acc.", "local-only acc.", "gain", "status"):
+        t.add_column(col, justify="right" if col not in ("node", "name", "status") else "left")
+    for n in sorted(report.nodes, key=lambda n: -n.train_rows):
+        status = n.status if n.status == "accepted" else f"{n.status}: {n.refusal_code or ''} {n.refusal_reason}"
+        t.add_row(
+            n.node, n.name, str(n.train_rows), _fmt(n.epsilon), _fmt(n.delta, ".0e"),
+            _fmt(n.federated_accuracy), _fmt(n.local_only_accuracy),
+            "-" if n.gain is None else f"{100 * n.gain:+.1f} pt", status,
+        )
+    console.print(t)
+    if report.final is not None:
+        console.print(
+            f"Global model on the held-out test set ({report.final.n} rows): accuracy [bold]{report.final.accuracy:.4f}[/], "
+            f"AUC {_fmt(report.final.auc, '.4f')}, loss {report.final.loss:.4f}; majority class {_fmt(report.majority_rate, '.4f')}"
+        )
+    gain = report.median_gain()
+    console.print(
+        f"Max epsilon spent by a node: {_fmt(report.max_epsilon(), '.3f')}; median gain from federating: "
+        f"{'-' if gain is None else f'{100 * gain:+.1f} points'}; wall time {_fmt(report.wall_seconds, '.0f')} s"
+    )
+    console.print(f"Report: {run_dir / 'report.json'}   Plot: {run_dir / 'accuracy.png'}   Model: {run_dir / 'model.pt'}")
+
+
+@app.command()
+def run(
+    task: Annotated[Path, typer.Argument(help="Task file, e.g. configs/tasks/adult-income.toml")],
+    federation: Annotated[Path | None, typer.Option("--federation", "-f", help="Federation file (default: the task's)")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run directories are created")] = Path("runs"),
+    cpus: Annotated[int | None, typer.Option(help="CPUs for the simulation engine (default: all)")] = None,
+    no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Skip the local-only baselines")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON at the end")] = False,
+) -> None:
+    """Run a training task on a simulated federation (Flower simulation engine)."""
+    from fedgov.reports import load_report
+    from fedgov.simulation import SimulationOptions, run_simulation
+
+    opts = SimulationOptions(runs_dir=runs_dir, num_cpus=cpus, local_baseline=not no_baseline)
+    rounds_total = None
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"), console=console, transient=False,
+    ) as progress:
+        bar = progress.add_task("preparing", total=None, info="")
+
+        def on_event(ev: dict[str, Any]) -> None:
+            nonlocal rounds_total
+            kind = ev.get("event")
+            if kind == "run-dir":
+                progress.console.print(f"Run directory: {ev['path']}")
+            elif kind == "partitioned":
+                progress.update(bar, description="starting Flower", info=f"{len(ev['nodes'])} nodes")
+            elif kind == "admission":
+                refused = ev.get("refused") or {}
+                progress.console.print(f"{len(ev['accepted'])} node(s) accepted the task, {len(refused)} refused")
+                for node, why in refused.items():
+                    progress.console.print(f"  [yellow]refused[/] {node}: {why}")
+            elif kind == "training-start":
+                rounds_total = int(ev["rounds"])
+                progress.update(bar, description="training", total=rounds_total, completed=0, info="")
+            elif kind == "round" and ev.get("round", 0) > 0:
+                info = f"acc {_fmt(ev.get('accuracy'))}  max eps {_fmt(ev.get('max_epsilon'))}"
+                progress.update(bar, completed=ev["round"], info=info)
+                progress.console.print(
+                    f"round {ev['round']:>3}: accuracy {_fmt(ev.get('accuracy'), '.4f')}  AUC {_fmt(ev.get('auc'), '.4f')}  "
+                    f"nodes' own test acc. {_fmt(ev.get('federated_accuracy'), '.4f')}  max epsilon {_fmt(ev.get('max_epsilon'))}  "
+                    f"({len(ev.get('nodes_trained', []))} nodes, {_fmt(ev.get('seconds'), '.1f')} s)"
+                )
+            elif kind == "failed":
+                progress.console.print(f"[red]run failed:[/] {ev.get('message')}")
+            elif kind == "baseline":
+                progress.update(bar, description="local-only baselines", total=ev["of"], completed=ev["index"] - 1, info=ev["node"])
+            elif kind == "done":
+                progress.update(bar, description="done", info="")
+
+        try:
+            run_dir = run_simulation(task, federation, opts, on_event)
+        except FedgovError as exc:
+            progress.stop()
+            _fail(exc)
+            return
+    report = load_report(run_dir / "report.json")
+    print_summary(report, run_dir)
+    if json_out:
+        print(report.model_dump_json(indent=2))
+
+
+@app.command()
+def check(
+    files: Annotated[list[Path], typer.Argument(help="Task, federation or contract files")],
+) -> None:
+    """Validate configuration files; every problem is listed with its file and field."""
+    from fedgov.config import load_contract, load_federation, load_task
+    from fedgov.config._base import load_toml
+
+    worst: FedgovError | None = None
+    for f in files:
+        try:
+            raw = load_toml(f)
+            if "columns" in raw:
+                c = load_contract(f)
+                console.print(f"[green]ok[/] {f}: contract {c.ref} ({len(c.columns)} columns)")
+            elif "members" in raw:
+                fed = load_federation(f)
+                console.print(f"[green]ok[/] {f}: federation {fed.name} ({len(fed.members)} members)")
+            else:
+                t, c = load_task(f)
+                console.print(f"[green]ok[/] {f}: task {t.name} on {c.ref}")
+        except FedgovError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            worst = worst or exc
+    if worst is not None:
+        raise typer.Exit(int(worst.exit_code))
+
+
+@data_app.command("validate")
+def data_validate(
+    file: Annotated[Path, typer.Argument(help="CSV or Parquet file")],
+    contract: Annotated[Path, typer.Option("--contract", "-c", help="Contract file")],
+) -> None:
+    """Check a data file against a contract; every violation is listed (row, column, found, expected)."""
+    from fedgov.config import load_contract
+    from fedgov.data import read_table, validate_frame
+
+    try:
+        c = load_contract(contract)
+        frame = validate_frame(read_table(file), c, file=str(file))
+    except FedgovError as exc:
+        _fail(exc)
+        return
+    console.print(f"[green]ok[/] {file}: {len(frame)} rows conform to {c.ref}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<timestamp>-<task>)")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+) -> None:
+    """Show the summary of a finished run."""
+    from fedgov.reports import load_report
+
+    path = run_dir / "report.json"
+    if not path.is_file():
+        err_console.print(f"[bold red]error:[/] no report.json in {run_dir}")
+        raise typer.Exit(int(ExitCode.USAGE))
+    r = load_report(path)
+    if json_out:
+        print(r.model_dump_json(indent=2))
+    else:
+        print_summary(r, run_dir)
+
+
+@app.command("exit-codes")
+def exit_codes() -> None:
+    """List the exit codes of fedgov's commands."""
+    t = Table(title="fedgov exit codes")
+    t.add_column("code", justify="right")
+    t.add_column("name")
+    t.add_column("meaning")
+    for code in ExitCode:
+        t.add_row(str(int(code)), code.name, EXIT_HELP[code])
+    console.print(t)
+
+
+@app.command()
+def version() -> None:
+    """Print fedgov's version and that of its main dependencies."""
+    import importlib.metadata as md
+
+    import fedgov
+
+    parts = {"fedgov": fedgov.__version__}
+    for pkg in ("flwr", "opacus", "torch", "pydantic"):
+        try:
+            parts[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            parts[pkg] = "not installed"
+    console.print(json.dumps(parts))
+
+
+def main() -> None:
+    """Console entry point."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted; managed processes were stopped")
+        sys.exit(int(ExitCode.INTERRUPTED))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

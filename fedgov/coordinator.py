@@ -1,0 +1,423 @@
+"""The coordinator's side of a training task, on Flower's Message API.
+
+``server/app.py`` is thin glue that calls :func:`run_training`. The coordinator
+
+1. waits, for a bounded time, until the expected nodes are connected;
+2. asks every node ``hello`` with the task and its contract; a node answers whether it
+   accepts, and if not, why (a machine-readable code and a text). Training goes on with the
+   nodes that accepted if at least ``training.min_nodes`` did, and stops with a clear
+   message otherwise;
+3. runs Flower's FedAvg or FedProx (``flwr.serverapp.strategy``) over the accepted nodes
+   only, recording per round what each node sent (epsilon spent, example counts, metrics on
+   its own test split) and evaluating the global model on the held-out test set;
+4. writes ``report.json`` and the final model into the run directory.
+
+FedAvg: McMahan et al. 2017, arXiv:1602.05629. FedProx: Li et al. 2020, arXiv:1812.06127.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedProx
+
+import fedgov
+from fedgov import protocol as P
+from fedgov.config import Contract, Task
+from fedgov.errors import FederationError
+from fedgov.events import EventWriter
+from fedgov.reports import GlobalMetrics, NodeResult, RoundMetrics, TrainingReport, write_json_atomic
+
+__all__ = ["AdmittedGrid", "run_training", "task_config", "wait_for_nodes"]
+
+log = logging.getLogger(__name__)
+
+
+class AdmittedGrid(Grid):
+    """A view of a Grid that offers only the nodes that accepted the task to the strategy."""
+
+    def __init__(self, grid: Grid, admitted: Iterable[int]) -> None:
+        self._grid = grid
+        self.admitted = set(admitted)
+
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [n for n in self._grid.get_node_ids() if n in self.admitted]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+def task_config(task: Task, contract: Contract) -> dict[str, str]:
+    """What every message to a node carries: the task and its contract, as JSON."""
+    return {P.TASK_JSON: task.model_dump_json(), P.CONTRACT_JSON: contract.model_dump_json()}
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
+    """Node ids once ``expected`` are connected, or what is there after ``timeout`` s.
+
+    Flower's own sampling waits forever for missing nodes; fedgov never does.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = list(grid.get_node_ids())
+        if len(ids) >= expected or time.monotonic() >= deadline:
+            return ids
+        time.sleep(0.5)
+
+
+def _hello(grid: Grid, node_ids: list[int], task: Task, contract: Contract, timeout: float) -> dict[int, P.NodeHello]:
+    content = ConfigRecord({P.KIND: P.HELLO, **task_config(task, contract)})
+    msgs = [
+        Message(content=RecordDict({P.CONFIG: content}), message_type=MessageType.QUERY, dst_node_id=nid)
+        for nid in node_ids
+    ]
+    answers: dict[int, P.NodeHello] = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        nid = reply.metadata.src_node_id
+        if reply.has_error():
+            answers[nid] = P.NodeHello(
+                node=f"node-{nid}", accepted=False, code=P.RefusalCode.INTERNAL, reason=reply.error.reason[:500]
+            )
+            continue
+        try:
+            raw = reply.content[P.HELLO][P.NODE_JSON]
+            answers[nid] = P.NodeHello.model_validate_json(str(raw))
+        except Exception as exc:  # noqa: BLE001 - a malformed answer is a refusal
+            answers[nid] = P.NodeHello(
+                node=f"node-{nid}", accepted=False, code=P.RefusalCode.INTERNAL, reason=f"malformed hello reply: {exc}"[:500]
+            )
+    for nid in node_ids:
+        answers.setdefault(
+            nid,
+            P.NodeHello(node=f"node-{nid}", accepted=False, code=P.RefusalCode.INTERNAL, reason=f"no answer within {timeout:.0f} s"),
+        )
+    return answers
+
+
+def _nanmean_weighted(pairs: list[tuple[float, float]]) -> float | None:
+    ok = [(v, w) for v, w in pairs if v is not None and not math.isnan(v) and w > 0]
+    total = sum(w for _, w in ok)
+    return sum(v * w for v, w in ok) / total if total else None
+
+
+def _metrics_aggr(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted mean of every metric, skipping NaN (an AUC a node could not compute)."""
+    sums: dict[str, list[tuple[float, float]]] = {}
+    for rd in records:
+        mr = next(iter(rd.metric_records.values()))
+        w = float(mr[weight_key])  # type: ignore[arg-type]
+        for k, v in mr.items():
+            if k != weight_key and isinstance(v, (int, float)):
+                sums.setdefault(k, []).append((float(v), w))
+    out = MetricRecord()
+    for k, pairs in sums.items():
+        m = _nanmean_weighted(pairs)
+        if m is not None:
+            out[k] = m
+    return out
+
+
+class _Recorder:
+    """What the strategy saw, per round and per node."""
+
+    def __init__(self, names: dict[int, str], events: EventWriter) -> None:
+        self.names = names
+        self.events = events
+        self.rounds: dict[int, RoundMetrics] = {}
+        self.node_train: dict[str, dict[str, float]] = {}
+        self.node_rounds: dict[str, int] = {}
+        self.node_eval: dict[str, dict[str, float]] = {}
+        self.round_started: dict[int, float] = {}
+
+    def round(self, r: int) -> RoundMetrics:
+        if r not in self.rounds:
+            self.rounds[r] = RoundMetrics(round=r)
+        return self.rounds[r]
+
+    def name(self, msg: Message) -> str:
+        nid = msg.metadata.src_node_id
+        return self.names.get(nid, f"node-{nid}")
+
+    def train(self, r: int, replies: list[Message]) -> None:
+        rm = self.round(r)
+        losses: list[tuple[float, float]] = []
+        for m in replies:
+            node = self.name(m)
+            if m.has_error():
+                rm.nodes_failed[node] = m.error.reason[:300]
+                continue
+            mr = next(iter(m.content.metric_records.values()), None)
+            if mr is None:
+                rm.nodes_failed[node] = "reply without metrics"
+                continue
+            vals = {k: float(v) for k, v in mr.items() if isinstance(v, (int, float))}
+            self.node_train[node] = vals
+            self.node_rounds[node] = self.node_rounds.get(node, 0) + 1
+            rm.nodes_trained.append(node)
+            losses.append((vals.get("train-loss", float("nan")), vals.get("num-examples", 0.0)))
+        rm.train_loss = _nanmean_weighted(losses)
+        eps = [v.get("epsilon", 0.0) for v in self.node_train.values()]
+        rm.max_epsilon = max(eps) if eps else None
+
+    def evaluate(self, r: int, replies: list[Message]) -> None:
+        rm = self.round(r)
+        accs: list[tuple[float, float]] = []
+        for m in replies:
+            node = self.name(m)
+            if m.has_error():
+                rm.nodes_failed.setdefault(node, m.error.reason[:300])
+                continue
+            mr = next(iter(m.content.metric_records.values()), None)
+            if mr is None:
+                continue
+            vals = {k: float(v) for k, v in mr.items() if isinstance(v, (int, float))}
+            self.node_eval[node] = vals
+            rm.nodes_evaluated.append(node)
+            accs.append((vals.get("accuracy", float("nan")), vals.get("num-examples", 0.0)))
+        rm.federated_accuracy = _nanmean_weighted(accs)
+
+
+def _recording(base: type[FedAvg]) -> type[FedAvg]:
+    """``base`` with its replies recorded before Flower aggregates them (one level deep)."""
+
+    class Recording(base):  # type: ignore[valid-type, misc]
+        recorder: _Recorder
+
+        def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
+            replies = list(replies)
+            self.recorder.train(server_round, replies)
+            return super().aggregate_train(server_round, replies)
+
+        def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Any:
+            replies = list(replies)
+            self.recorder.evaluate(server_round, replies)
+            return super().aggregate_evaluate(server_round, replies)
+
+    Recording.__name__ = f"Recording{base.__name__}"
+    return Recording
+
+
+def build_strategy(task: Task, n_nodes: int, recorder: _Recorder) -> FedAvg:
+    t = task.training
+    kwargs: dict[str, Any] = dict(
+        fraction_train=t.fraction_train,
+        fraction_evaluate=t.fraction_evaluate,
+        min_train_nodes=min(t.min_nodes, n_nodes),
+        min_evaluate_nodes=min(t.min_nodes, n_nodes) if t.fraction_evaluate > 0 else 0,
+        min_available_nodes=min(t.min_nodes, n_nodes),
+        evaluate_metrics_aggr_fn=_metrics_aggr,
+        train_metrics_aggr_fn=_metrics_aggr,
+    )
+    if t.strategy == "fedprox":
+        strategy = _recording(FedProx)(proximal_mu=t.proximal_mu, **kwargs)
+    else:
+        strategy = _recording(FedAvg)(**kwargs)
+    strategy.recorder = recorder
+    return strategy
+
+
+class CentralEvaluator:
+    """Evaluates the global model on the coordinator's held-out (public) test set."""
+
+    def __init__(self, task: Task, contract: Contract, recorder: _Recorder, events: EventWriter) -> None:
+        from fedgov.data import Encoder, read_table, validate_frame
+        from fedgov.models import build_model
+
+        self.recorder = recorder
+        self.events = events
+        self.encoder = Encoder.from_contract(contract, task.features)
+        self.model = build_model(task.model, n_features=self.encoder.n_features, n_classes=self.encoder.n_classes, seed=task.training.seed)
+        self.X: np.ndarray | None = None
+        self.y: np.ndarray | None = None
+        self.t0 = time.time()
+        path = task.evaluation.centralized
+        if path is not None:
+            # The held-out set is the coordinator's public data; only the task's columns count.
+            columns = [*contract.feature_names(task.features), str(contract.target)]
+            raw = read_table(path)
+            frame = validate_frame(raw[[c for c in raw.columns if c in columns]], contract, file=str(path), columns=columns)
+            self.X, self.y = self.encoder.transform(frame)
+
+    def majority_rate(self) -> float | None:
+        if self.y is None or len(self.y) == 0:
+            return None
+        return float(np.bincount(self.y).max() / len(self.y))
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        from fedgov.models import set_state
+        from fedgov.training import evaluate
+
+        rm = self.recorder.round(server_round)
+        rm.seconds = time.time() - self.t0
+        self.t0 = time.time()
+        if self.X is None or self.y is None:
+            self.events.emit("round", **rm.model_dump(mode="json"))
+            return None
+        set_state(self.model, {k: v.numpy() for k, v in arrays.items()})
+        m = evaluate(self.model, self.X, self.y)
+        rm.accuracy, rm.loss, rm.auc = m.accuracy, m.loss, m.auc
+        self.events.emit("round", **rm.model_dump(mode="json"))
+        out = MetricRecord({"accuracy": m.accuracy, "loss": m.loss})
+        if m.auc is not None:
+            out["auc"] = m.auc
+        return out
+
+
+def run_training(
+    grid: Grid,
+    task: Task,
+    contract: Contract,
+    *,
+    run_dir: Path,
+    expected_nodes: int,
+    task_file: str,
+    federation: str,
+    mode: str = "simulation",
+    connect_timeout: float = 120.0,
+    reply_timeout: float = 600.0,
+) -> TrainingReport:
+    """Run a training task over the nodes connected to ``grid``; write and return the report."""
+    import torch
+
+    from fedgov.models import build_model, get_state
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    events = EventWriter(run_dir / "events.jsonl")
+    report = TrainingReport(
+        fedgov_version=fedgov.__version__,
+        run_id=run_dir.name,
+        task=task.name,
+        task_file=task_file,
+        federation=federation,
+        contract=contract.ref,
+        mode=mode,  # type: ignore[arg-type]
+        started=datetime.now(timezone.utc),
+        model=task.model.name,
+        strategy=task.training.strategy,
+        rounds_planned=task.training.rounds,
+        privacy={
+            "enabled": task.privacy.enabled,
+            "target_epsilon": task.privacy.target_epsilon,
+            "delta": task.privacy.delta,
+            "max_grad_norm": task.privacy.max_grad_norm,
+            "accountant": task.privacy.accountant,
+            "unit": "record (sample-level DP-SGD at each node)",
+        },
+    )
+    report_path = run_dir / "report.json"
+
+    def save() -> None:
+        write_json_atomic(report_path, report.model_dump_json(indent=2))
+
+    try:
+        node_ids = wait_for_nodes(grid, expected_nodes, connect_timeout)
+        events.emit("nodes-connected", count=len(node_ids), expected=expected_nodes)
+        answers = _hello(grid, node_ids, task, contract, timeout=reply_timeout)
+        names = {nid: a.node for nid, a in answers.items()}
+        for nid, a in sorted(answers.items(), key=lambda kv: kv[1].node):
+            report.nodes.append(
+                NodeResult(
+                    node=a.node,
+                    name=a.node_name,
+                    status="accepted" if a.accepted else "refused",
+                    refusal_code=a.code.value if a.code else None,
+                    refusal_reason=a.reason,
+                    train_rows=a.train_rows,
+                    test_rows=a.test_rows,
+                    delta=a.delta,
+                    noise_multiplier=a.noise_multiplier,
+                )
+            )
+        admitted = [nid for nid, a in answers.items() if a.accepted]
+        events.emit(
+            "admission",
+            accepted=sorted(names[n] for n in admitted),
+            refused={a.node: f"{a.code.value if a.code else ''}: {a.reason}" for a in answers.values() if not a.accepted},
+        )
+        if len(admitted) < task.training.min_nodes:
+            raise FederationError(
+                f"only {len(admitted)} of {len(node_ids)} connected nodes accepted the task; "
+                f"it needs at least {task.training.min_nodes} (training.min_nodes). "
+                + "; ".join(f"{a.node}: {a.code.value if a.code else '?'} ({a.reason})" for a in answers.values() if not a.accepted)
+            )
+
+        recorder = _Recorder(names, events)
+        evaluator = CentralEvaluator(task, contract, recorder, events)
+        report.majority_rate = evaluator.majority_rate()
+        strategy = build_strategy(task, len(admitted), recorder)
+        initial = build_model(task.model, n_features=evaluator.encoder.n_features, n_classes=evaluator.encoder.n_classes, seed=task.training.seed)
+        cfg = ConfigRecord({**task_config(task, contract), "num-rounds": task.training.rounds})
+        events.emit("training-start", nodes=len(admitted), rounds=task.training.rounds)
+        result = strategy.start(
+            grid=AdmittedGrid(grid, admitted),
+            initial_arrays=ArrayRecord({k: np.asarray(v) for k, v in get_state(initial).items()}),
+            num_rounds=task.training.rounds,
+            timeout=reply_timeout,
+            train_config=cfg,
+            evaluate_config=ConfigRecord(dict(cfg)),
+            evaluate_fn=evaluator,
+        )
+        report.rounds = [recorder.rounds[r] for r in sorted(recorder.rounds) if r > 0]
+        for nr in report.nodes:
+            tr = recorder.node_train.get(nr.node)
+            if tr:
+                nr.epsilon = tr.get("epsilon")
+                nr.delta = tr.get("delta", nr.delta)
+                nr.noise_multiplier = tr.get("noise-multiplier", nr.noise_multiplier)
+            nr.rounds_trained = recorder.node_rounds.get(nr.node, 0)
+            ev = recorder.node_eval.get(nr.node)
+            if ev:
+                nr.federated_accuracy = ev.get("accuracy")
+                auc = ev.get("auc")
+                nr.federated_auc = None if auc is None or math.isnan(auc) else auc
+            if nr.status == "accepted" and nr.rounds_trained == 0:
+                nr.status = "failed"
+        last = report.rounds[-1] if report.rounds else None
+        if last is not None and last.accuracy is not None:
+            report.final = GlobalMetrics(accuracy=last.accuracy, loss=last.loss or 0.0, auc=last.auc, n=0 if evaluator.y is None else len(evaluator.y))
+        final_state = {k: torch.from_numpy(np.array(v.numpy())) for k, v in result.arrays.items()}
+        torch.save(final_state, run_dir / "model.pt")
+        report.artifacts["model"] = "model.pt"
+        report.status = "completed"
+    except Exception as exc:  # the report must say what happened, whatever it was
+        log.exception("training task failed")
+        report.status = "failed"
+        report.message = str(exc)
+        events.emit("failed", message=str(exc))
+    finally:
+        report.finished = datetime.now(timezone.utc)
+        report.wall_seconds = (report.finished - report.started).total_seconds()
+        report.artifacts["events"] = "events.jsonl"
+        save()
+        events.emit("report", path=str(report_path), status=report.status)
+    return report
+
+
+def load_task_from_json(task_json: str, contract_json: str) -> tuple[Task, Contract]:
+    return Task.model_validate(json.loads(task_json)), Contract.model_validate(json.loads(contract_json))

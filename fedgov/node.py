@@ -1,0 +1,303 @@
+"""The municipal node's side of a training task: data, admission, DP-SGD, evaluation.
+
+``clients/app.py`` is thin glue that calls these functions from Flower's ClientApp
+handlers. What a node does, per message:
+
+* ``hello``: load its data set, validate it against the task's contract, plan its DP-SGD
+  (the noise multiplier that keeps the whole task within its target epsilon) and answer
+  whether it accepts. A refusal carries a code and a text, never a data value: the details
+  of a validation failure stay at the node (its log and, when it has one, a file in its
+  node directory).
+* *train*: DP-SGD on its training split, with one accountant for the whole task whose
+  history travels in the node's Flower state from round to round (never a fresh one per
+  round, which would under-report epsilon), and a hard cap: a round that would take the
+  node beyond its target is refused.
+* *evaluate*: accuracy, loss and AUC of the global model on its own test split.
+
+Validated and encoded data are cached per process (keyed by file, size and mtime), so a
+node does not re-read and re-validate its export every round.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedgov import protocol as P
+from fedgov.config import Contract, Task
+from fedgov.errors import DataFileError, DataValidationError, FedgovError, ModelError, PrivacyError
+
+__all__ = [
+    "PreparedData",
+    "prepare",
+    "hello",
+    "DPState",
+    "train",
+    "evaluate_global",
+    "local_only_baseline",
+    "Baseline",
+]
+
+log = logging.getLogger(__name__)
+
+MIN_TRAIN_ROWS = 10
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    n_features: int
+    n_classes: int
+
+
+_CACHE: dict[tuple[Any, ...], PreparedData] = {}
+
+
+def _file_key(path: Path | None) -> tuple[str, int, int] | None:
+    if path is None:
+        return None
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def prepare(task: Task, contract: Contract, train_path: Path, test_path: Path | None) -> PreparedData:
+    """Read, validate and encode a node's data; cached while the files are unchanged."""
+    from fedgov.data import Encoder, read_table, train_test_split, validate_frame
+
+    if not train_path.is_file():
+        raise DataFileError(f"data file not found: {train_path}")
+    if test_path is not None and not test_path.is_file():
+        raise DataFileError(f"test data file not found: {test_path}")
+    key = (_file_key(train_path), _file_key(test_path), contract.model_dump_json(), tuple(task.features or ()), task.training.seed)
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    encoder = Encoder.from_contract(contract, task.features)
+    columns = [*contract.feature_names(task.features), str(contract.target)]
+    train_df = validate_frame(read_table(train_path), contract, file=str(train_path), columns=columns)
+    if test_path is not None:
+        test_df = validate_frame(read_table(test_path), contract, file=str(test_path), columns=columns)
+    else:
+        train_df, test_df = train_test_split(train_df, 0.2, task.training.seed)
+    X_train, y_train = encoder.transform(train_df)
+    X_test, y_test = encoder.transform(test_df)
+    data = PreparedData(X_train, y_train, X_test, y_test, encoder.n_features, encoder.n_classes)
+    if len(_CACHE) > 64:
+        _CACHE.clear()
+    _CACHE[key] = data
+    return data
+
+
+def _seed(task: Task, node: str, server_round: int, salt: int = 0) -> int:
+    return (task.training.seed * 1_000_003 + zlib.crc32(node.encode()) + 7919 * server_round + salt) % (2**31 - 1)
+
+
+def _plan(task: Task, rows: int) -> Any:
+    from fedgov.privacy import plan_node_dp
+
+    p = task.privacy
+    return plan_node_dp(
+        rows=rows,
+        batch_size=task.training.batch_size,
+        local_epochs=task.training.local_epochs,
+        rounds=task.training.rounds,
+        target_epsilon=p.target_epsilon,
+        delta=p.delta_for(rows),
+        accountant=p.accountant,
+        margin=p.margin,
+    )
+
+
+def hello(
+    task: Task,
+    contract: Contract,
+    *,
+    node: str,
+    node_name: str,
+    train_path: Path,
+    test_path: Path | None,
+    workdir: Path | None = None,
+) -> P.NodeHello:
+    """Check that this node can take part in ``task``; answer with acceptance or a refusal."""
+    from fedgov.models import build_model, make_dp_compatible
+
+    def refuse(code: P.RefusalCode, reason: str) -> P.NodeHello:
+        log.warning("node %s refuses task %s: %s (%s)", node, task.name, code.value, reason)
+        return P.NodeHello(node=node, node_name=node_name, accepted=False, code=code, reason=reason)
+
+    try:
+        data = prepare(task, contract, train_path, test_path)
+    except DataFileError as exc:
+        return refuse(P.RefusalCode.DATA_MISSING, f"data set cannot be read ({type(exc).__name__})")
+    except DataValidationError as exc:
+        # The problems name rows and found values: they stay at the node.
+        columns = sorted({p.location.split("column ")[-1].strip("'") for p in exc.problems if "column" in p.location})
+        if workdir is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / f"validation-{task.name}.txt").write_text(str(exc), encoding="utf-8")
+        log.error("node %s: data does not conform to %s:\n%s", node, contract.ref, exc)
+        return refuse(
+            P.RefusalCode.DATA_INVALID,
+            f"data does not conform to {contract.ref}: {len(exc.problems)} problem(s) in column(s) "
+            f"{', '.join(columns[:10]) or '(file level)'}; details in the node's log",
+        )
+    n = len(data.y_train)
+    if n < MIN_TRAIN_ROWS:
+        return refuse(P.RefusalCode.TOO_FEW_ROWS, f"{n} training rows, fewer than {MIN_TRAIN_ROWS}")
+    try:
+        make_dp_compatible(build_model(task.model, n_features=data.n_features, n_classes=data.n_classes, seed=task.training.seed))
+    except ModelError as exc:
+        return refuse(P.RefusalCode.MODEL_REJECTED, str(exc)[:300])
+    sigma = planned = None
+    delta = task.privacy.delta_for(n)
+    if task.privacy.enabled:
+        try:
+            plan = _plan(task, n)
+        except PrivacyError as exc:
+            return refuse(P.RefusalCode.PRIVACY_UNREACHABLE, str(exc)[:300])
+        sigma, planned = plan.noise_multiplier, plan.planned_epsilon
+    return P.NodeHello(
+        node=node,
+        node_name=node_name,
+        accepted=True,
+        train_rows=n,
+        test_rows=len(data.y_test),
+        delta=delta,
+        noise_multiplier=sigma,
+        planned_epsilon=planned,
+    )
+
+
+@dataclass
+class DPState:
+    """The node's accountant for one task: the DP-SGD steps it has taken, as plain data."""
+
+    history: list[tuple[float, float, int]]
+    epsilon: float = 0.0
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps({"history": self.history, "epsilon": self.epsilon})
+
+    @classmethod
+    def from_json(cls, text: str | None) -> DPState:
+        import json
+
+        if not text:
+            return cls(history=[])
+        raw = json.loads(text)
+        return cls(history=[(float(s), float(q), int(k)) for s, q, k in raw["history"]], epsilon=float(raw["epsilon"]))
+
+
+def _model(task: Task, data: PreparedData, state: dict[str, np.ndarray] | None) -> Any:
+    from fedgov.models import build_model, make_dp_compatible, set_state
+
+    model = make_dp_compatible(build_model(task.model, n_features=data.n_features, n_classes=data.n_classes, seed=task.training.seed))
+    if state is not None:
+        set_state(model, state)
+    return model
+
+
+def train(
+    task: Task,
+    contract: Contract,
+    *,
+    node: str,
+    train_path: Path,
+    test_path: Path | None,
+    state: dict[str, np.ndarray],
+    server_round: int,
+    dp: DPState,
+) -> tuple[dict[str, np.ndarray], dict[str, float], DPState]:
+    """One round of local training from the global ``state``; returns state, metrics, accountant."""
+    from fedgov.training import train_dp_round, train_nonprivate_round
+
+    data = prepare(task, contract, train_path, test_path)
+    model = _model(task, data, state)
+    seed = _seed(task, node, server_round)
+    n = len(data.y_train)
+    delta = task.privacy.delta_for(n)
+    global_state = state if task.training.strategy == "fedprox" else None
+    if task.privacy.enabled:
+        plan = _plan(task, n)
+        res = train_dp_round(
+            model, data.X_train, data.y_train,
+            training=task.training, privacy=task.privacy, plan=plan,
+            history=dp.history, seed=seed, global_state=global_state,
+        )
+        dp = DPState(history=[tuple(h) for h in res.history], epsilon=res.epsilon)  # type: ignore[misc]
+        sigma = plan.noise_multiplier
+    else:
+        res = train_nonprivate_round(model, data.X_train, data.y_train, training=task.training, seed=seed, global_state=global_state)
+        sigma = 0.0
+    metrics = {
+        "num-examples": float(n),
+        "train-loss": float(res.loss),
+        "epsilon": float(dp.epsilon) if task.privacy.enabled else float("inf"),
+        "delta": float(delta),
+        "noise-multiplier": float(sigma),
+        "steps": float(res.steps),
+    }
+    return res.state, metrics, dp
+
+
+def evaluate_global(
+    task: Task, contract: Contract, *, train_path: Path, test_path: Path | None, state: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """The global model's metrics on this node's own test split."""
+    from fedgov.training import evaluate
+
+    data = prepare(task, contract, train_path, test_path)
+    m = evaluate(_model(task, data, state), data.X_test, data.y_test)
+    return {
+        "num-examples": float(len(data.y_test)),
+        "accuracy": float(m.accuracy),
+        "loss": float(m.loss),
+        "auc": float("nan") if m.auc is None else float(m.auc),
+    }
+
+
+@dataclass(frozen=True)
+class Baseline:
+    accuracy: float
+    epsilon: float
+
+
+def local_only_baseline(task: Task, contract: Contract, train_path: Path, test_path: Path | None, *, node: str) -> Baseline:
+    """The same model trained on this node's data alone, with the same DP budget and rounds.
+
+    It answers "what do we gain by joining?". At a real node it would spend budget of its
+    own; in simulation it is computed beside the federated run.
+    """
+    from fedgov.models import get_state
+    from fedgov.training import evaluate
+
+    data = prepare(task, contract, train_path, test_path)
+    model_state: dict[str, np.ndarray] | None = None
+    dp = DPState(history=[])
+    for r in range(1, task.training.rounds + 1):
+        state = model_state if model_state is not None else get_state(_model(task, data, None))
+        model_state, _, dp = train(
+            task, contract, node=node, train_path=train_path, test_path=test_path,
+            state=state, server_round=r, dp=dp,
+        )
+    m = evaluate(_model(task, data, model_state), data.X_test, data.y_test)
+    return Baseline(accuracy=float(m.accuracy), epsilon=dp.epsilon if task.privacy.enabled else float("inf"))
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short text for an error that goes back to the coordinator: no data values."""
+    if isinstance(exc, DataValidationError):
+        return f"data does not conform to its contract ({len(exc.problems)} problem(s)); details in the node's log"
+    if isinstance(exc, FedgovError):
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    return f"{type(exc).__name__} at the node; details in the node's log"

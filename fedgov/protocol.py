@@ -1,0 +1,69 @@
+"""The messages between coordinator and node: record keys and the node's answers.
+
+Flower carries them (``flwr.app.Message`` with ``RecordDict`` content); this module only
+names the keys and turns them into typed values, so that ``server/`` and ``clients/`` agree.
+
+* ``hello`` (a Flower *query* message): the coordinator sends the task and its contract;
+  the node answers with a :class:`NodeHello`: who it is, whether it accepts the task, and if
+  not, a machine-readable refusal (a code and a text). No data rows, no found values.
+* *train*: the current global model (``arrays``) and ``config``; the reply carries the new
+  local model, and a metric record with ``num-examples``, ``epsilon``, ``delta``.
+* *evaluate*: the global model; the reply carries metrics on the node's own test split.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ARRAYS",
+    "CONFIG",
+    "METRICS",
+    "HELLO",
+    "KIND",
+    "TASK_JSON",
+    "CONTRACT_JSON",
+    "NODE_JSON",
+    "RefusalCode",
+    "NodeHello",
+]
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+HELLO = "hello"
+KIND = "fedgov-kind"
+TASK_JSON = "task-json"
+CONTRACT_JSON = "contract-json"
+NODE_JSON = "node-json"
+
+
+class RefusalCode(str, Enum):
+    """Why a node refuses a task: stable codes a coordinator can act on."""
+
+    DATA_MISSING = "data-missing"
+    DATA_INVALID = "data-invalid"
+    CONTRACT_MISMATCH = "contract-mismatch"
+    TOO_FEW_ROWS = "too-few-rows"
+    PRIVACY_UNREACHABLE = "privacy-unreachable"
+    MODEL_REJECTED = "model-rejected"
+    INTERNAL = "internal-error"
+
+
+class NodeHello(BaseModel):
+    """A node's answer to ``hello``. Sizes are reported to the coordinator; rows are not."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    node: str = Field(description="the node's name, e.g. the CBS code GM0363")
+    node_name: str = ""
+    accepted: bool
+    code: RefusalCode | None = None
+    reason: str = ""
+    train_rows: int = 0
+    test_rows: int = 0
+    delta: float | None = None
+    noise_multiplier: float | None = None
+    planned_epsilon: float | None = None

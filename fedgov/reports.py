@@ -1,0 +1,177 @@
+"""Reports a run leaves on disk: ``report.json`` (a pydantic model), a PNG and a summary.
+
+The report answers every municipality's first question: what do we gain by joining? Per
+node it sets the accuracy of the federated model on the node's own test split beside the
+accuracy of the same model trained with the same DP budget on the node's data alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "RoundMetrics",
+    "NodeResult",
+    "GlobalMetrics",
+    "TrainingReport",
+    "write_json_atomic",
+    "load_report",
+    "plot_report",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GlobalMetrics(_Model):
+    """Metrics of one model on one evaluation set."""
+
+    accuracy: float
+    loss: float
+    auc: float | None = None
+    n: int = 0
+
+
+class RoundMetrics(_Model):
+    """One round: the global model on the coordinator's held-out set, and what nodes sent."""
+
+    round: int
+    accuracy: float | None = None
+    loss: float | None = None
+    auc: float | None = None
+    federated_accuracy: float | None = Field(
+        default=None, description="weighted mean of the nodes' accuracies on their own test splits"
+    )
+    train_loss: float | None = None
+    max_epsilon: float | None = None
+    nodes_trained: list[str] = Field(default_factory=list)
+    nodes_evaluated: list[str] = Field(default_factory=list)
+    nodes_failed: dict[str, str] = Field(default_factory=dict)
+    seconds: float | None = None
+
+
+class NodeResult(_Model):
+    """One municipality's view of the run."""
+
+    node: str
+    name: str = ""
+    status: Literal["accepted", "refused", "failed"]
+    refusal_code: str | None = None
+    refusal_reason: str = ""
+    train_rows: int = 0
+    test_rows: int = 0
+    epsilon: float | None = None
+    delta: float | None = None
+    noise_multiplier: float | None = None
+    rounds_trained: int = 0
+    federated_accuracy: float | None = None
+    federated_auc: float | None = None
+    local_only_accuracy: float | None = None
+    local_only_epsilon: float | None = None
+    gain: float | None = Field(default=None, description="federated minus local-only accuracy")
+
+
+class TrainingReport(_Model):
+    """Everything ``fedgov run`` found, in one file (``report.json``)."""
+
+    kind: Literal["training"] = "training"
+    fedgov_version: str
+    run_id: str
+    task: str
+    task_file: str
+    federation: str
+    contract: str
+    mode: Literal["simulation", "deployment"] = "simulation"
+    status: Literal["completed", "failed", "running"] = "running"
+    message: str = ""
+    started: datetime
+    finished: datetime | None = None
+    wall_seconds: float | None = None
+    model: str
+    strategy: str
+    rounds_planned: int
+    privacy: dict[str, float | str | bool | None] = Field(default_factory=dict)
+    majority_rate: float | None = Field(default=None, description="accuracy of always predicting the majority class")
+    rounds: list[RoundMetrics] = Field(default_factory=list)
+    nodes: list[NodeResult] = Field(default_factory=list)
+    final: GlobalMetrics | None = None
+    artifacts: dict[str, str] = Field(default_factory=dict)
+
+    def accepted(self) -> list[NodeResult]:
+        return [n for n in self.nodes if n.status == "accepted"]
+
+    def median_gain(self) -> float | None:
+        gains = [n.gain for n in self.nodes if n.gain is not None]
+        return statistics.median(gains) if gains else None
+
+    def max_epsilon(self) -> float | None:
+        eps = [n.epsilon for n in self.nodes if n.epsilon is not None]
+        return max(eps) if eps else None
+
+
+def write_json_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a crash leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_report(path: Path) -> TrainingReport:
+    return TrainingReport.model_validate(json.loads(Path(path).read_text("utf-8")))
+
+
+def plot_report(report: TrainingReport, path: Path) -> Path:
+    """Accuracy per round, and each node's gain from federating over training alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    rounds = [r for r in report.rounds if r.accuracy is not None]
+    ax1.plot([r.round for r in rounds], [r.accuracy for r in rounds], "o-", label="global model, held-out test set")
+    fed = [r for r in report.rounds if r.federated_accuracy is not None]
+    if fed:
+        ax1.plot([r.round for r in fed], [r.federated_accuracy for r in fed], "s--", label="nodes' own test splits (weighted)")
+    if report.majority_rate is not None:
+        ax1.axhline(report.majority_rate, color="grey", ls=":", label=f"majority class ({report.majority_rate:.3f})")
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("accuracy")
+    eps = report.privacy.get("target_epsilon")
+    ax1.set_title(f"{report.task}: accuracy per round (target epsilon {eps} per node)")
+    ax1.legend(loc="lower right", fontsize=8)
+    ax1.grid(alpha=0.3)
+
+    nodes = [n for n in report.nodes if n.gain is not None]
+    nodes.sort(key=lambda n: n.train_rows, reverse=True)
+    if nodes:
+        labels = [f"{n.name or n.node}\n({n.train_rows})" for n in nodes]
+        gains = [100 * (n.gain or 0.0) for n in nodes]
+        colors = ["tab:green" if g >= 0 else "tab:red" for g in gains]
+        ax2.bar(range(len(nodes)), gains, color=colors)
+        ax2.set_xticks(range(len(nodes)), labels, rotation=60, ha="right", fontsize=7)
+        ax2.axhline(0, color="black", lw=0.8)
+    ax2.set_ylabel("gain in accuracy (points)")
+    ax2.set_title("gain per node: federated over local-only (same DP budget)")
+    ax2.grid(axis="y", alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

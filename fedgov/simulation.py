@@ -1,0 +1,263 @@
+"""``fedgov run``: a task on a simulated federation, on Flower's own simulation engine.
+
+What happens, in order:
+
+1. The task, its contract and the federation are loaded and checked (every problem at once).
+2. Each municipality's data is written to its own node directory in the run directory
+   (``nodes/<CBS code>/train.csv`` and ``test.csv``), as it would lie next to a real node.
+3. A SuperLink in simulation mode is started on free loopback ports, with its own
+   ``FLWR_HOME`` inside the run directory, telemetry, update checks and runtime dependency
+   installation off; Flower's simulation engine (Ray) runs one virtual SuperNode per
+   municipality. The run is submitted with ``flwr run`` (Message API ServerApp/ClientApp).
+4. Progress is followed in ``events.jsonl``; when the run ends, the SuperLink and every
+   process it started are stopped, also on error or Ctrl-C.
+5. For each node the local-only baseline is trained (same model, same DP budget, its own
+   data alone) and the report, the final model and a plot are written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from fedgov.config import load_federation, load_task
+from fedgov.errors import ConfigError, FederationError, Problem
+from fedgov.events import EventReader
+from fedgov.reports import TrainingReport, load_report, plot_report, write_json_atomic
+from fedgov.runtime import ManagedProcess, flower_env, free_port
+
+__all__ = ["SimulationOptions", "run_simulation", "app_dir", "new_run_dir"]
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[dict[str, Any]], None]
+CONNECTION = "fedgov-sim"
+
+
+@dataclass(frozen=True)
+class SimulationOptions:
+    runs_dir: Path = Path("runs")
+    num_cpus: int | None = None
+    timeout: float = 3600.0
+    local_baseline: bool = True
+    keep_flower_home: bool = False
+
+
+def app_dir() -> Path:
+    """The Flower app directory: the project root holding ``[tool.flwr.app]``."""
+    import server
+
+    root = Path(server.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise FederationError(
+            f"Flower app not found: {root / 'pyproject.toml'} is missing. fedgov's simulation "
+            "runs from a source checkout (pip install -e .)."
+        )
+    return root
+
+
+def new_run_dir(runs_dir: Path, name: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for i in range(100):
+        d = runs_dir / (f"{stamp}-{name}" if i == 0 else f"{stamp}-{name}-{i}")
+        try:
+            d.mkdir(parents=True, exist_ok=False)
+            return d
+        except FileExistsError:
+            continue
+    raise FederationError(f"cannot create a run directory under {runs_dir}")
+
+
+def _flwr_bin(name: str) -> str:
+    """A Flower executable from this Python's environment (not some other one on PATH)."""
+    cand = Path(sys.executable).parent / name
+    if cand.exists():
+        return str(cand)
+    found = shutil.which(name)
+    if not found:
+        raise FederationError(f"'{name}' not found: is flwr installed in this environment?")
+    return found
+
+
+def _wait_health(port: int, proc: ManagedProcess, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.running():
+            raise FederationError(f"the SuperLink exited at start-up:\n{proc.tail()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise FederationError(f"the SuperLink did not become ready within {timeout:.0f} s:\n{proc.tail()}")
+
+
+def _run_cli(args: list[str], env: dict[str, str], log_path: Path, timeout: float = 60.0) -> None:
+    with ManagedProcess(args, env=env, log_path=log_path) as proc:
+        try:
+            rc = proc.proc.wait(timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - TimeoutExpired
+            raise FederationError(f"{' '.join(args[:3])} did not finish within {timeout:.0f} s") from exc
+        if rc != 0:
+            raise FederationError(f"{' '.join(args[:3])} failed (exit {rc}):\n{proc.tail()}")
+
+
+def run_simulation(
+    task_path: Path,
+    federation_path: Path | None = None,
+    options: SimulationOptions = SimulationOptions(),
+    on_event: EventCallback | None = None,
+) -> Path:
+    """Run ``task_path`` on the simulated federation; return the run directory."""
+    from fedgov.data import materialize, write_manifest
+
+    emit = on_event or (lambda e: None)
+    task, contract = load_task(task_path)
+    fed_path = federation_path or task.federation
+    if fed_path is None:
+        raise ConfigError(
+            f"No federation for task {task_path}",
+            [Problem(str(task_path), "federation", "name a federation in the task file or with --federation")],
+        )
+    federation = load_federation(fed_path)
+    if len(federation.members) < task.training.min_nodes:
+        raise ConfigError(
+            "Federation too small for the task",
+            [Problem(str(fed_path), "members", f"{len(federation.members)} members, the task needs at least {task.training.min_nodes} (training.min_nodes)")],
+        )
+
+    run_dir = new_run_dir(options.runs_dir, task.name).resolve()
+    emit({"event": "run-dir", "path": str(run_dir)})
+    emit({"event": "partition", "nodes": len(federation.members)})
+    nodes = materialize(federation, contract, run_dir / "nodes")
+    manifest = run_dir / "manifest.json"
+    write_manifest(nodes, manifest)
+    emit({"event": "partitioned", "nodes": [n.model_dump(mode="json") for n in nodes]})
+
+    flwr_home = run_dir / ".flower"
+    flwr_home.mkdir()
+    port, control_port = free_port(), free_port()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n',
+        encoding="utf-8",
+    )
+    run_config = run_dir / "run-config.toml"
+    run_config.write_text(
+        "".join(
+            f"{k} = {json.dumps(str(v))}\n"
+            for k, v in {
+                "task-path": Path(task_path).resolve(),
+                "federation-path": Path(fed_path).resolve(),
+                "manifest-path": manifest,
+                "run-dir": run_dir,
+            }.items()
+        ),
+        encoding="utf-8",
+    )
+    env = flower_env(flwr_home)
+    logs = run_dir / "logs"
+    num_cpus = options.num_cpus or os.cpu_count() or 1
+    started = time.time()
+    superlink = ManagedProcess(
+        [
+            _flwr_bin("flower-superlink"),
+            "--simulation",
+            # Simulation only: bound to loopback, no Fleet API, no node ever connects.
+            "--insecure",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--control-api-address", f"127.0.0.1:{control_port}",
+            "--disable-runtime-dependency-installation",
+        ],
+        env=env,
+        log_path=logs / "superlink.log",
+        name="flower-superlink",
+    )
+    try:
+        _wait_health(port, superlink)
+        _run_cli(
+            [
+                _flwr_bin("flwr"), "federation", "simulation-config",
+                "--num-supernodes", str(len(nodes)),
+                "--client-resources-num-cpus", "1",
+                "--init-args-num-cpus", str(num_cpus),
+                "--init-args-logging-level", "error",
+                "--init-args-log-to-driver", "true",
+            ],
+            env,
+            logs / "flwr-cli.log",
+        )
+        emit({"event": "flower-started", "seconds": time.time() - started})
+        run = ManagedProcess(
+            [_flwr_bin("flwr"), "run", str(app_dir()), CONNECTION, "--stream", "--run-config", str(run_config)],
+            env=env,
+            log_path=logs / "flower.log",
+            name="flwr run",
+        )
+        reader = EventReader(run_dir / "events.jsonl")
+        deadline = time.monotonic() + options.timeout
+        try:
+            while run.running():
+                for ev in reader.read_new():
+                    emit(ev)
+                superlink.remember_descendants()
+                if time.monotonic() > deadline:
+                    raise FederationError(f"the run did not finish within {options.timeout:.0f} s")
+                time.sleep(0.25)
+            for ev in reader.read_new():
+                emit(ev)
+        finally:
+            run.stop()
+    finally:
+        superlink.stop()
+        if not options.keep_flower_home:
+            shutil.rmtree(flwr_home / "apps", ignore_errors=True)
+
+    report_path = run_dir / "report.json"
+    if not report_path.is_file():
+        raise FederationError(
+            f"the run ended without a report; see {logs / 'flower.log'}:\n"
+            + "\n".join((logs / "flower.log").read_text("utf-8", errors="replace").splitlines()[-25:])
+        )
+    report = load_report(report_path)
+    if report.status != "completed":
+        raise FederationError(f"the run failed: {report.message} (report: {report_path})")
+
+    if options.local_baseline:
+        _local_baselines(report, task_path, nodes, emit)
+    report.wall_seconds = time.time() - started
+    plot = plot_report(report, run_dir / "accuracy.png")
+    report.artifacts["plot"] = plot.name
+    write_json_atomic(report_path, report.model_dump_json(indent=2))
+    emit({"event": "done", "report": str(report_path)})
+    return run_dir
+
+
+def _local_baselines(report: TrainingReport, task_path: Path, nodes: list[Any], emit: EventCallback) -> None:
+    """Train each accepted node's local-only model: same model, same DP budget, own data."""
+    from fedgov.node import local_only_baseline
+
+    task, contract = load_task(task_path)
+    by_code = {n.code: n for n in nodes}
+    accepted = [r for r in report.nodes if r.status == "accepted" and r.node in by_code]
+    for i, result in enumerate(accepted):
+        emit({"event": "baseline", "node": result.node, "index": i + 1, "of": len(accepted)})
+        data = by_code[result.node]
+        base = local_only_baseline(task, contract, data.train_path, data.test_path, node=result.node)
+        result.local_only_accuracy = base.accuracy
+        result.local_only_epsilon = base.epsilon
+        if result.federated_accuracy is not None:
+            result.gain = result.federated_accuracy - base.accuracy
