@@ -88,10 +88,19 @@ def _state_key(task: Task, contract: Contract) -> str:
 @app.query()
 @_safe
 def query(msg: Message, context: Context) -> Message:
-    """``hello``: does this node accept the task?"""
+    """``hello`` (does this node accept the task?) or ``baseline`` (local-only model)."""
     task, contract = _task_of(msg)
     node, name, train_path, test_path, workdir = _where(context)
-    answer = N.hello(task, contract, node=node, node_name=name, train_path=train_path, test_path=test_path, workdir=workdir)
+    key = _state_key(task, contract)
+    kind = str(msg.content[P.CONFIG].get(P.KIND, P.HELLO))
+    if kind == P.BASELINE:
+        dp = N.DPState.from_json(str(context.state[key]["json"]) if key in context.state else None)
+        base = N.local_only_baseline(task, contract, train_path, test_path, node=node, plan_json=dp.plan_json)
+        metrics = MetricRecord({"accuracy": base.accuracy, "epsilon": base.epsilon})
+        return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
+    answer, dp = N.hello(task, contract, node=node, node_name=name, train_path=train_path, test_path=test_path, workdir=workdir)
+    if answer.accepted and key not in context.state:
+        context.state[key] = ConfigRecord({"json": dp.to_json()})
     return Message(RecordDict({P.HELLO: ConfigRecord({P.NODE_JSON: answer.model_dump_json()})}), reply_to=msg)
 
 

@@ -113,10 +113,12 @@ def run(
                     f"nodes' own test acc. {_fmt(ev.get('federated_accuracy'), '.4f')}  max epsilon {_fmt(ev.get('max_epsilon'))}  "
                     f"({len(ev.get('nodes_trained', []))} nodes, {_fmt(ev.get('seconds'), '.1f')} s)"
                 )
+            elif kind == "warning":
+                progress.console.print(f"[bold yellow]warning:[/] {ev.get('message')}")
             elif kind == "failed":
                 progress.console.print(f"[red]run failed:[/] {ev.get('message')}")
-            elif kind == "baseline":
-                progress.update(bar, description="local-only baselines", total=ev["of"], completed=ev["index"] - 1, info=ev["node"])
+            elif kind == "baselines":
+                progress.update(bar, description="local-only baselines at the nodes", info=f"{ev['nodes']} nodes")
             elif kind == "done":
                 progress.update(bar, description="done", info="")
 

@@ -301,6 +301,7 @@ def run_training(
     mode: str = "simulation",
     connect_timeout: float = 120.0,
     reply_timeout: float = 600.0,
+    local_baseline: bool = True,
 ) -> TrainingReport:
     """Run a training task over the nodes connected to ``grid``; write and return the report."""
     import torch
@@ -401,6 +402,9 @@ def run_training(
         last = report.rounds[-1] if report.rounds else None
         if last is not None and last.accuracy is not None:
             report.final = GlobalMetrics(accuracy=last.accuracy, loss=last.loss or 0.0, auc=last.auc, n=0 if evaluator.y is None else len(evaluator.y))
+        if local_baseline:
+            events.emit("baselines", nodes=len(admitted))
+            _baselines(grid, admitted, names, task, contract, report, timeout=reply_timeout)
         final_state = {k: torch.from_numpy(np.array(v.numpy())) for k, v in result.arrays.items()}
         torch.save(final_state, run_dir / "model.pt")
         report.artifacts["model"] = "model.pt"
@@ -417,6 +421,28 @@ def run_training(
         save()
         events.emit("report", path=str(report_path), status=report.status)
     return report
+
+
+def _baselines(
+    grid: Grid, admitted: list[int], names: dict[int, str], task: Task, contract: Contract,
+    report: TrainingReport, *, timeout: float,
+) -> None:
+    """Ask each node for its local-only model's accuracy (same model, same DP budget)."""
+    content = ConfigRecord({P.KIND: P.BASELINE, **task_config(task, contract)})
+    msgs = [
+        Message(content=RecordDict({P.CONFIG: content}), message_type=MessageType.QUERY, dst_node_id=nid)
+        for nid in admitted
+    ]
+    by_node = {n.node: n for n in report.nodes}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        nr = by_node.get(names.get(reply.metadata.src_node_id, ""))
+        if nr is None or reply.has_error():
+            continue
+        mr = next(iter(reply.content.metric_records.values()))
+        nr.local_only_accuracy = float(mr["accuracy"])  # type: ignore[arg-type]
+        nr.local_only_epsilon = float(mr["epsilon"])  # type: ignore[arg-type]
+        if nr.federated_accuracy is not None:
+            nr.gain = nr.federated_accuracy - nr.local_only_accuracy
 
 
 def load_task_from_json(task_json: str, contract_json: str) -> tuple[Task, Contract]:

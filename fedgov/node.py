@@ -20,6 +20,7 @@ node does not re-read and re-validate its export every round.
 
 from __future__ import annotations
 
+import functools
 import logging
 import zlib
 from dataclasses import dataclass
@@ -101,18 +102,24 @@ def _seed(task: Task, node: str, server_round: int, salt: int = 0) -> int:
 
 
 def _plan(task: Task, rows: int) -> Any:
+    p = task.privacy
+    return _plan_cached(
+        rows, task.training.batch_size, task.training.local_epochs, task.training.rounds,
+        p.target_epsilon, p.delta_for(rows), p.accountant, p.margin,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_cached(
+    rows: int, batch_size: int, local_epochs: int, rounds: int,
+    target_epsilon: float, delta: float, accountant: str, margin: float,
+) -> Any:
+    """Calibrating sigma takes seconds (a search over the PRV accountant): do it once."""
     from fedgov.privacy import plan_node_dp
 
-    p = task.privacy
     return plan_node_dp(
-        rows=rows,
-        batch_size=task.training.batch_size,
-        local_epochs=task.training.local_epochs,
-        rounds=task.training.rounds,
-        target_epsilon=p.target_epsilon,
-        delta=p.delta_for(rows),
-        accountant=p.accountant,
-        margin=p.margin,
+        rows=rows, batch_size=batch_size, local_epochs=local_epochs, rounds=rounds,
+        target_epsilon=target_epsilon, delta=delta, accountant=accountant, margin=margin,
     )
 
 
@@ -125,13 +132,16 @@ def hello(
     train_path: Path,
     test_path: Path | None,
     workdir: Path | None = None,
-) -> P.NodeHello:
-    """Check that this node can take part in ``task``; answer with acceptance or a refusal."""
+) -> tuple[P.NodeHello, DPState]:
+    """Check that this node can take part in ``task``; answer with acceptance or a refusal.
+
+    Also returns the node's fresh accountant for the task, with the DP plan fixed now.
+    """
     from fedgov.models import build_model, make_dp_compatible
 
-    def refuse(code: P.RefusalCode, reason: str) -> P.NodeHello:
+    def refuse(code: P.RefusalCode, reason: str) -> tuple[P.NodeHello, DPState]:
         log.warning("node %s refuses task %s: %s (%s)", node, task.name, code.value, reason)
-        return P.NodeHello(node=node, node_name=node_name, accepted=False, code=code, reason=reason)
+        return P.NodeHello(node=node, node_name=node_name, accepted=False, code=code, reason=reason), DPState(history=[])
 
     try:
         data = prepare(task, contract, train_path, test_path)
@@ -158,13 +168,16 @@ def hello(
         return refuse(P.RefusalCode.MODEL_REJECTED, str(exc)[:300])
     sigma = planned = None
     delta = task.privacy.delta_for(n)
+    dp = DPState(history=[])
     if task.privacy.enabled:
         try:
-            plan = _plan(task, n)
+            plan = dp.plan(task, n)
         except PrivacyError as exc:
             return refuse(P.RefusalCode.PRIVACY_UNREACHABLE, str(exc)[:300])
         sigma, planned = plan.noise_multiplier, plan.planned_epsilon
-    return P.NodeHello(
+    else:
+        log.warning("node %s: task %s trains WITHOUT differential privacy (privacy.enabled = false)", node, task.name)
+    hello_answer = P.NodeHello(
         node=node,
         node_name=node_name,
         accepted=True,
@@ -174,19 +187,22 @@ def hello(
         noise_multiplier=sigma,
         planned_epsilon=planned,
     )
+    return hello_answer, dp
 
 
 @dataclass
 class DPState:
-    """The node's accountant for one task: the DP-SGD steps it has taken, as plain data."""
+    """The node's accountant for one task, as plain data: the plan fixed at admission and
+    the DP-SGD steps taken so far (Opacus' accountant history)."""
 
     history: list[tuple[float, float, int]]
     epsilon: float = 0.0
+    plan_json: str | None = None
 
     def to_json(self) -> str:
         import json
 
-        return json.dumps({"history": self.history, "epsilon": self.epsilon})
+        return json.dumps({"history": self.history, "epsilon": self.epsilon, "plan": self.plan_json})
 
     @classmethod
     def from_json(cls, text: str | None) -> DPState:
@@ -195,7 +211,23 @@ class DPState:
         if not text:
             return cls(history=[])
         raw = json.loads(text)
-        return cls(history=[(float(s), float(q), int(k)) for s, q, k in raw["history"]], epsilon=float(raw["epsilon"]))
+        return cls(
+            history=[(float(s), float(q), int(k)) for s, q, k in raw["history"]],
+            epsilon=float(raw["epsilon"]),
+            plan_json=raw.get("plan"),
+        )
+
+    def plan(self, task: Task, rows: int) -> Any:
+        """The plan fixed at admission, or (first use in this process) a fresh calibration."""
+        from fedgov.privacy import DPPlan
+
+        if self.plan_json:
+            plan = DPPlan.model_validate_json(self.plan_json)
+            if plan.rows == rows and plan.rounds == task.training.rounds and plan.target_epsilon == task.privacy.target_epsilon:
+                return plan
+        plan = _plan(task, rows)
+        self.plan_json = plan.model_dump_json()
+        return plan
 
 
 def _model(task: Task, data: PreparedData, state: dict[str, np.ndarray] | None) -> Any:
@@ -223,25 +255,29 @@ def train(
 
     data = prepare(task, contract, train_path, test_path)
     model = _model(task, data, state)
-    seed = _seed(task, node, server_round)
+    # Noise and sampling come from the OS's entropy: a seed the coordinator knows would let it
+    # regenerate and subtract the noise. Only an explicit reproducible_noise derives them.
+    seed = _seed(task, node, server_round) if task.privacy.reproducible_noise else None
+    if task.privacy.reproducible_noise:
+        log.warning("node %s: reproducible_noise is on: DP noise is derived from the task seed (simulation only)", node)
     n = len(data.y_train)
     delta = task.privacy.delta_for(n)
     global_state = state if task.training.strategy == "fedprox" else None
     if task.privacy.enabled:
-        plan = _plan(task, n)
+        plan = dp.plan(task, n)
         res = train_dp_round(
             model, data.X_train, data.y_train,
             training=task.training, privacy=task.privacy, plan=plan,
             history=dp.history, seed=seed, global_state=global_state,
         )
-        dp = DPState(history=[tuple(h) for h in res.history], epsilon=res.epsilon)  # type: ignore[misc]
+        dp = DPState(history=[tuple(h) for h in res.history], epsilon=float(res.epsilon or 0.0), plan_json=dp.plan_json)  # type: ignore[misc]
         sigma = plan.noise_multiplier
     else:
         res = train_nonprivate_round(model, data.X_train, data.y_train, training=task.training, seed=seed, global_state=global_state)
         sigma = 0.0
     metrics = {
         "num-examples": float(n),
-        "train-loss": float(res.loss),
+        "train-loss": float(res.train_loss),
         "epsilon": float(dp.epsilon) if task.privacy.enabled else float("inf"),
         "delta": float(delta),
         "noise-multiplier": float(sigma),
@@ -272,23 +308,24 @@ class Baseline:
     epsilon: float
 
 
-def local_only_baseline(task: Task, contract: Contract, train_path: Path, test_path: Path | None, *, node: str) -> Baseline:
+def local_only_baseline(
+    task: Task, contract: Contract, train_path: Path, test_path: Path | None, *, node: str, plan_json: str | None = None
+) -> Baseline:
     """The same model trained on this node's data alone, with the same DP budget and rounds.
 
-    It answers "what do we gain by joining?". At a real node it would spend budget of its
-    own; in simulation it is computed beside the federated run.
+    It answers "what do we gain by joining?". It is a second DP release of the node's data:
+    it spends a budget of its own (``epsilon`` in the result), which the report states.
     """
     from fedgov.models import get_state
     from fedgov.training import evaluate
 
     data = prepare(task, contract, train_path, test_path)
-    model_state: dict[str, np.ndarray] | None = None
-    dp = DPState(history=[])
+    model_state = get_state(_model(task, data, None))
+    dp = DPState(history=[], plan_json=plan_json)
     for r in range(1, task.training.rounds + 1):
-        state = model_state if model_state is not None else get_state(_model(task, data, None))
         model_state, _, dp = train(
             task, contract, node=node, train_path=train_path, test_path=test_path,
-            state=state, server_round=r, dp=dp,
+            state=model_state, server_round=r, dp=dp,
         )
     m = evaluate(_model(task, data, model_state), data.X_test, data.y_test)
     return Baseline(accuracy=float(m.accuracy), epsilon=dp.epsilon if task.privacy.enabled else float("inf"))

@@ -22,6 +22,7 @@ __all__ = [
     "CONFIG",
     "METRICS",
     "HELLO",
+    "BASELINE",
     "KIND",
     "TASK_JSON",
     "CONTRACT_JSON",
@@ -34,6 +35,7 @@ ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 HELLO = "hello"
+BASELINE = "baseline"
 KIND = "fedgov-kind"
 TASK_JSON = "task-json"
 CONTRACT_JSON = "contract-json"

@@ -11,8 +11,8 @@ What happens, in order:
    municipality. The run is submitted with ``flwr run`` (Message API ServerApp/ClientApp).
 4. Progress is followed in ``events.jsonl``; when the run ends, the SuperLink and every
    process it started are stopped, also on error or Ctrl-C.
-5. For each node the local-only baseline is trained (same model, same DP budget, its own
-   data alone) and the report, the final model and a plot are written.
+5. The report (with each node's local-only baseline, trained at the node on request of
+   the coordinator), the final model and a plot are written.
 """
 
 from __future__ import annotations
@@ -138,6 +138,20 @@ def run_simulation(
             [Problem(str(fed_path), "members", f"{len(federation.members)} members, the task needs at least {task.training.min_nodes} (training.min_nodes)")],
         )
 
+    if not task.privacy.enabled:
+        msg = (
+            f"task {task.name}: privacy.enabled = false: nodes train WITHOUT differential privacy. "
+            "Use this only for comparisons on data that is not personal."
+        )
+        log.warning(msg)
+        emit({"event": "warning", "message": msg})
+    if task.privacy.enabled and task.privacy.reproducible_noise:
+        msg = (
+            f"task {task.name}: privacy.reproducible_noise = true: each node's DP noise is derived from "
+            "the task seed, so whoever knows the seed can remove it. For tests and simulations only."
+        )
+        log.warning(msg)
+        emit({"event": "warning", "message": msg})
     run_dir = new_run_dir(options.runs_dir, task.name).resolve()
     emit({"event": "run-dir", "path": str(run_dir)})
     emit({"event": "partition", "nodes": len(federation.members)})
@@ -164,7 +178,8 @@ def run_simulation(
                 "manifest-path": manifest,
                 "run-dir": run_dir,
             }.items()
-        ),
+        )
+        + f"local-baseline = {'true' if options.local_baseline else 'false'}\n",
         encoding="utf-8",
     )
     env = flower_env(flwr_home)
@@ -236,28 +251,9 @@ def run_simulation(
     if report.status != "completed":
         raise FederationError(f"the run failed: {report.message} (report: {report_path})")
 
-    if options.local_baseline:
-        _local_baselines(report, task_path, nodes, emit)
     report.wall_seconds = time.time() - started
     plot = plot_report(report, run_dir / "accuracy.png")
     report.artifacts["plot"] = plot.name
     write_json_atomic(report_path, report.model_dump_json(indent=2))
     emit({"event": "done", "report": str(report_path)})
     return run_dir
-
-
-def _local_baselines(report: TrainingReport, task_path: Path, nodes: list[Any], emit: EventCallback) -> None:
-    """Train each accepted node's local-only model: same model, same DP budget, own data."""
-    from fedgov.node import local_only_baseline
-
-    task, contract = load_task(task_path)
-    by_code = {n.code: n for n in nodes}
-    accepted = [r for r in report.nodes if r.status == "accepted" and r.node in by_code]
-    for i, result in enumerate(accepted):
-        emit({"event": "baseline", "node": result.node, "index": i + 1, "of": len(accepted)})
-        data = by_code[result.node]
-        base = local_only_baseline(task, contract, data.train_path, data.test_path, node=result.node)
-        result.local_only_accuracy = base.accuracy
-        result.local_only_epsilon = base.epsilon
-        if result.federated_accuracy is not None:
-            result.gain = result.federated_accuracy - base.accuracy

@@ -35,5 +35,6 @@ def main(grid: Grid, context: Context) -> None:
         expected_nodes=expected,
         task_file=str(task_path),
         federation=Path(federation).stem if federation != "(deployment)" else federation,
+        local_baseline=bool(cfg.get("local-baseline", True)),
     )
     log.info("fedgov run %s finished: %s", report.run_id, report.status)

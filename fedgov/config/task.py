@@ -76,6 +76,11 @@ class PrivacySpec(StrictModel):
     max_grad_norm: float = Field(default=1.0, gt=0)
     accountant: Literal["prv", "rdp"] = "prv"
     grad_sample_mode: Literal["hooks", "ghost", "functorch", "ew"] = "hooks"
+    reproducible_noise: bool = Field(
+        default=False,
+        description="derive sampling and noise from training.seed (tests and simulations only: "
+        "whoever knows the seed can subtract the noise); default: fresh OS entropy at every node",
+    )
     margin: float = Field(
         default=0.98,
         gt=0.5,

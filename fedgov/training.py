@@ -1,0 +1,450 @@
+"""Node-side training and evaluation: one federated round of local DP-SGD, free of Flower and files.
+
+A round takes the model (holding the global weights), the node's rows as arrays, the task's
+specs, the node's :class:`~fedgov.privacy.DPPlan` and its privacy ledger so far, and returns the
+new weights, the new ledger and the epsilon of the *whole* ledger. The ledger is loaded into a
+fresh Opacus accountant every round (``accountant.history``), so epsilon adds up across rounds
+and processes; a fresh accountant without it would report one round's epsilon only, which is
+the mistake in Flower's Opacus example.
+
+DP-SGD is that of Abadi et al. 2016 (arXiv:1607.00133): Poisson sampling, per-sample clipping
+to ``max_grad_norm``, Gaussian noise of ``noise_multiplier * max_grad_norm``. FedProx is Li et
+al. 2020 (arXiv:1812.06127).
+
+Randomness: the Poisson sampler and the noise each get their own ``torch.Generator`` derived
+from ``seed``, so the same seed gives the same round and the global RNG is not touched. A
+known seed makes the noise *reproducible by whoever knows it*, which voids the guarantee
+against that party: pass ``seed=None`` (fresh OS entropy) outside tests and experiments.
+Opacus' ``secure_mode`` (a CSPRNG) needs ``torchcsprng``, which has no wheel here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fedgov.config.task import PrivacySpec, TrainingSpec
+from fedgov.errors import ModelError, PrivacyError
+from fedgov.models import dp_problems, get_state
+from fedgov.privacy.accounting import DPPlan, HistoryEntry, epsilon_from_history, merge_history
+
+__all__ = [
+    "EvalMetrics",
+    "RoundResult",
+    "evaluate",
+    "train_dp_round",
+    "train_nonprivate_round",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    """Metrics of a model on labelled rows. ``auc`` is None when only one class is present."""
+
+    accuracy: float
+    loss: float
+    auc: float | None
+    n: int
+
+    def to_metrics(self, prefix: str = "") -> dict[str, float]:
+        """Numbers only (as a Flower ``MetricRecord`` wants): a missing AUC is left out."""
+        out = {f"{prefix}accuracy": self.accuracy, f"{prefix}loss": self.loss, f"{prefix}n": float(self.n)}
+        if self.auc is not None:
+            out[f"{prefix}auc"] = self.auc
+        return out
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one local round produced.
+
+    ``history`` is the node's whole ledger after the round (merged, see
+    :func:`~fedgov.privacy.merge_history`) and ``epsilon`` that of the whole ledger at
+    ``delta``; both None/empty for non-private training.
+    """
+
+    state: dict[str, np.ndarray]
+    num_examples: int
+    steps: int
+    train_loss: float
+    history: list[HistoryEntry] = field(default_factory=list)
+    epsilon: float | None = None
+    delta: float | None = None
+    noise_multiplier: float | None = None
+
+    @property
+    def loss(self) -> float:
+        """Alias of ``train_loss`` (``fedgov.node`` reads ``res.loss``)."""
+        return self.train_loss
+
+
+def _as_tensors(X: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim != 2:
+        raise ModelError(f"X must be a 2-d array (rows, features), got shape {X.shape}")
+    if y.shape != (X.shape[0],):
+        raise ModelError(f"y must have one label per row of X: X has {X.shape[0]} rows, y has shape {y.shape}")
+    return torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64)
+
+
+def _check_labels(y: torch.Tensor, n_classes: int) -> None:
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        raise ModelError(
+            f"labels must be in 0..{n_classes - 1} for a model with {n_classes} outputs, "
+            f"found {int(y.min())}..{int(y.max())}"
+        )
+
+
+class _Rows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """In-memory rows that a DataLoader fetches a whole batch at a time.
+
+    ``__getitems__`` (used by torch's fetcher when present) indexes the tensors once per batch;
+    with ``TensorDataset`` the loader indexes and stacks row by row, which took about a third
+    of a DP epoch of logistic regression on 26,000 rows. Use with :func:`_pass_through`.
+    """
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.X, self.y = X, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.X[i], self.y[i]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.X[idx], self.y[idx]
+
+
+def _pass_through(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate function for :class:`_Rows`: the batch is already stacked (empty included)."""
+    return batch
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _macro_ovr_auc(y: np.ndarray, proba: np.ndarray) -> float | None:
+    """ROC AUC: binary on class 1's probability; else the mean one-vs-rest AUC over the classes
+    present in ``y`` (scikit-learn's ``multi_class="ovr", average="macro"``, restricted to
+    present classes so an absent class does not make it fail). None with fewer than 2 classes.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    present = np.unique(y)
+    if len(present) < 2:
+        return None
+    if proba.shape[1] == 2:
+        return float(roc_auc_score(y, proba[:, 1]))
+    return float(np.mean([roc_auc_score(y == c, proba[:, c]) for c in present]))
+
+
+def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray, *, batch_size: int = 4096) -> EvalMetrics:
+    """Accuracy, mean cross-entropy and ROC AUC of ``model`` on ``(X, y)``.
+
+    The model is put in eval mode for the pass and returned to the mode it was in.
+    """
+    Xt, yt = _as_tensors(X, y)
+    n = len(yt)
+    if n == 0:
+        raise ModelError("cannot evaluate on 0 rows")
+    logits_parts = []
+    with _eval_mode(model):
+        for start in range(0, n, batch_size):
+            logits_parts.append(model(Xt[start : start + batch_size]))
+    logits = torch.cat(logits_parts)
+    _check_labels(yt, logits.shape[1])
+    loss = float(nn.functional.cross_entropy(logits, yt, reduction="mean"))
+    accuracy = float((logits.argmax(dim=1) == yt).float().mean())
+    proba = torch.softmax(logits, dim=1).numpy().astype(np.float64)
+    return EvalMetrics(accuracy=accuracy, loss=loss, auc=_macro_ovr_auc(yt.numpy(), proba), n=n)
+
+
+def _seeds(seed: int | None) -> tuple[int, int]:
+    """Independent seeds for the sampler and the noise (fresh OS entropy when ``seed`` is None)."""
+    if seed is None:
+        return secrets.randbits(63), secrets.randbits(63)
+    a, b = np.random.SeedSequence(seed % (1 << 64)).generate_state(2, dtype=np.uint64)
+    return int(a) >> 1, int(b) >> 1
+
+
+_insecure_rng_warned = False
+
+
+def _privacy_engine(accountant: str) -> Any:
+    """A fresh ``PrivacyEngine`` (secure_mode off), its secure-RNG warning shown once per process.
+
+    Opacus warns on every ``PrivacyEngine(secure_mode=False)``, and Python shows it again each
+    time anything in the process changes the warning filters (scikit-learn does), i.e. every
+    round. The warning is caught *here only* and replaced by one fedgov warning per process;
+    every other warning from the constructor passes through unchanged.
+    """
+    global _insecure_rng_warned
+    from opacus import PrivacyEngine
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = PrivacyEngine(accountant=accountant, secure_mode=False)
+    for w in caught:
+        if "Secure RNG turned off" in str(w.message):
+            logger.debug("Opacus secure_mode is off: DP noise from torch's pseudo-random generator")
+            if not _insecure_rng_warned:
+                _insecure_rng_warned = True
+                warnings.warn(
+                    "DP-SGD noise comes from torch's pseudo-random generator (Opacus secure_mode off; "
+                    "it needs torchcsprng, which is not installable here). Fine for experiments; the "
+                    "noise is not cryptographically secure (Mironov 2012). Shown once per process.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return engine
+
+
+def _optimizer(model: nn.Module, training: TrainingSpec) -> torch.optim.Optimizer:
+    if training.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=training.learning_rate)
+    return torch.optim.SGD(model.parameters(), lr=training.learning_rate, momentum=training.momentum)
+
+
+def _proximal_anchor(
+    model: nn.Module, training: TrainingSpec, global_state: Mapping[str, np.ndarray] | None
+) -> list[tuple[nn.Parameter, torch.Tensor]] | None:
+    """(parameter, its global value) pairs when FedProx applies, else None."""
+    if training.strategy != "fedprox" or global_state is None or training.proximal_mu == 0:
+        return None
+    pairs = []
+    for name, p in model.named_parameters():
+        if name not in global_state:
+            raise ModelError(f"global_state lacks parameter '{name}' needed for the FedProx term")
+        g = torch.as_tensor(np.asarray(global_state[name]), dtype=p.dtype)
+        if g.shape != p.shape:
+            raise ModelError(f"global_state parameter '{name}' has shape {tuple(g.shape)}, the model {tuple(p.shape)}")
+        pairs.append((p, g))
+    return pairs
+
+
+def _check_plan(X_rows: int, training: TrainingSpec, privacy: PrivacySpec, plan: DPPlan) -> None:
+    problems = []
+    if not privacy.enabled:
+        problems.append("privacy.enabled is false: use train_nonprivate_round")
+    if plan.rows != X_rows:
+        problems.append(f"the plan is for {plan.rows} rows, the data has {X_rows}")
+    if plan.batch_size != training.batch_size:
+        problems.append(f"the plan is for batch size {plan.batch_size}, training asks {training.batch_size}")
+    if plan.local_epochs != training.local_epochs:
+        problems.append(f"the plan is for {plan.local_epochs} local epochs, training asks {training.local_epochs}")
+    if plan.accountant != privacy.accountant:
+        problems.append(f"the plan uses accountant '{plan.accountant}', privacy asks '{privacy.accountant}'")
+    if problems:
+        raise PrivacyError("the DP plan does not fit this round:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def train_dp_round(
+    model: nn.Module,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    training: TrainingSpec,
+    privacy: PrivacySpec,
+    plan: DPPlan,
+    history: list[HistoryEntry],
+    seed: int | None,
+    global_state: Mapping[str, np.ndarray] | None = None,
+) -> RoundResult:
+    """One round of local DP-SGD on ``model`` (trained in place), accounted on the node's ledger.
+
+    ``training.local_epochs`` epochs of ``plan.steps_per_epoch`` Poisson-sampled steps each.
+    Before any step, the epsilon of ``history`` plus this round is computed; if it exceeds
+    ``plan.target_epsilon`` the round is refused (:class:`PrivacyError`): the node's hard cap.
+    After the round, Opacus' recorded history is checked against the plan.
+
+    FedProx (``training.strategy == "fedprox"`` with ``global_state``): the gradient of
+    ``mu/2 * ||w - w_global||^2``, ``mu * (w - w_global)``, is added to the *noised* gradient,
+    after clipping. It depends on the current weights and the global model only, never on a
+    record, so adding it is post-processing and costs no privacy. Putting the term into the
+    loss instead does not work with Opacus (checked): with ``hooks`` the per-sample gradients
+    come from the layers' activations only, so the term's gradient is silently dropped when the
+    optimizer replaces ``p.grad``; with ``ghost`` it reaches the update unclipped.
+
+    ``seed`` fixes the Poisson batches and the noise. It must differ between rounds (derive it
+    from task seed, node and round), or the rounds reuse the same noise, which the accounting
+    assumes independent. ``None`` draws both from the OS: the right choice outside experiments.
+
+    Returns the new plain-model weights, the merged ledger, its epsilon, the number of steps,
+    the mean training loss over non-empty batches, and ``num_examples = rows``.
+    """
+    Xt, yt = _as_tensors(X, y)
+    _check_plan(len(yt), training, privacy, plan)
+    prior = merge_history(list(history))
+    expected = merge_history(prior + [plan.round_entry()])
+    eps_after = epsilon_from_history(history=expected, delta=plan.delta, accountant=plan.accountant)
+    if eps_after > plan.target_epsilon:
+        spent = epsilon_from_history(history=prior, delta=plan.delta, accountant=plan.accountant)
+        raise PrivacyError(
+            f"refusing to train: this round would take epsilon from {spent:.3f} to {eps_after:.3f}, "
+            f"beyond the target {plan.target_epsilon} (delta {plan.delta:g}); the plan allows {plan.rounds} rounds"
+        )
+    model.train()
+    problems = dp_problems(model)
+    if problems:
+        raise ModelError(
+            "Opacus rejects this model; pass it through make_dp_compatible first:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
+    with _eval_mode(model):
+        n_classes = model(Xt[:1]).shape[1]
+    _check_labels(yt, n_classes)
+    anchor = _proximal_anchor(model, training, global_state)
+
+    sample_seed, noise_seed = _seeds(seed)
+    loader = DataLoader(
+        _Rows(Xt, yt),
+        batch_size=plan.loader_batch_size,
+        collate_fn=_pass_through,
+        generator=torch.Generator().manual_seed(sample_seed),  # DPDataLoader samples with it
+    )
+    engine = _privacy_engine(plan.accountant)
+    engine.accountant.history = list(prior)
+    criterion = nn.CrossEntropyLoss()
+    made: Any = engine.make_private(
+        module=model,
+        optimizer=_optimizer(model, training),
+        criterion=criterion,
+        data_loader=loader,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode=privacy.grad_sample_mode,
+        noise_generator=torch.Generator().manual_seed(noise_seed),
+    )
+    if privacy.grad_sample_mode == "ghost":
+        dp_model, optimizer, criterion, dp_loader = made
+    else:
+        dp_model, optimizer, dp_loader = made
+    try:
+        if not (len(dp_loader) == plan.steps_per_epoch and 1 / len(dp_loader) == plan.sample_rate):
+            raise PrivacyError(
+                f"Opacus samples {len(dp_loader)} batches per epoch at rate 1/{len(dp_loader)}; the plan "
+                f"expects {plan.steps_per_epoch} at {plan.sample_rate:.6g} (has Opacus changed?)"
+            )
+        losses: list[float] = []
+        steps = 0
+        for _ in range(training.local_epochs):
+            for xb, yb in dp_loader:
+                # With Opacus' full backward hooks, torch warns at every backward that the first
+                # layer's input needs no gradient. Asking for it costs little (measured) and
+                # removes the cause instead of filtering the warning.
+                xb.requires_grad_(True)
+                optimizer.zero_grad(set_to_none=True)
+                loss = criterion(dp_model(xb), yb)
+                loss.backward()
+                if len(yb):
+                    losses.append(float(loss.item()))
+                if anchor is None:
+                    optimizer.step()
+                elif optimizer.pre_step():  # clip, noise, scale, account
+                    with torch.no_grad():
+                        for p, g in anchor:
+                            p.grad.add_(p.detach() - g, alpha=training.proximal_mu)
+                    optimizer.original_optimizer.step()
+                steps += 1
+        new_history = merge_history(list(engine.accountant.history))
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        dp_model._close()  # remove Opacus' hooks and per-parameter attributes
+        for p in model.parameters():
+            if hasattr(p, "summed_grad"):
+                del p.summed_grad
+    if new_history == expected:
+        epsilon = eps_after
+    else:  # not expected with Poisson sampling; the ledger is the authority
+        logger.warning("Opacus recorded %s, the plan expected %s", new_history, expected)
+        epsilon = epsilon_from_history(history=new_history, delta=plan.delta, accountant=plan.accountant)
+    return RoundResult(
+        state=get_state(model),
+        num_examples=len(yt),
+        steps=steps,
+        train_loss=float(np.mean(losses)) if losses else math.nan,
+        history=new_history,
+        epsilon=epsilon,
+        delta=plan.delta,
+        noise_multiplier=plan.noise_multiplier,
+    )
+
+
+def train_nonprivate_round(
+    model: nn.Module,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    training: TrainingSpec,
+    seed: int | None,
+    global_state: Mapping[str, np.ndarray] | None = None,
+) -> RoundResult:
+    """One round of ordinary mini-batch training (shuffled, ``training.batch_size``), in place.
+
+    For ``privacy.enabled = false`` and for baselines. No guarantee: ``epsilon`` is None.
+    FedProx adds ``mu/2 * ||w - w_global||^2`` to the loss.
+    """
+    Xt, yt = _as_tensors(X, y)
+    if len(yt) == 0:
+        raise ModelError("cannot train on 0 rows")
+    with _eval_mode(model):
+        n_classes = model(Xt[:1]).shape[1]
+    _check_labels(yt, n_classes)
+    anchor = _proximal_anchor(model, training, global_state)
+    sample_seed, _ = _seeds(seed)
+    loader = DataLoader(
+        _Rows(Xt, yt),
+        batch_size=training.batch_size,
+        collate_fn=_pass_through,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(sample_seed),
+    )
+    optimizer = _optimizer(model, training)
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    losses: list[float] = []
+    steps = 0
+    for _ in range(training.local_epochs):
+        for xb, yb in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(xb), yb)
+            losses.append(float(loss.item()))
+            if anchor is not None:
+                loss = loss + 0.5 * training.proximal_mu * sum(((p - g) ** 2).sum() for p, g in anchor)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+    optimizer.zero_grad(set_to_none=True)
+    return RoundResult(
+        state=get_state(model),
+        num_examples=len(yt),
+        steps=steps,
+        train_loss=float(np.mean(losses)),
+    )

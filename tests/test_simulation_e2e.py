@@ -1,0 +1,179 @@
+"""End to end: real Flower processes (a simulation SuperLink, Ray), three municipalities.
+
+These are the slow tests (marked ``slow``); each runs a whole federated DP task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fedgov.errors import ConfigError, DataValidationError
+from fedgov.reports import load_report
+from fedgov.simulation import SimulationOptions, run_simulation
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+ADULT = ROOT / "data" / "adult" / "adult.csv"
+ADULT_TEST = ROOT / "data" / "adult" / "adult_test.csv"
+CONTRACT = ROOT / "configs" / "contracts" / "adult-income.toml"
+
+
+def _flower_processes() -> list[str]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if any(k in cmd for k in ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server")):
+            out.append(cmd)
+    return out
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def _task(tmp: Path, federation: Path, rounds: int = 2, epsilon: float = 2.0) -> Path:
+    return _write(
+        tmp / "task.toml",
+        f"""
+        name = "e2e"
+        contract = "{CONTRACT}"
+        federation = "{federation}"
+        [model]
+        name = "logreg"
+        [training]
+        rounds = {rounds}
+        batch_size = 256
+        learning_rate = 0.5
+        min_nodes = 2
+        seed = 1
+        [privacy]
+        target_epsilon = {epsilon}
+        delta = 1e-5
+        [evaluation]
+        centralized = "{ADULT_TEST}"
+        """,
+    )
+
+
+def test_three_municipalities_two_rounds(tmp_path: Path) -> None:
+    fed = _write(
+        tmp_path / "fed.toml",
+        f"""
+        name = "e2e-3"
+        seed = 5
+        source = "{ADULT}"
+        [partition]
+        kind = "population"
+        skew = "label"
+        dirichlet_alpha = 5.0
+        min_rows = 200
+        [[members]]
+        code = "GM0363"
+        [[members]]
+        code = "GM0344"
+        [[members]]
+        code = "GM0150"
+        """,
+    )
+    events: list[dict] = []
+    run_dir = run_simulation(_task(tmp_path, fed), None, SimulationOptions(runs_dir=tmp_path / "runs"), events.append)
+
+    report = load_report(run_dir / "report.json")
+    assert report.status == "completed"
+    assert [r.round for r in report.rounds] == [1, 2]
+    assert report.final is not None and report.majority_rate is not None
+    assert report.final.accuracy > report.majority_rate + 0.02
+    assert {n.node for n in report.nodes} == {"GM0363", "GM0344", "GM0150"}
+    for n in report.nodes:
+        assert n.status == "accepted" and n.rounds_trained == 2
+        assert n.epsilon is not None and 0 < n.epsilon <= 2.0
+        assert n.delta == 1e-5
+        assert n.federated_accuracy is not None and n.local_only_accuracy is not None
+        assert n.gain == pytest.approx(n.federated_accuracy - n.local_only_accuracy)
+        assert n.local_only_epsilon is not None and n.local_only_epsilon <= 2.0
+    # epsilon grows round by round: one accountant per node for the whole task
+    assert report.rounds[0].max_epsilon is not None and report.rounds[1].max_epsilon is not None
+    assert 0 < report.rounds[0].max_epsilon < report.rounds[1].max_epsilon
+    for name in ("model.pt", "accuracy.png", "events.jsonl", "manifest.json"):
+        assert (run_dir / name).is_file(), name
+    assert any(e.get("event") == "round" and e.get("round") == 2 for e in events)
+    # nothing left running: no SuperLink, no simulation engine, no Ray
+    assert _flower_processes() == []
+    # the node data lies in per-node directories, as next to a real node
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert len(manifest) == 3
+
+
+def _three_files(tmp_path: Path, third: "object") -> Path:
+    import pandas as pd
+
+    df = pd.read_csv(ADULT, dtype=str, keep_default_na=False)
+    parts = {"a": df.iloc[:1500], "b": df.iloc[1500:3000], "c": third(df.iloc[3000:3500].copy())}
+    for name, part in parts.items():
+        part.to_csv(tmp_path / f"{name}.csv", index=False)
+    return _write(
+        tmp_path / "fed.toml",
+        f"""
+        name = "e2e-files"
+        [partition]
+        kind = "files"
+        [[members]]
+        code = "GM0363"
+        data = "{tmp_path / 'a.csv'}"
+        [[members]]
+        code = "GM0344"
+        data = "{tmp_path / 'b.csv'}"
+        [[members]]
+        code = "GM0150"
+        data = "{tmp_path / 'c.csv'}"
+        """,
+    )
+
+
+def test_a_refusing_node_is_reported_and_the_others_go_on(tmp_path: Path) -> None:
+    # Deventer's export has 11 rows: 9 for training, under the node's minimum of 10.
+    fed = _three_files(tmp_path, lambda d: d.iloc[:11])
+    run_dir = run_simulation(
+        _task(tmp_path, fed, rounds=1), None, SimulationOptions(runs_dir=tmp_path / "runs", local_baseline=False)
+    )
+    report = load_report(run_dir / "report.json")
+    assert report.status == "completed"
+    by_node = {n.node: n for n in report.nodes}
+    assert by_node["GM0150"].status == "refused"
+    assert by_node["GM0150"].refusal_code == "too-few-rows"
+    assert "9 training rows" in by_node["GM0150"].refusal_reason
+    assert by_node["GM0363"].status == by_node["GM0344"].status == "accepted"
+    assert report.rounds[0].nodes_trained and "GM0150" not in report.rounds[0].nodes_trained
+    assert _flower_processes() == []
+
+
+def test_invalid_member_data_stops_before_flower_starts(tmp_path: Path) -> None:
+    def spoil(d: "object") -> "object":
+        d.loc[d.index[:3], "age"] = "twelve"  # type: ignore[attr-defined]
+        return d
+
+    fed = _three_files(tmp_path, spoil)
+    with pytest.raises(DataValidationError) as ei:
+        run_simulation(_task(tmp_path, fed, rounds=1), None, SimulationOptions(runs_dir=tmp_path / "runs"))
+    text = str(ei.value)
+    assert "found 'twelve'" in text and "column 'age'" in text and str(tmp_path / "c.csv") in text
+    assert _flower_processes() == []
+
+
+def test_missing_federation_is_a_config_error(tmp_path: Path) -> None:
+    task = _write(tmp_path / "t.toml", f'name = "t"\ncontract = "{CONTRACT}"\n')
+    with pytest.raises(ConfigError, match="federation"):
+        run_simulation(task, None, SimulationOptions(runs_dir=tmp_path / "runs"))
