@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedgov import node as N
@@ -120,7 +120,7 @@ def train(msg: Message, context: Context) -> Message:
     # The accountant is saved before the reply leaves: a spend is never forgotten.
     context.state[key] = ConfigRecord({"json": dp.to_json()})
     reply = RecordDict(
-        {P.ARRAYS: ArrayRecord({k: np.asarray(v) for k, v in new_state.items()}), P.METRICS: MetricRecord(metrics)}
+        {P.ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in new_state.items()}), P.METRICS: MetricRecord(metrics)}
     )
     return Message(reply, reply_to=msg)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
@@ -377,7 +377,7 @@ def run_training(
         events.emit("training-start", nodes=len(admitted), rounds=task.training.rounds)
         result = strategy.start(
             grid=AdmittedGrid(grid, admitted),
-            initial_arrays=ArrayRecord({k: np.asarray(v) for k, v in get_state(initial).items()}),
+            initial_arrays=ArrayRecord({k: Array(np.asarray(v)) for k, v in get_state(initial).items()}),
             num_rounds=task.training.rounds,
             timeout=reply_timeout,
             train_config=cfg,

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,6 +41,10 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     env = dict(os.environ)
     env.update(FLOWER_QUIET_ENV)
     env["FLWR_HOME"] = str(flwr_home)
+    # Flower starts its helpers (flower-superexec, flwr-serverapp, ...) by name: they must be
+    # this environment's, also when fedgov runs as .venv/bin/fedgov without an activated venv.
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     # Each Ray worker is one thread of torch: two actors on two cores, not four threads each.
     env.setdefault("OMP_NUM_THREADS", "1")
     if extra:

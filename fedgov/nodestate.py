@@ -1,0 +1,352 @@
+"""Operator state of a node: the pause switch and the manual approval queue, in SQLite.
+
+The node's operators (a municipality's IT staff, its privacy officer) act on a running node
+through this small database in the node directory: ``fedgov node pause`` stops the node from
+taking part in new rounds, and with ``approval = "manual"`` in the policy each task waits in
+a queue until someone approves or rejects it. The daemon and the operator's commands are
+different processes, so every call opens its own connection and reads the current state
+from the file: a running node sees a pause at its next round, without a restart.
+
+Writes take the database lock up front (``BEGIN IMMEDIATE``), the journal is in WAL mode so
+that readers never block the writer, and a busy timeout makes concurrent writers wait rather
+than fail. The queue stores only what a task would spend and send (its name, contract,
+data set, epsilon, delta, rounds, model, coordinator), never data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedgov.errors import ExitCode, FedgovError
+
+__all__ = [
+    "FILENAME",
+    "TaskStatus",
+    "PendingTask",
+    "NodeState",
+    "NodeStateError",
+    "UnknownTask",
+    "TaskChanged",
+]
+
+logger = logging.getLogger(__name__)
+
+FILENAME = "nodestate.sqlite"
+"""The file's name when :class:`NodeState` is given the node directory."""
+
+TaskStatus = Literal["none", "pending", "approved", "rejected"]
+
+_APPLICATION_ID = 0x46475354  # "FGST": marks the file as a fedgov node state
+_SCHEMA_VERSION = 1
+_MAX_SUMMARY_BYTES = 16_384
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pause (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    paused INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    changed_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS approvals (
+    task_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'rejected')),
+    summary TEXT NOT NULL,
+    queued_at TEXT NOT NULL,
+    decided_at TEXT,
+    decided_by TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL DEFAULT ''
+);
+"""
+
+
+class NodeStateError(FedgovError):
+    """The node state file cannot be used (corrupted, locked, foreign), or a request on it is wrong."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class UnknownTask(NodeStateError):
+    """A task id that is not in the approval queue."""
+
+
+class TaskChanged(NodeStateError):
+    """A task id already queued with a different summary: the same id must mean the same task."""
+
+
+class PendingTask(BaseModel):
+    """A task in the approval queue, whatever its status now."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task_id: str
+    status: Literal["pending", "approved", "rejected"]
+    summary: dict[str, Any] = Field(description="what the task would spend and send; no data")
+    queued_at: datetime
+    decided_at: datetime | None = None
+    decided_by: str = ""
+    reason: str = ""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _summary_json(summary: dict[str, Any]) -> str:
+    """Canonical JSON of a summary; only scalars and lists of scalars, so that no table fits."""
+    if not isinstance(summary, dict):
+        raise NodeStateError(f"a task summary must be a dict, not {type(summary).__name__}")
+    for key, value in summary.items():
+        if not isinstance(key, str):
+            raise NodeStateError(f"task summary keys must be strings, not {key!r}")
+        if not (_scalar(value) or (isinstance(value, (list, tuple)) and all(_scalar(v) for v in value))):
+            raise NodeStateError(
+                f"task summary '{key}' must be a number, text or a list of them "
+                f"(the queue holds what a task would spend and send, never data); found {type(value).__name__}"
+            )
+    try:
+        text = json.dumps(summary, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:
+        raise NodeStateError(f"task summary is not valid JSON: {exc}") from exc
+    if len(text.encode()) > _MAX_SUMMARY_BYTES:
+        raise NodeStateError(f"task summary is larger than {_MAX_SUMMARY_BYTES} bytes; it should summarise, not carry data")
+    return text
+
+
+class NodeState:
+    """The operator state of one node, in a SQLite file.
+
+    ``path`` is the database file, or the node directory (then ``nodestate.sqlite`` in it).
+    The file and its directory are created when missing. Every method opens its own
+    connection, so instances are cheap, safe to share between threads, and always see what
+    another process (the operator's command, the daemon) wrote last.
+    """
+
+    def __init__(self, path: Path | str, *, busy_timeout_s: float = 10.0) -> None:
+        p = Path(path)
+        if p.is_dir():
+            p = p / FILENAME
+        self.path = p
+        self.busy_timeout_s = busy_timeout_s
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._init()
+
+    def __repr__(self) -> str:
+        return f"NodeState({str(self.path)!r})"
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _corrupt(self, exc: Exception) -> NodeStateError:
+        return NodeStateError(
+            f"The node state file {self.path} cannot be read ({exc}). It holds the pause switch and "
+            "the manual approval queue: move it aside and the node starts a fresh one "
+            "(the node is then not paused, and queued tasks must be sent again)."
+        )
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise NodeStateError(f"Cannot open the node state file {self.path}: {exc}") from exc
+        with closing(conn):
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+                yield conn
+            except sqlite3.OperationalError as exc:
+                msg = str(exc).lower()
+                if "locked" in msg or "busy" in msg:
+                    raise NodeStateError(
+                        f"The node state file {self.path} stayed locked by another process for more "
+                        f"than {self.busy_timeout_s:g} s; try again"
+                    ) from exc
+                raise self._corrupt(exc) from exc
+            except sqlite3.DatabaseError as exc:
+                raise self._corrupt(exc) from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that holds the lock from its start."""
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _init(self) -> None:
+        with self._connect() as conn:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if app_id not in (0, _APPLICATION_ID):
+                raise NodeStateError(f"{self.path} is an SQLite file of another application, not a fedgov node state")
+            if version > _SCHEMA_VERSION:
+                raise NodeStateError(
+                    f"{self.path} was written by a newer fedgov (schema {version}; this one reads {_SCHEMA_VERSION})"
+                )
+            if app_id == 0:
+                tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+                if tables:
+                    raise NodeStateError(f"{self.path} is an SQLite file of another application, not a fedgov node state")
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise self._corrupt(sqlite3.DatabaseError(check))
+            conn.execute("PRAGMA journal_mode = WAL")
+        with self._write() as conn:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    # --- pause switch ---------------------------------------------------------------------
+
+    def pause(self, reason: str = "") -> None:
+        """Stop taking part in new rounds and tasks until :meth:`resume`."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO pause (id, paused, reason, changed_at) VALUES (1, 1, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET paused = 1, reason = excluded.reason, changed_at = excluded.changed_at",
+                (reason, _now()),
+            )
+        logger.info("node paused: %s", reason or "(no reason given)")
+
+    def resume(self) -> None:
+        """Take part again."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO pause (id, paused, reason, changed_at) VALUES (1, 0, '', ?) "
+                "ON CONFLICT (id) DO UPDATE SET paused = 0, reason = '', changed_at = excluded.changed_at",
+                (_now(),),
+            )
+        logger.info("node resumed")
+
+    def paused(self) -> tuple[bool, str]:
+        """``(paused, reason)``, read from the file now."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT paused, reason FROM pause WHERE id = 1").fetchone()
+        if row is None:
+            return False, ""
+        return bool(row[0]), str(row[1])
+
+    # --- manual approval queue ------------------------------------------------------------
+
+    @staticmethod
+    def _row(row: tuple[Any, ...]) -> PendingTask:
+        task_id, status, summary, queued_at, decided_at, decided_by, reason = row
+        return PendingTask(
+            task_id=task_id,
+            status=status,
+            summary=json.loads(summary),
+            queued_at=datetime.fromisoformat(queued_at),
+            decided_at=datetime.fromisoformat(decided_at) if decided_at else None,
+            decided_by=decided_by,
+            reason=reason,
+        )
+
+    _COLUMNS = "task_id, status, summary, queued_at, decided_at, decided_by, reason"
+
+    def _get(self, conn: sqlite3.Connection, task_id: str) -> PendingTask | None:
+        row = conn.execute(f"SELECT {self._COLUMNS} FROM approvals WHERE task_id = ?", (task_id,)).fetchone()
+        return None if row is None else self._row(row)
+
+    def enqueue(self, task_id: str, *, summary: dict[str, Any]) -> PendingTask:
+        """Queue a task for an operator's decision; queuing the same task again changes nothing.
+
+        Idempotent per ``task_id``: a task already queued is returned as it is (pending,
+        approved or rejected). The same id with a *different* summary raises
+        :class:`TaskChanged`, so that an approval given to one task cannot be reused for
+        another that spends more.
+        """
+        if not task_id:
+            raise NodeStateError("a task id must not be empty")
+        text = _summary_json(summary)
+        with self._write() as conn:
+            existing = conn.execute(
+                f"SELECT {self._COLUMNS} FROM approvals WHERE task_id = ?", (task_id,)
+            ).fetchone()
+            if existing is None:
+                conn.execute(
+                    "INSERT INTO approvals (task_id, status, summary, queued_at) VALUES (?, 'pending', ?, ?)",
+                    (task_id, text, _now()),
+                )
+                existing = conn.execute(
+                    f"SELECT {self._COLUMNS} FROM approvals WHERE task_id = ?", (task_id,)
+                ).fetchone()
+                logger.info("task %s queued for approval", task_id)
+            elif existing[2] != text:
+                raise TaskChanged(
+                    f"task {task_id} is already queued ({existing[1]}) with another summary: "
+                    f"queued {existing[2]}, now {text}. A changed task needs a new task id."
+                )
+        return self._row(existing)
+
+    def get(self, task_id: str) -> PendingTask | None:
+        """The queued task ``task_id`` (any status), or None."""
+        with self._connect() as conn:
+            return self._get(conn, task_id)
+
+    def pending(self) -> list[PendingTask]:
+        """The tasks waiting for a decision, oldest first."""
+        return self.tasks("pending")
+
+    def tasks(self, status: Literal["pending", "approved", "rejected"] | None = None) -> list[PendingTask]:
+        """Every queued task (or those with ``status``), oldest first."""
+        query = f"SELECT {self._COLUMNS} FROM approvals"
+        args: tuple[Any, ...] = ()
+        if status is not None:
+            query += " WHERE status = ?"
+            args = (status,)
+        with self._connect() as conn:
+            rows = conn.execute(query + " ORDER BY queued_at, rowid", args).fetchall()
+        return [self._row(r) for r in rows]
+
+    def _decide(self, task_id: str, status: Literal["approved", "rejected"], by: str, reason: str) -> PendingTask:
+        with self._write() as conn:
+            current = self._get(conn, task_id)
+            if current is None:
+                raise UnknownTask(f"task {task_id} is not in the approval queue of {self.path}")
+            if current.status == status and current.decided_by == by and current.reason == reason:
+                return current  # the same decision again: nothing to record
+            conn.execute(
+                "UPDATE approvals SET status = ?, decided_at = ?, decided_by = ?, reason = ? WHERE task_id = ?",
+                (status, _now(), by, reason, task_id),
+            )
+            decided = self._get(conn, task_id)
+        assert decided is not None
+        if current.status != "pending":
+            logger.warning("task %s was %s; now %s by %s", task_id, current.status, status, by or "(unnamed)")
+        else:
+            logger.info("task %s %s by %s", task_id, status, by or "(unnamed)")
+        return decided
+
+    def approve(self, task_id: str, *, by: str = "") -> PendingTask:
+        """Approve a queued task; :class:`UnknownTask` if it is not queued.
+
+        The last decision counts: an operator may approve a task rejected before, or reject
+        one approved before it ran.
+        """
+        return self._decide(task_id, "approved", by, "")
+
+    def reject(self, task_id: str, reason: str, *, by: str = "") -> PendingTask:
+        """Reject a queued task, saying why; :class:`UnknownTask` if it is not queued."""
+        return self._decide(task_id, "rejected", by, reason)
+
+    def status(self, task_id: str) -> TaskStatus:
+        """``none`` (never queued), ``pending``, ``approved`` or ``rejected``, read now."""
+        task = self.get(task_id)
+        return "none" if task is None else task.status
