@@ -1,65 +1,34 @@
-"""The Flower ClientApp of a fedgov node (Message API). All logic lives in :mod:`fedgov.node`.
+"""The Flower ClientApp of a fedgov node (Message API). All logic lives in :mod:`fedgov.node`
+and :mod:`fedgov.admission`; the mods in :mod:`clients.mods` run around every handler, in
+this order (outermost first):
 
-Where a node's data lies:
-
-* deployment: ``--node-config "node-name='GM0363' data-path='/data/train.csv' test-path='...'"``;
-* simulation: the run config's ``manifest-path`` lists each virtual node's files, and the
-  node's ``partition-id`` picks its entry.
+1. ``audit_mod``: every message received and every reply sent goes into the node's
+   hash-chained audit log (kinds, sizes, array shapes, metric names and values; no rows);
+2. ``pause_mod``: a paused node refuses at the next message, without a restart;
+3. ``admission_mod``: ``hello`` is checked against the policy before the data is touched,
+   then (after the handler read the data and planned DP-SGD) approval and the ledger
+   reservation; ``train`` and ``evaluate`` run only for an admitted task;
+4. ``budget_mod``: a ``train`` reply leaves only after its spend is in the ledger; ``end``
+   releases what the task reserved but did not use.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-from collections.abc import Callable
 import logging
-from functools import lru_cache
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.context import data_of, node_of, task_of
+from clients.mods import admission_mod, audit_mod, budget_mod, pause_mod, state_key
 from fedgov import node as N
 from fedgov import protocol as P
-from fedgov.config import Contract, Task
 
-app = ClientApp()
+app = ClientApp(mods=[audit_mod, pause_mod, admission_mod, budget_mod])
 log = logging.getLogger("fedgov.node")
-
-DP_STATE = "fedgov-dp"
-
-
-@lru_cache(maxsize=16)
-def _task(task_json: str, contract_json: str) -> tuple[Task, Contract]:
-    return Task.model_validate_json(task_json), Contract.model_validate_json(contract_json)
-
-
-def _task_of(msg: Message) -> tuple[Task, Contract]:
-    cfg = msg.content[P.CONFIG]
-    return _task(str(cfg[P.TASK_JSON]), str(cfg[P.CONTRACT_JSON]))
-
-
-@lru_cache(maxsize=8)
-def _manifest(path: str) -> list:  # type: ignore[type-arg]
-    from fedgov.data import read_manifest
-
-    return read_manifest(Path(path))
-
-
-def _where(context: Context) -> tuple[str, str, Path, Path | None, Path | None]:
-    """(node id, display name, train path, test path, node work dir) for this node."""
-    nc = context.node_config
-    if "data-path" in nc:
-        name = str(nc.get("node-name", "node"))
-        test = str(nc.get("test-path", "") or "")
-        workdir = str(nc.get("node-dir", "") or "")
-        return name, name, Path(str(nc["data-path"])), Path(test) if test else None, Path(workdir) if workdir else None
-    manifest = str(context.run_config.get("manifest-path", "") or "")
-    if not manifest:
-        raise RuntimeError("this node has no data: give node-config data-path (deployment) or a manifest (simulation)")
-    entry = _manifest(manifest)[int(nc["partition-id"])]
-    return entry.code, entry.name, entry.train_path, entry.test_path, entry.train_path.parent
 
 
 class NodeError(RuntimeError):
@@ -80,44 +49,51 @@ def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, 
     return wrapped
 
 
-def _state_key(task: Task, contract: Contract) -> str:
-    digest = hashlib.sha256((task.model_dump_json() + contract.model_dump_json()).encode()).hexdigest()[:16]
-    return f"{DP_STATE}-{digest}"
+def _dp(context: Context, key: str) -> N.DPState:
+    return N.DPState.from_json(str(context.state[key]["json"]) if key in context.state else None)
 
 
 @app.query()
 @_safe
 def query(msg: Message, context: Context) -> Message:
-    """``hello`` (does this node accept the task?) or ``baseline`` (local-only model)."""
-    task, contract = _task_of(msg)
-    node, name, train_path, test_path, workdir = _where(context)
-    key = _state_key(task, contract)
+    """``hello`` (may this node take part?), ``baseline`` (local-only model), ``end``."""
+    task, contract = task_of(msg)
+    node, home, simulated = node_of(context)
+    key = state_key(msg)
     kind = str(msg.content[P.CONFIG].get(P.KIND, P.HELLO))
+    if kind == P.END:
+        return Message(RecordDict({P.METRICS: MetricRecord({"ok": 1})}), reply_to=msg)
+    train_path, test_path = data_of(home, contract)
     if kind == P.BASELINE:
-        dp = N.DPState.from_json(str(context.state[key]["json"]) if key in context.state else None)
-        base = N.local_only_baseline(task, contract, train_path, test_path, node=node, plan_json=dp.plan_json)
-        metrics = MetricRecord({"accuracy": base.accuracy, "epsilon": base.epsilon})
-        return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
-    answer, dp = N.hello(task, contract, node=node, node_name=name, train_path=train_path, test_path=test_path, workdir=workdir)
-    if answer.accepted and key not in context.state:
+        if not simulated:
+            raise PermissionError("a local-only baseline is a second release of the node's data: simulation only")
+        base = N.local_only_baseline(task, contract, train_path, test_path, node=node, plan_json=_dp(context, key).plan_json)
+        return Message(RecordDict({P.METRICS: MetricRecord({"accuracy": base.accuracy, "epsilon": base.epsilon})}), reply_to=msg)
+    answer, dp = N.hello(task, contract, node=node, node_name=_display_name(node), train_path=train_path, test_path=test_path, workdir=home.path)
+    if answer.accepted:
         context.state[key] = ConfigRecord({"json": dp.to_json()})
     return Message(RecordDict({P.HELLO: ConfigRecord({P.NODE_JSON: answer.model_dump_json()})}), reply_to=msg)
+
+
+def _display_name(node: str) -> str:
+    from fedgov.municipalities import all_municipalities
+
+    m = all_municipalities().get(node)
+    return m.name if m else node
 
 
 @app.train()
 @_safe
 def train(msg: Message, context: Context) -> Message:
-    task, contract = _task_of(msg)
-    node, _, train_path, test_path, _ = _where(context)
-    key = _state_key(task, contract)
-    dp = N.DPState.from_json(str(context.state[key]["json"]) if key in context.state else None)
-    arrays = msg.content[P.ARRAYS]
-    state = {k: v.numpy() for k, v in arrays.items()}
+    task, contract = task_of(msg)
+    node, home, _ = node_of(context)
+    train_path, test_path = data_of(home, contract)
+    key = state_key(msg)
+    state = {k: v.numpy() for k, v in msg.content[P.ARRAYS].items()}
     new_state, metrics, dp = N.train(
         task, contract, node=node, train_path=train_path, test_path=test_path,
-        state=state, server_round=int(msg.content[P.CONFIG]["server-round"]), dp=dp,
+        state=state, server_round=int(msg.content[P.CONFIG]["server-round"]), dp=_dp(context, key),
     )
-    # The accountant is saved before the reply leaves: a spend is never forgotten.
     context.state[key] = ConfigRecord({"json": dp.to_json()})
     reply = RecordDict(
         {P.ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in new_state.items()}), P.METRICS: MetricRecord(metrics)}
@@ -128,8 +104,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @_safe
 def evaluate(msg: Message, context: Context) -> Message:
-    task, contract = _task_of(msg)
-    _, _, train_path, test_path, _ = _where(context)
+    task, contract = task_of(msg)
+    _, home, _ = node_of(context)
+    train_path, test_path = data_of(home, contract)
     state = {k: v.numpy() for k, v in msg.content[P.ARRAYS].items()}
     metrics = N.evaluate_global(task, contract, train_path=train_path, test_path=test_path, state=state)
     return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)

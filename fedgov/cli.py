@@ -30,8 +30,15 @@ app = typer.Typer(
 data_app = typer.Typer(help="Check data files against a data contract.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-console = Console()
-err_console = Console(stderr=True)
+
+def _add_node_app() -> None:
+    from fedgov.cli_node import node_app
+
+    app.add_typer(node_app, name="node")
+
+# Wide enough for the per-node table also when the output is a file or a pipe.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _fail(exc: FedgovError) -> None:
@@ -66,7 +73,8 @@ def print_summary(report: Any, run_dir: Path) -> None:
         f"Max epsilon spent by a node: {_fmt(report.max_epsilon(), '.3f')}; median gain from federating: "
         f"{'-' if gain is None else f'{100 * gain:+.1f} points'}; wall time {_fmt(report.wall_seconds, '.0f')} s"
     )
-    console.print(f"Report: {run_dir / 'report.json'}   Plot: {run_dir / 'accuracy.png'}   Model: {run_dir / 'model.pt'}")
+    shown = [f"{label}: {run_dir / name}" for label, name in (("Report", "report.json"), ("Plot", "accuracy.png"), ("Model", "model.pt")) if (run_dir / name).is_file()]
+    console.print("   ".join(shown))
 
 
 @app.command()
@@ -76,13 +84,22 @@ def run(
     runs_dir: Annotated[Path, typer.Option(help="Where run directories are created")] = Path("runs"),
     cpus: Annotated[int | None, typer.Option(help="CPUs for the simulation engine (default: all)")] = None,
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Skip the local-only baselines")] = False,
+    state_dir: Annotated[Path | None, typer.Option(help="Keep the simulated nodes' directories (policy, ledger, audit log) here, between runs")] = None,
+    node_budget: Annotated[float, typer.Option(help="Total epsilon per data set in a new simulated node's policy")] = 10.0,
+    approval: Annotated[str, typer.Option(help="Approval mode in a new simulated node's policy: auto, manual or deny")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON at the end")] = False,
 ) -> None:
     """Run a training task on a simulated federation (Flower simulation engine)."""
     from fedgov.reports import load_report
     from fedgov.simulation import SimulationOptions, run_simulation
 
-    opts = SimulationOptions(runs_dir=runs_dir, num_cpus=cpus, local_baseline=not no_baseline)
+    if approval not in ("auto", "manual", "deny"):
+        err_console.print(f"[bold red]error:[/] --approval must be auto, manual or deny, not {approval!r}")
+        raise typer.Exit(int(ExitCode.USAGE))
+    opts = SimulationOptions(
+        runs_dir=runs_dir, num_cpus=cpus, local_baseline=not no_baseline,
+        state_dir=state_dir, node_budget=node_budget, approval=approval,
+    )
     rounds_total = None
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -126,6 +143,9 @@ def run(
             run_dir = run_simulation(task, federation, opts, on_event)
         except FedgovError as exc:
             progress.stop()
+            failed_dir = getattr(exc, "run_dir", None)
+            if failed_dir is not None and (failed_dir / "report.json").is_file():
+                print_summary(load_report(failed_dir / "report.json"), failed_dir)
             _fail(exc)
             return
     report = load_report(run_dir / "report.json")
@@ -225,6 +245,9 @@ def version() -> None:
         except md.PackageNotFoundError:
             parts[pkg] = "not installed"
     console.print(json.dumps(parts))
+
+
+_add_node_app()
 
 
 def main() -> None:

@@ -336,6 +336,7 @@ def run_training(
     def save() -> None:
         write_json_atomic(report_path, report.model_dump_json(indent=2))
 
+    admitted_ids: list[int] = []
     try:
         node_ids = wait_for_nodes(grid, expected_nodes, connect_timeout)
         events.emit("nodes-connected", count=len(node_ids), expected=expected_nodes)
@@ -347,7 +348,7 @@ def run_training(
                     node=a.node,
                     name=a.node_name,
                     status="accepted" if a.accepted else "refused",
-                    refusal_code=a.code.value if a.code else None,
+                    refusal_code=a.code,
                     refusal_reason=a.reason,
                     train_rows=a.train_rows,
                     test_rows=a.test_rows,
@@ -356,16 +357,17 @@ def run_training(
                 )
             )
         admitted = [nid for nid, a in answers.items() if a.accepted]
+        admitted_ids = admitted
         events.emit(
             "admission",
             accepted=sorted(names[n] for n in admitted),
-            refused={a.node: f"{a.code.value if a.code else ''}: {a.reason}" for a in answers.values() if not a.accepted},
+            refused={a.node: f"{a.code or ''}: {a.reason}" for a in answers.values() if not a.accepted},
         )
         if len(admitted) < task.training.min_nodes:
             raise FederationError(
                 f"only {len(admitted)} of {len(node_ids)} connected nodes accepted the task; "
                 f"it needs at least {task.training.min_nodes} (training.min_nodes). "
-                + "; ".join(f"{a.node}: {a.code.value if a.code else '?'} ({a.reason})" for a in answers.values() if not a.accepted)
+                + "; ".join(f"{a.node}: {a.code or '?'} ({a.reason})" for a in answers.values() if not a.accepted)
             )
 
         recorder = _Recorder(names, events)
@@ -415,12 +417,25 @@ def run_training(
         report.message = str(exc)
         events.emit("failed", message=str(exc))
     finally:
+        if admitted_ids:
+            _end(grid, admitted_ids, task, contract)
         report.finished = datetime.now(timezone.utc)
         report.wall_seconds = (report.finished - report.started).total_seconds()
         report.artifacts["events"] = "events.jsonl"
         save()
         events.emit("report", path=str(report_path), status=report.status)
     return report
+
+
+def _end(grid: Grid, node_ids: list[int], task: Task, contract: Contract, timeout: float = 60.0) -> None:
+    """Tell the nodes the task has ended, so that they release what they reserved and did not
+    spend. Best effort: a node that does not hear it keeps the reservation (never hands back)."""
+    content = ConfigRecord({P.KIND: P.END, **task_config(task, contract)})
+    msgs = [Message(content=RecordDict({P.CONFIG: content}), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
+    try:
+        list(grid.send_and_receive(msgs, timeout=timeout))
+    except Exception:  # noqa: BLE001
+        log.warning("could not tell every node that the task ended", exc_info=True)
 
 
 def _baselines(

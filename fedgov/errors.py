@@ -30,6 +30,8 @@ class ExitCode(IntEnum):
     MODEL = 13
     PRIVACY = 14
     FEDERATION = 20
+    AUDIT_TAMPERED = 30
+    STATE_CORRUPTED = 31
     INTERRUPTED = 130
 
 
@@ -46,6 +48,10 @@ EXIT_HELP: dict[ExitCode, str] = {
     ExitCode.PRIVACY: "The privacy target cannot be met with the task's settings.",
     ExitCode.FEDERATION: "The federation could not run: too few nodes accepted, "
     "or a Flower process failed.",
+    ExitCode.AUDIT_TAMPERED: "The node's audit log failed verification: an entry was changed, "
+    "removed or reordered; the message names the first bad entry.",
+    ExitCode.STATE_CORRUPTED: "A node database (ledger, audit log, node state) is corrupted or is not "
+    "fedgov's; nothing was changed. Move it aside and restore it from a backup.",
     ExitCode.INTERRUPTED: "Interrupted by the user (Ctrl-C); managed processes were stopped.",
 }
 

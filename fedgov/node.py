@@ -140,7 +140,7 @@ def hello(
     from fedgov.models import build_model, make_dp_compatible
 
     def refuse(code: P.RefusalCode, reason: str) -> tuple[P.NodeHello, DPState]:
-        log.warning("node %s refuses task %s: %s (%s)", node, task.name, code.value, reason)
+        log.warning("node %s refuses task %s: %s (%s)", node, task.name, code, reason)
         return P.NodeHello(node=node, node_name=node_name, accepted=False, code=code, reason=reason), DPState(history=[])
 
     try:
@@ -271,16 +271,17 @@ def train(
             history=dp.history, seed=seed, global_state=global_state,
         )
         dp = DPState(history=[tuple(h) for h in res.history], epsilon=float(res.epsilon or 0.0), plan_json=dp.plan_json)  # type: ignore[misc]
-        sigma = plan.noise_multiplier
+        sigma, q = plan.noise_multiplier, plan.sample_rate
     else:
         res = train_nonprivate_round(model, data.X_train, data.y_train, training=task.training, seed=seed, global_state=global_state)
-        sigma = 0.0
+        sigma, q = 0.0, 0.0
     metrics = {
         "num-examples": float(n),
         "train-loss": float(res.train_loss),
         "epsilon": float(dp.epsilon) if task.privacy.enabled else float("inf"),
         "delta": float(delta),
         "noise-multiplier": float(sigma),
+        "sample-rate": float(q),
         "steps": float(res.steps),
     }
     return res.state, metrics, dp

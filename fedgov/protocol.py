@@ -23,6 +23,8 @@ __all__ = [
     "METRICS",
     "HELLO",
     "BASELINE",
+    "END",
+    "TASK_ID",
     "KIND",
     "TASK_JSON",
     "CONTRACT_JSON",
@@ -36,6 +38,8 @@ CONFIG = "config"
 METRICS = "metrics"
 HELLO = "hello"
 BASELINE = "baseline"
+END = "end"
+TASK_ID = "task-id"
 KIND = "fedgov-kind"
 TASK_JSON = "task-json"
 CONTRACT_JSON = "contract-json"
@@ -51,7 +55,13 @@ class RefusalCode(str, Enum):
     TOO_FEW_ROWS = "too-few-rows"
     PRIVACY_UNREACHABLE = "privacy-unreachable"
     MODEL_REJECTED = "model-rejected"
+    NO_POLICY = "no-policy"
+    PAUSED = "paused"
+    PENDING_APPROVAL = "pending-approval"
+    BUDGET_EXHAUSTED = "budget-exhausted"
+    NOT_ADMITTED = "not-admitted"
     INTERNAL = "internal-error"
+    # A policy rule (fedgov.policy.PolicyCode) refuses with its own code, e.g. epsilon-above-max.
 
 
 class NodeHello(BaseModel):
@@ -62,7 +72,7 @@ class NodeHello(BaseModel):
     node: str = Field(description="the node's name, e.g. the CBS code GM0363")
     node_name: str = ""
     accepted: bool
-    code: RefusalCode | None = None
+    code: str | None = Field(default=None, description="a RefusalCode or a fedgov.policy.PolicyCode value")
     reason: str = ""
     train_rows: int = 0
     test_rows: int = 0

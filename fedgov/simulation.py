@@ -35,6 +35,8 @@ from fedgov.config import load_federation, load_task
 from fedgov.errors import ConfigError, FederationError, Problem
 from fedgov.events import EventReader
 from fedgov.reports import TrainingReport, load_report, plot_report, write_json_atomic
+from fedgov.nodehome import NodeHome
+from fedgov.policy import default_policy_text
 from fedgov.runtime import ManagedProcess, flower_env, free_port
 
 __all__ = ["SimulationOptions", "run_simulation", "app_dir", "new_run_dir"]
@@ -52,6 +54,9 @@ class SimulationOptions:
     timeout: float = 3600.0
     local_baseline: bool = True
     keep_flower_home: bool = False
+    state_dir: Path | None = None
+    node_budget: float = 10.0
+    approval: str = "auto"
 
 
 def app_dir() -> Path:
@@ -155,7 +160,20 @@ def run_simulation(
     run_dir = new_run_dir(options.runs_dir, task.name).resolve()
     emit({"event": "run-dir", "path": str(run_dir)})
     emit({"event": "partition", "nodes": len(federation.members)})
-    nodes = materialize(federation, contract, run_dir / "nodes")
+    # Each simulated municipality gets a node directory of its own: its data, its policy,
+    # its ledger and its audit log. With a named state directory they persist between runs.
+    state_dir = (options.state_dir or run_dir / "state").resolve()
+    nodes = materialize(federation, contract, state_dir / "nodes")
+    for n in nodes:
+        NodeHome.create(
+            n.train_path.parent,
+            policy_text=default_policy_text(
+                n.code, dataset=contract.name, contract=contract.name, version=contract.version,
+                path=n.train_path.name, test_path=n.test_path.name, budget_epsilon=options.node_budget,
+                approval=options.approval,  # type: ignore[arg-type]
+                max_epsilon_per_task=min(options.node_budget, max(3.0, task.privacy.target_epsilon)),
+            ),
+        )
     manifest = run_dir / "manifest.json"
     write_manifest(nodes, manifest)
     emit({"event": "partitioned", "nodes": [n.model_dump(mode="json") for n in nodes]})
@@ -249,7 +267,9 @@ def run_simulation(
         )
     report = load_report(report_path)
     if report.status != "completed":
-        raise FederationError(f"the run failed: {report.message} (report: {report_path})")
+        err = FederationError(f"the run failed: {report.message} (report: {report_path})")
+        err.run_dir = run_dir  # type: ignore[attr-defined]
+        raise err
 
     report.wall_seconds = time.time() - started
     plot = plot_report(report, run_dir / "accuracy.png")

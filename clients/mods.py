@@ -1,0 +1,177 @@
+"""The node's Flower mods (one signature: ``mod(msg, context, call_next) -> Message``).
+
+Thin glue over :mod:`fedgov.admission` and :mod:`fedgov.audit`; their order is documented in
+``clients/app.py``. A mod that refuses answers itself and never calls the handler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from clients.context import kind_of, node_of, task_id, task_of
+from fedgov import admission
+from fedgov import protocol as P
+from fedgov.node import DPState
+
+log = logging.getLogger("fedgov.node")
+
+ERROR_REFUSED = 403  # the code of a node's error reply that is a refusal, not a failure
+
+
+def state_key(msg: Message) -> str:
+    """Where the node keeps its accountant for this task in its Flower state."""
+    return "fedgov-dp-" + hashlib.sha256(task_id(msg).encode()).hexdigest()[:16]
+
+
+def _has_task(msg: Message) -> bool:
+    return P.CONFIG in msg.content and P.TASK_JSON in msg.content[P.CONFIG]
+
+
+def _hello_reply(msg: Message, hello: P.NodeHello) -> Message:
+    return Message(RecordDict({P.HELLO: ConfigRecord({P.NODE_JSON: hello.model_dump_json()})}), reply_to=msg)
+
+
+def _refused(msg: Message, reason: str) -> Message:
+    return Message(Error(code=ERROR_REFUSED, reason=reason), reply_to=msg)
+
+
+def _describe(msg: Message) -> dict[str, Any]:
+    """What a message carries, for the audit log: kinds, sizes, shapes, metric values. No rows."""
+    out: dict[str, Any] = {"message_type": msg.metadata.message_type}
+    if msg.has_error():
+        out["error"] = {"code": msg.error.code, "reason": (msg.error.reason or "")[:500]}
+        return out
+    content = msg.content
+    arrays = {}
+    nbytes = 0
+    for rec in content.array_records.values():
+        for k, a in rec.items():
+            arrays[k] = list(a.shape)
+            nbytes += len(a.data)
+    if arrays:
+        out["arrays"] = arrays
+        out["array_bytes"] = nbytes
+    metrics = {k: v for rec in content.metric_records.values() for k, v in rec.items()}
+    if metrics:
+        out["metrics"] = metrics
+    configs = {}
+    for rec in content.config_records.values():
+        for k, v in rec.items():
+            if k in (P.TASK_JSON, P.CONTRACT_JSON):
+                configs[k] = f"{len(str(v))} chars"
+            elif k == P.NODE_JSON:
+                configs[k] = str(v)[:2000]
+            else:
+                configs[k] = v if isinstance(v, (int, float, str, bool)) else str(v)[:200]
+    if configs:
+        out["config"] = configs
+    return out
+
+
+def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """1. Every message in and every reply out goes into the node's audit log."""
+    try:
+        _, home, _ = node_of(context)
+        if not home.path.is_dir():
+            return call_next(msg, context)
+        tid = task_id(msg) if _has_task(msg) else None
+    except Exception:  # noqa: BLE001 - no node directory: nothing to audit into
+        return call_next(msg, context)
+    home.audit.append("received", task_id=tid, payload={"kind": kind_of(msg), **_describe(msg)})
+    try:
+        reply = call_next(msg, context)
+    except Exception as exc:
+        home.audit.append("failed", task_id=tid, payload={"kind": kind_of(msg), "error": type(exc).__name__})
+        raise
+    home.audit.append("sent", task_id=tid, payload={"kind": kind_of(msg), **_describe(reply)})
+    return reply
+
+
+def pause_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """2. A paused node takes part in nothing from the next message on (no restart needed)."""
+    kind = kind_of(msg)
+    if kind == P.END or not _has_task(msg):
+        return call_next(msg, context)
+    node, home, _ = node_of(context)
+    if home.path.is_dir():
+        paused, why = home.state.paused()
+        if paused:
+            reason = f"the node is paused by its operator{': ' + why if why else ''}"
+            log.warning("node %s: paused, refusing %s", node, kind)
+            if kind == P.HELLO:
+                return _hello_reply(msg, admission._refusal(node, P.RefusalCode.PAUSED.value, reason))
+            return _refused(msg, f"{P.RefusalCode.PAUSED.value}: {reason}")
+    return call_next(msg, context)
+
+
+def admission_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """3. Policy before data; then approval and the ledger reservation; only admitted tasks run."""
+    kind = kind_of(msg)
+    if not _has_task(msg) or kind == P.END:
+        return call_next(msg, context)
+    task, contract = task_of(msg)
+    node, home, _ = node_of(context)
+    tid = task_id(msg)
+    if kind == P.HELLO:
+        early = admission.precheck(home, task, contract, node=node)
+        if early is not None:
+            _audit_decision(home, tid, early)
+            return _hello_reply(msg, early)
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        hello = P.NodeHello.model_validate_json(str(reply.content[P.HELLO][P.NODE_JSON]))
+        key = state_key(msg)
+        history: list[tuple[float, float, int]] = []
+        if hello.accepted and task.privacy.enabled:
+            dp = DPState.from_json(str(context.state[key]["json"]))
+            plan = dp.plan(task, hello.train_rows)
+            history = plan.history_after(task.training.rounds)
+        final = admission.admit(home, task, contract, hello, task_id=tid, history=history)
+        _audit_decision(home, tid, final, history)
+        return reply if final is hello else _hello_reply(msg, final)
+    if not admission.is_admitted(home, contract, tid, task):
+        return _refused(msg, f"{P.RefusalCode.NOT_ADMITTED.value}: this node did not admit task {tid}, or it has ended")
+    return call_next(msg, context)
+
+
+def _audit_decision(home: Any, tid: str, hello: P.NodeHello, history: list[tuple[float, float, int]] | None = None) -> None:
+    if not home.path.is_dir():
+        return
+    payload: dict[str, Any] = {"accepted": hello.accepted, "code": hello.code, "reason": hello.reason}
+    if hello.accepted:
+        payload.update(rows=hello.train_rows, delta=hello.delta, noise_multiplier=hello.noise_multiplier,
+                       epsilon_reserved=hello.planned_epsilon, mechanism=[list(h) for h in history or []])
+    home.audit.append("decision", task_id=tid, payload=payload)
+
+
+def budget_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """4. A train reply leaves only after its spend is in the ledger; ``end`` releases the rest."""
+    kind = kind_of(msg)
+    if not _has_task(msg) or kind not in ("train", P.END):
+        return call_next(msg, context)
+    task, contract = task_of(msg)
+    _, home, _ = node_of(context)
+    tid = task_id(msg)
+    if kind == P.END:
+        admission.release(home, contract, task, task_id=tid, note="task ended")
+        home.audit.append("release", task_id=tid, payload={"ledger": "released what was reserved and not spent"})
+        return call_next(msg, context)
+    reply = call_next(msg, context)
+    if reply.has_error() or not task.privacy.enabled:
+        return reply
+    m = next(iter(reply.content.metric_records.values()))
+    entry = (float(m["noise-multiplier"]), float(m["sample-rate"]), int(m["steps"]))  # type: ignore[arg-type]
+    server_round = int(msg.content[P.CONFIG]["server-round"])  # type: ignore[arg-type]
+    try:
+        admission.record_spend(home, contract, task, task_id=tid, entries=[entry], server_round=server_round)
+    except Exception as exc:  # the spend could not be recorded: the update must not leave
+        log.exception("node: recording the spend failed; withholding the update")
+        return _refused(msg, f"the node could not record this round's privacy spend ({type(exc).__name__})")
+    home.audit.append("spend", task_id=tid, payload={"round": server_round, "mechanism": list(entry), "epsilon_task": m["epsilon"]})
+    return reply

@@ -1,0 +1,158 @@
+"""Admission control at the node: policy, approval, pause and the privacy-budget ledger.
+
+The node decides; the coordinator only asks. For every task the node
+
+1. before it touches any data: checks the task against its policy (every rule that does
+   not need the data: kind, coordinator, contract served, model, strategy, privacy required,
+   epsilon and delta per task) and its pause switch;
+2. after reading and validating its data and planning its DP-SGD: checks the rules that need
+   them (rows, noise multiplier), asks for an operator's approval when the policy says
+   ``manual``, and **reserves the task's whole planned epsilon** in its ledger, atomically;
+3. each round: trains only a task it admitted, and records the round's spend before the
+   reply leaves;
+4. at the end: releases what the task reserved but did not use. If the task never ends (a
+   crash, a coordinator that disappears), the reservation keeps counting in full.
+
+Refusals carry a machine-readable code and a text, never a data value. The Flower mods in
+``clients/mods.py`` call these functions in a documented order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+from fedgov import protocol as P
+from fedgov.config import Contract, Task
+from fedgov.ledger import BudgetExceeded, Mechanism
+from fedgov.nodehome import NodeHome, budget_of
+from fedgov.policy import check_task
+
+__all__ = ["fingerprint", "task_id_of", "precheck", "admit", "dataset_name", "record_spend", "release", "is_admitted"]
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(task: Task, contract: Contract) -> str:
+    """What a task asks, as a short hash: the key an operator approves (``fedgov node approve``)."""
+    return hashlib.sha256((task.model_dump_json() + contract.model_dump_json()).encode()).hexdigest()[:16]
+
+
+def task_id_of(task: Task, contract: Contract, run_id: int | str) -> str:
+    """The ledger's key for one run of a task: its name, its fingerprint and the run id."""
+    return f"{task.name}-{fingerprint(task, contract)}-{run_id}"
+
+
+def _refusal(node: str, code: str, reason: str) -> P.NodeHello:
+    from fedgov.municipalities import all_municipalities
+
+    m = all_municipalities().get(node)
+    return P.NodeHello(node=node, node_name=m.name if m else "", accepted=False, code=code, reason=reason)
+
+
+def dataset_name(home: NodeHome, contract: Contract) -> str | None:
+    ds = home.policy().dataset_for(contract)
+    return ds.name if ds is not None else None
+
+
+def precheck(home: NodeHome, task: Task, contract: Contract, *, node: str, coordinator: str | None = None) -> P.NodeHello | None:
+    """The checks that need no data. None: go on; else the refusal to send."""
+    if not home.exists():
+        return _refusal(node, P.RefusalCode.NO_POLICY.value, f"no policy at {home.policy_path.name}: the node takes part in nothing")
+    paused, why = home.state.paused()
+    if paused:
+        return _refusal(node, P.RefusalCode.PAUSED.value, f"the node is paused by its operator{': ' + why if why else ''}")
+    decision = check_task(home.policy(), task=task, contract=contract, rows=None, noise_multiplier=None, coordinator=coordinator)
+    if not decision.accepted:
+        return _refusal(node, str(decision.code.value if decision.code else "policy"), decision.reason)
+    return None
+
+
+def _summary(task: Task, contract: Contract, dataset: str, hello: P.NodeHello) -> dict[str, Any]:
+    """What an operator sees before approving: what the task would spend and send. No data."""
+    return {
+        "task": task.name,
+        "contract": contract.ref,
+        "dataset": dataset,
+        "model": task.model.name,
+        "rounds": task.training.rounds,
+        "strategy": task.training.strategy,
+        "epsilon": task.privacy.target_epsilon if task.privacy.enabled else "no DP",
+        "delta": hello.delta if hello.delta is not None else "-",
+        "noise_multiplier": hello.noise_multiplier if hello.noise_multiplier is not None else "-",
+        "sends": f"model weights and metrics every round ({task.training.rounds} rounds), row counts",
+    }
+
+
+def admit(
+    home: NodeHome,
+    task: Task,
+    contract: Contract,
+    hello: P.NodeHello,
+    *,
+    task_id: str,
+    history: list[tuple[float, float, int]],
+    coordinator: str | None = None,
+) -> P.NodeHello:
+    """After the data is read and DP-SGD planned: the remaining rules, approval, reservation.
+
+    ``history`` is the task's whole planned DP-SGD spend (all rounds), as accountant entries.
+    """
+    if not hello.accepted:
+        return hello
+    node = hello.node
+    policy = home.policy()
+    decision = check_task(
+        policy, task=task, contract=contract, rows=hello.train_rows, noise_multiplier=hello.noise_multiplier, coordinator=coordinator
+    )
+    if not decision.accepted:
+        return _refusal(node, str(decision.code.value if decision.code else "policy"), decision.reason)
+    ds = policy.dataset_for(contract)
+    assert ds is not None  # check_task refuses a contract no data set serves
+    if policy.approval == "manual":
+        fp = fingerprint(task, contract)
+        status = home.state.status(fp)
+        if status != "approved":
+            if status == "none":
+                home.state.enqueue(fp, summary=_summary(task, contract, ds.name, hello))
+            return _refusal(
+                node,
+                P.RefusalCode.PENDING_APPROVAL.value,
+                f"task {fp} {'was rejected by' if status == 'rejected' else 'waits for'} the node's operator "
+                f"(fedgov node approve {fp})",
+            )
+    if task.privacy.enabled:
+        mechanism = Mechanism.dpsgd(history, accountant=task.privacy.accountant)
+        try:
+            home.ledger.reserve(dataset=ds.name, task_id=task_id, mechanism=mechanism, budget=budget_of(ds))
+        except BudgetExceeded as exc:
+            return _refusal(node, P.RefusalCode.BUDGET_EXHAUSTED.value, str(exc).splitlines()[0][:400])
+    return hello
+
+
+def is_admitted(home: NodeHome, contract: Contract, task_id: str, task: Task) -> bool:
+    """Did this node admit (and reserve for) this task, and is it still open?"""
+    if not task.privacy.enabled:
+        return home.exists()
+    ds = dataset_name(home, contract)
+    return ds is not None and home.ledger.task_state(task_id, dataset=ds) == "open"
+
+
+def record_spend(
+    home: NodeHome, contract: Contract, task: Task, *, task_id: str, entries: list[tuple[float, float, int]], server_round: int
+) -> None:
+    """Record one round's DP-SGD steps in the ledger (before the reply leaves the node)."""
+    ds = dataset_name(home, contract)
+    if ds is None or not task.privacy.enabled or not entries:
+        return
+    home.ledger.spend(dataset=ds, task_id=task_id, mechanism=Mechanism.dpsgd(entries, accountant=task.privacy.accountant), round=server_round)
+
+
+def release(home: NodeHome, contract: Contract, task: Task, *, task_id: str, note: str = "") -> None:
+    """Close the task: what it reserved but did not spend goes back to the budget."""
+    ds = dataset_name(home, contract)
+    if ds is None or not task.privacy.enabled:
+        return
+    if home.ledger.task_state(task_id, dataset=ds) == "open":
+        home.ledger.release(dataset=ds, task_id=task_id, note=note)

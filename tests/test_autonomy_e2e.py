@@ -1,0 +1,129 @@
+"""Node autonomy end to end, with real Flower processes: budgets across runs, pause, approval.
+
+Each test runs small federations (3 municipalities) on one state directory, as a
+municipality's node directory persists between tasks.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedgov.errors import FederationError
+from fedgov.nodehome import NodeHome, budget_of
+from fedgov.reports import load_report
+from fedgov.simulation import SimulationOptions, run_simulation
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+ADULT = ROOT / "data" / "adult" / "adult.csv"
+CONTRACT = ROOT / "configs" / "contracts" / "adult-income.toml"
+CODES = ["GM0363", "GM0344", "GM0150"]
+
+
+def _configs(tmp: Path, rounds: int) -> Path:
+    members = "".join(f'[[members]]\ncode = "{c}"\n' for c in CODES)
+    (tmp / "fed.toml").write_text(
+        f'name = "auto-3"\nseed = 3\nsource = "{ADULT}"\n[partition]\nkind = "population"\nmin_rows = 300\n{members}',
+        encoding="utf-8",
+    )
+    task = tmp / "task.toml"
+    task.write_text(
+        textwrap.dedent(
+            f"""
+            name = "autonomy"
+            contract = "{CONTRACT}"
+            federation = "{tmp / 'fed.toml'}"
+            [training]
+            rounds = {rounds}
+            learning_rate = 0.5
+            min_nodes = 2
+            [privacy]
+            target_epsilon = 1.0
+            delta = 1e-5
+            """
+        ),
+        encoding="utf-8",
+    )
+    return task
+
+
+def _opts(tmp: Path, **kw: Any) -> SimulationOptions:
+    return SimulationOptions(runs_dir=tmp / "runs", state_dir=tmp / "state", local_baseline=False, **kw)
+
+
+def _home(tmp: Path, code: str) -> NodeHome:
+    return NodeHome(tmp / "state" / "nodes" / code)
+
+
+def test_a_budget_for_one_task_refuses_the_second(tmp_path: Path) -> None:
+    task = _configs(tmp_path, rounds=2)
+    first = load_report(run_simulation(task, None, _opts(tmp_path, node_budget=1.0)) / "report.json")
+    assert first.status == "completed"
+    assert all(n.status == "accepted" and n.epsilon is not None and n.epsilon <= 1.0 for n in first.nodes)
+    for code in CODES:
+        home = _home(tmp_path, code)
+        ds = home.policy().datasets[0]
+        st = home.ledger.status(ds.name, budget_of(ds))
+        assert len(st.closed_tasks) == 1 and not st.open_tasks  # released at the end
+        assert 0 < st.epsilon_committed <= 1.0
+        assert home.audit.verify().ok
+
+    with pytest.raises(FederationError) as ei:
+        run_simulation(task, None, _opts(tmp_path, node_budget=1.0))
+    second = load_report(ei.value.run_dir / "report.json")  # type: ignore[attr-defined]
+    assert second.status == "failed"
+    assert {n.node for n in second.nodes} == set(CODES)
+    for n in second.nodes:
+        assert n.status == "refused"
+        assert n.refusal_code == "budget-exhausted"
+        assert "budget epsilon 1" in n.refusal_reason
+    for code in CODES:  # the refusal spent nothing and is in the audit log
+        home = _home(tmp_path, code)
+        ds = home.policy().datasets[0]
+        assert len(home.ledger.status(ds.name, budget_of(ds)).closed_tasks) == 1
+        decisions = [e for e in home.audit.entries() if e.kind == "decision"]
+        assert [d.payload["accepted"] for d in decisions] == [True, False]
+        assert decisions[-1].payload["code"] == "budget-exhausted"
+
+
+def test_pause_takes_effect_at_the_next_round(tmp_path: Path) -> None:
+    task = _configs(tmp_path, rounds=3)
+    paused: list[int] = []
+
+    def on_event(ev: dict[str, Any]) -> None:
+        if ev.get("event") == "round" and ev.get("round") == 1 and not paused:
+            _home(tmp_path, "GM0150").state.pause("maintenance")
+            paused.append(1)
+
+    report = load_report(run_simulation(task, None, _opts(tmp_path), on_event) / "report.json")
+    assert paused and report.status == "completed"
+    rounds = {r.round: r for r in report.rounds}
+    assert "GM0150" in rounds[1].nodes_trained
+    # the pause lands between rounds: at the latest from round 3 on the node no longer trains
+    assert "GM0150" not in rounds[3].nodes_trained
+    assert "paused" in rounds[3].nodes_failed["GM0150"]
+    assert {"GM0363", "GM0344"} <= set(rounds[3].nodes_trained)
+
+
+def test_manual_approval_queues_and_approve_releases(tmp_path: Path) -> None:
+    task = _configs(tmp_path, rounds=1)
+    with pytest.raises(FederationError) as ei:
+        run_simulation(task, None, _opts(tmp_path, approval="manual"))
+    report = load_report(ei.value.run_dir / "report.json")  # type: ignore[attr-defined]
+    assert all(n.refusal_code == "pending-approval" for n in report.nodes)
+    queued = {code: _home(tmp_path, code).state.pending() for code in CODES}
+    assert all(len(q) == 1 for q in queued.values())
+    task_key = queued["GM0363"][0].task_id
+    assert queued["GM0363"][0].summary["epsilon"] == 1.0
+    for code in ("GM0363", "GM0344"):
+        _home(tmp_path, code).state.approve(task_key, by="test")
+
+    again = load_report(run_simulation(task, None, _opts(tmp_path, approval="manual")) / "report.json")
+    by = {n.node: n for n in again.nodes}
+    assert by["GM0363"].status == by["GM0344"].status == "accepted"
+    assert by["GM0150"].refusal_code == "pending-approval"
