@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
@@ -40,6 +41,15 @@ def _refused(msg: Message, reason: str) -> Message:
     return Message(Error(code=ERROR_REFUSED, reason=reason), reply_to=msg)
 
 
+def _finite(v: Any) -> Any:
+    """Canonical JSON has no NaN or infinity: such a metric is logged as text."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v
+
+
 def _describe(msg: Message) -> dict[str, Any]:
     """What a message carries, for the audit log: kinds, sizes, shapes, metric values. No rows."""
     out: dict[str, Any] = {"message_type": msg.metadata.message_type}
@@ -56,7 +66,7 @@ def _describe(msg: Message) -> dict[str, Any]:
     if arrays:
         out["arrays"] = arrays
         out["array_bytes"] = nbytes
-    metrics = {k: v for rec in content.metric_records.values() for k, v in rec.items()}
+    metrics = {k: _finite(v) for rec in content.metric_records.values() for k, v in rec.items()}
     if metrics:
         out["metrics"] = metrics
     configs = {}
@@ -173,5 +183,5 @@ def budget_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     except Exception as exc:  # the spend could not be recorded: the update must not leave
         log.exception("node: recording the spend failed; withholding the update")
         return _refused(msg, f"the node could not record this round's privacy spend ({type(exc).__name__})")
-    home.audit.append("spend", task_id=tid, payload={"round": server_round, "mechanism": list(entry), "epsilon_task": m["epsilon"]})
+    home.audit.append("spend", task_id=tid, payload={"round": server_round, "mechanism": list(entry), "epsilon_task": _finite(m["epsilon"])})
     return reply
