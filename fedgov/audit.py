@@ -42,10 +42,10 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict
 
+from fedgov import _sqlite
 from fedgov.errors import ExitCode, FedgovError
 
 try:  # POSIX: appends and verification serialize with the anchor file through flock
@@ -74,8 +74,6 @@ GENESIS_HASH = "0" * 64
 MAX_PAYLOAD_BYTES = 64 * 1024
 _APPLICATION_ID = 0x46474155  # "FGAU"
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-_SQLITE_CORRUPT = 11
-_SQLITE_NOTADB = 26
 
 
 class AuditError(FedgovError):
@@ -168,49 +166,24 @@ class AuditLog:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _raw_connect(self, path: Path, mode: str) -> sqlite3.Connection:
-        con = sqlite3.connect(
-            f"file:{quote(str(path.resolve()))}?mode={mode}",
-            uri=True,
-            timeout=self.busy_timeout,
-            isolation_level=None,
-            check_same_thread=False,
-        )
-        con.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-        con.execute("PRAGMA synchronous = FULL")
-        return con
-
     def _create(self) -> None:
         """Schema in a private file, linked into place (never over an existing file)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        try:
-            con = self._raw_connect(tmp, "rwc")
-            try:
-                con.execute("PRAGMA journal_mode = WAL")
-                con.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
-                con.executescript(_SCHEMA)
-            finally:
-                con.close()
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, self.path)
-        finally:
-            for p in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+        _sqlite.create_linked(
+            self.path, schema=_SCHEMA, application_id=_APPLICATION_ID, busy_timeout=self.busy_timeout
+        )
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         if not self.path.exists():
             raise AuditCorrupted(self.path, "the audit log file has disappeared")
         try:
-            con = self._raw_connect(self.path, "rw")
+            con = _sqlite.connect(self.path, "rw", self.busy_timeout)
             try:
                 yield con
             finally:
                 con.close()
         except sqlite3.DatabaseError as exc:
-            if getattr(exc, "sqlite_errorcode", None) in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or type(exc) is sqlite3.DatabaseError:
+            if _sqlite.is_corruption(exc):
                 raise AuditCorrupted(self.path, f"SQLite reports: {exc}") from exc
             raise
 
@@ -230,9 +203,9 @@ class AuditLog:
         if self.path.stat().st_size == 0:
             raise AuditCorrupted(self.path, "the file is empty, not an audit log")
         with self._connect() as con:
-            problems = [r[0] for r in con.execute("PRAGMA quick_check").fetchall()]
-            if problems != ["ok"]:
-                raise AuditCorrupted(self.path, "SQLite integrity check failed: " + "; ".join(problems[:5]))
+            problems = _sqlite.quick_check(con)
+            if problems:
+                raise AuditCorrupted(self.path, "SQLite integrity check failed: " + "; ".join(problems))
             names = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
             if not {"meta", "entries"} <= names:
                 raise AuditCorrupted(self.path, "not a fedgov audit log (no meta/entries tables)")
@@ -300,8 +273,7 @@ class AuditLog:
             )
         value = json.loads(text)  # exactly what verify will see
         with self._flock(exclusive=True), self._connect() as con:
-            con.execute("BEGIN IMMEDIATE")
-            try:
+            with _sqlite.immediate(con):
                 last = con.execute("SELECT seq, hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
                 seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
                 self._check_head(con, seq - 1)
@@ -311,10 +283,6 @@ class AuditLog:
                     "INSERT INTO entries (seq, time, kind, task_id, payload, prev_hash, hash) VALUES (?,?,?,?,?,?,?)",
                     (seq, time, kind, task_id, text, prev, h),
                 )
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            con.execute("COMMIT")
             self._write_anchor(seq, h)
         return AuditEntry(
             seq=seq, time=_parse_time(time), kind=kind, task_id=task_id, payload=value, prev_hash=prev, hash=h

@@ -36,7 +36,7 @@ Errors (``PrivacyError`` and ``FedgovError`` are in :mod:`fedgov.errors`)::
     │   └── LedgerError           the ledger refuses an operation (spend without reservation,
     │       │                     spend beyond it, re-reserving a closed task, ...)
     │       └── BudgetExceeded    a reservation would exceed the data set's budget; .status
-    └── LedgerCorrupted           the file is not a fedgov ledger, or is damaged (exit 1 for now)
+    └── LedgerCorrupted           the file is not a fedgov ledger, or is damaged (exit 31)
 
 A damaged or foreign file is never recreated or "repaired": deleting a ledger would hand back
 every epsilon ever spent. Restore it from a backup instead.
@@ -52,15 +52,14 @@ import math
 import os
 import sqlite3
 import threading
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, Self
-from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedgov import _sqlite
 from fedgov.errors import ExitCode, FedgovError, PrivacyError
 from fedgov.privacy.accounting import HistoryEntry, epsilon_from_history, merge_history
 
@@ -85,8 +84,6 @@ APPLICATION = "fedgov-privacy-ledger"
 SCHEMA_VERSION = 1
 _APPLICATION_ID = 0x46474C47  # "FGLG", in the SQLite header (PRAGMA application_id)
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # fixed width: string order == time order
-_SQLITE_CORRUPT = 11
-_SQLITE_NOTADB = 26
 
 TaskState = Literal["none", "open", "closed"]
 _INHERITED: list[sqlite3.Connection] = []  # connections a forked child inherited: never used, never closed
@@ -448,42 +445,18 @@ class PrivacyLedger:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _raw_connect(self, path: Path, mode: str) -> sqlite3.Connection:
-        con = sqlite3.connect(
-            f"file:{quote(str(path.resolve()))}?mode={mode}",
-            uri=True,
-            timeout=self.busy_timeout,
-            isolation_level=None,  # transactions are explicit
-            check_same_thread=False,
-        )
-        con.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-        con.execute("PRAGMA synchronous = FULL")
-        return con
-
     def _create(self) -> None:
-        """Build the schema in a private file, then link it into place: other processes see
-        either no file or a complete ledger, never a half-made one; a file that appeared
-        meanwhile is kept (``os.link`` never overwrites)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        try:
-            con = self._raw_connect(tmp, "rwc")
-            try:
-                con.execute("PRAGMA journal_mode = WAL")
-                con.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
-                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                con.executescript(_SCHEMA)
-            finally:
-                con.close()
-            try:
-                os.link(tmp, self.path)
-                logger.info("created privacy ledger %s", self.path)
-            except FileExistsError:
-                pass
-        finally:
-            for p in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+        """Build the schema in a private file, then link it into place (:func:`_sqlite.create_linked`):
+        other processes see either no file or a complete ledger, never a half-made one; a file
+        that appeared meanwhile is kept."""
+        if _sqlite.create_linked(
+            self.path,
+            schema=_SCHEMA,
+            application_id=_APPLICATION_ID,
+            user_version=SCHEMA_VERSION,
+            busy_timeout=self.busy_timeout,
+        ):
+            logger.info("created privacy ledger %s", self.path)
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -504,7 +477,7 @@ class PrivacyLedger:
                         # Inherited through fork: SQLite forbids using it here, and closing it
                         # (as garbage collection would) can disturb the parent's locks. Keep it.
                         _INHERITED.append(con)
-                    con = self._raw_connect(self.path, "rw")
+                    con = _sqlite.connect(self.path, "rw", self.busy_timeout)
                     local.con, local.pid = con, os.getpid()
                 yield con
         except LedgerCorrupted:
@@ -533,7 +506,7 @@ class PrivacyLedger:
         try:
             yield
         except sqlite3.DatabaseError as exc:
-            if getattr(exc, "sqlite_errorcode", None) in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or type(exc) is sqlite3.DatabaseError:
+            if _sqlite.is_corruption(exc):
                 raise LedgerCorrupted(self.path, f"SQLite reports: {exc}") from exc
             raise
         except (ValidationError, json.JSONDecodeError) as exc:  # a stored event no longer parses
@@ -542,22 +515,16 @@ class PrivacyLedger:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE``: take the write lock now, so the read-check-write is atomic."""
-        with self._connect() as con:
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                yield con
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            con.execute("COMMIT")
+        with self._connect() as con, _sqlite.immediate(con):
+            yield con
 
     def _check_file(self) -> None:
         if self.path.stat().st_size == 0:
             raise LedgerCorrupted(self.path, "the file is empty, not a privacy ledger (a ledger is never empty)")
         with self._connect() as con:
-            problems = [r[0] for r in con.execute("PRAGMA quick_check").fetchall()]
-            if problems != ["ok"]:
-                raise LedgerCorrupted(self.path, "SQLite integrity check failed: " + "; ".join(problems[:5]))
+            problems = _sqlite.quick_check(con)
+            if problems:
+                raise LedgerCorrupted(self.path, "SQLite integrity check failed: " + "; ".join(problems))
             names = {r[0]: r[1] for r in con.execute("SELECT name, type FROM sqlite_master")}
             if "meta" not in names or "events" not in names:
                 raise LedgerCorrupted(self.path, "not a fedgov privacy ledger (no meta/events tables)")

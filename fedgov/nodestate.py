@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedgov import _sqlite
 from fedgov.errors import ExitCode, FedgovError
 
 __all__ = [
@@ -179,15 +180,8 @@ class NodeState:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction that holds the lock from its start."""
-        with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        with self._connect() as conn, _sqlite.immediate(conn):
+            yield conn
 
     def _init(self) -> None:
         with self._connect() as conn:
@@ -203,9 +197,9 @@ class NodeState:
                 tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
                 if tables:
                     raise NodeStateError(f"{self.path} is an SQLite file of another application, not a fedgov node state")
-            check = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise self._corrupt(sqlite3.DatabaseError(check))
+            problems = _sqlite.quick_check(conn)
+            if problems:
+                raise self._corrupt(sqlite3.DatabaseError(problems[0]))
             conn.execute("PRAGMA journal_mode = WAL")
         with self._write() as conn:
             for statement in filter(str.strip, _SCHEMA.split(";")):

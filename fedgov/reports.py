@@ -8,9 +8,7 @@ accuracy of the same model trained with the same DP budget on the node's data al
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
@@ -120,17 +118,9 @@ class TrainingReport(_Model):
 
 def write_json_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, so a crash leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from fedgov.data.io import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def load_report(path: Path) -> TrainingReport:

@@ -390,7 +390,7 @@ def test_corrupted_file_is_refused_and_left_alone(tmp_path: Path, damage: str) -
     before = path.read_bytes()
     with pytest.raises(LedgerCorrupted) as info:
         PrivacyLedger(path)
-    assert str(path) in str(info.value) and info.value.exit_code == ExitCode.INTERNAL
+    assert str(path) in str(info.value) and info.value.exit_code == ExitCode.STATE_CORRUPTED
     assert path.read_bytes() == before  # never recreated over it
 
 

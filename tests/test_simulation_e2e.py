@@ -24,16 +24,24 @@ ADULT_TEST = ROOT / "data" / "adult" / "adult_test.csv"
 CONTRACT = ROOT / "configs" / "contracts" / "adult-income.toml"
 
 
-def _flower_processes() -> list[str]:
+def _flower_processes(under: Path) -> list[str]:
+    """Flower and Ray processes started for runs under ``under`` (their FLWR_HOME is there).
+
+    Only this test's own: other test sessions on the machine may run Flower at the same time.
+    """
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(k in cmd for k in ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server")):
+        home = next((e[len(b"FLWR_HOME="):].decode() for e in env if e.startswith(b"FLWR_HOME=")), "")
+        if home.startswith(str(under)) and any(
+            k in cmd for k in ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server", "ray::")
+        ):
             out.append(cmd)
     return out
 
@@ -89,7 +97,16 @@ def test_three_municipalities_two_rounds(tmp_path: Path) -> None:
         """,
     )
     events: list[dict] = []
-    run_dir = run_simulation(_task(tmp_path, fed), None, SimulationOptions(runs_dir=tmp_path / "runs"), events.append)
+    seen_running: list[str] = []
+
+    def on_event(ev: dict) -> None:
+        events.append(ev)
+        if ev.get("event") == "round" and ev.get("round") == 1:
+            seen_running.extend(_flower_processes(tmp_path))
+
+    run_dir = run_simulation(_task(tmp_path, fed), None, SimulationOptions(runs_dir=tmp_path / "runs"), on_event)
+    # the check below can see Flower's processes: while the run went on, it did
+    assert any("flower-superlink" in c for c in seen_running) and any("ray::" in c or "raylet" in c for c in seen_running)
 
     report = load_report(run_dir / "report.json")
     assert report.status == "completed"
@@ -111,7 +128,7 @@ def test_three_municipalities_two_rounds(tmp_path: Path) -> None:
         assert (run_dir / name).is_file(), name
     assert any(e.get("event") == "round" and e.get("round") == 2 for e in events)
     # nothing left running: no SuperLink, no simulation engine, no Ray
-    assert _flower_processes() == []
+    assert _flower_processes(tmp_path) == []
     # the node data lies in per-node directories, as next to a real node
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert len(manifest) == 3
@@ -157,7 +174,7 @@ def test_a_refusing_node_is_reported_and_the_others_go_on(tmp_path: Path) -> Non
     assert "9 training rows" in by_node["GM0150"].refusal_reason
     assert by_node["GM0363"].status == by_node["GM0344"].status == "accepted"
     assert report.rounds[0].nodes_trained and "GM0150" not in report.rounds[0].nodes_trained
-    assert _flower_processes() == []
+    assert _flower_processes(tmp_path) == []
 
 
 def test_invalid_member_data_stops_before_flower_starts(tmp_path: Path) -> None:
@@ -170,7 +187,7 @@ def test_invalid_member_data_stops_before_flower_starts(tmp_path: Path) -> None:
         run_simulation(_task(tmp_path, fed, rounds=1), None, SimulationOptions(runs_dir=tmp_path / "runs"))
     text = str(ei.value)
     assert "found 'twelve'" in text and "column 'age'" in text and str(tmp_path / "c.csv") in text
-    assert _flower_processes() == []
+    assert _flower_processes(tmp_path) == []
 
 
 def test_missing_federation_is_a_config_error(tmp_path: Path) -> None:
