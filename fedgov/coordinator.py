@@ -17,7 +17,6 @@ FedAvg: McMahan et al. 2017, arXiv:1602.05629. FedProx: Li et al. 2020, arXiv:18
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -458,7 +457,3 @@ def _baselines(
         nr.local_only_epsilon = float(mr["epsilon"])  # type: ignore[arg-type]
         if nr.federated_accuracy is not None:
             nr.gain = nr.federated_accuracy - nr.local_only_accuracy
-
-
-def load_task_from_json(task_json: str, contract_json: str) -> tuple[Task, Contract]:
-    return Task.model_validate(json.loads(task_json)), Contract.model_validate(json.loads(contract_json))
