@@ -156,7 +156,7 @@ def run(
 
 @app.command()
 def check(
-    files: Annotated[list[Path], typer.Argument(help="Task, federation or contract files")],
+    files: Annotated[list[Path], typer.Argument(help="Task, federation, contract or node policy files")],
 ) -> None:
     """Validate configuration files; every problem is listed with its file and field."""
     from fedgov.config import load_contract, load_federation, load_task
@@ -169,6 +169,11 @@ def check(
             if "columns" in raw:
                 c = load_contract(f)
                 console.print(f"[green]ok[/] {f}: contract {c.ref} ({len(c.columns)} columns)")
+            elif "datasets" in raw:
+                from fedgov.policy import load_policy
+
+                pol = load_policy(f)
+                console.print(f"[green]ok[/] {f}: policy of node {pol.node} ({len(pol.datasets)} data set(s), approval {pol.approval})")
             elif "members" in raw:
                 fed = load_federation(f)
                 console.print(f"[green]ok[/] {f}: federation {fed.name} ({len(fed.members)} members)")

@@ -27,7 +27,8 @@ def test_every_exit_code_has_a_help_text() -> None:
 
 
 def test_check_accepts_the_shipped_configs() -> None:
-    files = sorted(str(p) for p in (ROOT / "configs").rglob("*.toml") if "policies" not in p.parts)
+    files = sorted(str(p) for p in (ROOT / "configs").rglob("*.toml"))
+    assert any("policies" in f for f in files)
     out = runner.invoke(app, ["check", *files])
     assert out.exit_code == 0, out.output
     assert out.output.count("ok ") == len(files)
