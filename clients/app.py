@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -25,7 +26,9 @@ from flwr.clientapp import ClientApp
 from clients.context import data_of, node_of, task_of
 from clients.mods import admission_mod, audit_mod, budget_mod, pause_mod, state_key
 from fedgov import node as N
+from fedgov.config import Contract, Task
 from fedgov import protocol as P
+from fedgov.municipalities import display_name
 
 app = ClientApp(mods=[audit_mod, pause_mod, admission_mod, budget_mod])
 log = logging.getLogger("fedgov.node")
@@ -69,27 +72,25 @@ def query(msg: Message, context: Context) -> Message:
             raise PermissionError("a local-only baseline is a second release of the node's data: simulation only")
         base = N.local_only_baseline(task, contract, train_path, test_path, node=node, plan_json=_dp(context, key).plan_json)
         return Message(RecordDict({P.METRICS: MetricRecord({"accuracy": base.accuracy, "epsilon": base.epsilon})}), reply_to=msg)
-    answer, dp = N.hello(task, contract, node=node, node_name=_display_name(node), train_path=train_path, test_path=test_path, workdir=home.path)
+    answer, dp = N.hello(task, contract, node=node, node_name=display_name(node), train_path=train_path, test_path=test_path, workdir=home.path)
     if answer.accepted:
         context.state[key] = ConfigRecord({"json": dp.to_json()})
     return Message(RecordDict({P.HELLO: ConfigRecord({P.NODE_JSON: answer.model_dump_json()})}), reply_to=msg)
 
 
-def _display_name(node: str) -> str:
-    from fedgov.municipalities import all_municipalities
-
-    m = all_municipalities().get(node)
-    return m.name if m else node
+def _incoming(msg: Message, context: Context) -> tuple[Task, Contract, str, Path, Path | None, dict[str, np.ndarray]]:
+    """Task, contract, node name, data files and the global model of a train/evaluate message."""
+    task, contract = task_of(msg)
+    node, home, _ = node_of(context)
+    train_path, test_path = data_of(home, contract)
+    return task, contract, node, train_path, test_path, {k: v.numpy() for k, v in msg.content[P.ARRAYS].items()}
 
 
 @app.train()
 @_safe
 def train(msg: Message, context: Context) -> Message:
-    task, contract = task_of(msg)
-    node, home, _ = node_of(context)
-    train_path, test_path = data_of(home, contract)
+    task, contract, node, train_path, test_path, state = _incoming(msg, context)
     key = state_key(msg)
-    state = {k: v.numpy() for k, v in msg.content[P.ARRAYS].items()}
     new_state, metrics, dp = N.train(
         task, contract, node=node, train_path=train_path, test_path=test_path,
         state=state, server_round=int(msg.content[P.CONFIG]["server-round"]), dp=_dp(context, key),
@@ -104,9 +105,6 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @_safe
 def evaluate(msg: Message, context: Context) -> Message:
-    task, contract = task_of(msg)
-    _, home, _ = node_of(context)
-    train_path, test_path = data_of(home, contract)
-    state = {k: v.numpy() for k, v in msg.content[P.ARRAYS].items()}
+    task, contract, _, train_path, test_path, state = _incoming(msg, context)
     metrics = N.evaluate_global(task, contract, train_path=train_path, test_path=test_path, state=state)
     return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)

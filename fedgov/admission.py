@@ -45,10 +45,9 @@ def task_id_of(task: Task, contract: Contract, run_id: int | str) -> str:
 
 
 def _refusal(node: str, code: str, reason: str) -> P.NodeHello:
-    from fedgov.municipalities import all_municipalities
+    from fedgov.municipalities import display_name
 
-    m = all_municipalities().get(node)
-    return P.NodeHello(node=node, node_name=m.name if m else "", accepted=False, code=code, reason=reason)
+    return P.NodeHello(node=node, node_name=display_name(node), accepted=False, code=code, reason=reason)
 
 
 def dataset_name(home: NodeHome, contract: Contract) -> str | None:

@@ -101,7 +101,7 @@ def _hello(grid: Grid, node_ids: list[int], task: Task, contract: Contract, time
         nid = reply.metadata.src_node_id
         if reply.has_error():
             answers[nid] = P.NodeHello(
-                node=f"node-{nid}", accepted=False, code=P.RefusalCode.INTERNAL, reason=reply.error.reason[:500]
+                node=f"node-{nid}", accepted=False, code=P.RefusalCode.INTERNAL, reason=(reply.error.reason or "no reason given")[:500]
             )
             continue
         try:
@@ -169,7 +169,7 @@ class _Recorder:
         for m in replies:
             node = self.name(m)
             if m.has_error():
-                rm.nodes_failed[node] = m.error.reason[:300]
+                rm.nodes_failed[node] = (m.error.reason or "error without a reason")[:300]
                 continue
             mr = next(iter(m.content.metric_records.values()), None)
             if mr is None:
@@ -190,7 +190,7 @@ class _Recorder:
         for m in replies:
             node = self.name(m)
             if m.has_error():
-                rm.nodes_failed.setdefault(node, m.error.reason[:300])
+                rm.nodes_failed.setdefault(node, (m.error.reason or "error without a reason")[:300])
                 continue
             mr = next(iter(m.content.metric_records.values()), None)
             if mr is None:
@@ -341,7 +341,7 @@ def run_training(
         events.emit("nodes-connected", count=len(node_ids), expected=expected_nodes)
         answers = _hello(grid, node_ids, task, contract, timeout=reply_timeout)
         names = {nid: a.node for nid, a in answers.items()}
-        for nid, a in sorted(answers.items(), key=lambda kv: kv[1].node):
+        for a in sorted(answers.values(), key=lambda a: a.node):
             report.nodes.append(
                 NodeResult(
                     node=a.node,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-__all__ = ["Municipality", "all_municipalities", "municipality"]
+__all__ = ["Municipality", "all_municipalities", "municipality", "display_name"]
 
 
 @dataclass(frozen=True)
@@ -38,3 +38,9 @@ def all_municipalities() -> dict[str, Municipality]:
 def municipality(code: str) -> Municipality:
     """Look up one municipality by CBS code; KeyError if there is none."""
     return all_municipalities()[code]
+
+
+def display_name(code: str) -> str:
+    """The municipality's name for a CBS code; the code itself for a node that is not one."""
+    m = all_municipalities().get(code)
+    return m.name if m else code

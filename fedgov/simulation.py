@@ -34,7 +34,7 @@ import httpx
 from fedgov.config import load_federation, load_task
 from fedgov.errors import ConfigError, FederationError, Problem
 from fedgov.events import EventReader
-from fedgov.reports import TrainingReport, load_report, plot_report, write_json_atomic
+from fedgov.reports import load_report, plot_report, write_json_atomic
 from fedgov.nodehome import NodeHome
 from fedgov.policy import default_policy_text
 from fedgov.runtime import ManagedProcess, flower_env, free_port
