@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/fedgov run configs/tasks/adult-income.toml
 
-test: $(STAMP)
+# One gate: lint, types, then the whole test suite (CI runs exactly this).
+test: lint
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check fedgov server clients tests benchmarks scripts
+	$(BIN)/mypy
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -83,7 +83,7 @@ def _incoming(msg: Message, context: Context) -> tuple[Task, Contract, str, Path
     task, contract = task_of(msg)
     node, home, _ = node_of(context)
     train_path, test_path = data_of(home, contract)
-    return task, contract, node, train_path, test_path, {k: v.numpy() for k, v in msg.content[P.ARRAYS].items()}
+    return task, contract, node, train_path, test_path, {k: v.numpy() for k, v in msg.content.array_records[P.ARRAYS].items()}
 
 
 @app.train()
@@ -93,11 +93,12 @@ def train(msg: Message, context: Context) -> Message:
     key = state_key(msg)
     new_state, metrics, dp = N.train(
         task, contract, node=node, train_path=train_path, test_path=test_path,
-        state=state, server_round=int(msg.content[P.CONFIG]["server-round"]), dp=_dp(context, key),
+        state=state, server_round=int(msg.content.config_records[P.CONFIG]["server-round"]),  # type: ignore[arg-type]
+        dp=_dp(context, key),
     )
     context.state[key] = ConfigRecord({"json": dp.to_json()})
     reply = RecordDict(
-        {P.ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in new_state.items()}), P.METRICS: MetricRecord(metrics)}
+        {P.ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in new_state.items()}), P.METRICS: MetricRecord(dict(metrics))}
     )
     return Message(reply, reply_to=msg)
 
@@ -107,4 +108,4 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     task, contract, _, train_path, test_path, state = _incoming(msg, context)
     metrics = N.evaluate_global(task, contract, train_path=train_path, test_path=test_path, state=state)
-    return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({P.METRICS: MetricRecord(dict(metrics))}), reply_to=msg)

@@ -32,8 +32,9 @@ def task_id(msg: Message) -> str:
 def kind_of(msg: Message) -> str:
     """``hello``, ``baseline``, ``end`` (queries), ``train`` or ``evaluate``."""
     if msg.metadata.message_type.startswith("query"):
-        cfg = msg.content[P.CONFIG] if P.CONFIG in msg.content else {}
-        return str(cfg.get(P.KIND, P.HELLO))
+        if P.CONFIG not in msg.content:
+            return P.HELLO
+        return str(msg.content[P.CONFIG].get(P.KIND, P.HELLO))
     return msg.metadata.message_type.split(".")[0]
 
 

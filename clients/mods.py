@@ -69,9 +69,9 @@ def _describe(msg: Message) -> dict[str, Any]:
     metrics = {k: _finite(v) for rec in content.metric_records.values() for k, v in rec.items()}
     if metrics:
         out["metrics"] = metrics
-    configs = {}
-    for rec in content.config_records.values():
-        for k, v in rec.items():
+    configs: dict[str, Any] = {}
+    for crec in content.config_records.values():
+        for k, v in crec.items():
             if k in (P.TASK_JSON, P.CONTRACT_JSON):
                 configs[k] = f"{len(str(v))} chars"
             elif k == P.NODE_JSON:

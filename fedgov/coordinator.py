@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -202,11 +202,13 @@ class _Recorder:
         rm.federated_accuracy = _nanmean_weighted(accs)
 
 
-def _recording(base: type[FedAvg]) -> type[FedAvg]:
+def _recording(base: type[FedAvg]) -> Callable[..., FedAvg]:
     """``base`` with its replies recorded before Flower aggregates them (one level deep)."""
 
     class Recording(base):  # type: ignore[valid-type, misc]
-        recorder: _Recorder
+        def __init__(self, *args: Any, recorder: _Recorder, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.recorder = recorder
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
             replies = list(replies)
@@ -232,13 +234,11 @@ def build_strategy(task: Task, n_nodes: int, recorder: _Recorder) -> FedAvg:
         min_available_nodes=min(t.min_nodes, n_nodes),
         evaluate_metrics_aggr_fn=_metrics_aggr,
         train_metrics_aggr_fn=_metrics_aggr,
+        recorder=recorder,
     )
     if t.strategy == "fedprox":
-        strategy = _recording(FedProx)(proximal_mu=t.proximal_mu, **kwargs)
-    else:
-        strategy = _recording(FedAvg)(**kwargs)
-    strategy.recorder = recorder
-    return strategy
+        return _recording(FedProx)(proximal_mu=t.proximal_mu, **kwargs)
+    return _recording(FedAvg)(**kwargs)
 
 
 class CentralEvaluator:

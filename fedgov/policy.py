@@ -142,9 +142,9 @@ class DatasetSpec(StrictModel):
 class AcceptSpec(StrictModel):
     """Which tasks the node takes part in. ``"*"`` in coordinators or submitters: anyone."""
 
-    kinds: list[Literal["training", "statistics"]] = Field(default_factory=lambda: ["training"])
-    models: list[Literal["logreg", "mlp"]] = Field(default_factory=lambda: list(MODEL_NAMES))
-    strategies: list[Literal["fedavg", "fedprox"]] = Field(default_factory=lambda: list(STRATEGIES))
+    kinds: list[Literal["training", "statistics"]] = Field(default=["training"])
+    models: list[Literal["logreg", "mlp"]] = Field(default=["logreg", "mlp"])
+    strategies: list[Literal["fedavg", "fedprox"]] = Field(default=["fedavg", "fedprox"])
     coordinators: list[str] = Field(default_factory=lambda: ["*"])
     submitters: list[str] = Field(default_factory=lambda: ["*"])
 

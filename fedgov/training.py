@@ -338,7 +338,7 @@ def train_dp_round(
     loader = DataLoader(
         _Rows(Xt, yt),
         batch_size=plan.loader_batch_size,
-        collate_fn=_pass_through,
+        collate_fn=_pass_through,  # type: ignore[arg-type]  # batches are whole index sets
         generator=torch.Generator().manual_seed(sample_seed),  # DPDataLoader samples with it
     )
     engine = _privacy_engine(plan.accountant)
@@ -383,7 +383,8 @@ def train_dp_round(
                 elif optimizer.pre_step():  # clip, noise, scale, account
                     with torch.no_grad():
                         for p, g in anchor:
-                            p.grad.add_(p.detach() - g, alpha=training.proximal_mu)
+                            if p.grad is not None:  # a parameter without gradient gets no pull either
+                                p.grad.add_(p.detach() - g, alpha=training.proximal_mu)
                     optimizer.original_optimizer.step()
                 steps += 1
         new_history = merge_history(list(engine.accountant.history))
@@ -435,7 +436,7 @@ def train_nonprivate_round(
     loader = DataLoader(
         _Rows(Xt, yt),
         batch_size=training.batch_size,
-        collate_fn=_pass_through,
+        collate_fn=_pass_through,  # type: ignore[arg-type]  # batches are whole index sets
         shuffle=True,
         generator=torch.Generator().manual_seed(sample_seed),
     )

@@ -232,7 +232,10 @@ def test_swapped_content_is_found(tmp_path: Path) -> None:
     r3 = con.execute(f"SELECT {cols} FROM entries WHERE seq = 3").fetchone()
     r4 = con.execute(f"SELECT {cols} FROM entries WHERE seq = 4").fetchone()
     con.close()
-    sets = lambda r: ", ".join(f"{c} = '{v}'" for c, v in zip(cols.split(", "), r))
+
+    def sets(r: tuple[str, ...]) -> str:
+        return ", ".join(f"{c} = '{v}'" for c, v in zip(cols.split(", "), r, strict=True))
+
     _tamper(path, f"UPDATE entries SET {sets(r4)} WHERE seq = 3", f"UPDATE entries SET {sets(r3)} WHERE seq = 4")
     v = log.verify()
     assert not v.ok and v.first_bad_seq == 3

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from fedgov.config import Contract, Task, load_contract, load_task
 from fedgov.errors import ConfigError, ExitCode
@@ -273,7 +274,7 @@ def test_a_conforming_task_is_accepted_and_names_the_dataset(
     d = check(policy, task, contract)
     assert d.accepted and d.code is None and d.dataset == "adult"
     assert "adult" in d.reason
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         d.accepted = False  # type: ignore[misc]  # frozen
 
 
