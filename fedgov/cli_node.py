@@ -59,6 +59,36 @@ def _guard(fn):  # type: ignore[no-untyped-def]
 
 @node_app.command()
 @_guard
+def init(
+    node_dir: Annotated[Path, typer.Argument(help="The new node directory")],
+    name: Annotated[str, typer.Option("--name", help="The node's name: the municipality's CBS code, e.g. GM0363")],
+    contract: Annotated[Path, typer.Option("--contract", "-c", help="The data contract the data set follows")],
+    data: Annotated[Path, typer.Option("--data", help="The data set (CSV or Parquet), checked against the contract now")],
+    test_data: Annotated[Path | None, typer.Option("--test-data", help="A held-out test split (optional)")] = None,
+    budget_epsilon: Annotated[float, typer.Option("--budget", help="Total epsilon for the data set per calendar year")] = 10.0,
+    approval: Annotated[str, typer.Option(help="auto, manual or deny")] = "manual",
+) -> None:
+    """Create a node directory: key pair, policy to edit, privacy ledger and audit log."""
+    from fedgov.cli import console
+    from fedgov.config import load_contract
+    from fedgov.data import read_table, validate_frame
+    from fedgov.nodehome import init_node
+
+    if approval not in ("auto", "manual", "deny"):
+        raise typer.BadParameter("must be auto, manual or deny", param_hint="--approval")
+    c = load_contract(contract)
+    for f in (data, test_data):
+        if f is not None:
+            rows = len(validate_frame(read_table(f), c, file=str(f)))
+            console.print(f"[green]ok[/] {f}: {rows} rows conform to {c.ref}")
+    home = init_node(node_dir, node=name, contract=c, data=data, test_data=test_data, budget_epsilon=budget_epsilon, approval=approval)
+    console.print(f"node directory {home.path} created for {name}:")
+    console.print(f"  edit the policy: {home.policy_path}")
+    console.print(f"  public key for the coordinator: {home.path / 'node-key.pub'}")
+
+
+@node_app.command()
+@_guard
 def budget(
     node_dir: NodeDir = None,  # type: ignore[assignment]
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,

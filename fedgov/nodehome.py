@@ -3,6 +3,8 @@
 ::
 
     <node-dir>/
+      node-key, node-key.pub   the node's key pair (OpenSSH ECDSA P-384, as Flower's SuperNode
+                               authentication requires); the private key never leaves the node
       policy.toml        what the node takes part in, its limits and budgets (the operator edits it)
       ledger.sqlite      the privacy-budget ledger (immutable events)
       audit.sqlite       the hash-chained audit log (+ audit.sqlite.head, the anchor)
@@ -13,15 +15,17 @@ The same layout serves a simulated node (under ``--state-dir``) and a deployed o
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 
 from fedgov.audit import AuditLog
+from fedgov.config import Contract
 from fedgov.ledger import Budget, PrivacyLedger
 from fedgov.nodestate import NodeState
 from fedgov.policy import DatasetSpec, NodePolicy, load_policy
 
-__all__ = ["NodeHome", "budget_of"]
+__all__ = ["NodeHome", "budget_of", "init_node"]
 
 
 def budget_of(ds: DatasetSpec) -> Budget:
@@ -71,3 +75,60 @@ class NodeHome:
             tmp.write_text(policy_text, encoding="utf-8")
             tmp.replace(home.policy_path)
         return home
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def init_node(
+    path: Path | str,
+    *,
+    node: str,
+    contract: Contract,
+    data: Path,
+    test_data: Path | None = None,
+    budget_epsilon: float = 10.0,
+    approval: str = "manual",
+) -> NodeHome:
+    """Create a node directory: key pair, policy (for one data set), ledger and audit log.
+
+    Refuses a directory that already holds a policy or a key: a node's ledger and keys are
+    never overwritten. The new policy starts in ``manual`` approval unless told otherwise.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedgov.errors import ConfigError, Problem
+    from fedgov.policy import default_policy_text
+
+    home = NodeHome(path)
+    key_path = home.path / "node-key"
+    for existing in (home.policy_path, key_path):
+        if existing.exists():
+            raise ConfigError(
+                f"{home.path} is already a node directory",
+                [Problem(str(existing), "", "exists; fedgov never overwrites a node's policy, keys or ledger")],
+            )
+    home.path.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write_private(
+        key_path,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    (home.path / "node-key.pub").write_bytes(public + f" {node}\n".encode())
+    text = default_policy_text(
+        node, dataset=contract.name, contract=contract.name, version=contract.version,
+        path=data.resolve(), test_path=test_data.resolve() if test_data else None,
+        budget_epsilon=budget_epsilon, approval=approval,  # type: ignore[arg-type]
+    )
+    NodeHome.create(home.path, policy_text=text)
+    home.policy()  # the policy written must load
+    import hashlib
+
+    fingerprint = hashlib.sha256(public).hexdigest()[:16]
+    home.audit.append("initialized", payload={"node": node, "public_key_sha256": fingerprint, "contract": contract.ref})
+    return home

@@ -92,3 +92,37 @@ def test_node_command_outside_a_node_directory(tmp_path: Path) -> None:
     out = runner.invoke(app, ["node", "budget", "-n", str(tmp_path)])
     assert out.exit_code == int(ExitCode.USAGE)
     assert "not a node directory" in out.output
+
+
+def test_node_init_creates_a_working_node_directory(tmp_path: Path) -> None:
+    contract = str(ROOT / "configs/contracts/adult-income.toml")
+    data = str(ROOT / "data/adult/adult_test.csv")
+    d = tmp_path / "gm0363"
+    out = runner.invoke(app, ["node", "init", str(d), "--name", "GM0363", "-c", contract, "--data", data, "--budget", "4"])
+    assert out.exit_code == 0, out.output
+    assert "16281 rows conform" in out.output
+    key = d / "node-key"
+    assert key.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert (key.stat().st_mode & 0o777) == 0o600
+    assert (d / "node-key.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    home = NodeHome(d)
+    policy = home.policy()
+    assert policy.node == "GM0363" and policy.approval == "manual"
+    assert policy.datasets[0].budget.epsilon == 4 and policy.datasets[0].path == Path(data)
+    assert [e.kind for e in home.audit.entries()] == ["initialized"] and home.audit.verify().ok
+    budget = runner.invoke(app, ["node", "budget", "-n", str(d), "--json"])
+    assert json.loads(budget.output)[0]["remaining"] == 4
+    # a node directory is never overwritten
+    again = runner.invoke(app, ["node", "init", str(d), "--name", "GM0363", "-c", contract, "--data", data])
+    assert again.exit_code == int(ExitCode.CONFIG) and "never overwrites" in again.output
+    assert key.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+
+
+def test_node_init_refuses_data_that_breaks_the_contract(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("age,sex\n200,Male\n", encoding="utf-8")
+    out = runner.invoke(
+        app, ["node", "init", str(tmp_path / "n"), "--name", "GM0363", "-c", str(ROOT / "configs/contracts/adult-income.toml"), "--data", str(bad)]
+    )
+    assert out.exit_code == int(ExitCode.DATA_VALIDATION)
+    assert not (tmp_path / "n").exists()
