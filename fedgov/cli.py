@@ -35,6 +35,13 @@ def _add_node_app() -> None:
 
     app.add_typer(node_app, name="node")
 
+
+def _add_deploy_apps() -> None:
+    from fedgov.cli_deploy import coordinator_app, local_app
+
+    app.add_typer(coordinator_app, name="coordinator")
+    app.add_typer(local_app, name="local-federation")
+
 # Wide enough for the per-node table also when the output is a file or a pipe.
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -252,6 +259,7 @@ def version() -> None:
 
 
 _add_node_app()
+_add_deploy_apps()
 
 
 def main() -> None:
