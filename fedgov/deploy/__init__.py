@@ -1,0 +1,2 @@
+"""Deployment: a coordinator (SuperLink) and nodes (SuperNodes) as real processes, with TLS
+and SuperNode authentication."""

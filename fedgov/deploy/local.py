@@ -1,0 +1,217 @@
+"""A whole federation on this machine, as real processes: one coordinator, N nodes.
+
+For trying out deployment and for tests: every process is separate, TLS is on, and every
+node authenticates with its own key, admitted by the coordinator before it starts.
+
+::
+
+    <dir>/
+      coordinator/        a coordinator directory (:mod:`fedgov.deploy.coordinator`)
+      data/<code>/        each node's part of the demo federation (train.csv, test.csv)
+      nodes/<code>/       each node's directory (key pair, policy with approval "auto", ledger, audit)
+      local-federation.json   the processes started (pids), the address, the nodes
+
+:func:`local_federation_down` stops every process in the state file with all its children.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fedgov.errors import ConfigError, FederationError, Problem
+from fedgov.runtime import ManagedProcess, free_port, kill_tree
+
+__all__ = ["STATE_FILE", "local_federation_down", "local_federation_up", "read_state"]
+
+STATE_FILE = "local-federation.json"
+
+
+def _default_task() -> Path:
+    from fedgov.simulation import app_dir
+
+    return app_dir() / "configs" / "tasks" / "adult-income.toml"
+
+
+def read_state(directory: Path | str) -> dict[str, Any]:
+    p = Path(directory) / STATE_FILE
+    if not p.is_file():
+        return {}
+    data: dict[str, Any] = json.loads(p.read_text("utf-8"))
+    return data
+
+
+def _write_state(directory: Path, state: dict[str, Any]) -> None:
+    tmp = directory / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(directory / STATE_FILE)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
+
+
+def _prepare_nodes(base: Path, n: int, task_path: Path, budget: float) -> list[tuple[str, Path]]:
+    """Materialize the task's federation and create the first ``n`` members' node directories."""
+    from fedgov.config import load_federation, load_task
+    from fedgov.data import materialize
+    from fedgov.nodehome import NodeHome, init_node
+
+    task, contract = load_task(task_path)
+    if task.federation is None:
+        raise ConfigError("the task names no federation", [Problem(str(task_path), "federation", "missing")])
+    federation = load_federation(task.federation)
+    if not 1 <= n <= len(federation.members):
+        raise ConfigError(
+            f"--nodes must be between 1 and {len(federation.members)}",
+            [Problem(str(task.federation), "members", f"{len(federation.members)} members, asked for {n}")],
+        )
+    data_dir = base / "data"
+    if not all((data_dir / m.code / "train.csv").is_file() for m in federation.members[:n]):
+        materialize(federation, contract, data_dir)
+    out: list[tuple[str, Path]] = []
+    for m in federation.members[:n]:
+        node_dir = base / "nodes" / m.code
+        if not NodeHome(node_dir).exists():
+            init_node(
+                node_dir, node=m.code, contract=contract, data=data_dir / m.code / "train.csv",
+                test_data=data_dir / m.code / "test.csv", budget_epsilon=budget, approval="auto",
+            )
+        out.append((m.code, node_dir.resolve()))
+    return out
+
+
+def local_federation_up(
+    directory: Path | str,
+    *,
+    nodes: int = 3,
+    task_path: Path | None = None,
+    budget: float = 10.0,
+    connect_timeout: float = 90.0,
+) -> dict[str, Any]:
+    """Create (or reuse) and start a local federation; return its state (also in the state file).
+
+    Waits until every node is online at the SuperLink. On any failure, everything started
+    is stopped again.
+    """
+    from fedgov.deploy.coordinator import (
+        admit,
+        init_coordinator,
+        load_coordinator,
+        start_coordinator,
+    )
+    from fedgov.deploy.node import start_node
+
+    base = Path(directory).resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    old = read_state(base)
+    if any(_alive(int(p)) for p in _pids(old)):
+        raise FederationError(f"a local federation is already running in {base}; stop it with 'fedgov local-federation down'")
+    coord_dir = base / "coordinator"
+    if not (coord_dir / "coordinator.toml").is_file():
+        init_coordinator(coord_dir, port=free_port())
+    _, cfg = load_coordinator(coord_dir)
+    ca = cfg.path(coord_dir, cfg.ca_cert)
+    members = _prepare_nodes(base, nodes, (task_path or _default_task()).resolve(), budget)
+
+    started: list[ManagedProcess] = []
+    state: dict[str, Any] = {
+        "dir": str(base),
+        "coordinator": str(coord_dir),
+        "address": cfg.address,
+        "ca_cert": str(ca),
+        "connection": "fedgov",
+        "flwr_home": str(cfg.path(coord_dir, cfg.flwr_home)),
+        "superlink": None,
+        "nodes": {},
+        "admitted": dict(old.get("admitted", {})),
+    }
+    try:
+        link = start_coordinator(coord_dir)
+        started.append(link)
+        state["superlink"] = link.pid
+        _write_state(base, state)
+        for code, node_dir in members:
+            if code not in state["admitted"]:
+                res = admit(coord_dir, node_dir / "node-key.pub", code)
+                state["admitted"][code] = str(res.get("node-id", ""))
+                _write_state(base, state)
+        for code, node_dir in members:
+            port = free_port()
+            proc = start_node(node_dir, cfg.address, ca, port, name=code, log_path=base / "logs" / f"supernode-{code}.log")
+            started.append(proc)
+            state["nodes"][code] = {"pid": proc.pid, "port": port, "node_dir": str(node_dir), "node_id": state["admitted"][code]}
+            _write_state(base, state)
+        _wait_online(coord_dir, {state["admitted"][c] for c, _ in members}, started, connect_timeout)
+    except BaseException:
+        for p in reversed(started):
+            p.stop()
+        state["superlink"], state["nodes"] = None, {}
+        _write_state(base, state)
+        raise
+    for p in started:
+        p._log.close()  # the processes keep their own handles; they outlive this call
+    return state
+
+
+def _wait_online(coord_dir: Path, ids: set[str], procs: list[ManagedProcess], timeout: float) -> None:
+    from fedgov.deploy.coordinator import nodes as list_nodes
+
+    deadline = time.monotonic() + timeout
+    online: set[str] = set()
+    while time.monotonic() < deadline:
+        for p in procs:
+            if not p.running():
+                raise FederationError(f"{p.name} exited (exit {p.proc.returncode}):\n{p.tail()}")
+        online = {str(n.get("node-id")) for n in list_nodes(coord_dir) if n.get("status") == "online"}
+        if ids <= online:
+            return
+        time.sleep(1.0)
+    raise FederationError(f"nodes not online within {timeout:.0f} s: {sorted(ids - online)}")
+
+
+def _pids(state: dict[str, Any]) -> list[int]:
+    pids = [int(n["pid"]) for n in state.get("nodes", {}).values()]
+    if state.get("superlink"):
+        pids.append(int(state["superlink"]))
+    return pids
+
+
+def local_federation_down(directory: Path | str, *, grace: float = 10.0) -> list[int]:
+    """Stop every process of the local federation (nodes first); return the pids stopped."""
+    base = Path(directory).resolve()
+    state = read_state(base)
+    stopped: list[int] = []
+    for pid in _pids(state):
+        if _alive(pid) and _is_flower(pid):
+            kill_tree(pid, grace=grace)
+            stopped.append(pid)
+        _reap(pid)
+    if state:
+        state["superlink"], state["nodes"] = None, {}
+        _write_state(base, state)
+    return stopped
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of a process this one started (no zombie left behind)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _is_flower(pid: int) -> bool:
+    """Whether ``pid`` still runs a Flower process (not a recycled pid of something else)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return "flower-superlink" in cmd or "flower-supernode" in cmd

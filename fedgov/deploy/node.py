@@ -1,0 +1,64 @@
+"""A municipality's node as a real process: a SuperNode with TLS and key authentication.
+
+The node connects to the coordinator's SuperLink over TLS (trusting ``ca_cert``) and signs
+its requests with ``<node-dir>/node-key`` (the key pair ``fedgov node init`` made; only the
+public half, ``node-key.pub``, is given to the coordinator for admission). Its ClientApp
+finds its directory, policy and data through ``--node-config node-name=... node-dir=...``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedgov.errors import ConfigError, Problem
+from fedgov.nodehome import NodeHome
+from fedgov.runtime import ManagedProcess, flower_env
+
+__all__ = ["start_node", "node_args"]
+
+
+def node_args(node_dir: Path, name: str, superlink_address: str, ca_cert: Path, port: int) -> list[str]:
+    from fedgov.deploy.coordinator import flwr_bin
+
+    for s in (name, str(node_dir)):
+        if "'" in s or '"' in s:
+            raise ConfigError("node name or directory holds a quote", [Problem(s, "", "quotes are not allowed")])
+    return [
+        flwr_bin("flower-supernode"),
+        "--root-certificates", str(ca_cert),
+        "--auth-supernode-private-key", str(node_dir / "node-key"),
+        "--superlink", superlink_address,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--node-config", f"node-name='{name}' node-dir='{node_dir}'",
+        # Runtime dependency installation (uv sync) is off unless --allow-... is given.
+    ]
+
+
+def start_node(
+    node_dir: Path | str,
+    superlink_address: str,
+    ca_cert: Path | str,
+    port: int,
+    *,
+    name: str | None = None,
+    log_path: Path | None = None,
+) -> ManagedProcess:
+    """Start ``flower-supernode`` for the node directory; its ClientAppIO API on ``127.0.0.1:port``."""
+    home = NodeHome(node_dir)
+    key = home.path / "node-key"
+    if not home.exists() or not key.is_file():
+        raise ConfigError(
+            f"{home.path} is not a node directory with a key",
+            [Problem(str(home.path), "", "needs policy.toml and node-key ('fedgov node init')")],
+        )
+    node_name = name or home.policy().node
+    flwr_home = home.path / "flwr-home"
+    flwr_home.mkdir(exist_ok=True)
+    return ManagedProcess(
+        node_args(home.path, node_name, superlink_address, Path(ca_cert).resolve(), port),
+        env=flower_env(flwr_home),
+        log_path=log_path or home.path / "logs" / "supernode.log",
+        cwd=home.path,
+        name=f"flower-supernode {node_name}",
+    )

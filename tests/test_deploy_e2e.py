@@ -1,0 +1,159 @@
+"""End to end, deployed: a coordinator and three nodes as separate processes on loopback,
+with TLS and SuperNode authentication (marked ``slow``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from fedgov.config import load_contract
+from fedgov.deploy.coordinator import CONNECTION, flwr_bin, nodes
+from fedgov.deploy.local import local_federation_down, local_federation_up
+from fedgov.deploy.node import start_node
+from fedgov.nodehome import init_node
+from fedgov.reports import load_report
+from fedgov.runtime import ManagedProcess, flower_env, free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+ADULT = ROOT / "data" / "adult" / "adult.csv"
+ADULT_TEST = ROOT / "data" / "adult" / "adult_test.csv"
+CONTRACT = ROOT / "configs" / "contracts" / "adult-income.toml"
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def _flower_processes(under: Path) -> list[int]:
+    """Live Flower processes whose command line or FLWR_HOME lies under ``under``."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if stat[stat.rfind(")") + 2 :].split()[0] == "Z":
+            continue
+        home = next((e[len(b"FLWR_HOME=") :].decode() for e in env if e.startswith(b"FLWR_HOME=")), "")
+        if (home.startswith(str(under)) or str(under) in cmd) and ("flower-" in cmd or "flwr" in cmd):
+            out.append(int(pid))
+    return out
+
+
+def _task(tmp: Path) -> Path:
+    fed = _write(
+        tmp / "fed.toml",
+        f"""
+        name = "deploy-3"
+        seed = 5
+        source = "{ADULT}"
+        [partition]
+        kind = "population"
+        skew = "label"
+        dirichlet_alpha = 5.0
+        min_rows = 200
+        [[members]]
+        code = "GM0363"
+        [[members]]
+        code = "GM0344"
+        [[members]]
+        code = "GM0150"
+        """,
+    )
+    return _write(
+        tmp / "task.toml",
+        f"""
+        name = "deploy-e2e"
+        contract = "{CONTRACT}"
+        federation = "{fed}"
+        [model]
+        name = "logreg"
+        [training]
+        rounds = 1
+        batch_size = 256
+        learning_rate = 0.5
+        min_nodes = 3
+        seed = 1
+        [privacy]
+        target_epsilon = 2.0
+        delta = 1e-5
+        [evaluation]
+        centralized = "{ADULT_TEST}"
+        """,
+    )
+
+
+def test_local_federation_tls_auth_and_one_round(tmp_path: Path) -> None:
+    task = _task(tmp_path)
+    fed_dir = tmp_path / "fed"
+    # The whole test stays under 3 minutes: every wait takes from one budget.
+    deadline = time.monotonic() + 165
+
+    def left(cap: float) -> float:
+        return max(5.0, min(cap, deadline - time.monotonic()))
+    try:
+        state = local_federation_up(fed_dir, nodes=3, task_path=task, connect_timeout=60)
+        coord = Path(state["coordinator"])
+        assert set(state["nodes"]) == {"GM0363", "GM0344", "GM0150"}
+        listed = {n["node-id"]: n["status"] for n in nodes(coord)}
+        assert {listed[str(n["node_id"])] for n in state["nodes"].values()} == {"online"}
+
+        # A node whose key the coordinator never admitted is refused.
+        stranger = init_node(
+            tmp_path / "stranger", node="GM9999", contract=load_contract(CONTRACT),
+            data=fed_dir / "data" / "GM0363" / "train.csv", approval="auto",
+        )
+        proc = start_node(stranger.path, state["address"], Path(state["ca_cert"]), free_port())
+        try:
+            rc = proc.proc.wait(timeout=left(30))
+        finally:
+            proc.stop()
+        assert rc != 0, proc.tail()
+        assert len(nodes(coord)) == 3
+
+        # One round of the task, submitted with `flwr run` to the coordinator.
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        run_config = _write(
+            tmp_path / "run-config.toml",
+            f"""
+            task-path = "{task}"
+            run-dir = "{run_dir}"
+            local-baseline = false
+            """,
+        )
+        started = time.monotonic()
+        run = ManagedProcess(
+            [flwr_bin("flwr"), "run", str(ROOT), CONNECTION, "--stream", "--run-config", str(run_config)],
+            env=flower_env(Path(state["flwr_home"])),
+            log_path=tmp_path / "flwr-run.log",
+        )
+        try:
+            run.proc.wait(timeout=left(150))
+        finally:
+            run.stop()
+        elapsed = time.monotonic() - started
+        report_path = run_dir / "report.json"
+        assert report_path.is_file(), run.tail(40)
+        report = load_report(report_path)
+        assert report.status == "completed", report.message
+        assert {n.node for n in report.nodes} == {"GM0363", "GM0344", "GM0150"}
+        print(f"one round on the deployed federation: {elapsed:.1f} s (flwr run wall time)")
+        print(json.dumps([n.model_dump(mode='json').get('status') for n in report.nodes]))
+    finally:
+        local_federation_down(fed_dir)
+    time.sleep(0.5)
+    assert _flower_processes(tmp_path) == []
