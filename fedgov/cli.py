@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,9 +38,13 @@ def _add_node_app() -> None:
 
 
 def _add_deploy_apps() -> None:
-    from fedgov.cli_deploy import coordinator_app, local_app
+    from fedgov.cli_deploy import coordinator_app, local_app, node_start, task_app
+    from fedgov.cli_node import _guard, node_app
+
+    node_app.command("start")(_guard(node_start))
 
     app.add_typer(coordinator_app, name="coordinator")
+    app.add_typer(task_app, name="task")
     app.add_typer(local_app, name="local-federation")
 
 # Wide enough for the per-node table also when the output is a file or a pipe.
@@ -83,6 +88,57 @@ def print_summary(report: Any, run_dir: Path) -> None:
     console.print("   ".join(shown))
 
 
+def run_with_progress(call: Callable[[Callable[[dict[str, Any]], None]], Path]) -> Path:
+    """Run ``call(on_event)`` showing its progress events; on failure print what the report says."""
+    from fedgov.reports import load_report
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"), console=console, transient=False,
+    ) as progress:
+        bar = progress.add_task("preparing", total=None, info="")
+
+        def on_event(ev: dict[str, Any]) -> None:
+            kind = ev.get("event")
+            if kind == "run-dir":
+                progress.console.print(f"Run directory: {ev['path']}")
+            elif kind == "partitioned":
+                progress.update(bar, description="starting Flower", info=f"{len(ev['nodes'])} nodes")
+            elif kind == "admission":
+                refused = ev.get("refused") or {}
+                progress.console.print(f"{len(ev['accepted'])} node(s) accepted the task, {len(refused)} refused")
+                for node, why in refused.items():
+                    progress.console.print(f"  [yellow]refused[/] {node}: {why}")
+            elif kind == "training-start":
+                progress.update(bar, description="training", total=int(ev["rounds"]), completed=0, info="")
+            elif kind == "round" and ev.get("round", 0) > 0:
+                info = f"acc {_fmt(ev.get('accuracy'))}  max eps {_fmt(ev.get('max_epsilon'))}"
+                progress.update(bar, completed=ev["round"], info=info)
+                progress.console.print(
+                    f"round {ev['round']:>3}: accuracy {_fmt(ev.get('accuracy'), '.4f')}  AUC {_fmt(ev.get('auc'), '.4f')}  "
+                    f"nodes' own test acc. {_fmt(ev.get('federated_accuracy'), '.4f')}  max epsilon {_fmt(ev.get('max_epsilon'))}  "
+                    f"({len(ev.get('nodes_trained', []))} nodes, {_fmt(ev.get('seconds'), '.1f')} s)"
+                )
+            elif kind == "warning":
+                progress.console.print(f"[bold yellow]warning:[/] {ev.get('message')}")
+            elif kind == "failed":
+                progress.console.print(f"[red]run failed:[/] {ev.get('message')}")
+            elif kind == "baselines":
+                progress.update(bar, description="local-only baselines at the nodes", info=f"{ev['nodes']} nodes")
+            elif kind == "done":
+                progress.update(bar, description="done", info="")
+
+        try:
+            return call(on_event)
+        except FedgovError as exc:
+            progress.stop()
+            failed_dir = getattr(exc, "run_dir", None)
+            if failed_dir is not None and (failed_dir / "report.json").is_file():
+                print_summary(load_report(failed_dir / "report.json"), failed_dir)
+            _fail(exc)
+            raise  # unreachable: _fail exits
+
+
 @app.command()
 def run(
     task: Annotated[Path, typer.Argument(help="Task file, e.g. configs/tasks/adult-income.toml")],
@@ -106,54 +162,7 @@ def run(
         runs_dir=runs_dir, num_cpus=cpus, local_baseline=not no_baseline,
         state_dir=state_dir, node_budget=node_budget, approval=approval,
     )
-    rounds_total = None
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"), console=console, transient=False,
-    ) as progress:
-        bar = progress.add_task("preparing", total=None, info="")
-
-        def on_event(ev: dict[str, Any]) -> None:
-            nonlocal rounds_total
-            kind = ev.get("event")
-            if kind == "run-dir":
-                progress.console.print(f"Run directory: {ev['path']}")
-            elif kind == "partitioned":
-                progress.update(bar, description="starting Flower", info=f"{len(ev['nodes'])} nodes")
-            elif kind == "admission":
-                refused = ev.get("refused") or {}
-                progress.console.print(f"{len(ev['accepted'])} node(s) accepted the task, {len(refused)} refused")
-                for node, why in refused.items():
-                    progress.console.print(f"  [yellow]refused[/] {node}: {why}")
-            elif kind == "training-start":
-                rounds_total = int(ev["rounds"])
-                progress.update(bar, description="training", total=rounds_total, completed=0, info="")
-            elif kind == "round" and ev.get("round", 0) > 0:
-                info = f"acc {_fmt(ev.get('accuracy'))}  max eps {_fmt(ev.get('max_epsilon'))}"
-                progress.update(bar, completed=ev["round"], info=info)
-                progress.console.print(
-                    f"round {ev['round']:>3}: accuracy {_fmt(ev.get('accuracy'), '.4f')}  AUC {_fmt(ev.get('auc'), '.4f')}  "
-                    f"nodes' own test acc. {_fmt(ev.get('federated_accuracy'), '.4f')}  max epsilon {_fmt(ev.get('max_epsilon'))}  "
-                    f"({len(ev.get('nodes_trained', []))} nodes, {_fmt(ev.get('seconds'), '.1f')} s)"
-                )
-            elif kind == "warning":
-                progress.console.print(f"[bold yellow]warning:[/] {ev.get('message')}")
-            elif kind == "failed":
-                progress.console.print(f"[red]run failed:[/] {ev.get('message')}")
-            elif kind == "baselines":
-                progress.update(bar, description="local-only baselines at the nodes", info=f"{ev['nodes']} nodes")
-            elif kind == "done":
-                progress.update(bar, description="done", info="")
-
-        try:
-            run_dir = run_simulation(task, federation, opts, on_event)
-        except FedgovError as exc:
-            progress.stop()
-            failed_dir = getattr(exc, "run_dir", None)
-            if failed_dir is not None and (failed_dir / "report.json").is_file():
-                print_summary(load_report(failed_dir / "report.json"), failed_dir)
-            _fail(exc)
-            return
+    run_dir = run_with_progress(lambda on_event: run_simulation(task, federation, opts, on_event))
     report = load_report(run_dir / "report.json")
     print_summary(report, run_dir)
     if json_out:

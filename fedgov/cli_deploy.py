@@ -24,7 +24,55 @@ local_app = typer.Typer(
     help="A coordinator and N nodes as separate processes on this machine (TLS, node keys).", no_args_is_help=True
 )
 
+task_app = typer.Typer(help="Run tasks on the real federation of a coordinator.", no_args_is_help=True)
+
 CoordDir = Annotated[Path, typer.Option("--coordinator-dir", "-C", help="The coordinator directory")]
+
+
+@task_app.command("submit")
+@_guard
+def task_submit(
+    task: Annotated[Path, typer.Argument(help="Task file, e.g. configs/tasks/adult-income.toml")],
+    coordinator_dir: CoordDir,
+    runs_dir: Annotated[Path, typer.Option(help="Where run directories are created")] = Path("runs"),
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 3600.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON at the end")] = False,
+) -> None:
+    """Run a task on the coordinator's nodes (run it on the coordinator's host); same report as a simulation."""
+    from fedgov.cli import print_summary, run_with_progress
+    from fedgov.deploy.submit import submit_task
+    from fedgov.reports import load_report
+
+    run_dir = run_with_progress(lambda on_event: submit_task(task, coordinator_dir, runs_dir=runs_dir, on_event=on_event, timeout=timeout))
+    report = load_report(run_dir / "report.json")
+    print_summary(report, run_dir)
+    if json_out:
+        print(report.model_dump_json(indent=2))
+
+
+def node_start(
+    node_dir: Annotated[Path, typer.Argument(help="The node directory ('fedgov node init')")],
+    coordinator: Annotated[str, typer.Option("--coordinator", help="The coordinator's address, host:port")],
+    ca: Annotated[Path, typer.Option("--ca", help="The coordinator's CA certificate (ca.crt)")],
+    port: Annotated[int, typer.Option(help="Local port of the node's ClientApp API (127.0.0.1 only)")] = 9094,
+) -> None:
+    """Run the node's SuperNode in the foreground until Ctrl-C (TLS, authenticated with node-key)."""
+    from fedgov.cli import console
+    from fedgov.deploy.node import start_node
+
+    proc = start_node(node_dir, coordinator, ca, port)
+    console.print(f"SuperNode running for {node_dir} (pid {proc.pid}), coordinator {coordinator}; log: {proc.log_path}. Ctrl-C stops it.")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while proc.running():
+            proc.remember_descendants()
+            time.sleep(1.0)
+        console.print(f"[red]the SuperNode exited (exit {proc.proc.returncode})[/]:\n{proc.tail()}")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print("stopping the SuperNode")
+    finally:
+        proc.stop()
 
 
 @coordinator_app.command("init")

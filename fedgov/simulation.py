@@ -39,7 +39,7 @@ from fedgov.nodehome import NodeHome
 from fedgov.policy import default_policy_text
 from fedgov.runtime import ManagedProcess, flower_env, free_port
 
-__all__ = ["SimulationOptions", "run_simulation", "app_dir", "new_run_dir"]
+__all__ = ["SimulationOptions", "run_simulation", "app_dir", "new_run_dir", "follow_run", "write_run_config"]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,54 @@ def _run_cli(args: list[str], env: dict[str, str], log_path: Path, timeout: floa
             raise FederationError(f"{' '.join(args[:3])} failed (exit {rc}):\n{proc.tail()}")
 
 
+def follow_run(
+    connection: str,
+    run_config: Path,
+    *,
+    env: dict[str, str],
+    run_dir: Path,
+    emit: EventCallback,
+    timeout: float,
+    tick: Callable[[], None] | None = None,
+) -> None:
+    """Submit the fedgov Flower app with ``flwr run`` and follow its ``events.jsonl`` until it ends.
+
+    Shared by simulation and deployment: the ServerApp writes the events and the report into
+    ``run_dir``; ``flwr run`` is stopped (with everything it started) on timeout or error.
+    """
+    run = ManagedProcess(
+        [_flwr_bin("flwr"), "run", str(app_dir()), connection, "--stream", "--run-config", str(run_config)],
+        env=env,
+        log_path=run_dir / "logs" / "flower.log",
+        name="flwr run",
+    )
+    reader = EventReader(run_dir / "events.jsonl")
+    deadline = time.monotonic() + timeout
+    try:
+        while run.running():
+            for ev in reader.read_new():
+                emit(ev)
+            if tick is not None:
+                tick()
+            if time.monotonic() > deadline:
+                raise FederationError(f"the run did not finish within {timeout:.0f} s")
+            time.sleep(0.25)
+        for ev in reader.read_new():
+            emit(ev)
+    finally:
+        run.stop()
+
+
+def write_run_config(run_dir: Path, values: dict[str, str | bool]) -> Path:
+    """The run config ``flwr run`` passes to the ServerApp, as a TOML file in the run directory."""
+    path = run_dir / "run-config.toml"
+    path.write_text(
+        "".join(f"{k} = {('true' if v else 'false') if isinstance(v, bool) else json.dumps(str(v))}\n" for k, v in values.items()),
+        encoding="utf-8",
+    )
+    return path
+
+
 def run_simulation(
     task_path: Path,
     federation_path: Path | None = None,
@@ -186,19 +234,15 @@ def run_simulation(
         f'address = "127.0.0.1:{port}"\ninsecure = true\n',
         encoding="utf-8",
     )
-    run_config = run_dir / "run-config.toml"
-    run_config.write_text(
-        "".join(
-            f"{k} = {json.dumps(str(v))}\n"
-            for k, v in {
-                "task-path": Path(task_path).resolve(),
-                "federation-path": Path(fed_path).resolve(),
-                "manifest-path": manifest,
-                "run-dir": run_dir,
-            }.items()
-        )
-        + f"local-baseline = {'true' if options.local_baseline else 'false'}\n",
-        encoding="utf-8",
+    run_config = write_run_config(
+        run_dir,
+        {
+            "task-path": str(Path(task_path).resolve()),
+            "federation-path": str(Path(fed_path).resolve()),
+            "manifest-path": str(manifest),
+            "run-dir": str(run_dir),
+            "local-baseline": options.local_baseline,
+        },
     )
     env = flower_env(flwr_home)
     logs = run_dir / "logs"
@@ -234,26 +278,7 @@ def run_simulation(
             logs / "flwr-cli.log",
         )
         emit({"event": "flower-started", "seconds": time.time() - started})
-        run = ManagedProcess(
-            [_flwr_bin("flwr"), "run", str(app_dir()), CONNECTION, "--stream", "--run-config", str(run_config)],
-            env=env,
-            log_path=logs / "flower.log",
-            name="flwr run",
-        )
-        reader = EventReader(run_dir / "events.jsonl")
-        deadline = time.monotonic() + options.timeout
-        try:
-            while run.running():
-                for ev in reader.read_new():
-                    emit(ev)
-                superlink.remember_descendants()
-                if time.monotonic() > deadline:
-                    raise FederationError(f"the run did not finish within {options.timeout:.0f} s")
-                time.sleep(0.25)
-            for ev in reader.read_new():
-                emit(ev)
-        finally:
-            run.stop()
+        follow_run(CONNECTION, run_config, env=env, run_dir=run_dir, emit=emit, timeout=options.timeout, tick=superlink.remember_descendants)
     finally:
         superlink.stop()
         if not options.keep_flower_home:

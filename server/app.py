@@ -36,5 +36,6 @@ def main(grid: Grid, context: Context) -> None:
         task_file=str(task_path),
         federation=Path(federation).stem if federation != "(deployment)" else federation,
         local_baseline=bool(cfg.get("local-baseline", True)),
+        mode="deployment" if str(cfg.get("mode", "simulation")) == "deployment" else "simulation",
     )
     log.info("fedgov run %s finished: %s", report.run_id, report.status)

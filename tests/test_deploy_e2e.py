@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from fedgov.config import load_contract
-from fedgov.deploy.coordinator import CONNECTION, flwr_bin, nodes
+from fedgov.deploy.coordinator import nodes
 from fedgov.deploy.local import local_federation_down, local_federation_up
 from fedgov.deploy.node import start_node
 from fedgov.nodehome import init_node
+from fedgov.deploy.submit import submit_task
 from fedgov.reports import load_report
-from fedgov.runtime import ManagedProcess, flower_env, free_port
+from fedgov.runtime import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -124,34 +125,18 @@ def test_local_federation_tls_auth_and_one_round(tmp_path: Path) -> None:
         assert rc != 0, proc.tail()
         assert len(nodes(coord)) == 3
 
-        # One round of the task, submitted with `flwr run` to the coordinator.
-        run_dir = tmp_path / "run"
-        run_dir.mkdir()
-        run_config = _write(
-            tmp_path / "run-config.toml",
-            f"""
-            task-path = "{task}"
-            run-dir = "{run_dir}"
-            local-baseline = false
-            """,
-        )
+        # One round of the task, submitted to the coordinator as `fedgov task submit` does.
         started = time.monotonic()
-        run = ManagedProcess(
-            [flwr_bin("flwr"), "run", str(ROOT), CONNECTION, "--stream", "--run-config", str(run_config)],
-            env=flower_env(Path(state["flwr_home"])),
-            log_path=tmp_path / "flwr-run.log",
-        )
-        try:
-            run.proc.wait(timeout=left(150))
-        finally:
-            run.stop()
+        events: list[dict] = []
+        run_dir = submit_task(task, coord, runs_dir=tmp_path / "runs", on_event=events.append, timeout=left(150))
         elapsed = time.monotonic() - started
-        report_path = run_dir / "report.json"
-        assert report_path.is_file(), run.tail(40)
-        report = load_report(report_path)
+        report = load_report(run_dir / "report.json")
+        assert report.mode == "deployment"
+        assert any(e.get("event") == "round" and e.get("round") == 1 for e in events)
+        assert (run_dir / "accuracy.png").is_file() and (run_dir / "model.pt").is_file()
         assert report.status == "completed", report.message
         assert {n.node for n in report.nodes} == {"GM0363", "GM0344", "GM0150"}
-        print(f"one round on the deployed federation: {elapsed:.1f} s (flwr run wall time)")
+        print(f"one round on the deployed federation: {elapsed:.1f} s (task submit wall time)")
         print(json.dumps([n.model_dump(mode='json').get('status') for n in report.nodes]))
     finally:
         local_federation_down(fed_dir)
