@@ -43,11 +43,20 @@ log = logging.getLogger(__name__)
 
 
 class AdmittedGrid(Grid):
-    """A view of a Grid that offers only the nodes that accepted the task to the strategy."""
+    """A view of a Grid that offers only the nodes that accepted the task to the strategy.
 
-    def __init__(self, grid: Grid, admitted: Iterable[int]) -> None:
+    It also bounds Flower's wait for nodes: the strategies' ``sample_nodes`` polls
+    ``get_node_ids`` until enough nodes are online and waits forever otherwise. Once fewer
+    than ``min_nodes`` admitted nodes have been online for ``patience`` seconds, this view
+    raises :class:`~fedgov.errors.FederationError`, and the run stops with that message.
+    """
+
+    def __init__(self, grid: Grid, admitted: Iterable[int], *, min_nodes: int = 1, patience: float = 120.0) -> None:
         self._grid = grid
         self.admitted = set(admitted)
+        self.min_nodes = min_nodes
+        self.patience = patience
+        self._short_since: float | None = None
 
     def set_run(self, run: Any) -> None:
         self._grid.set_run(run)
@@ -60,7 +69,19 @@ class AdmittedGrid(Grid):
         return self._grid.create_message(*args, **kwargs)
 
     def get_node_ids(self) -> Iterable[int]:
-        return [n for n in self._grid.get_node_ids() if n in self.admitted]
+        ids = [n for n in self._grid.get_node_ids() if n in self.admitted]
+        if len(ids) >= self.min_nodes:
+            self._short_since = None
+            return ids
+        now = time.monotonic()
+        if self._short_since is None:
+            self._short_since = now
+        elif now - self._short_since > self.patience:
+            raise FederationError(
+                f"only {len(ids)} of the {len(self.admitted)} admitted nodes are online, the task needs "
+                f"{self.min_nodes} (training.min_nodes); waited {self.patience:.0f} s for more"
+            )
+        return ids
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
@@ -377,7 +398,7 @@ def run_training(
         cfg = ConfigRecord({**task_config(task, contract), "num-rounds": task.training.rounds})
         events.emit("training-start", nodes=len(admitted), rounds=task.training.rounds)
         result = strategy.start(
-            grid=AdmittedGrid(grid, admitted),
+            grid=AdmittedGrid(grid, admitted, min_nodes=min(task.training.min_nodes, len(admitted)), patience=connect_timeout),
             initial_arrays=ArrayRecord({k: Array(np.asarray(v)) for k, v in get_state(initial).items()}),
             num_rounds=task.training.rounds,
             timeout=reply_timeout,

@@ -7,7 +7,10 @@ from typing import Any
 
 from flwr.app import MetricRecord, RecordDict
 
+import pytest
+
 from fedgov.coordinator import AdmittedGrid, _metrics_aggr, wait_for_nodes
+from fedgov.errors import FederationError
 
 
 class FakeGrid:
@@ -44,3 +47,20 @@ def test_metric_aggregation_skips_nan_and_weights_by_examples() -> None:
     assert math.isclose(float(out["accuracy"]), 0.6)
     assert math.isclose(float(out["auc"]), 0.8)
     assert "num-examples" not in out
+
+
+def test_admitted_grid_stops_waiting_for_missing_nodes() -> None:
+    fake = FakeGrid([1, 2, 3])
+    g = AdmittedGrid(fake, admitted=[1, 2, 3], min_nodes=2, patience=0.3)  # type: ignore[arg-type]
+    assert sorted(g.get_node_ids()) == [1, 2, 3]
+    fake.ids = [1]  # two nodes died
+    assert list(g.get_node_ids()) == [1]  # within patience: Flower may keep polling
+    fake.ids = [1, 3]  # one came back: the clock restarts
+    assert sorted(g.get_node_ids()) == [1, 3]
+    fake.ids = [1]
+    g.get_node_ids()
+    import time
+
+    time.sleep(0.4)
+    with pytest.raises(FederationError, match="only 1 of the 3 admitted nodes are online"):
+        g.get_node_ids()
