@@ -170,7 +170,7 @@ def local_up(
     console.print(f"coordinator on {state['address']} (pid {state['superlink']}), {len(state['nodes'])} node(s) online:")
     for code, n in state["nodes"].items():
         console.print(f"  {code}: pid {n['pid']}, node id {n['node_id']}")
-    console.print(f"submit a run: FLWR_HOME={state['flwr_home']} flwr run <app> {state['connection']} --stream")
+    console.print(f"submit a task: fedgov task submit configs/tasks/adult-income.toml -C {state['coordinator']}")
     console.print(f"stop: fedgov local-federation down --dir {directory}")
 
 
