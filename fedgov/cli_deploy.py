@@ -16,6 +16,7 @@ import typer
 from rich.table import Table
 
 from fedgov.cli_node import _guard
+from fedgov.runtime import ManagedProcess
 
 coordinator_app = typer.Typer(
     help="Run the coordinator: a SuperLink with TLS that admits nodes by their public key.", no_args_is_help=True
@@ -62,17 +63,7 @@ def node_start(
 
     proc = start_node(node_dir, coordinator, ca, port)
     console.print(f"SuperNode running for {node_dir} (pid {proc.pid}), coordinator {coordinator}; log: {proc.log_path}. Ctrl-C stops it.")
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        while proc.running():
-            proc.remember_descendants()
-            time.sleep(1.0)
-        console.print(f"[red]the SuperNode exited (exit {proc.proc.returncode})[/]:\n{proc.tail()}")
-        raise typer.Exit(1)
-    except KeyboardInterrupt:
-        console.print("stopping the SuperNode")
-    finally:
-        proc.stop()
+    _foreground(proc, "SuperNode")
 
 
 @coordinator_app.command("init")
@@ -102,6 +93,23 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _foreground(proc: ManagedProcess, what: str) -> None:
+    """Keep a daemon in the foreground until Ctrl-C or SIGTERM; stop it with all it started."""
+    from fedgov.cli import console
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while proc.running():
+            proc.remember_descendants()
+            time.sleep(1.0)
+        console.print(f"[red]the {what} exited (exit {proc.proc.returncode})[/]:\n{proc.tail()}")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        console.print(f"stopping the {what}")
+    finally:
+        proc.stop()
+
+
 @coordinator_app.command("start")
 @_guard
 def coordinator_start(directory: Annotated[Path, typer.Argument(help="The coordinator directory")]) -> None:
@@ -112,17 +120,7 @@ def coordinator_start(directory: Annotated[Path, typer.Argument(help="The coordi
     _, cfg = load_coordinator(directory)
     proc = start_coordinator(directory)
     console.print(f"SuperLink running on {cfg.address} (pid {proc.pid}); log: {proc.log_path}. Ctrl-C stops it.")
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        while proc.running():
-            proc.remember_descendants()
-            time.sleep(1.0)
-        console.print(f"[red]the SuperLink exited (exit {proc.proc.returncode})[/]:\n{proc.tail()}")
-        raise typer.Exit(1)
-    except KeyboardInterrupt:
-        console.print("stopping the SuperLink")
-    finally:
-        proc.stop()
+    _foreground(proc, "SuperLink")
 
 
 @coordinator_app.command("admit")

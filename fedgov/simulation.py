@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 
 from fedgov.config import load_federation, load_task
 from fedgov.errors import ConfigError, FederationError, Problem
@@ -37,7 +35,7 @@ from fedgov.events import EventReader
 from fedgov.reports import load_report, plot_report, write_json_atomic
 from fedgov.nodehome import NodeHome
 from fedgov.policy import default_policy_text
-from fedgov.runtime import ManagedProcess, flower_env, free_port
+from fedgov.runtime import ManagedProcess, flower_bin, flower_env, free_port, wait_healthy
 
 __all__ = ["SimulationOptions", "run_simulation", "app_dir", "new_run_dir", "follow_run", "write_run_config"]
 
@@ -84,31 +82,6 @@ def new_run_dir(runs_dir: Path, name: str) -> Path:
     raise FederationError(f"cannot create a run directory under {runs_dir}")
 
 
-def _flwr_bin(name: str) -> str:
-    """A Flower executable from this Python's environment (not some other one on PATH)."""
-    cand = Path(sys.executable).parent / name
-    if cand.exists():
-        return str(cand)
-    found = shutil.which(name)
-    if not found:
-        raise FederationError(f"'{name}' not found: is flwr installed in this environment?")
-    return found
-
-
-def _wait_health(port: int, proc: ManagedProcess, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proc.running():
-            raise FederationError(f"the SuperLink exited at start-up:\n{proc.tail()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise FederationError(f"the SuperLink did not become ready within {timeout:.0f} s:\n{proc.tail()}")
-
-
 def _run_cli(args: list[str], env: dict[str, str], log_path: Path, timeout: float = 60.0) -> None:
     with ManagedProcess(args, env=env, log_path=log_path) as proc:
         try:
@@ -135,7 +108,7 @@ def follow_run(
     ``run_dir``; ``flwr run`` is stopped (with everything it started) on timeout or error.
     """
     run = ManagedProcess(
-        [_flwr_bin("flwr"), "run", str(app_dir()), connection, "--stream", "--run-config", str(run_config)],
+        [flower_bin("flwr"), "run", str(app_dir()), connection, "--stream", "--run-config", str(run_config)],
         env=env,
         log_path=run_dir / "logs" / "flower.log",
         name="flwr run",
@@ -250,7 +223,7 @@ def run_simulation(
     started = time.time()
     superlink = ManagedProcess(
         [
-            _flwr_bin("flower-superlink"),
+            flower_bin("flower-superlink"),
             "--simulation",
             # Simulation only: bound to loopback, no Fleet API, no node ever connects.
             "--insecure",
@@ -264,10 +237,10 @@ def run_simulation(
         name="flower-superlink",
     )
     try:
-        _wait_health(port, superlink)
+        wait_healthy(f"http://127.0.0.1:{port}/health", superlink)
         _run_cli(
             [
-                _flwr_bin("flwr"), "federation", "simulation-config",
+                flower_bin("flwr"), "federation", "simulation-config",
                 "--num-supernodes", str(len(nodes)),
                 "--client-resources-num-cpus", "1",
                 "--init-args-num-cpus", str(num_cpus),

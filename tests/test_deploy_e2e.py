@@ -4,8 +4,6 @@ with TLS and SuperNode authentication (marked ``slow``)."""
 from __future__ import annotations
 
 import json
-import os
-import textwrap
 import time
 from pathlib import Path
 
@@ -20,42 +18,14 @@ from fedgov.deploy.submit import submit_task
 from fedgov.reports import load_report
 from fedgov.runtime import free_port
 
+from _helpers import ADULT, ADULT_TEST, CONTRACT, flower_processes, write
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
-ADULT = ROOT / "data" / "adult" / "adult.csv"
-ADULT_TEST = ROOT / "data" / "adult" / "adult_test.csv"
-CONTRACT = ROOT / "configs" / "contracts" / "adult-income.toml"
-
-
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text), encoding="utf-8")
-    return path
-
-
-def _flower_processes(under: Path) -> list[int]:
-    """Live Flower processes whose command line or FLWR_HOME lies under ``under``."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if stat[stat.rfind(")") + 2 :].split()[0] == "Z":
-            continue
-        home = next((e[len(b"FLWR_HOME=") :].decode() for e in env if e.startswith(b"FLWR_HOME=")), "")
-        if (home.startswith(str(under)) or str(under) in cmd) and ("flower-" in cmd or "flwr" in cmd):
-            out.append(int(pid))
-    return out
 
 
 def _task(tmp: Path) -> Path:
-    fed = _write(
+    fed = write(
         tmp / "fed.toml",
         f"""
         name = "deploy-3"
@@ -74,7 +44,7 @@ def _task(tmp: Path) -> Path:
         code = "GM0150"
         """,
     )
-    return _write(
+    return write(
         tmp / "task.toml",
         f"""
         name = "deploy-e2e"
@@ -141,4 +111,4 @@ def test_local_federation_tls_auth_and_one_round(tmp_path: Path) -> None:
     finally:
         local_federation_down(fed_dir)
     time.sleep(0.5)
-    assert _flower_processes(tmp_path) == []
+    assert flower_processes(tmp_path) == []

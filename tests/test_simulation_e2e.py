@@ -6,8 +6,6 @@ These are the slow tests (marked ``slow``); each runs a whole federated DP task.
 from __future__ import annotations
 
 import json
-import os
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,44 +14,14 @@ from fedgov.errors import ConfigError, DataValidationError
 from fedgov.reports import load_report
 from fedgov.simulation import SimulationOptions, run_simulation
 
+from _helpers import ADULT, ADULT_TEST, CONTRACT, flower_processes, write
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
-ADULT = ROOT / "data" / "adult" / "adult.csv"
-ADULT_TEST = ROOT / "data" / "adult" / "adult_test.csv"
-CONTRACT = ROOT / "configs" / "contracts" / "adult-income.toml"
-
-
-def _flower_processes(under: Path) -> list[str]:
-    """Flower and Ray processes started for runs under ``under`` (their FLWR_HOME is there).
-
-    Only this test's own: other test sessions on the machine may run Flower at the same time.
-    """
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        home = next((e[len(b"FLWR_HOME="):].decode() for e in env if e.startswith(b"FLWR_HOME=")), "")
-        if home.startswith(str(under)) and any(
-            k in cmd for k in ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server", "ray::")
-        ):
-            out.append(cmd)
-    return out
-
-
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text), encoding="utf-8")
-    return path
 
 
 def _task(tmp: Path, federation: Path, rounds: int = 2, epsilon: float = 2.0) -> Path:
-    return _write(
+    return write(
         tmp / "task.toml",
         f"""
         name = "e2e"
@@ -77,7 +45,7 @@ def _task(tmp: Path, federation: Path, rounds: int = 2, epsilon: float = 2.0) ->
 
 
 def test_three_municipalities_two_rounds(tmp_path: Path) -> None:
-    fed = _write(
+    fed = write(
         tmp_path / "fed.toml",
         f"""
         name = "e2e-3"
@@ -102,7 +70,7 @@ def test_three_municipalities_two_rounds(tmp_path: Path) -> None:
     def on_event(ev: dict) -> None:
         events.append(ev)
         if ev.get("event") == "round" and ev.get("round") == 1:
-            seen_running.extend(_flower_processes(tmp_path))
+            seen_running.extend(flower_processes(tmp_path))
 
     run_dir = run_simulation(_task(tmp_path, fed), None, SimulationOptions(runs_dir=tmp_path / "runs"), on_event)
     # the check below can see Flower's processes: while the run went on, it did
@@ -128,7 +96,7 @@ def test_three_municipalities_two_rounds(tmp_path: Path) -> None:
         assert (run_dir / name).is_file(), name
     assert any(e.get("event") == "round" and e.get("round") == 2 for e in events)
     # nothing left running: no SuperLink, no simulation engine, no Ray
-    assert _flower_processes(tmp_path) == []
+    assert flower_processes(tmp_path) == []
     # the node data lies in per-node directories, as next to a real node
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert len(manifest) == 3
@@ -141,7 +109,7 @@ def _three_files(tmp_path: Path, third: "object") -> Path:
     parts = {"a": df.iloc[:1500], "b": df.iloc[1500:3000], "c": third(df.iloc[3000:3500].copy())}
     for name, part in parts.items():
         part.to_csv(tmp_path / f"{name}.csv", index=False)
-    return _write(
+    return write(
         tmp_path / "fed.toml",
         f"""
         name = "e2e-files"
@@ -174,7 +142,7 @@ def test_a_refusing_node_is_reported_and_the_others_go_on(tmp_path: Path) -> Non
     assert "9 training rows" in by_node["GM0150"].refusal_reason
     assert by_node["GM0363"].status == by_node["GM0344"].status == "accepted"
     assert report.rounds[0].nodes_trained and "GM0150" not in report.rounds[0].nodes_trained
-    assert _flower_processes(tmp_path) == []
+    assert flower_processes(tmp_path) == []
 
 
 def test_invalid_member_data_stops_before_flower_starts(tmp_path: Path) -> None:
@@ -187,10 +155,10 @@ def test_invalid_member_data_stops_before_flower_starts(tmp_path: Path) -> None:
         run_simulation(_task(tmp_path, fed, rounds=1), None, SimulationOptions(runs_dir=tmp_path / "runs"))
     text = str(ei.value)
     assert "found 'twelve'" in text and "column 'age'" in text and str(tmp_path / "c.csv") in text
-    assert _flower_processes(tmp_path) == []
+    assert flower_processes(tmp_path) == []
 
 
 def test_missing_federation_is_a_config_error(tmp_path: Path) -> None:
-    task = _write(tmp_path / "t.toml", f'name = "t"\ncontract = "{CONTRACT}"\n')
+    task = write(tmp_path / "t.toml", f'name = "t"\ncontract = "{CONTRACT}"\n')
     with pytest.raises(ConfigError, match="federation"):
         run_simulation(task, None, SimulationOptions(runs_dir=tmp_path / "runs"))

@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import json
 import ssl
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedgov.deploy.pki import create_dev_pki
 from fedgov.errors import ConfigError, FederationError, Problem
-from fedgov.runtime import ManagedProcess, flower_env
+from fedgov.runtime import ManagedProcess, flower_bin, flower_env
+from fedgov.runtime import wait_healthy as runtime_wait_healthy
 
 __all__ = [
     "CONFIG_FILE",
@@ -73,10 +72,7 @@ class CoordinatorConfig(BaseModel):
         return f"{host}:{self.port}"
 
 
-def flwr_bin(name: str) -> str:
-    from fedgov.simulation import _flwr_bin
-
-    return _flwr_bin(name)
+flwr_bin = flower_bin  # the name the deploy modules and tests use
 
 
 def _toml_value(v: Any) -> str:
@@ -144,18 +140,7 @@ def _ssl_context(ca_cert: Path) -> ssl.SSLContext:
 
 def wait_healthy(address: str, ca_cert: Path, proc: ManagedProcess, timeout: float = 60.0) -> None:
     """Wait until the SuperLink answers ``/health`` over HTTPS (verified against ``ca_cert``)."""
-    ctx = _ssl_context(ca_cert)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proc.running():
-            raise FederationError(f"the SuperLink exited at start-up (exit {proc.proc.returncode}):\n{proc.tail()}")
-        try:
-            if httpx.get(f"https://{address}/health", timeout=1.0, verify=ctx).is_success:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise FederationError(f"the SuperLink did not become ready within {timeout:.0f} s:\n{proc.tail()}")
+    runtime_wait_healthy(f"https://{address}/health", proc, verify=_ssl_context(ca_cert), timeout=timeout)
 
 
 def start_coordinator(directory: Path | str, *, timeout: float = 60.0) -> ManagedProcess:

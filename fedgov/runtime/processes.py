@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,9 +18,9 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["flower_env", "free_port", "kill_tree", "descendants", "ManagedProcess"]
+__all__ = ["flower_env", "flower_bin", "free_port", "kill_tree", "descendants", "wait_healthy", "ManagedProcess"]
 
 log = logging.getLogger(__name__)
 
@@ -178,3 +179,35 @@ class ManagedProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def flower_bin(name: str) -> str:
+    """A Flower executable from this Python's environment (not some other one on PATH)."""
+    from fedgov.errors import FederationError
+
+    cand = Path(sys.executable).parent / name
+    if cand.exists():
+        return str(cand)
+    found = shutil.which(name)
+    if not found:
+        raise FederationError(f"'{name}' not found: is flwr installed in this environment?")
+    return found
+
+
+def wait_healthy(url: str, proc: ManagedProcess, *, verify: Any = True, timeout: float = 60.0) -> None:
+    """Wait until ``url`` (a SuperLink's ``/health``) answers, while ``proc`` keeps running."""
+    import httpx
+
+    from fedgov.errors import FederationError
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.running():
+            raise FederationError(f"the {proc.name} exited at start-up (exit {proc.proc.returncode}):\n{proc.tail()}")
+        try:
+            if httpx.get(url, timeout=1.0, verify=verify).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise FederationError(f"the {proc.name} did not become ready within {timeout:.0f} s:\n{proc.tail()}")
