@@ -38,7 +38,7 @@ def _add_node_app() -> None:
 
 
 def _add_deploy_apps() -> None:
-    from fedgov.cli_deploy import coordinator_app, local_app, node_start, task_app
+    from fedgov.cli_deploy import app_app, coordinator_app, local_app, node_start, task_app
     from fedgov.cli_node import _guard, node_app
 
     node_app.command("start")(_guard(node_start))
@@ -46,6 +46,7 @@ def _add_deploy_apps() -> None:
     app.add_typer(coordinator_app, name="coordinator")
     app.add_typer(task_app, name="task")
     app.add_typer(local_app, name="local-federation")
+    app.add_typer(app_app, name="app")
 
 # Wide enough for the per-node table also when the output is a file or a pipe.
 console = Console(width=None if sys.stdout.isatty() else 160)

@@ -7,6 +7,7 @@ nodes on this machine, each a process of its own, for trying out and testing dep
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -26,6 +27,23 @@ local_app = typer.Typer(
 )
 
 task_app = typer.Typer(help="Run tasks on the real federation of a coordinator.", no_args_is_help=True)
+
+app_app = typer.Typer(help="The app bundle (Flower FAB) that nodes run, and its hash.", no_args_is_help=True)
+
+
+@app_app.command("hash")
+@_guard
+def app_hash(
+    directory: Annotated[
+        Path | None, typer.Argument(help="A Flower app directory (default: this fedgov installation's app)")
+    ] = None,
+) -> None:
+    """Print the SHA-256 of the app bundle built from DIR: what a node's accept.apps lists."""
+    from fedgov.deploy.trust import build_bundle, bundle_hash
+
+    fab = build_bundle(directory)
+    print(bundle_hash(fab))
+
 
 CoordDir = Annotated[Path, typer.Option("--coordinator-dir", "-C", help="The coordinator directory")]
 
@@ -51,6 +69,73 @@ def task_submit(
         print(report.model_dump_json(indent=2))
 
 
+def _runs_table(infos: list) -> Table:  # type: ignore[type-arg]
+    table = Table(title="runs at the coordinator")
+    for col in ("run id", "status", "task", "rounds", "elapsed", "run directory"):
+        table.add_column(col)
+    for i in infos:
+        rounds = f"{i.rounds_done or 0}/{i.rounds_planned}" if i.rounds_planned else ("-" if i.rounds_done is None else str(i.rounds_done))
+        status = i.status + (f" ({i.status_details})" if i.status_details else "")
+        table.add_row(str(i.run_id), status, i.task or "-", rounds, f"{i.elapsed_s:.0f} s" if i.elapsed_s is not None else "-", i.run_dir or "-")
+    return table
+
+
+RunsDir = Annotated[Path, typer.Option(help="Where 'fedgov task submit' created run directories")]
+
+
+@task_app.command("list")
+@_guard
+def task_list(
+    coordinator_dir: CoordDir,
+    runs_dir: RunsDir = Path("runs"),
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """List the runs at the coordinator (run it on the coordinator's host), newest first."""
+    from fedgov.cli import console
+    from fedgov.deploy.tasks import list_runs
+
+    infos = list_runs(coordinator_dir, runs_dir)
+    if json_out:
+        print(json.dumps([i.model_dump(mode="json") for i in infos], indent=2))
+        return
+    console.print(_runs_table(infos) if infos else "no runs at this coordinator yet")
+
+
+@task_app.command("status")
+@_guard
+def task_status(
+    run_id: Annotated[int, typer.Argument(help="The run id ('fedgov task list')")],
+    coordinator_dir: CoordDir,
+    runs_dir: RunsDir = Path("runs"),
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """One run: Flower's status and timings, and fedgov's rounds, run directory and report."""
+    from fedgov.cli import console
+    from fedgov.deploy.tasks import run_status
+
+    info = run_status(coordinator_dir, run_id, runs_dir)
+    if json_out:
+        print(info.model_dump_json(indent=2))
+        return
+    console.print(_runs_table([info]))
+    if info.message:
+        console.print(f"report: {info.report_status}: {info.message}")
+
+
+@task_app.command("stop")
+@_guard
+def task_stop(
+    run_id: Annotated[int, typer.Argument(help="The run id ('fedgov task list')")],
+    coordinator_dir: CoordDir,
+) -> None:
+    """Stop a running task; the nodes' ledgers keep what was spent, and release the rest."""
+    from fedgov.cli import console
+    from fedgov.deploy.tasks import stop_run
+
+    info = stop_run(coordinator_dir, run_id)
+    console.print(f"run {run_id}: {info.status}")
+
+
 def node_start(
     node_dir: Annotated[Path, typer.Argument(help="The node directory ('fedgov node init')")],
     coordinator: Annotated[str, typer.Option("--coordinator", help="The coordinator's address, host:port")],
@@ -70,44 +155,48 @@ def node_start(
 @_guard
 def coordinator_init(
     directory: Annotated[Path, typer.Argument(help="The new coordinator directory")],
-    host: Annotated[str, typer.Option(help="Address the SuperLink listens on (Fleet AND Control API: keep it private)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="The SuperLink's HTTPS port")] = 9092,
+    host: Annotated[str, typer.Option(help="Address the nodes connect to (the gateway listens here), e.g. 0.0.0.0")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The gateway's HTTPS port (Fleet API only)")] = 9092,
+    superlink_port: Annotated[int | None, typer.Option(help="The SuperLink's own port on 127.0.0.1 (default: port + 1)")] = None,
     san: Annotated[list[str] | None, typer.Option("--san", help="Extra host name or IP for the server certificate")] = None,
 ) -> None:
     """Create a coordinator directory: development CA and server certificate, coordinator.toml."""
     from fedgov.cli import console
     from fedgov.deploy.coordinator import init_coordinator
 
-    cfg = init_coordinator(directory, host=host, port=port, hosts=tuple(san or ()))
+    cfg = init_coordinator(directory, host=host, port=port, superlink_port=superlink_port, hosts=tuple(san or ()))
     base = directory.resolve()
-    console.print(f"coordinator directory {base} created (SuperLink on {cfg.host}:{cfg.port})")
+    console.print(
+        f"coordinator directory {base} created: nodes connect to {cfg.host}:{cfg.port} (Fleet API only); "
+        f"the SuperLink and its Control API stay on {cfg.control_address}"
+    )
     console.print(f"  give the nodes the CA certificate: {cfg.path(base, cfg.ca_cert)}")
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(
-            "[yellow]warning:[/] the Control API shares this port and has no authentication in "
-            "open-source Flower: whoever reaches it can submit runs."
-        )
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _foreground(proc: ManagedProcess, what: str) -> None:
-    """Keep a daemon in the foreground until Ctrl-C or SIGTERM; stop it with all it started."""
+def _foreground(procs: ManagedProcess | list[ManagedProcess], what: str) -> None:
+    """Keep a daemon (one or more processes) in the foreground until Ctrl-C or SIGTERM; stop it
+    with all it started. If one of its processes exits, the others are stopped too."""
     from fedgov.cli import console
 
+    group = procs if isinstance(procs, list) else [procs]
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        while proc.running():
-            proc.remember_descendants()
+        while all(p.running() for p in group):
+            for p in group:
+                p.remember_descendants()
             time.sleep(1.0)
-        console.print(f"[red]the {what} exited (exit {proc.proc.returncode})[/]:\n{proc.tail()}")
+        dead = next(p for p in group if not p.running())
+        console.print(f"[red]the {what} ({dead.name}) exited (exit {dead.proc.returncode})[/]:\n{dead.tail()}")
         raise typer.Exit(1)
     except KeyboardInterrupt:
         console.print(f"stopping the {what}")
     finally:
-        proc.stop()
+        for p in reversed(group):
+            p.stop()
 
 
 @coordinator_app.command("start")
@@ -118,9 +207,13 @@ def coordinator_start(directory: Annotated[Path, typer.Argument(help="The coordi
     from fedgov.deploy.coordinator import load_coordinator, start_coordinator
 
     _, cfg = load_coordinator(directory)
-    proc = start_coordinator(directory)
-    console.print(f"SuperLink running on {cfg.address} (pid {proc.pid}); log: {proc.log_path}. Ctrl-C stops it.")
-    _foreground(proc, "SuperLink")
+    coordinator = start_coordinator(directory)
+    console.print(
+        f"coordinator running: nodes connect to {cfg.host}:{cfg.port} (gateway, Fleet API only, pid "
+        f"{coordinator.gateway.pid}); SuperLink on {cfg.control_address} (this host only, pid "
+        f"{coordinator.superlink.pid}); logs in {coordinator.superlink.log_path.parent}. Ctrl-C stops it."
+    )
+    _foreground(coordinator.procs, "coordinator")
 
 
 @coordinator_app.command("admit")
@@ -165,7 +258,10 @@ def local_up(
     from fedgov.deploy.local import local_federation_up
 
     state = local_federation_up(directory, nodes=nodes, task_path=task)
-    console.print(f"coordinator on {state['address']} (pid {state['superlink']}), {len(state['nodes'])} node(s) online:")
+    console.print(
+        f"coordinator on {state['address']} (gateway pid {state['gateway']}, SuperLink pid {state['superlink']} "
+        f"on {state['control_address']}), {len(state['nodes'])} node(s) online:"
+    )
     for code, n in state["nodes"].items():
         console.print(f"  {code}: pid {n['pid']}, node id {n['node_id']}")
     console.print(f"submit a task: fedgov task submit configs/tasks/adult-income.toml -C {state['coordinator']}")

@@ -121,9 +121,14 @@ def _hello(grid: Grid, node_ids: list[int], task: Task, contract: Contract, time
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         nid = reply.metadata.src_node_id
         if reply.has_error():
-            answers[nid] = P.NodeHello(
-                node=f"node-{nid}", accepted=False, code=P.RefusalCode.INTERNAL, reason=(reply.error.reason or "no reason given")[:500]
-            )
+            reason = reply.error.reason or "no reason given"
+            code = P.RefusalCode.INTERNAL
+            if P.RefusalCode.APP_NOT_TRUSTED.value in reason:
+                # The node refused the bundle before running any of it (fedgov.deploy.clientapp).
+                code = P.RefusalCode.APP_NOT_TRUSTED
+                reason = reason[reason.index(P.RefusalCode.APP_NOT_TRUSTED.value):].rstrip("'>")
+                reason = reason.removeprefix(f"{P.RefusalCode.APP_NOT_TRUSTED.value}: ")
+            answers[nid] = P.NodeHello(node=f"node-{nid}", accepted=False, code=code, reason=reason[:500])
             continue
         try:
             raw = reply.content[P.HELLO][P.NODE_JSON]
@@ -322,6 +327,7 @@ def run_training(
     connect_timeout: float = 120.0,
     reply_timeout: float = 600.0,
     local_baseline: bool = True,
+    flower_run_id: int | None = None,
 ) -> TrainingReport:
     """Run a training task over the nodes connected to ``grid``; write and return the report."""
     import torch
@@ -338,6 +344,7 @@ def run_training(
         federation=federation,
         contract=contract.ref,
         mode=mode,  # type: ignore[arg-type]
+        flower_run_id=flower_run_id,
         started=datetime.now(timezone.utc),
         model=task.model.name,
         strategy=task.training.strategy,
@@ -357,6 +364,9 @@ def run_training(
         write_json_atomic(report_path, report.model_dump_json(indent=2))
 
     admitted_ids: list[int] = []
+    recorder: _Recorder | None = None
+    evaluator: CentralEvaluator | None = None
+    events.emit("started", task=task.name, mode=mode, flower_run_id=flower_run_id)
     try:
         node_ids = wait_for_nodes(grid, expected_nodes, connect_timeout)
         events.emit("nodes-connected", count=len(node_ids), expected=expected_nodes)
@@ -406,24 +416,7 @@ def run_training(
             evaluate_config=ConfigRecord(dict(cfg)),
             evaluate_fn=evaluator,
         )
-        report.rounds = [recorder.rounds[r] for r in sorted(recorder.rounds) if r > 0]
-        for nr in report.nodes:
-            tr = recorder.node_train.get(nr.node)
-            if tr:
-                nr.epsilon = tr.get("epsilon")
-                nr.delta = tr.get("delta", nr.delta)
-                nr.noise_multiplier = tr.get("noise-multiplier", nr.noise_multiplier)
-            nr.rounds_trained = recorder.node_rounds.get(nr.node, 0)
-            ev = recorder.node_eval.get(nr.node)
-            if ev:
-                nr.federated_accuracy = ev.get("accuracy")
-                auc = ev.get("auc")
-                nr.federated_auc = None if auc is None or math.isnan(auc) else auc
-            if nr.status == "accepted" and nr.rounds_trained == 0:
-                nr.status = "failed"
-        last = report.rounds[-1] if report.rounds else None
-        if last is not None and last.accuracy is not None:
-            report.final = GlobalMetrics(accuracy=last.accuracy, loss=last.loss or 0.0, auc=last.auc, n=0 if evaluator.y is None else len(evaluator.y))
+        _collect(report, recorder, evaluator)
         if local_baseline:
             events.emit("baselines", nodes=len(admitted))
             _baselines(grid, admitted, names, task, contract, report, timeout=reply_timeout)
@@ -433,6 +426,8 @@ def run_training(
         report.status = "completed"
     except Exception as exc:  # the report must say what happened, whatever it was
         log.exception("training task failed")
+        if recorder is not None and evaluator is not None and not report.rounds:
+            _collect(report, recorder, evaluator)
         report.status = "failed"
         report.message = str(exc)
         events.emit("failed", message=str(exc))
@@ -445,6 +440,29 @@ def run_training(
         save()
         events.emit("report", path=str(report_path), status=report.status)
     return report
+
+
+def _collect(report: TrainingReport, recorder: _Recorder, evaluator: CentralEvaluator) -> None:
+    """Copy what the strategy saw (rounds, each node's epsilon and accuracy) into the report;
+    also after a failure, so that a stopped run still shows the rounds it completed."""
+    report.rounds = [recorder.rounds[r] for r in sorted(recorder.rounds) if r > 0]
+    for nr in report.nodes:
+        tr = recorder.node_train.get(nr.node)
+        if tr:
+            nr.epsilon = tr.get("epsilon")
+            nr.delta = tr.get("delta", nr.delta)
+            nr.noise_multiplier = tr.get("noise-multiplier", nr.noise_multiplier)
+        nr.rounds_trained = recorder.node_rounds.get(nr.node, 0)
+        ev = recorder.node_eval.get(nr.node)
+        if ev:
+            nr.federated_accuracy = ev.get("accuracy")
+            auc = ev.get("auc")
+            nr.federated_auc = None if auc is None or math.isnan(auc) else auc
+        if nr.status == "accepted" and nr.rounds_trained == 0:
+            nr.status = "failed"
+    last = report.rounds[-1] if report.rounds else None
+    if last is not None and last.accuracy is not None:
+        report.final = GlobalMetrics(accuracy=last.accuracy, loss=last.loss or 0.0, auc=last.auc, n=0 if evaluator.y is None else len(evaluator.y))
 
 
 def _end(grid: Grid, node_ids: list[int], task: Task, contract: Contract, timeout: float = 60.0) -> None:

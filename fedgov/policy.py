@@ -147,8 +147,26 @@ class AcceptSpec(StrictModel):
     strategies: list[Literal["fedavg", "fedprox"]] = Field(default=["fedavg", "fedprox"])
     coordinators: list[str] = Field(default_factory=lambda: ["*"])
     submitters: list[str] = Field(default_factory=lambda: ["*"])
+    apps: list[str] = Field(
+        default_factory=lambda: ["fedgov"],
+        description=(
+            "app bundles (Flower FABs) whose code this node runs: 'fedgov' (the bundle this "
+            "node's own fedgov installation builds), a bundle's sha256, or '*' (any: warned)"
+        ),
+    )
 
-    @field_validator("kinds", "models", "strategies", "coordinators", "submitters")
+    @field_validator("apps")
+    @classmethod
+    def _apps(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if v not in ("fedgov", "*") and not re.fullmatch(r"[0-9a-f]{64}", v)]
+        if bad:
+            raise ValueError(
+                "each entry must be 'fedgov', '*' or a bundle's sha256 (64 lower-case hex digits); "
+                f"not {', '.join(repr(v) for v in bad)}"
+            )
+        return value
+
+    @field_validator("kinds", "models", "strategies", "coordinators", "submitters", "apps")
     @classmethod
     def _not_empty(cls, value: list[str], info: ValidationInfo) -> list[str]:
         if not value:
@@ -463,6 +481,7 @@ def default_policy_text(
     strategies: Sequence[str] = STRATEGIES,
     coordinators: Sequence[str] = ("*",),
     submitters: Sequence[str] = ("*",),
+    apps: Sequence[str] = ("fedgov",),
 ) -> str:
     """A commented policy file for one data set (``fedgov node init``, simulated nodes).
 
@@ -514,6 +533,10 @@ models = {_list(models)}
 strategies = {_list(strategies)}
 coordinators = {_list(coordinators)}
 submitters = {_list(submitters)}
+# Task code this node runs (deployment): "fedgov" is the app bundle built by this node's
+# own fedgov installation; add a bundle's sha256 ('fedgov app hash') to trust another.
+# "*" runs any bundle the coordinator sends, and warns every time.
+apps = {_list(apps)}
 
 # Minimums every task must meet at this node, whatever the coordinator asks.
 [limits]

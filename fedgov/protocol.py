@@ -60,6 +60,7 @@ class RefusalCode(str, Enum):
     PENDING_APPROVAL = "pending-approval"
     BUDGET_EXHAUSTED = "budget-exhausted"
     NOT_ADMITTED = "not-admitted"
+    APP_NOT_TRUSTED = "app-not-trusted"
     INTERNAL = "internal-error"
     # A policy rule (fedgov.policy.PolicyCode) refuses with its own code, e.g. epsilon-above-max.
 

@@ -89,6 +89,7 @@ class TrainingReport(_Model):
     federation: str
     contract: str
     mode: Literal["simulation", "deployment"] = "simulation"
+    flower_run_id: int | None = Field(default=None, description="the run's id at the SuperLink (flwr ls, fedgov task status)")
     status: Literal["completed", "failed", "running"] = "running"
     message: str = ""
     started: datetime

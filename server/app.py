@@ -37,5 +37,8 @@ def main(grid: Grid, context: Context) -> None:
         federation=Path(federation).stem if federation != "(deployment)" else federation,
         local_baseline=bool(cfg.get("local-baseline", True)),
         mode="deployment" if str(cfg.get("mode", "simulation")) == "deployment" else "simulation",
+        connect_timeout=task.training.node_wait,
+        reply_timeout=task.training.reply_timeout,
+        flower_run_id=int(context.run_id),
     )
     log.info("fedgov run %s finished: %s", report.run_id, report.status)

@@ -36,14 +36,33 @@ def test_init_coordinator_writes_config_and_refuses_to_overwrite(tmp_path: Path)
     init_coordinator(d, port=9555)
     base, cfg = load_coordinator(d)
     assert cfg.port == 9555 and cfg.address == "127.0.0.1:9555"
+    # The SuperLink (and its Control API) on its own loopback port; flwr and fedgov task use it.
+    assert cfg.superlink_port == 9556 and cfg.control_address == "127.0.0.1:9556"
     assert cfg.path(base, cfg.ca_cert).is_file()
     flwr_cfg = (base / "flwr-home" / "config.toml").read_text()
     assert "root-certificates" in flwr_cfg and "insecure" not in flwr_cfg
+    assert '"127.0.0.1:9556"' in flwr_cfg
     with pytest.raises(ConfigError):
         init_coordinator(d)
     (d / CONFIG_FILE).write_text("port = 'x'\n")
     with pytest.raises(ConfigError):
         load_coordinator(d)
+
+
+def test_public_host_never_reaches_the_superlink(tmp_path: Path) -> None:
+    init_coordinator(tmp_path / "c", host="0.0.0.0", port=9092, superlink_port=9300)
+    base, cfg = load_coordinator(tmp_path / "c")
+    from fedgov.deploy.coordinator import gateway_args, superlink_args
+
+    link = superlink_args(base, cfg)
+    assert link[link.index("--host") + 1] == "127.0.0.1" and link[link.index("--port") + 1] == "9300"
+    assert "--enable-supernode-auth" in link and "--insecure" not in link and "--ssl-certfile" in link
+    gw = gateway_args(base, cfg)
+    assert gw[gw.index("--host") + 1] == "0.0.0.0" and gw[gw.index("--port") + 1] == "9092"
+    assert gw[gw.index("--upstream") + 1] == "https://127.0.0.1:9300"
+    assert cfg.address == "127.0.0.1:9092"  # as seen from this host
+    with pytest.raises(ConfigError):
+        init_coordinator(tmp_path / "d", port=9400, superlink_port=9400)
 
 
 def test_node_command_line_uses_tls_and_the_node_key(tmp_path: Path) -> None:
@@ -56,7 +75,8 @@ def test_node_command_line_uses_tls_and_the_node_key(tmp_path: Path) -> None:
 
 
 def test_cli_registers_deploy_commands(tmp_path: Path) -> None:
-    for group in (["coordinator", "--help"], ["local-federation", "--help"]):
+    for group in (["coordinator", "--help"], ["local-federation", "--help"], ["task", "list", "--help"],
+                  ["task", "status", "--help"], ["task", "stop", "--help"], ["app", "hash", "--help"]):
         out = runner.invoke(app, group)
         assert out.exit_code == 0, out.output
     out = runner.invoke(app, ["coordinator", "init", str(tmp_path / "c"), "--port", "9556"])

@@ -53,6 +53,13 @@ class TrainingSpec(StrictModel):
     fraction_train: float = Field(default=1.0, gt=0, le=1)
     fraction_evaluate: float = Field(default=1.0, ge=0, le=1)
     min_nodes: int = Field(default=2, ge=1)
+    node_wait: float = Field(
+        default=120.0, gt=0, le=86_400,
+        description="seconds to wait for nodes to connect, and for enough to be back when fewer than min_nodes are online",
+    )
+    reply_timeout: float = Field(
+        default=600.0, gt=0, le=86_400, description="seconds to wait for the nodes' replies in each phase of a round"
+    )
     seed: int = 0
 
     @model_validator(mode="after")

@@ -25,7 +25,15 @@ from typing import Any
 from fedgov.errors import ConfigError, FederationError, Problem
 from fedgov.runtime import ManagedProcess, free_port, kill_tree
 
-__all__ = ["STATE_FILE", "local_federation_down", "local_federation_up", "read_state"]
+__all__ = [
+    "STATE_FILE",
+    "local_federation_down",
+    "local_federation_up",
+    "read_state",
+    "restart_coordinator",
+    "start_local_node",
+    "stop_local_node",
+]
 
 STATE_FILE = "local-federation.json"
 
@@ -116,12 +124,12 @@ def local_federation_up(
         raise FederationError(f"a local federation is already running in {base}; stop it with 'fedgov local-federation down'")
     coord_dir = base / "coordinator"
     if not (coord_dir / "coordinator.toml").is_file():
-        init_coordinator(coord_dir, port=free_port())
+        init_coordinator(coord_dir, port=free_port(), superlink_port=free_port())
     _, cfg = load_coordinator(coord_dir)
     ca = cfg.path(coord_dir, cfg.ca_cert)
     members = _prepare_nodes(base, nodes, (task_path or _default_task()).resolve(), budget)
 
-    started: list[ManagedProcess] = []
+    started: list[ManagedProcess] = []  # in start order: stopped in reverse
     state: dict[str, Any] = {
         "dir": str(base),
         "coordinator": str(coord_dir),
@@ -130,13 +138,15 @@ def local_federation_up(
         "connection": "fedgov",
         "flwr_home": str(cfg.path(coord_dir, cfg.flwr_home)),
         "superlink": None,
+        "gateway": None,
+        "control_address": cfg.control_address,
         "nodes": {},
         "admitted": dict(old.get("admitted", {})),
     }
     try:
-        link = start_coordinator(coord_dir)
-        started.append(link)
-        state["superlink"] = link.pid
+        coordinator = start_coordinator(coord_dir)
+        started.extend(coordinator.procs)
+        state["superlink"], state["gateway"] = coordinator.superlink.pid, coordinator.gateway.pid
         _write_state(base, state)
         for code, node_dir in members:
             if code not in state["admitted"]:
@@ -153,7 +163,7 @@ def local_federation_up(
     except BaseException:
         for p in reversed(started):
             p.stop()
-        state["superlink"], state["nodes"] = None, {}
+        state["superlink"], state["gateway"], state["nodes"] = None, None, {}
         _write_state(base, state)
         raise
     for p in started:
@@ -177,10 +187,76 @@ def _wait_online(coord_dir: Path, ids: set[str], procs: list[ManagedProcess], ti
     raise FederationError(f"nodes not online within {timeout:.0f} s: {sorted(ids - online)}")
 
 
+def restart_coordinator(directory: Path | str, *, grace: float = 10.0) -> dict[str, Any]:
+    """Stop the local federation's coordinator (gateway and SuperLink) and start it again.
+
+    The nodes keep running: they retry until the SuperLink is back and reconnect with the node
+    ids their keys were registered under (the SuperLink's state database keeps them).
+    """
+    from fedgov.deploy.coordinator import start_coordinator
+
+    base = Path(directory).resolve()
+    state = read_state(base)
+    if not state:
+        raise FederationError(f"no local federation in {base}")
+    for key in ("gateway", "superlink"):
+        pid = state.get(key)
+        if pid and _alive(int(pid)) and _is_flower(int(pid)):
+            kill_tree(int(pid), grace=grace)
+        if pid:
+            _reap(int(pid))
+    state["superlink"] = state["gateway"] = None
+    _write_state(base, state)
+    coordinator = start_coordinator(state["coordinator"])
+    state["superlink"], state["gateway"] = coordinator.superlink.pid, coordinator.gateway.pid
+    _write_state(base, state)
+    for p in coordinator.procs:
+        p._log.close()
+    return state
+
+
+def stop_local_node(directory: Path | str, code: str, *, grace: float = 10.0) -> None:
+    """Stop one node of the local federation (as a crash or a reboot would)."""
+    base = Path(directory).resolve()
+    state = read_state(base)
+    node = state.get("nodes", {}).get(code)
+    if node is None:
+        raise FederationError(f"node {code} is not running in the local federation in {base}")
+    pid = int(node["pid"])
+    if _alive(pid) and _is_flower(pid):
+        kill_tree(pid, grace=grace)
+    _reap(pid)
+    node["pid"] = None
+    _write_state(base, state)
+
+
+def start_local_node(directory: Path | str, code: str) -> dict[str, Any]:
+    """(Re)start one node of the local federation; it keeps its node id (its key is registered)."""
+    from fedgov.deploy.node import start_node
+
+    base = Path(directory).resolve()
+    state = read_state(base)
+    node = state.get("nodes", {}).get(code)
+    if node is None:
+        raise FederationError(f"node {code} is not part of the local federation in {base}")
+    if node.get("pid") and _alive(int(node["pid"])):
+        raise FederationError(f"node {code} is already running (pid {node['pid']})")
+    port = free_port()
+    proc = start_node(
+        Path(node["node_dir"]), state["address"], Path(state["ca_cert"]), port, name=code,
+        log_path=base / "logs" / f"supernode-{code}.log",
+    )
+    node["pid"], node["port"] = proc.pid, port
+    _write_state(base, state)
+    proc._log.close()
+    return state
+
+
 def _pids(state: dict[str, Any]) -> list[int]:
-    pids = [int(n["pid"]) for n in state.get("nodes", {}).values()]
-    if state.get("superlink"):
-        pids.append(int(state["superlink"]))
+    pids = [int(n["pid"]) for n in state.get("nodes", {}).values() if n.get("pid")]
+    for key in ("gateway", "superlink"):
+        if state.get(key):
+            pids.append(int(state[key]))
     return pids
 
 
@@ -195,7 +271,7 @@ def local_federation_down(directory: Path | str, *, grace: float = 10.0) -> list
             stopped.append(pid)
         _reap(pid)
     if state:
-        state["superlink"], state["nodes"] = None, {}
+        state["superlink"], state["gateway"], state["nodes"] = None, None, {}
         _write_state(base, state)
     return stopped
 
@@ -214,4 +290,4 @@ def _is_flower(pid: int) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    return "flower-superlink" in cmd or "flower-supernode" in cmd
+    return "flower-superlink" in cmd or "flower-supernode" in cmd or "fedgov.deploy.gateway" in cmd

@@ -4,17 +4,34 @@ The node connects to the coordinator's SuperLink over TLS (trusting ``ca_cert``)
 its requests with ``<node-dir>/node-key`` (the key pair ``fedgov node init`` made; only the
 public half, ``node-key.pub``, is given to the coordinator for admission). Its ClientApp
 finds its directory, policy and data through ``--node-config node-name=... node-dir=...``.
+Every app bundle the coordinator sends is checked against the policy's ``accept.apps``
+before it is installed (:mod:`fedgov.deploy.clientapp`).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fedgov.errors import ConfigError, Problem
 from fedgov.nodehome import NodeHome
 from fedgov.runtime import ManagedProcess, flower_env
 
-__all__ = ["start_node", "node_args"]
+__all__ = ["start_node", "node_args", "node_env"]
+
+
+def node_env(node_dir: Path) -> dict[str, str]:
+    """The SuperNode's environment: fedgov's ``flwr-clientapp`` (with the bundle check) first on PATH."""
+    from fedgov.deploy.clientapp import write_shim
+    from fedgov.deploy.trust import local_bundle_hash
+
+    env = flower_env(node_dir / "flwr-home")
+    shim_dir = write_shim(node_dir / "bin")
+    env["PATH"] = str(shim_dir) + os.pathsep + env["PATH"]
+    env["FEDGOV_NODE_DIR"] = str(node_dir)
+    # What "fedgov" in accept.apps stands for: the bundle this installation builds.
+    env["FEDGOV_APP_HASH"] = local_bundle_hash()
+    return env
 
 
 def node_args(node_dir: Path, name: str, superlink_address: str, ca_cert: Path, port: int) -> list[str]:
@@ -57,7 +74,7 @@ def start_node(
     flwr_home.mkdir(exist_ok=True)
     return ManagedProcess(
         node_args(home.path, node_name, superlink_address, Path(ca_cert).resolve(), port),
-        env=flower_env(flwr_home),
+        env=node_env(home.path),
         log_path=log_path or home.path / "logs" / "supernode.log",
         cwd=home.path,
         name=f"flower-supernode {node_name}",

@@ -9,6 +9,7 @@ coordinator's host: Flower's Control API is not exposed to the network.
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from fedgov.config import load_task
@@ -19,6 +20,23 @@ from fedgov.runtime import flower_env
 from fedgov.simulation import EventCallback, follow_run, new_run_dir, write_run_config
 
 __all__ = ["submit_task"]
+
+
+def _stopped_note(coordinator_dir: Path, run_dir: Path) -> str | None:
+    """'run N was stopped ...' if the SuperLink says the run was stopped, else None."""
+    from fedgov.deploy.tasks import run_dirs, run_status
+
+    ids = [rid for rid, d in run_dirs(run_dir.parent).items() if d == run_dir]
+    if not ids:
+        return None
+    try:
+        info = run_status(coordinator_dir, ids[0], run_dir.parent)
+    except FederationError:
+        return None
+    if info.status == "finished:stopped":
+        done = f" after round {info.rounds_done}" if info.rounds_done else ""
+        return f"run {ids[0]} was stopped at the coordinator ('fedgov task stop'){done}"
+    return None
 
 
 def submit_task(
@@ -48,11 +66,20 @@ def submit_task(
     started = time.time()
     follow_run(CONNECTION, run_config, env=flower_env(cfg.path(base, cfg.flwr_home)), run_dir=run_dir, emit=emit, timeout=timeout)
     report_path = run_dir / "report.json"
-    if not report_path.is_file():
+    report = load_report(report_path) if report_path.is_file() else None
+    if report is None or report.status == "running":
+        stopped = _stopped_note(coordinator_dir, run_dir)
+        if report is not None:
+            report.status, report.message = "failed", stopped or "the ServerApp ended before the run did"
+            report.finished = datetime.now(timezone.utc)
+            write_json_atomic(report_path, report.model_dump_json(indent=2))
         log = run_dir / "logs" / "flower.log"
         tail = "\n".join(log.read_text("utf-8", errors="replace").splitlines()[-25:]) if log.is_file() else ""
+        if stopped:
+            err = FederationError(f"{stopped} (run directory: {run_dir})")
+            err.run_dir = run_dir  # type: ignore[attr-defined]
+            raise err
         raise FederationError(f"the run ended without a report; see {log}:\n{tail}")
-    report = load_report(report_path)
     if report.status != "completed":
         err = FederationError(f"the run failed: {report.message} (report: {report_path})")
         err.run_dir = run_dir  # type: ignore[attr-defined]

@@ -1,0 +1,135 @@
+"""``flwr-clientapp`` for a fedgov node: Flower's own, with the app-bundle check in front.
+
+A SuperNode (subprocess isolation) starts ``flower-superexec``, which starts one
+``flwr-clientapp`` process per message, by name from ``PATH``. ``fedgov node start`` puts a
+``flwr-clientapp`` of its own first on the SuperNode's ``PATH`` (:func:`write_shim`); it runs
+:func:`main`, which is Flower's ``flwr-clientapp`` except that, after the message and the
+bundle are pulled and before the bundle is installed or imported, the bundle's hash is checked
+against the node's policy (:func:`fedgov.deploy.trust.check_bundle`). An untrusted bundle is
+never unpacked: the node writes ``app-refused`` to its audit log, and Flower's error path
+sends the coordinator an error reply whose reason starts with ``app-not-trusted``.
+
+The hook points (``pull_task_input`` and ``install_from_fab`` in
+``flwr.supernode.runtime.run_clientapp``) are those of Flower 1.42, which fedgov pins;
+:func:`install_hooks` fails loudly if they are missing rather than run unchecked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["UntrustedApp", "install_hooks", "main", "write_shim", "SHIM_NAME"]
+
+SHIM_NAME = "flwr-clientapp"
+log = logging.getLogger("fedgov.node")
+
+
+class UntrustedApp(RuntimeError):
+    """The coordinator sent an app bundle that this node's policy does not list."""
+
+
+def _node_dir(context: Any) -> Path | None:
+    nc = getattr(context, "node_config", {}) or {}
+    if "node-dir" in nc:
+        return Path(str(nc["node-dir"]))
+    env = os.environ.get("FEDGOV_NODE_DIR")
+    return Path(env) if env else None
+
+
+def _task_id(message: Any) -> str | None:
+    try:  # fedgov's own (installed) copy, imported only to label the refusal
+        from clients.context import task_id
+
+        return task_id(message)
+    except Exception:  # noqa: BLE001 - a hello without a task, or a foreign bundle's message
+        return None
+
+
+def check_pulled(message: Any, context: Any, run: Any, fab_content: bytes) -> None:
+    """Refuse (audit and raise :class:`UntrustedApp`) unless the node's policy trusts the bundle."""
+    from fedgov.deploy.trust import check_bundle
+    from fedgov.nodehome import NodeHome
+
+    fab_hash = hashlib.sha256(fab_content).hexdigest()
+    node_dir = _node_dir(context)
+    if node_dir is None:
+        raise UntrustedApp("app-not-trusted: this SuperNode has no fedgov node directory (node-dir), so no policy trusts any bundle")
+    home = NodeHome(node_dir)
+    try:
+        policy = home.policy()
+    except Exception as exc:  # noqa: BLE001 - fail closed: no readable policy, no code runs
+        raise UntrustedApp(f"app-not-trusted: the node's policy could not be read ({type(exc).__name__}); no bundle is trusted") from None
+    # fedgov node start computed its own bundle's hash once and handed it down (FEDGOV_APP_HASH).
+    verdict = check_bundle(policy, fab_hash, local_hash=os.environ.get("FEDGOV_APP_HASH") or None)
+    run_info = {
+        "run_id": int(getattr(run, "run_id", 0) or 0),
+        "fab_id": str(getattr(run, "fab_id", "")),
+        "fab_version": str(getattr(run, "fab_version", "")),
+        "fab_hash": fab_hash,
+    }
+    if not verdict.trusted:
+        home.audit.append("app-refused", task_id=_task_id(message), payload={**run_info, "reason": verdict.reason})
+        log.error("%s", verdict.reason)
+        raise UntrustedApp(verdict.reason)
+    if verdict.warning:
+        home.audit.append("app-unchecked", task_id=_task_id(message), payload={**run_info, "warning": verdict.warning})
+        log.warning("%s", verdict.warning)
+        print(f"WARNING: {verdict.warning}", file=sys.stderr, flush=True)
+
+
+def install_hooks() -> None:
+    """Wrap Flower's ClientApp runner so that every bundle is checked before it is installed."""
+    import flwr.supernode.runtime.run_clientapp as rc
+
+    for name in ("pull_task_input", "install_from_fab", "run_clientapp"):
+        if not callable(getattr(rc, name, None)):
+            raise RuntimeError(
+                f"flwr.supernode.runtime.run_clientapp.{name} is missing: this Flower is not the 1.42 that "
+                "fedgov's bundle check is built on; refusing to run ClientApps unchecked"
+            )
+    if getattr(rc, "_fedgov_hooked", False):
+        return
+    pull, install = rc.pull_task_input, rc.install_from_fab
+    pulled: dict[str, Any] = {}
+
+    def pull_task_input(client: Any) -> Any:
+        message, context, run, fab = pull(client)
+        pulled.update(message=message, context=context, run=run)
+        return message, context, run, fab
+
+    def install_from_fab(fab_content: bytes, *args: Any, **kwargs: Any) -> Any:
+        check_pulled(pulled.get("message"), pulled.get("context"), pulled.get("run"), fab_content)
+        return install(fab_content, *args, **kwargs)
+
+    rc.pull_task_input = pull_task_input
+    rc.install_from_fab = install_from_fab  # type: ignore[assignment]
+    rc._fedgov_hooked = True  # type: ignore[attr-defined]
+
+
+def write_shim(bindir: Path) -> Path:
+    """Write ``bindir/flwr-clientapp`` that runs :func:`main` with this Python; return ``bindir``."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    shim = bindir / SHIM_NAME
+    text = f'#!/bin/sh\n# fedgov: Flower\'s flwr-clientapp with the node\'s app-bundle check\nexec "{sys.executable}" -m fedgov.deploy.clientapp "$@"\n'
+    tmp = shim.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP)
+    tmp.replace(shim)
+    return bindir
+
+
+def main() -> None:
+    install_hooks()
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+    flwr_clientapp()
+
+
+if __name__ == "__main__":
+    main()

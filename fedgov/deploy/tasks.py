@@ -1,0 +1,140 @@
+"""``fedgov task list|status|stop``: the runs at a coordinator, joined with fedgov's run directories.
+
+Flower knows each run by its id, status and timings (``flwr ls``, over the Control API on the
+coordinator's own host); fedgov knows what a run is for: its task, its run directory, its rounds
+and its report. The ServerApp writes the Flower run id into the run's first event
+(``events.jsonl``, ``started``) and into ``report.json``, so the two views meet here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from fedgov.deploy.coordinator import CONNECTION, _json_out, run_flwr
+from fedgov.errors import FederationError
+
+__all__ = ["RunInfo", "list_runs", "run_status", "stop_run", "run_dirs"]
+
+
+class RunInfo(BaseModel):
+    """One run at the coordinator: Flower's view and, where found, fedgov's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: int
+    status: str
+    status_details: str = ""
+    fab_hash: str = ""
+    elapsed_s: float | None = None
+    pending_at: str = ""
+    finished_at: str = ""
+    run_dir: str | None = None
+    task: str | None = None
+    rounds_done: int | None = None
+    rounds_planned: int | None = None
+    report_status: str | None = None
+    message: str = ""
+
+
+def _started_event(events: Path) -> dict[str, Any] | None:
+    try:
+        with events.open("r", encoding="utf-8") as f:
+            for _, line in zip(range(5), f, strict=False):
+                ev = json.loads(line)
+                if ev.get("event") == "started":
+                    return dict(ev)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def run_dirs(runs_dir: Path) -> dict[int, Path]:
+    """Flower run id -> fedgov run directory, for the run directories under ``runs_dir``."""
+    out: dict[int, Path] = {}
+    if not runs_dir.is_dir():
+        return out
+    for d in sorted(runs_dir.iterdir()):
+        ev = _started_event(d / "events.jsonl")
+        if ev and ev.get("flower_run_id") is not None:
+            out[int(ev["flower_run_id"])] = d
+    return out
+
+
+def _rounds(run_dir: Path) -> tuple[int | None, int | None, str | None, str, str | None]:
+    """(rounds done, planned, report status, message, task) from a run directory."""
+    done = None
+    try:
+        with (run_dir / "events.jsonl").open("r", encoding="utf-8") as f:
+            for line in f:
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                if ev.get("event") == "round" and isinstance(ev.get("round"), int):
+                    done = max(done or 0, ev["round"])
+    except OSError:
+        pass
+    try:
+        rep = json.loads((run_dir / "report.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        rep = {}
+    return done, rep.get("rounds_planned"), rep.get("status"), str(rep.get("message", "")), rep.get("task")
+
+
+def _info(row: dict[str, Any], dirs: dict[int, Path]) -> RunInfo:
+    rid = int(row["run-id"])
+    info = RunInfo(
+        run_id=rid,
+        status=str(row.get("status", "")),
+        status_details="" if row.get("status-details") in (None, "N/A") else str(row["status-details"]),
+        fab_hash=str(row.get("fab-hash", "")),
+        elapsed_s=float(row["elapsed"]) if isinstance(row.get("elapsed"), int | float) else None,
+        pending_at=str(row.get("pending-at", "")),
+        finished_at="" if row.get("finished-at") in (None, "N/A") else str(row["finished-at"]),
+    )
+    d = dirs.get(rid)
+    if d is not None:
+        done, planned, rstatus, message, task = _rounds(d)
+        info = info.model_copy(
+            update={"run_dir": str(d), "rounds_done": done, "rounds_planned": planned, "report_status": rstatus,
+                    "message": message, "task": task}
+        )
+    return info
+
+
+def _runs(coordinator_dir: Path, extra: list[str]) -> list[dict[str, Any]]:
+    out = _json_out(run_flwr(coordinator_dir, ["ls", CONNECTION, *extra, "--format", "json"]))
+    rows = out.get("runs", []) if isinstance(out, dict) else []
+    return [dict(r) for r in rows]
+
+
+def list_runs(coordinator_dir: Path, runs_dir: Path = Path("runs")) -> list[RunInfo]:
+    """Every run the coordinator's SuperLink knows, newest first."""
+    dirs = run_dirs(runs_dir)
+    infos = [_info(r, dirs) for r in _runs(coordinator_dir, [])]
+    return sorted(infos, key=lambda i: i.pending_at, reverse=True)
+
+
+def run_status(coordinator_dir: Path, run_id: int, runs_dir: Path = Path("runs")) -> RunInfo:
+    """One run; :class:`FederationError` if the SuperLink does not know it."""
+    try:
+        rows = _runs(coordinator_dir, ["--run-id", str(run_id)])
+    except FederationError as exc:
+        raise FederationError(f"run {run_id} is not known at this coordinator: {exc}") from exc
+    rows = [r for r in rows if int(r.get("run-id", -1)) == run_id]
+    if not rows:
+        raise FederationError(f"run {run_id} is not known at this coordinator ('fedgov task list' shows the runs)")
+    return _info(rows[0], run_dirs(runs_dir))
+
+
+def stop_run(coordinator_dir: Path, run_id: int) -> RunInfo:
+    """Stop a run (``flwr stop``); the ServerApp and the nodes' ClientApps end within seconds."""
+    current = run_status(coordinator_dir, run_id, Path("/nonexistent"))
+    if current.status.startswith("finished"):
+        raise FederationError(f"run {run_id} has already finished ({current.status}); nothing to stop")
+    _json_out(run_flwr(coordinator_dir, ["stop", str(run_id), CONNECTION, "--format", "json"]))
+    return run_status(coordinator_dir, run_id, Path("/nonexistent"))
