@@ -23,7 +23,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.context import data_of, node_of, task_of
+from clients.context import data_of, node_of, query_of, task_of
 from clients.mods import admission_mod, audit_mod, budget_mod, pause_mod, state_key
 from fedgov import node as N
 from fedgov.config import Contract, Task
@@ -59,11 +59,14 @@ def _dp(context: Context, key: str) -> N.DPState:
 @app.query()
 @_safe
 def query(msg: Message, context: Context) -> Message:
-    """``hello`` (may this node take part?), ``baseline`` (local-only model), ``end``."""
+    """``hello`` (may this node take part?), ``baseline`` (local-only model), ``end``, and
+    ``stats`` (a statistics query: :func:`fedgov.stats.answer_query`)."""
+    kind = str(msg.content[P.CONFIG].get(P.KIND, P.HELLO))
+    if kind == P.STATS:
+        return _stats(msg, context)
     task, contract = task_of(msg)
     node, home, simulated = node_of(context)
     key = state_key(msg)
-    kind = str(msg.content[P.CONFIG].get(P.KIND, P.HELLO))
     if kind == P.END:
         return Message(RecordDict({P.METRICS: MetricRecord({"ok": 1})}), reply_to=msg)
     train_path, test_path = data_of(home, contract)
@@ -76,6 +79,15 @@ def query(msg: Message, context: Context) -> Message:
     if answer.accepted:
         context.state[key] = ConfigRecord({"json": dp.to_json()})
     return Message(RecordDict({P.HELLO: ConfigRecord({P.NODE_JSON: answer.model_dump_json()})}), reply_to=msg)
+
+
+def _stats(msg: Message, context: Context) -> Message:
+    from fedgov.stats import answer_query, query_id_of
+
+    q, contract = query_of(msg)
+    node, home, _ = node_of(context)
+    answer = answer_query(home, node, q, contract, query_id=query_id_of(q, contract, msg.metadata.run_id))
+    return Message(RecordDict({P.STATS: ConfigRecord({P.ANSWER_JSON: answer.model_dump_json()})}), reply_to=msg)
 
 
 def _incoming(msg: Message, context: Context) -> tuple[Task, Contract, str, Path, Path | None, dict[str, np.ndarray]]:

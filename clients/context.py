@@ -9,6 +9,7 @@ from flwr.app import Context, Message
 
 from fedgov import protocol as P
 from fedgov.admission import task_id_of
+from fedgov.analytics import Query
 from fedgov.config import Contract, Task
 from fedgov.errors import DataFileError
 from fedgov.nodehome import NodeHome
@@ -22,6 +23,13 @@ def _task(task_json: str, contract_json: str) -> tuple[Task, Contract]:
 def task_of(msg: Message) -> tuple[Task, Contract]:
     cfg = msg.content[P.CONFIG]
     return _task(str(cfg[P.TASK_JSON]), str(cfg[P.CONTRACT_JSON]))
+
+
+def query_of(msg: Message) -> tuple[Query, Contract]:
+    """The statistics query and its contract of a ``stats`` message."""
+    cfg = msg.content[P.CONFIG]
+    contract = Contract.model_validate_json(str(cfg[P.CONTRACT_JSON]))
+    return Query.model_validate_json(str(cfg[P.QUERY_JSON])), contract
 
 
 def task_id(msg: Message) -> str:

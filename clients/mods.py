@@ -33,6 +33,17 @@ def _has_task(msg: Message) -> bool:
     return P.CONFIG in msg.content and P.TASK_JSON in msg.content[P.CONFIG]
 
 
+def _query_id(msg: Message) -> str | None:
+    """The ledger key of a statistics query message, or None for any other message."""
+    if kind_of(msg) != P.STATS:
+        return None
+    from clients.context import query_of
+    from fedgov.stats import query_id_of
+
+    q, contract = query_of(msg)
+    return query_id_of(q, contract, msg.metadata.run_id)
+
+
 def _hello_reply(msg: Message, hello: P.NodeHello) -> Message:
     return Message(RecordDict({P.HELLO: ConfigRecord({P.NODE_JSON: hello.model_dump_json()})}), reply_to=msg)
 
@@ -72,10 +83,13 @@ def _describe(msg: Message) -> dict[str, Any]:
     configs: dict[str, Any] = {}
     for crec in content.config_records.values():
         for k, v in crec.items():
-            if k in (P.TASK_JSON, P.CONTRACT_JSON):
+            if k in (P.TASK_JSON, P.CONTRACT_JSON, P.QUERY_JSON):
                 configs[k] = f"{len(str(v))} chars"
             elif k == P.NODE_JSON:
                 configs[k] = str(v)[:2000]
+            elif k == P.ANSWER_JSON:
+                # A statistics answer: its noisy figures are what left the node; kept whole.
+                configs[k] = str(v)
             else:
                 configs[k] = v if isinstance(v, (int, float, str, bool)) else str(v)[:200]
     if configs:
@@ -89,7 +103,7 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         _, home, _ = node_of(context)
         if not home.path.is_dir():
             return call_next(msg, context)
-        tid = task_id(msg) if _has_task(msg) else None
+        tid = task_id(msg) if _has_task(msg) else _query_id(msg)
     except Exception:  # noqa: BLE001 - no node directory: nothing to audit into
         return call_next(msg, context)
     home.audit.append("received", task_id=tid, payload={"kind": kind_of(msg), **_describe(msg)})

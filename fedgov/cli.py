@@ -124,6 +124,13 @@ def run_with_progress(call: Callable[[Callable[[dict[str, Any]], None]], Path]) 
                 progress.console.print(f"[bold yellow]warning:[/] {ev.get('message')}")
             elif kind == "failed":
                 progress.console.print(f"[red]run failed:[/] {ev.get('message')}")
+            elif kind == "nodes-connected":
+                progress.update(bar, description="waiting for answers", info=f"{ev['count']} nodes")
+            elif kind == "answers":
+                refused = ev.get("refused") or {}
+                progress.console.print(f"{len(ev['accepted'])} node(s) answered the query, {len(refused)} refused")
+                for node, why in list(refused.items())[:20]:
+                    progress.console.print(f"  [yellow]refused[/] {node}: {why}")
             elif kind == "baselines":
                 progress.update(bar, description="local-only baselines at the nodes", info=f"{ev['nodes']} nodes")
             elif kind == "done":
@@ -136,6 +143,10 @@ def run_with_progress(call: Callable[[Callable[[dict[str, Any]], None]], Path]) 
             failed_dir = getattr(exc, "run_dir", None)
             if failed_dir is not None and (failed_dir / "report.json").is_file():
                 print_summary(load_report(failed_dir / "report.json"), failed_dir)
+            elif failed_dir is not None and (failed_dir / "query.json").is_file():
+                from fedgov.analytics import load_query_report
+
+                print_query_summary(load_query_report(failed_dir / "query.json"), failed_dir)
             _fail(exc)
             raise  # unreachable: _fail exits
 
@@ -170,9 +181,90 @@ def run(
         print(report.model_dump_json(indent=2))
 
 
+def print_query_summary(report: Any, run_dir: Path, *, max_rows: int = 40) -> None:
+    """The national figures of a query, with their 95% intervals (and true values in simulation)."""
+    from rich.table import Table
+
+    acc, ref = report.accepted(), report.refused()
+    console.print(
+        f"[bold]{report.query}[/] ({report.mode}): {report.status}; {len(acc)} node(s) answered, {len(ref)} refused; "
+        f"epsilon {report.epsilon:g} per node ({report.mechanism}, at most {report.max_rows_per_person} row(s) per person)"
+    )
+    for n in ref[:20]:
+        console.print(f"  [yellow]refused[/] {n.node}: {n.code}: {n.reason}")
+    if len(ref) > 20:
+        console.print(f"  ... and {len(ref) - 20} more (query.json)")
+    if report.message:
+        console.print(f"  {report.message}")
+    if report.result is None:
+        return
+    truth = {f.key: f for f in report.truth.figures} if report.truth else {}
+    table = Table(title="national figures (95% interval)" + ("; true value from the simulated data" if truth else ""))
+    for col in ("measure", "cell", "estimate", "95% interval") + (("true", "error") if truth else ()):
+        table.add_column(col, justify="right" if col not in ("measure", "cell") else "left")
+    shown = 0
+    for f in report.result.figures:
+        if f.scope != "national":
+            continue
+        shown += 1
+        if shown > max_rows:
+            continue
+        est = "suppressed" if f.estimate is None else f"{f.estimate:,.4g}" + (" (incomplete)" if f.incomplete else "")
+        ci = "" if f.ci_low is None or f.ci_high is None else f"{f.ci_low:,.4g} .. {f.ci_high:,.4g}"
+        row = [f.measure, f.cell or "-", est, ci]
+        if truth:
+            t = truth.get(f.key)
+            tv = None if t is None else t.estimate
+            err = "" if tv is None or f.estimate is None else (f"{(f.estimate - tv) / tv:+.2%}" if tv else f"{f.estimate - tv:+.3g}")
+            row += ["" if tv is None else f"{tv:,.4g}", err]
+        table.add_row(*row)
+    console.print(table)
+    if shown > max_rows:
+        console.print(f"... {shown - max_rows} more national figures, and all regional and per-node ones, in {run_dir / 'query.csv'}")
+    console.print(f"report: {run_dir / 'query.json'}, table: {run_dir / 'query.csv'}, chart: {run_dir / 'query.png'}")
+
+
+@app.command()
+def query(
+    query_file: Annotated[Path, typer.Argument(help="Query file, e.g. configs/queries/wmo-monitor.toml")],
+    federation: Annotated[Path | None, typer.Option("--federation", "-f", help="Simulated federation (default: the query's)")] = None,
+    coordinator_dir: Annotated[
+        Path | None, typer.Option("--coordinator-dir", "-C", help="Ask the real nodes of this coordinator instead of a simulation")
+    ] = None,
+    expected_nodes: Annotated[int, typer.Option(help="Deployment: wait for this many nodes (at most --node-wait s)")] = 1,
+    node_wait: Annotated[float, typer.Option(help="Deployment: seconds to wait for the expected nodes")] = 120.0,
+    runs_dir: Annotated[Path, typer.Option(help="Where run directories are created")] = Path("runs"),
+    cpus: Annotated[int | None, typer.Option(help="CPUs for the simulation engine (default: all)")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Keep the simulated nodes' directories (policy, ledger, audit log) here, between runs")] = None,
+    node_budget: Annotated[float, typer.Option(help="Total epsilon per data set in a new simulated node's policy")] = 10.0,
+    approval: Annotated[str, typer.Option(help="Approval mode in a new simulated node's policy: auto, manual or deny")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON at the end")] = False,
+) -> None:
+    """Answer a statistics query across the federation with differential privacy (simulation, or -C for deployment)."""
+    from fedgov.analytics import load_query_report
+    from fedgov.simulation import SimulationOptions
+    from fedgov.stats import run_query_simulation, submit_query
+
+    if approval not in ("auto", "manual", "deny"):
+        err_console.print(f"[bold red]error:[/] --approval must be auto, manual or deny, not {approval!r}")
+        raise typer.Exit(int(ExitCode.USAGE))
+    if coordinator_dir is not None:
+        run_dir = run_with_progress(
+            lambda on_event: submit_query(query_file, coordinator_dir, runs_dir=runs_dir, expected_nodes=expected_nodes,
+                                          node_wait=node_wait, on_event=on_event)
+        )
+    else:
+        opts = SimulationOptions(runs_dir=runs_dir, num_cpus=cpus, state_dir=state_dir, node_budget=node_budget, approval=approval)
+        run_dir = run_with_progress(lambda on_event: run_query_simulation(query_file, federation, opts, on_event))
+    report = load_query_report(run_dir / "query.json")
+    print_query_summary(report, run_dir)
+    if json_out:
+        print(report.model_dump_json(indent=2))
+
+
 @app.command()
 def check(
-    files: Annotated[list[Path], typer.Argument(help="Task, federation, contract or node policy files")],
+    files: Annotated[list[Path], typer.Argument(help="Task, federation, contract, query or node policy files")],
 ) -> None:
     """Validate configuration files; every problem is listed with its file and field."""
     from fedgov.config import load_contract, load_federation, load_task
@@ -193,6 +285,11 @@ def check(
             elif "members" in raw:
                 fed = load_federation(f)
                 console.print(f"[green]ok[/] {f}: federation {fed.name} ({len(fed.members)} members)")
+            elif "measures" in raw:
+                from fedgov.analytics import load_query
+
+                q, c = load_query(f)
+                console.print(f"[green]ok[/] {f}: query {q.name} on {c.ref} ({len(q.measures)} measures, epsilon {q.privacy.epsilon:g} per node)")
             else:
                 t, c = load_task(f)
                 console.print(f"[green]ok[/] {f}: task {t.name} on {c.ref}")

@@ -124,6 +124,7 @@ def init_node(
         node, dataset=contract.name, contract=contract.name, version=contract.version,
         path=data.resolve(), test_path=test_data.resolve() if test_data else None,
         budget_epsilon=budget_epsilon, approval=approval,  # type: ignore[arg-type]
+        kinds=("training", "statistics"),
     )
     NodeHome.create(home.path, policy_text=text)
     home.policy()  # the policy written must load

@@ -61,6 +61,7 @@ __all__ = [
     "Decision",
     "load_policy",
     "check_task",
+    "check_query",
     "default_policy_text",
 ]
 
@@ -187,6 +188,14 @@ class LimitsSpec(StrictModel):
     min_noise_multiplier: float = Field(default=0.3, ge=0, allow_inf_nan=False)
     min_rows: int = Field(default=50, ge=1)
     min_cohort: int = Field(default=10, ge=2, description="smallest cell a statistics query may release")
+    small_cells: Literal["publish-suppressed", "withhold"] = Field(
+        default="publish-suppressed",
+        description=(
+            "statistics cells whose noisy count is under min_cohort: publish-suppressed sends them "
+            "(they count in national and regional totals) but they are never published for this "
+            "node alone; withhold does not send them at all (totals are then marked incomplete)"
+        ),
+    )
     require_privacy: bool = Field(default=True, description="refuse tasks with privacy.enabled = false")
 
 
@@ -438,6 +447,62 @@ def check_task(
     return Decision(accepted=True, code=None, reason=reason, dataset=name)
 
 
+def check_query(
+    policy: NodePolicy,
+    *,
+    contract: Contract,
+    epsilon: float,
+    delta: float,
+    coordinator: str | None = None,
+    submitter: str | None = None,
+) -> Decision:
+    """Check a statistics query against the node's policy (the rules of :func:`check_task` that
+    apply to a query: approval, kind ``statistics``, coordinator and submitter, the contract
+    served, epsilon and delta per node). Rows and the budget are checked when the data is read
+    and when the ledger reserves."""
+    if policy.approval == "deny":
+        return _refuse(PolicyCode.APPROVAL_DENY, 'this node refuses every task (approval = "deny")')
+    acc = policy.accept
+    if "statistics" not in acc.kinds:
+        return _refuse(
+            PolicyCode.KIND_NOT_ALLOWED,
+            f"task kind 'statistics' is not accepted; policy accepts {_names(acc.kinds)} (accept.kinds)",
+        )
+    for who, value, allowed, code in (
+        ("coordinator", coordinator, acc.coordinators, PolicyCode.COORDINATOR_NOT_ALLOWED),
+        ("submitter", submitter, acc.submitters, PolicyCode.SUBMITTER_NOT_ALLOWED),
+    ):
+        if not _allowed(value, allowed):
+            shown = f"{who} '{value}' is not accepted" if value is not None else f"the {who} did not identify itself"
+            return _refuse(code, f"{shown}; policy accepts only {_names(allowed)} (accept.{who}s)")
+    ds = policy.dataset_for(contract)
+    if ds is None:
+        return _refuse(
+            PolicyCode.CONTRACT_NOT_SERVED,
+            f"query uses contract {contract.ref}; this node serves {_names([r for d in policy.datasets for r in d.refs])} "
+            "(datasets.contract, datasets.versions)",
+        )
+    lim = policy.limits
+    if epsilon > lim.max_epsilon_per_task:
+        return _refuse(
+            PolicyCode.EPSILON_ABOVE_MAX,
+            f"query asks epsilon {_num(epsilon)} per node; policy allows at most {_num(lim.max_epsilon_per_task)} "
+            "(limits.max_epsilon_per_task)",
+            ds.name,
+        )
+    if delta > lim.max_delta_per_task:
+        return _refuse(
+            PolicyCode.DELTA_ABOVE_MAX,
+            f"query asks delta {_num(delta)} per node; policy allows at most {_num(lim.max_delta_per_task)} "
+            "(limits.max_delta_per_task)",
+            ds.name,
+        )
+    reason = f"query conforms to the node policy; it would use data set '{ds.name}'"
+    if policy.approval == "manual":
+        reason += '; approval = "manual": it waits for an operator\'s approval'
+    return Decision(accepted=True, code=None, reason=reason, dataset=ds.name)
+
+
 # --- a starting policy -----------------------------------------------------------------------
 
 
@@ -475,6 +540,7 @@ def default_policy_text(
     min_noise_multiplier: float = 0.3,
     min_rows: int = 50,
     min_cohort: int = 10,
+    small_cells: Literal["publish-suppressed", "withhold"] = "publish-suppressed",
     require_privacy: bool = True,
     kinds: Sequence[str] = ("training",),
     models: Sequence[str] = MODEL_NAMES,
@@ -547,8 +613,11 @@ max_delta_per_task = {_f(max_delta)}
 min_noise_multiplier = {_f(min_noise_multiplier)}
 # Refuse tasks on fewer training rows than this.
 min_rows = {int(min_rows)}
-# The smallest cell a statistics query may release.
+# Statistics: the smallest cell published for this node alone, and what happens to smaller
+# ones: "publish-suppressed" sends them with their noise (they count in national and
+# regional totals, never shown for this node alone); "withhold" does not send them.
 min_cohort = {int(min_cohort)}
+small_cells = {_s(small_cells)}
 # Refuse tasks with privacy.enabled = false.
 require_privacy = {"true" if require_privacy else "false"}
 """

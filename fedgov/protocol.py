@@ -9,6 +9,8 @@ names the keys and turns them into typed values, so that ``server/`` and ``clien
 * *train*: the current global model (``arrays``) and ``config``; the reply carries the new
   local model, and a metric record with ``num-examples``, ``epsilon``, ``delta``.
 * *evaluate*: the global model; the reply carries metrics on the node's own test split.
+* ``stats`` (a Flower *query* message): a statistics query and its contract; the node answers
+  with a :class:`StatsAnswer`: its noisy release, or a refusal.
 """
 
 from __future__ import annotations
@@ -29,8 +31,12 @@ __all__ = [
     "TASK_JSON",
     "CONTRACT_JSON",
     "NODE_JSON",
+    "STATS",
+    "QUERY_JSON",
+    "ANSWER_JSON",
     "RefusalCode",
     "NodeHello",
+    "StatsAnswer",
 ]
 
 ARRAYS = "arrays"
@@ -44,6 +50,9 @@ KIND = "fedgov-kind"
 TASK_JSON = "task-json"
 CONTRACT_JSON = "contract-json"
 NODE_JSON = "node-json"
+STATS = "stats"  # a statistics query (kind of a Flower query message)
+QUERY_JSON = "query-json"
+ANSWER_JSON = "answer-json"
 
 
 class RefusalCode(str, Enum):
@@ -80,3 +89,23 @@ class NodeHello(BaseModel):
     delta: float | None = None
     noise_multiplier: float | None = None
     planned_epsilon: float | None = None
+
+
+class StatsAnswer(BaseModel):
+    """A node's answer to a statistics query: its noisy release, or a refusal (code and text).
+
+    The release holds noisy aggregates only (``fedgov.analytics.LocalRelease``): no rows, no
+    exact counts; the number of rows the node used is not sent either.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    node: str
+    node_name: str = ""
+    accepted: bool
+    code: str | None = None
+    reason: str = ""
+    epsilon: float | None = None
+    delta: float | None = None
+    release_json: str | None = None
+

@@ -37,7 +37,7 @@ from fedgov.nodehome import NodeHome
 from fedgov.policy import default_policy_text
 from fedgov.runtime import ManagedProcess, flower_bin, flower_env, free_port, wait_healthy
 
-__all__ = ["SimulationOptions", "run_simulation", "app_dir", "new_run_dir", "follow_run", "write_run_config"]
+__all__ = ["SimulationOptions", "run_simulation", "simulate", "app_dir", "new_run_dir", "follow_run", "write_run_config"]
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +130,86 @@ def follow_run(
         run.stop()
 
 
-def write_run_config(run_dir: Path, values: dict[str, str | bool]) -> Path:
+def _toml_scalar(v: str | bool | int | float) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(float(v)) if isinstance(v, float) else str(v)
+    return json.dumps(str(v))
+
+
+def write_run_config(run_dir: Path, values: dict[str, str | bool | int | float]) -> Path:
     """The run config ``flwr run`` passes to the ServerApp, as a TOML file in the run directory."""
     path = run_dir / "run-config.toml"
     path.write_text(
-        "".join(f"{k} = {('true' if v else 'false') if isinstance(v, bool) else json.dumps(str(v))}\n" for k, v in values.items()),
+        "".join(f"{k} = {_toml_scalar(v)}\n" for k, v in values.items()),
         encoding="utf-8",
     )
     return path
+
+
+def simulate(
+    run_dir: Path,
+    *,
+    n_nodes: int,
+    run_config_values: dict[str, str | bool | int | float],
+    options: SimulationOptions,
+    emit: EventCallback,
+) -> None:
+    """Start a simulation SuperLink for ``n_nodes`` virtual SuperNodes, submit fedgov's app with
+    ``run_config_values`` and follow it until it ends; stop everything it started.
+
+    Shared by training (:func:`run_simulation`) and statistics queries
+    (:func:`fedgov.stats.run_query_simulation`).
+    """
+    flwr_home = run_dir / ".flower"
+    flwr_home.mkdir()
+    port, control_port = free_port(), free_port()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n',
+        encoding="utf-8",
+    )
+    run_config = write_run_config(run_dir, run_config_values)
+    env = flower_env(flwr_home)
+    logs = run_dir / "logs"
+    num_cpus = options.num_cpus or os.cpu_count() or 1
+    started = time.time()
+    superlink = ManagedProcess(
+        [
+            flower_bin("flower-superlink"),
+            "--simulation",
+            # Simulation only: bound to loopback, no Fleet API, no node ever connects.
+            "--insecure",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--control-api-address", f"127.0.0.1:{control_port}",
+            "--disable-runtime-dependency-installation",
+        ],
+        env=env,
+        log_path=logs / "superlink.log",
+        name="flower-superlink",
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", superlink)
+        _run_cli(
+            [
+                flower_bin("flwr"), "federation", "simulation-config",
+                "--num-supernodes", str(n_nodes),
+                "--client-resources-num-cpus", "1",
+                "--init-args-num-cpus", str(num_cpus),
+                "--init-args-logging-level", "error",
+                "--init-args-log-to-driver", "true",
+            ],
+            env,
+            logs / "flwr-cli.log",
+        )
+        emit({"event": "flower-started", "seconds": time.time() - started})
+        follow_run(CONNECTION, run_config, env=env, run_dir=run_dir, emit=emit, timeout=options.timeout, tick=superlink.remember_descendants)
+    finally:
+        superlink.stop()
+        if not options.keep_flower_home:
+            shutil.rmtree(flwr_home / "apps", ignore_errors=True)
 
 
 def run_simulation(
@@ -193,69 +265,28 @@ def run_simulation(
                 path=n.train_path.name, test_path=n.test_path.name, budget_epsilon=options.node_budget,
                 approval=options.approval,  # type: ignore[arg-type]
                 max_epsilon_per_task=min(options.node_budget, max(3.0, task.privacy.target_epsilon)),
+                kinds=("training", "statistics"),
             ),
         )
     manifest = run_dir / "manifest.json"
     write_manifest(nodes, manifest)
     emit({"event": "partitioned", "nodes": [n.model_dump(mode="json") for n in nodes]})
 
-    flwr_home = run_dir / ".flower"
-    flwr_home.mkdir()
-    port, control_port = free_port(), free_port()
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n',
-        encoding="utf-8",
-    )
-    run_config = write_run_config(
+    started = time.time()
+    simulate(
         run_dir,
-        {
+        n_nodes=len(nodes),
+        run_config_values={
             "task-path": str(Path(task_path).resolve()),
             "federation-path": str(Path(fed_path).resolve()),
             "manifest-path": str(manifest),
             "run-dir": str(run_dir),
             "local-baseline": options.local_baseline,
         },
+        options=options,
+        emit=emit,
     )
-    env = flower_env(flwr_home)
     logs = run_dir / "logs"
-    num_cpus = options.num_cpus or os.cpu_count() or 1
-    started = time.time()
-    superlink = ManagedProcess(
-        [
-            flower_bin("flower-superlink"),
-            "--simulation",
-            # Simulation only: bound to loopback, no Fleet API, no node ever connects.
-            "--insecure",
-            "--host", "127.0.0.1",
-            "--port", str(port),
-            "--control-api-address", f"127.0.0.1:{control_port}",
-            "--disable-runtime-dependency-installation",
-        ],
-        env=env,
-        log_path=logs / "superlink.log",
-        name="flower-superlink",
-    )
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}/health", superlink)
-        _run_cli(
-            [
-                flower_bin("flwr"), "federation", "simulation-config",
-                "--num-supernodes", str(len(nodes)),
-                "--client-resources-num-cpus", "1",
-                "--init-args-num-cpus", str(num_cpus),
-                "--init-args-logging-level", "error",
-                "--init-args-log-to-driver", "true",
-            ],
-            env,
-            logs / "flwr-cli.log",
-        )
-        emit({"event": "flower-started", "seconds": time.time() - started})
-        follow_run(CONNECTION, run_config, env=env, run_dir=run_dir, emit=emit, timeout=options.timeout, tick=superlink.remember_descendants)
-    finally:
-        superlink.stop()
-        if not options.keep_flower_home:
-            shutil.rmtree(flwr_home / "apps", ignore_errors=True)
 
     report_path = run_dir / "report.json"
     if not report_path.is_file():

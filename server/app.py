@@ -20,6 +20,9 @@ log = logging.getLogger("fedgov.server")
 def main(grid: Grid, context: Context) -> None:
     """Run the task named in the run config (``task-path``) and write its report."""
     cfg = context.run_config
+    if str(cfg.get("query-path", "") or ""):
+        _query(grid, context)
+        return
     task_path = Path(str(cfg["task-path"]))
     task, contract = load_task(task_path)
     run_dir_value = str(cfg.get("run-dir", "") or "")
@@ -42,3 +45,32 @@ def main(grid: Grid, context: Context) -> None:
         flower_run_id=int(context.run_id),
     )
     log.info("fedgov run %s finished: %s", report.run_id, report.status)
+
+
+def _query(grid: Grid, context: Context) -> None:
+    """A statistics query (``query-path``): :func:`fedgov.stats.run_query`."""
+    from fedgov.analytics import load_query
+    from fedgov.stats import run_query
+
+    cfg = context.run_config
+    query_path = Path(str(cfg["query-path"]))
+    query, contract = load_query(query_path)
+    run_dir = Path(str(cfg.get("run-dir", "") or "") or Path("runs") / f"flwr-{query.name}")
+    manifest_value = str(cfg.get("manifest-path", "") or "")
+    truth = None
+    expected = 1
+    if manifest_value:  # simulation: the coordinator may read the simulated nodes' files
+        nodes = read_manifest(Path(manifest_value))
+        expected = len(nodes)
+        truth = {n.code: [n.train_path, n.test_path] for n in nodes}
+    else:
+        expected = int(str(cfg.get("expected-nodes", 1) or 1))
+    report = run_query(
+        grid, query, contract, run_dir=run_dir, query_file=str(query_path), expected_nodes=expected,
+        federation=Path(str(cfg.get("federation-path", "") or "")).stem or "(deployment)",
+        mode="deployment" if str(cfg.get("mode", "simulation")) == "deployment" else "simulation",
+        truth_paths=truth, flower_run_id=int(context.run_id),
+        node_wait=float(str(cfg.get("node-wait", 120) or 120)),
+    )
+    log.info("fedgov query %s finished: %s", query.name, report.status)
+

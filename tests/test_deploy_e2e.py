@@ -9,7 +9,8 @@ One federation, in order:
    with a clear error after the task's bounded wait (Flower alone would wait forever);
 3. the coordinator restarts and the nodes come back with their node ids;
 4. run C is stopped with ``fedgov task stop``;
-5. run B: 2 rounds on all four nodes, the same report as a simulation; ledgers and audit logs.
+5. run B: 2 rounds on all four nodes, the same report as a simulation; ledgers and audit logs;
+6. a statistics query on the same nodes (``fedgov query -C``).
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ from fedgov.nodehome import NodeHome, budget_of, init_node
 from fedgov.reports import load_report
 from fedgov.runtime import flower_bin, flower_env, free_port
 from fedgov.simulation import app_dir
+from fedgov.stats import submit_query
+from fedgov.analytics import load_query_report
 
-from _helpers import ADULT, ADULT_TEST, CONTRACT, flower_processes, write
+from _helpers import ADULT, ADULT_TEST, CONTRACT, ROOT, flower_processes, write
 
 pytestmark = pytest.mark.slow
 
@@ -242,12 +245,24 @@ def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Pa
         round_s = [e["seconds"] for e in events if e.get("event") == "round" and e.get("round", 0) > 0]
         print(f"run B: {b_seconds:.0f} s wall, rounds {', '.join(f'{s:.1f}' for s in round_s)} s")
 
+        # --- 6. a statistics query on the same real nodes -------------------------------------
+        q_dir = submit_query(ROOT / "configs" / "queries" / "adult-overview.toml", coord, runs_dir=runs, expected_nodes=4,
+                             node_wait=60, timeout=left(150))
+        q = load_query_report(q_dir / "query.json")
+        assert q.status == "completed" and q.mode == "deployment", q.message
+        assert sorted(n.node for n in q.accepted()) == sorted(MEMBERS)
+        assert q.truth is None  # in deployment the coordinator never sees data
+        assert q.result is not None and q.result.national("share-above-50k")[""].estimate is not None
+        for n in state["nodes"].values():
+            spends = [e for e in NodeHome(n["node_dir"]).audit.entries() if e.kind == "spend" and e.payload.get("kind") == "statistics"]
+            assert [e.payload["epsilon"] for e in spends] == [pytest.approx(0.5)]
+
         listed = {i.run_id: i for i in list_runs(coord, runs)}
         assert rep.flower_run_id in listed
         b = listed[int(rep.flower_run_id or 0)]
         assert b.status == "finished:completed" and b.run_dir == str(run_b) and (b.rounds_done, b.rounds_planned) == (2, 2)
         assert listed[int(stopped["id"])].status == "finished:stopped"
-        assert len(listed) == 3
+        assert len(listed) == 4
         print(json.dumps({"run_a_s": round(a_seconds), "run_b_s": round(b_seconds), "rounds_b_s": round_s}))
     finally:
         local_federation_down(fed_dir)

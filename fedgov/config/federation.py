@@ -70,6 +70,10 @@ class Federation(StrictModel):
     description: str = ""
     seed: int = 0
     source: ConfigPath | None = None
+    generator: Literal["iwmo"] | None = Field(
+        default=None,
+        description="synthetic source: when 'source' does not exist it is generated, seeded with 'seed' (iwmo: fedgov.data.iwmo)",
+    )
     partition: PartitionSpec = PartitionSpec()
     members: list[Member] = Field(min_length=1)
 

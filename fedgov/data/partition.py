@@ -355,6 +355,14 @@ def _load(path: Path, contract: Contract) -> pd.DataFrame:
     return validate_frame(read_table(path), contract, file=str(path))
 
 
+def ensure_source(federation: Federation) -> None:
+    """Generate a synthetic source (``generator``) when its file does not exist yet."""
+    if federation.generator == "iwmo" and federation.source is not None and not Path(federation.source).is_file():
+        from fedgov.data.iwmo import ensure
+
+        ensure(Path(federation.source), seed=federation.seed)
+
+
 def materialize(federation: Federation, contract: Contract, out_dir: Path | str) -> list[NodeData]:
     """Write every member's ``train.csv`` and ``test.csv`` under ``out_dir/<code>/``.
 
@@ -373,6 +381,7 @@ def materialize(federation: Federation, contract: Contract, out_dir: Path | str)
     """
     out = Path(out_dir).resolve()
     spec = federation.partition
+    ensure_source(federation)
     parts: list[tuple[pd.DataFrame, pd.DataFrame]] = []
     if spec.kind == "files":
         problems: list[Problem] = []
