@@ -126,3 +126,20 @@ def test_node_init_refuses_data_that_breaks_the_contract(tmp_path: Path) -> None
     )
     assert out.exit_code == int(ExitCode.DATA_VALIDATION)
     assert not (tmp_path / "n").exists()
+
+
+def test_check_names_the_field_of_a_bad_query(tmp_path: Path) -> None:
+    bad = tmp_path / "q.toml"
+    bad.write_text(
+        f'name = "q"\ncontract = "{ROOT / "configs/contracts/iwmo-wmo.toml"}"\n[privacy]\nepsilon = 1.0\n'
+        '[[measures]]\nname = "m"\nkind = "mean"\ncolumn = "product_category"\n',
+        encoding="utf-8",
+    )
+    out = runner.invoke(app, ["check", str(bad)])
+    assert out.exit_code == int(ExitCode.CONFIG), out.output
+    assert "measures[0]" in out.output and "product_category" in out.output and str(bad) in out.output
+
+
+def test_query_command_is_registered() -> None:
+    out = runner.invoke(app, ["query", "--help"])
+    assert out.exit_code == 0 and "--coordinator-dir" in out.output
