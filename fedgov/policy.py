@@ -330,6 +330,18 @@ def _refuse(code: PolicyCode, reason: str, dataset: str | None = None) -> Decisi
     return Decision(accepted=False, code=code, reason=reason, dataset=dataset)
 
 
+def _check_parties(acc: AcceptSpec, coordinator: str | None, submitter: str | None) -> Decision | None:
+    """The coordinator and submitter rules, shared by tasks and queries; None when both pass."""
+    for who, value, allowed, code in (
+        ("coordinator", coordinator, acc.coordinators, PolicyCode.COORDINATOR_NOT_ALLOWED),
+        ("submitter", submitter, acc.submitters, PolicyCode.SUBMITTER_NOT_ALLOWED),
+    ):
+        if not _allowed(value, allowed):
+            shown = f"{who} '{value}' is not accepted" if value is not None else f"the {who} did not identify itself"
+            return _refuse(code, f"{shown}; policy accepts only {_names(allowed)} (accept.{who}s)")
+    return None
+
+
 def check_task(
     policy: NodePolicy,
     *,
@@ -365,13 +377,9 @@ def check_task(
             PolicyCode.KIND_NOT_ALLOWED,
             f"task kind '{kind}' is not accepted; policy accepts {_names(acc.kinds)} (accept.kinds)",
         )
-    for who, value, allowed, code in (
-        ("coordinator", coordinator, acc.coordinators, PolicyCode.COORDINATOR_NOT_ALLOWED),
-        ("submitter", submitter, acc.submitters, PolicyCode.SUBMITTER_NOT_ALLOWED),
-    ):
-        if not _allowed(value, allowed):
-            shown = f"{who} '{value}' is not accepted" if value is not None else f"the {who} did not identify itself"
-            return _refuse(code, f"{shown}; policy accepts only {_names(allowed)} (accept.{who}s)")
+    party = _check_parties(acc, coordinator, submitter)
+    if party is not None:
+        return party
 
     ds = policy.dataset_for(contract)
     if ds is None:
@@ -468,13 +476,9 @@ def check_query(
             PolicyCode.KIND_NOT_ALLOWED,
             f"task kind 'statistics' is not accepted; policy accepts {_names(acc.kinds)} (accept.kinds)",
         )
-    for who, value, allowed, code in (
-        ("coordinator", coordinator, acc.coordinators, PolicyCode.COORDINATOR_NOT_ALLOWED),
-        ("submitter", submitter, acc.submitters, PolicyCode.SUBMITTER_NOT_ALLOWED),
-    ):
-        if not _allowed(value, allowed):
-            shown = f"{who} '{value}' is not accepted" if value is not None else f"the {who} did not identify itself"
-            return _refuse(code, f"{shown}; policy accepts only {_names(allowed)} (accept.{who}s)")
+    party = _check_parties(acc, coordinator, submitter)
+    if party is not None:
+        return party
     ds = policy.dataset_for(contract)
     if ds is None:
         return _refuse(

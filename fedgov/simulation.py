@@ -212,6 +212,41 @@ def simulate(
             shutil.rmtree(flwr_home / "apps", ignore_errors=True)
 
 
+def prepare_nodes(
+    run_dir: Path,
+    federation: Any,
+    contract: Any,
+    options: SimulationOptions,
+    emit: EventCallback,
+    *,
+    max_epsilon: float,
+) -> tuple[list[Any], Path]:
+    """Give each simulated municipality a node directory (its data, policy, ledger and audit
+    log) and write the run's manifest; with ``options.state_dir`` the directories persist
+    between runs (a policy is written once and then left to its operator)."""
+    from fedgov.data import materialize, write_manifest
+
+    emit({"event": "run-dir", "path": str(run_dir)})
+    emit({"event": "partition", "nodes": len(federation.members)})
+    state_dir = (options.state_dir or run_dir / "state").resolve()
+    nodes = materialize(federation, contract, state_dir / "nodes")
+    for n in nodes:
+        NodeHome.create(
+            n.train_path.parent,
+            policy_text=default_policy_text(
+                n.code, dataset=contract.name, contract=contract.name, version=contract.version,
+                path=n.train_path.name, test_path=n.test_path.name, budget_epsilon=options.node_budget,
+                approval=options.approval,  # type: ignore[arg-type]
+                max_epsilon_per_task=min(options.node_budget, max(3.0, max_epsilon)),
+                kinds=("training", "statistics"),
+            ),
+        )
+    manifest = run_dir / "manifest.json"
+    write_manifest(nodes, manifest)
+    emit({"event": "partitioned", "nodes": [n.model_dump(mode="json") for n in nodes]})
+    return nodes, manifest
+
+
 def run_simulation(
     task_path: Path,
     federation_path: Path | None = None,
@@ -219,8 +254,6 @@ def run_simulation(
     on_event: EventCallback | None = None,
 ) -> Path:
     """Run ``task_path`` on the simulated federation; return the run directory."""
-    from fedgov.data import materialize, write_manifest
-
     emit = on_event or (lambda e: None)
     task, contract = load_task(task_path)
     fed_path = federation_path or task.federation
@@ -251,26 +284,7 @@ def run_simulation(
         log.warning(msg)
         emit({"event": "warning", "message": msg})
     run_dir = new_run_dir(options.runs_dir, task.name).resolve()
-    emit({"event": "run-dir", "path": str(run_dir)})
-    emit({"event": "partition", "nodes": len(federation.members)})
-    # Each simulated municipality gets a node directory of its own: its data, its policy,
-    # its ledger and its audit log. With a named state directory they persist between runs.
-    state_dir = (options.state_dir or run_dir / "state").resolve()
-    nodes = materialize(federation, contract, state_dir / "nodes")
-    for n in nodes:
-        NodeHome.create(
-            n.train_path.parent,
-            policy_text=default_policy_text(
-                n.code, dataset=contract.name, contract=contract.name, version=contract.version,
-                path=n.train_path.name, test_path=n.test_path.name, budget_epsilon=options.node_budget,
-                approval=options.approval,  # type: ignore[arg-type]
-                max_epsilon_per_task=min(options.node_budget, max(3.0, task.privacy.target_epsilon)),
-                kinds=("training", "statistics"),
-            ),
-        )
-    manifest = run_dir / "manifest.json"
-    write_manifest(nodes, manifest)
-    emit({"event": "partitioned", "nodes": [n.model_dump(mode="json") for n in nodes]})
+    nodes, manifest = prepare_nodes(run_dir, federation, contract, options, emit, max_epsilon=task.privacy.target_epsilon)
 
     started = time.time()
     simulate(

@@ -344,10 +344,8 @@ def run_query_simulation(
     """
     from fedgov.analytics import load_query
     from fedgov.config import load_federation
-    from fedgov.data import materialize, write_manifest
     from fedgov.errors import ConfigError, Problem
-    from fedgov.policy import default_policy_text
-    from fedgov.simulation import SimulationOptions, new_run_dir, simulate
+    from fedgov.simulation import SimulationOptions, new_run_dir, prepare_nodes, simulate
 
     opts: SimulationOptions = options or SimulationOptions()
     emit = on_event or (lambda e: None)
@@ -360,24 +358,7 @@ def run_query_simulation(
         )
     federation = load_federation(fed_path)
     run_dir = new_run_dir(opts.runs_dir, query.name).resolve()
-    emit({"event": "run-dir", "path": str(run_dir)})
-    emit({"event": "partition", "nodes": len(federation.members)})
-    state_dir = (opts.state_dir or run_dir / "state").resolve()
-    nodes = materialize(federation, contract, state_dir / "nodes")
-    for n in nodes:
-        NodeHome.create(
-            n.train_path.parent,
-            policy_text=default_policy_text(
-                n.code, dataset=contract.name, contract=contract.name, version=contract.version,
-                path=n.train_path.name, test_path=n.test_path.name, budget_epsilon=opts.node_budget,
-                approval=opts.approval,  # type: ignore[arg-type]
-                max_epsilon_per_task=min(opts.node_budget, max(3.0, query.privacy.epsilon)),
-                kinds=("training", "statistics"),
-            ),
-        )
-    manifest = run_dir / "manifest.json"
-    write_manifest(nodes, manifest)
-    emit({"event": "partitioned", "nodes": [n.model_dump(mode="json") for n in nodes]})
+    nodes, manifest = prepare_nodes(run_dir, federation, contract, opts, emit, max_epsilon=query.privacy.epsilon)
     started = time.time()
     simulate(
         run_dir,
@@ -408,27 +389,18 @@ def submit_query(
 ) -> Path:
     """Answer a query on the coordinator's real nodes (run it on the coordinator's host)."""
     from fedgov.analytics import load_query
-    from fedgov.deploy.coordinator import CONNECTION, load_coordinator
-    from fedgov.runtime import flower_env
-    from fedgov.simulation import follow_run, new_run_dir, write_run_config
+    from fedgov.deploy.submit import run_at_coordinator
+    from fedgov.simulation import new_run_dir
 
     emit = on_event or (lambda e: None)
     query, _ = load_query(query_path)
-    base, cfg = load_coordinator(coordinator_dir)
     run_dir = new_run_dir(runs_dir, query.name).resolve()
-    emit({"event": "run-dir", "path": str(run_dir)})
-    run_config = write_run_config(
-        run_dir,
-        {
-            "query-path": str(Path(query_path).resolve()),
-            "run-dir": str(run_dir),
-            "mode": "deployment",
-            "expected-nodes": int(expected_nodes),
-            "node-wait": float(node_wait),
-        },
-    )
     started = time.time()
-    follow_run(CONNECTION, run_config, env=flower_env(cfg.path(base, cfg.flwr_home)), run_dir=run_dir, emit=emit, timeout=timeout)
+    run_at_coordinator(
+        coordinator_dir, run_dir,
+        {"query-path": str(Path(query_path).resolve()), "expected-nodes": int(expected_nodes), "node-wait": float(node_wait)},
+        emit=emit, timeout=timeout,
+    )
     _finish(run_dir, started)
     emit({"event": "done", "report": str(run_dir / "query.json")})
     return run_dir

@@ -19,7 +19,7 @@ from fedgov.reports import load_report, plot_report, write_json_atomic
 from fedgov.runtime import flower_env
 from fedgov.simulation import EventCallback, follow_run, new_run_dir, write_run_config
 
-__all__ = ["submit_task"]
+__all__ = ["run_at_coordinator", "submit_task"]
 
 
 def _stopped_note(coordinator_dir: Path, run_dir: Path) -> str | None:
@@ -39,6 +39,22 @@ def _stopped_note(coordinator_dir: Path, run_dir: Path) -> str | None:
     return None
 
 
+def run_at_coordinator(
+    coordinator_dir: Path,
+    run_dir: Path,
+    values: dict[str, str | bool | int | float],
+    *,
+    emit: EventCallback,
+    timeout: float,
+) -> None:
+    """Submit fedgov's app to the coordinator's SuperLink (``flwr run``, over the local Control
+    API) with ``values`` in the run config, and follow ``run_dir/events.jsonl`` until it ends."""
+    base, cfg = load_coordinator(coordinator_dir)
+    emit({"event": "run-dir", "path": str(run_dir)})
+    run_config = write_run_config(run_dir, {**values, "run-dir": str(run_dir), "mode": "deployment"})
+    follow_run(CONNECTION, run_config, env=flower_env(cfg.path(base, cfg.flwr_home)), run_dir=run_dir, emit=emit, timeout=timeout)
+
+
 def submit_task(
     task_path: Path,
     coordinator_dir: Path,
@@ -50,21 +66,17 @@ def submit_task(
     """Run ``task_path`` on the coordinator's federation; return the run directory."""
     emit = on_event or (lambda e: None)
     task, _ = load_task(task_path)
-    base, cfg = load_coordinator(coordinator_dir)
     run_dir = new_run_dir(runs_dir, task.name).resolve()
-    emit({"event": "run-dir", "path": str(run_dir)})
-    run_config = write_run_config(
-        run_dir,
+    started = time.time()
+    run_at_coordinator(
+        coordinator_dir, run_dir,
         {
             "task-path": str(Path(task_path).resolve()),
-            "run-dir": str(run_dir),
             # A deployed node refuses the local-only baseline: a second release of its data.
             "local-baseline": False,
-            "mode": "deployment",
         },
+        emit=emit, timeout=timeout,
     )
-    started = time.time()
-    follow_run(CONNECTION, run_config, env=flower_env(cfg.path(base, cfg.flwr_home)), run_dir=run_dir, emit=emit, timeout=timeout)
     report_path = run_dir / "report.json"
     report = load_report(report_path) if report_path.is_file() else None
     if report is None or report.status == "running":
