@@ -151,26 +151,41 @@ def run_with_progress(call: Callable[[Callable[[dict[str, Any]], None]], Path]) 
             raise  # unreachable: _fail exits
 
 
+RunsDir = Annotated[Path, typer.Option(help="Where run directories are created")]
+Cpus = Annotated[int | None, typer.Option(help="CPUs for the simulation engine (default: all)")]
+StateDir = Annotated[Path | None, typer.Option(help="Keep the simulated nodes' directories (policy, ledger, audit log) here, between runs")]
+NodeBudget = Annotated[float, typer.Option(help="Total epsilon per data set in a new simulated node's policy")]
+Approval = Annotated[str, typer.Option(help="Approval mode in a new simulated node's policy: auto, manual or deny")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the report as JSON at the end")]
+
+
+def _simulation_options(**kw: Any) -> Any:
+    """Simulation options from the shared command-line options; exit 2 on a bad approval mode."""
+    from fedgov.simulation import SimulationOptions
+
+    if kw["approval"] not in ("auto", "manual", "deny"):
+        err_console.print(f"[bold red]error:[/] --approval must be auto, manual or deny, not {kw['approval']!r}")
+        raise typer.Exit(int(ExitCode.USAGE))
+    return SimulationOptions(**kw)
+
+
 @app.command()
 def run(
     task: Annotated[Path, typer.Argument(help="Task file, e.g. configs/tasks/adult-income.toml")],
     federation: Annotated[Path | None, typer.Option("--federation", "-f", help="Federation file (default: the task's)")] = None,
-    runs_dir: Annotated[Path, typer.Option(help="Where run directories are created")] = Path("runs"),
-    cpus: Annotated[int | None, typer.Option(help="CPUs for the simulation engine (default: all)")] = None,
+    runs_dir: RunsDir = Path("runs"),
+    cpus: Cpus = None,
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Skip the local-only baselines")] = False,
-    state_dir: Annotated[Path | None, typer.Option(help="Keep the simulated nodes' directories (policy, ledger, audit log) here, between runs")] = None,
-    node_budget: Annotated[float, typer.Option(help="Total epsilon per data set in a new simulated node's policy")] = 10.0,
-    approval: Annotated[str, typer.Option(help="Approval mode in a new simulated node's policy: auto, manual or deny")] = "auto",
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON at the end")] = False,
+    state_dir: StateDir = None,
+    node_budget: NodeBudget = 10.0,
+    approval: Approval = "auto",
+    json_out: JsonOut = False,
 ) -> None:
     """Run a training task on a simulated federation (Flower simulation engine)."""
     from fedgov.reports import load_report
-    from fedgov.simulation import SimulationOptions, run_simulation
+    from fedgov.simulation import run_simulation
 
-    if approval not in ("auto", "manual", "deny"):
-        err_console.print(f"[bold red]error:[/] --approval must be auto, manual or deny, not {approval!r}")
-        raise typer.Exit(int(ExitCode.USAGE))
-    opts = SimulationOptions(
+    opts = _simulation_options(
         runs_dir=runs_dir, num_cpus=cpus, local_baseline=not no_baseline,
         state_dir=state_dir, node_budget=node_budget, approval=approval,
     )
@@ -233,28 +248,24 @@ def query(
     ] = None,
     expected_nodes: Annotated[int, typer.Option(help="Deployment: wait for this many nodes (at most --node-wait s)")] = 1,
     node_wait: Annotated[float, typer.Option(help="Deployment: seconds to wait for the expected nodes")] = 120.0,
-    runs_dir: Annotated[Path, typer.Option(help="Where run directories are created")] = Path("runs"),
-    cpus: Annotated[int | None, typer.Option(help="CPUs for the simulation engine (default: all)")] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="Keep the simulated nodes' directories (policy, ledger, audit log) here, between runs")] = None,
-    node_budget: Annotated[float, typer.Option(help="Total epsilon per data set in a new simulated node's policy")] = 10.0,
-    approval: Annotated[str, typer.Option(help="Approval mode in a new simulated node's policy: auto, manual or deny")] = "auto",
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON at the end")] = False,
+    runs_dir: RunsDir = Path("runs"),
+    cpus: Cpus = None,
+    state_dir: StateDir = None,
+    node_budget: NodeBudget = 10.0,
+    approval: Approval = "auto",
+    json_out: JsonOut = False,
 ) -> None:
     """Answer a statistics query across the federation with differential privacy (simulation, or -C for deployment)."""
     from fedgov.analytics import load_query_report
-    from fedgov.simulation import SimulationOptions
     from fedgov.stats import run_query_simulation, submit_query
 
-    if approval not in ("auto", "manual", "deny"):
-        err_console.print(f"[bold red]error:[/] --approval must be auto, manual or deny, not {approval!r}")
-        raise typer.Exit(int(ExitCode.USAGE))
+    opts = _simulation_options(runs_dir=runs_dir, num_cpus=cpus, state_dir=state_dir, node_budget=node_budget, approval=approval)
     if coordinator_dir is not None:
         run_dir = run_with_progress(
             lambda on_event: submit_query(query_file, coordinator_dir, runs_dir=runs_dir, expected_nodes=expected_nodes,
                                           node_wait=node_wait, on_event=on_event)
         )
     else:
-        opts = SimulationOptions(runs_dir=runs_dir, num_cpus=cpus, state_dir=state_dir, node_budget=node_budget, approval=approval)
         run_dir = run_with_progress(lambda on_event: run_query_simulation(query_file, federation, opts, on_event))
     report = load_query_report(run_dir / "query.json")
     print_query_summary(report, run_dir)
