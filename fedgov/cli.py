@@ -120,6 +120,9 @@ def run_with_progress(call: Callable[[Callable[[dict[str, Any]], None]], Path]) 
                     f"nodes' own test acc. {_fmt(ev.get('federated_accuracy'), '.4f')}  max epsilon {_fmt(ev.get('max_epsilon'))}  "
                     f"({len(ev.get('nodes_trained', []))} nodes, {_fmt(ev.get('seconds'), '.1f')} s)"
                 )
+            elif kind == "rejected":
+                for node, why in (ev.get("nodes") or {}).items():
+                    progress.console.print(f"  [yellow]round {ev.get('round')}: update of {node} left out[/]: {why}")
             elif kind == "warning":
                 progress.console.print(f"[bold yellow]warning:[/] {ev.get('message')}")
             elif kind == "failed":

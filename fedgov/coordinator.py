@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 
 import fedgov
 from fedgov import protocol as P
+from fedgov.aggregation import check_update
 from fedgov.config import Contract, Task
 from fedgov.errors import FederationError
 from fedgov.events import EventWriter
@@ -189,8 +190,11 @@ class _Recorder:
         nid = msg.metadata.src_node_id
         return self.names.get(nid, f"node-{nid}")
 
-    def train(self, r: int, replies: list[Message]) -> None:
+    def train(self, r: int, replies: list[Message], *, rejected: dict[str, str] | None = None) -> None:
         rm = self.round(r)
+        rm.nodes_rejected.update(rejected or {})
+        if rejected:
+            self.events.emit("rejected", round=r, nodes=rejected)
         losses: list[tuple[float, float]] = []
         for m in replies:
             node = self.name(m)
@@ -232,14 +236,23 @@ def _recording(base: type[FedAvg]) -> Callable[..., FedAvg]:
     """``base`` with its replies recorded before Flower aggregates them (one level deep)."""
 
     class Recording(base):  # type: ignore[valid-type, misc]
-        def __init__(self, *args: Any, recorder: _Recorder, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, recorder: _Recorder, max_update_norm: float | None = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.recorder = recorder
+            self.max_update_norm = max_update_norm
+
+        def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any) -> Any:
+            # The global model of this round: what every update is checked against.
+            self.global_arrays = {k: v.numpy() for k, v in arrays.items()}
+            return super().configure_train(server_round, arrays, config, grid)
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
             replies = list(replies)
-            self.recorder.train(server_round, replies)
-            return super().aggregate_train(server_round, replies)
+            kept, rejected = screen_updates(
+                replies, getattr(self, "global_arrays", None), max_norm=self.max_update_norm, name=self.recorder.name
+            )
+            self.recorder.train(server_round, kept, rejected=rejected)
+            return super().aggregate_train(server_round, kept)
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Any:
             replies = list(replies)
@@ -262,9 +275,45 @@ def build_strategy(task: Task, n_nodes: int, recorder: _Recorder) -> FedAvg:
         train_metrics_aggr_fn=_metrics_aggr,
         recorder=recorder,
     )
+    kwargs["max_update_norm"] = t.max_update_norm
+    if t.aggregation == "median":
+        return _recording(FedMedian)(**kwargs)
+    if t.aggregation == "trimmed-mean":
+        return _recording(FedTrimmedAvg)(beta=t.trim_fraction, **kwargs)
+    if t.aggregation == "krum":
+        return _recording(Krum)(num_malicious_nodes=t.krum_bad_nodes, **kwargs)
     if t.strategy == "fedprox":
         return _recording(FedProx)(proximal_mu=t.proximal_mu, **kwargs)
     return _recording(FedAvg)(**kwargs)
+
+
+def screen_updates(
+    replies: list[Message],
+    global_arrays: dict[str, np.ndarray] | None,
+    *,
+    max_norm: float | None,
+    name: Callable[[Message], str],
+) -> tuple[list[Message], dict[str, str]]:
+    """Split training replies into those to aggregate and those left out, with the reason
+    (:func:`fedgov.aggregation.check_update`). Error replies pass through (they are recorded
+    as failures and ignored by the strategy)."""
+    kept: list[Message] = []
+    rejected: dict[str, str] = {}
+    for m in replies:
+        if m.has_error():
+            kept.append(m)
+            continue
+        try:
+            local = {k: v.numpy() for rec in m.content.array_records.values() for k, v in rec.items()}
+            why = check_update(local, global_arrays, max_norm=max_norm)
+        except Exception as exc:  # noqa: BLE001 - an unreadable update is rejected, not a crash
+            why = f"update could not be read ({type(exc).__name__})"
+        if why is None:
+            kept.append(m)
+        else:
+            log.warning("round update of %s left out: %s", name(m), why)
+            rejected[name(m)] = why
+    return kept, rejected
 
 
 class CentralEvaluator:

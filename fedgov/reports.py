@@ -54,6 +54,9 @@ class RoundMetrics(_Model):
     nodes_trained: list[str] = Field(default_factory=list)
     nodes_evaluated: list[str] = Field(default_factory=list)
     nodes_failed: dict[str, str] = Field(default_factory=dict)
+    nodes_rejected: dict[str, str] = Field(
+        default_factory=dict, description="updates the coordinator left out (NaN, wrong shape, norm above the bound), why"
+    )
     seconds: float | None = None
 
 

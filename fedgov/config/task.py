@@ -53,6 +53,19 @@ class TrainingSpec(StrictModel):
     fraction_train: float = Field(default=1.0, gt=0, le=1)
     fraction_evaluate: float = Field(default=1.0, ge=0, le=1)
     min_nodes: int = Field(default=2, ge=1)
+    aggregation: Literal["mean", "median", "trimmed-mean", "krum"] = Field(
+        default="mean",
+        description=(
+            "how the coordinator combines the nodes' models: mean (FedAvg/FedProx, weighted by examples), "
+            "or robust to a few bad nodes: median (FedMedian), trimmed-mean (FedTrimmedAvg), krum (Krum)"
+        ),
+    )
+    trim_fraction: float = Field(default=0.2, ge=0, lt=0.5, description="trimmed-mean: share cut at each end")
+    krum_bad_nodes: int = Field(default=1, ge=0, description="krum: how many nodes may be malicious")
+    max_update_norm: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False,
+        description="leave out an update (local minus global model) longer than this in L2 norm; None: no bound",
+    )
     node_wait: float = Field(
         default=120.0, gt=0, le=86_400,
         description="seconds to wait for nodes to connect, and for enough to be back when fewer than min_nodes are online",
