@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from fedgov.config._base import ConfigPath, StrictModel, validate_file
+from fedgov.config._base import ConfigPath, StrictModel, load_referenced, validate_file
 from fedgov.config.contract import ColumnType, Contract, load_contract
 from fedgov.errors import ConfigError, Problem
 
@@ -539,6 +539,6 @@ def load_query(path: Path | str) -> tuple[Query, Contract]:
     """
     p = Path(path)
     query = validate_file(Query, p, "query")
-    contract = load_contract(query.contract)
+    contract = load_referenced(load_contract, query.contract, by=p, field="contract")
     ensure_valid(query, contract, str(p))
     return query, contract

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo
 
 from fedgov.errors import ConfigError, Problem
 
-__all__ = ["StrictModel", "ConfigPath", "load_toml", "validate_file", "problems_from_validation"]
+__all__ = ["StrictModel", "ConfigPath", "load_toml", "load_referenced", "validate_file", "problems_from_validation"]
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 class StrictModel(BaseModel):
@@ -57,6 +59,18 @@ def problems_from_validation(err: ValidationError, file: str) -> list[Problem]:
             msg = "unknown field (not part of the schema; check the spelling)"
         problems.append(Problem(file, _location(tuple(e["loc"])), msg))
     return problems
+
+
+def load_referenced(loader: Callable[[Path], T], path: Path, *, by: Path | str, field: str) -> T:
+    """Load a file that another configuration file names (a task's contract, say); when it
+    cannot be loaded, the error also names the file and field that refer to it."""
+    try:
+        return loader(path)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{by}: '{field}' names {path}, which cannot be used: {str(exc).splitlines()[0]}",
+            [Problem(str(by), field, f"refers to {path}"), *exc.problems],
+        ) from exc
 
 
 def load_toml(path: Path | str) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from fedgov.config._base import ConfigPath, StrictModel, problems_from_validation, validate_file
+from fedgov.config._base import ConfigPath, StrictModel, load_referenced, problems_from_validation, validate_file
 from fedgov.config.contract import ColumnType, Contract, load_contract
 from fedgov.errors import ConfigError, Problem
 
@@ -172,7 +172,7 @@ def load_task(path: Path | str) -> tuple[Task, Contract]:
         raise
     except ValidationError as exc:  # pragma: no cover - validate_file converts these
         raise ConfigError(f"Invalid task file {p}", problems_from_validation(exc, str(p))) from exc
-    contract = load_contract(task.contract)
+    contract = load_referenced(load_contract, task.contract, by=p, field="contract")
     problems = _check_against_contract(task, contract, str(p))
     if problems:
         raise ConfigError(f"Task {p} does not fit contract {contract.ref}:", problems)
