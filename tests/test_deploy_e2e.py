@@ -6,7 +6,7 @@ One federation, in order:
 1. the gateway serves nodes but not the Control API; an unadmitted key is refused;
 2. run A: a node whose policy does not trust the app bundle refuses it; one node is killed
    mid-round and the round completes with the others; a second is killed and the run stops
-   with a clear error after the task's bounded wait (Flower alone would wait forever);
+   with a clear error after the task's bounded wait of 10 s (Flower alone would wait forever);
 3. the coordinator restarts and the nodes come back with their node ids;
 4. run C is stopped with ``fedgov task stop``;
 5. run B: 2 rounds on all four nodes, the same report as a simulation; ledgers and audit logs;
@@ -183,13 +183,13 @@ def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Pa
 
         a_started = time.monotonic()
         with pytest.raises(FederationError) as failed:
-            submit_task(_task(tmp_path, "run-a", rounds=3, min_nodes=2), coord, runs_dir=runs, on_event=on_event_a, timeout=left(300))
+            submit_task(_task(tmp_path, "run-a", rounds=3, min_nodes=2, node_wait=10.0), coord, runs_dir=runs, on_event=on_event_a, timeout=left(300))
         a_seconds = time.monotonic() - a_started
         for t in killers:
             t.join(30)
         run_a = Path(failed.value.run_dir)  # type: ignore[attr-defined]
         rep_a = load_report(run_a / "report.json")
-        assert rep_a.status == "failed" and "min_nodes" in rep_a.message, rep_a.message
+        assert rep_a.status == "failed" and "min_nodes" in rep_a.message and "waited 10 s" in rep_a.message, rep_a.message
         refused = [n for n in rep_a.nodes if n.status == "refused"]
         assert [n.refusal_code for n in refused] == ["app-not-trusted"], refused
         assert refused[0].node == f"node-{ids[UNTRUSTING]}" and "accept.apps" in refused[0].refusal_reason
