@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fedgov import protocol as P
@@ -111,16 +112,9 @@ def admit(
     assert ds is not None  # check_task refuses a contract no data set serves
     if policy.approval == "manual":
         fp = fingerprint(task, contract)
-        status = home.state.status(fp)
-        if status != "approved":
-            if status == "none":
-                home.state.enqueue(fp, summary=_summary(task, contract, ds.name, hello))
-            return _refusal(
-                node,
-                P.RefusalCode.PENDING_APPROVAL.value,
-                f"task {fp} {'was rejected by' if status == 'rejected' else 'waits for'} the node's operator "
-                f"(fedgov node approve {fp})",
-            )
+        waiting = awaiting_approval(home, fp, lambda: _summary(task, contract, ds.name, hello), what="task")
+        if waiting is not None:
+            return _refusal(node, P.RefusalCode.PENDING_APPROVAL.value, waiting)
     if task.privacy.enabled:
         mechanism = Mechanism.dpsgd(history, accountant=task.privacy.accountant)
         try:
@@ -128,6 +122,18 @@ def admit(
         except BudgetExceeded as exc:
             return _refusal(node, P.RefusalCode.BUDGET_EXHAUSTED.value, str(exc).splitlines()[0][:400])
     return hello
+
+
+def awaiting_approval(home: NodeHome, key: str, summary: Callable[[], dict[str, Any]], *, what: str) -> str | None:
+    """With ``approval = "manual"``: None once the operator approved ``key``; else the reason to
+    refuse for now (the first time, ``key`` is queued with ``summary()`` for the operator)."""
+    status = home.state.status(key)
+    if status == "approved":
+        return None
+    if status == "none":
+        home.state.enqueue(key, summary=summary())
+    verb = "was rejected by" if status == "rejected" else "waits for"
+    return f"{what} {key} {verb} the node's operator (fedgov node approve {key})"
 
 
 def is_admitted(home: NodeHome, contract: Contract, task_id: str, task: Task) -> bool:

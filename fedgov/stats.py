@@ -34,6 +34,7 @@ from typing import Any
 import pandas as pd
 
 from fedgov import protocol as P
+from fedgov.admission import awaiting_approval
 from fedgov.analytics import (
     LocalRelease,
     Query,
@@ -123,20 +124,18 @@ def answer_query(
     assert ds is not None  # check_query refuses a contract no data set serves
     if policy.approval == "manual":
         fp = query_fingerprint(query, contract)
-        status = home.state.status(fp)
-        if status != "approved":
-            if status == "none":
-                home.state.enqueue(
-                    fp,
-                    summary={
-                        "kind": "statistics", "query": query.name, "contract": contract.ref, "dataset": ds.name,
-                        "epsilon": query.privacy.epsilon, "delta": query.privacy.delta,
-                        "measures": [m.name for m in query.measures],
-                        "sends": "noisy aggregates per cell (OpenDP), no rows",
-                    },
-                )
-            verb = "was rejected by" if status == "rejected" else "waits for"
-            return _refuse(node, P.RefusalCode.PENDING_APPROVAL.value, f"query {fp} {verb} the node's operator (fedgov node approve {fp})")
+        waiting = awaiting_approval(
+            home, fp,
+            lambda: {
+                "kind": "statistics", "query": query.name, "contract": contract.ref, "dataset": ds.name,
+                "epsilon": query.privacy.epsilon, "delta": query.privacy.delta,
+                "measures": [m.name for m in query.measures],
+                "sends": "noisy aggregates per cell (OpenDP), no rows",
+            },
+            what="query",
+        )
+        if waiting is not None:
+            return _refuse(node, P.RefusalCode.PENDING_APPROVAL.value, waiting)
     try:
         frame = read_node_frame(contract, [ds.path, ds.test_path])
     except DataValidationError as exc:
