@@ -33,8 +33,14 @@ def query_of(msg: Message) -> tuple[Query, Contract]:
 
 
 def task_id(msg: Message) -> str:
+    """The ledger key of the task of ``msg``: its name, fingerprint and the Flower run it was
+    admitted in (that of a resumed run's first part, when the coordinator resumes)."""
     task, contract = task_of(msg)
-    return task_id_of(task, contract, msg.metadata.run_id)
+    cfg = msg.content[P.CONFIG]
+    run = cfg.get(P.TASK_RUN) or msg.metadata.run_id
+    if not str(run).isdigit():
+        raise ValueError(f"{P.TASK_RUN} must be a Flower run id (digits), not {str(run)[:40]!r}")
+    return task_id_of(task, contract, str(run))
 
 
 def kind_of(msg: Message) -> str:

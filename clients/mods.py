@@ -11,13 +11,13 @@ import logging
 import math
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from clients.context import kind_of, node_of, task_id, task_of
 from fedgov import admission
 from fedgov import protocol as P
-from fedgov.node import DPState
+from fedgov.node import DPState, SentUpdates, model_digest
 
 log = logging.getLogger("fedgov.node")
 
@@ -157,6 +157,14 @@ def admission_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
             plan = dp.plan(task, hello.train_rows)
             history = plan.history_after(task.training.rounds)
         final = admission.admit(home, task, contract, hello, task_id=tid, history=history)
+        if final.accepted and task.privacy.enabled:
+            done = admission.spent(home, contract, task, task_id=tid)
+            if done:
+                # A resumed task: the accountant continues from this node's own ledger.
+                dp = DPState.from_json(str(context.state[key]["json"]))
+                dp.history = [e for r in sorted(done) for e in done[r]]
+                context.state[key] = ConfigRecord({"json": dp.to_json()})
+                home.audit.append("resume", task_id=tid, payload={"rounds_spent": sorted(done)})
         _audit_decision(home, tid, final, history)
         return reply if final is hello else _hello_reply(msg, final)
     if not admission.is_admitted(home, contract, tid, task):
@@ -182,20 +190,44 @@ def budget_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     task, contract = task_of(msg)
     _, home, _ = node_of(context)
     tid = task_id(msg)
+    sent = SentUpdates(home.path / "sent")
     if kind == P.END:
         admission.release(home, contract, task, task_id=tid, note="task ended")
+        sent.drop(tid)
         home.audit.append("release", task_id=tid, payload={"ledger": "released what was reserved and not spent"})
         return call_next(msg, context)
+    if not task.privacy.enabled:
+        return call_next(msg, context)
+    server_round = int(msg.content[P.CONFIG]["server-round"])  # type: ignore[arg-type]
+    digest = model_digest({k: v.numpy() for k, v in msg.content.array_records[P.ARRAYS].items()})
+    if server_round in admission.spent(home, contract, task, task_id=tid):
+        # This round was trained and spent before (the coordinator restarted in the middle of it).
+        again = sent.load(tid, server_round, digest)
+        if again is None:
+            return _refused(
+                msg, f"round {server_round} of task {tid} was already trained and spent at this node from another "
+                "global model; a second update would be a second release",
+            )
+        arrays, metrics = again
+        home.audit.append("resent", task_id=tid, payload={"round": server_round, "ledger": "no new spend"})
+        content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}), P.METRICS: MetricRecord(metrics)})
+        return Message(content, reply_to=msg)
     reply = call_next(msg, context)
-    if reply.has_error() or not task.privacy.enabled:
+    if reply.has_error():
         return reply
     m = next(iter(reply.content.metric_records.values()))
     entry = (float(m["noise-multiplier"]), float(m["sample-rate"]), int(m["steps"]))  # type: ignore[arg-type]
-    server_round = int(msg.content[P.CONFIG]["server-round"])  # type: ignore[arg-type]
     try:
         admission.record_spend(home, contract, task, task_id=tid, entries=[entry], server_round=server_round)
     except Exception as exc:  # the spend could not be recorded: the update must not leave
         log.exception("node: recording the spend failed; withholding the update")
         return _refused(msg, f"the node could not record this round's privacy spend ({type(exc).__name__})")
     home.audit.append("spend", task_id=tid, payload={"round": server_round, "mechanism": list(entry), "epsilon_task": _finite(m["epsilon"])})
+    try:
+        sent.save(
+            tid, server_round, digest, {k: v.numpy() for k, v in reply.content.array_records[P.ARRAYS].items()},
+            {k: float(v) for k, v in m.items() if isinstance(v, (int, float))},
+        )
+    except OSError:  # without the copy, a resumed round is refused rather than charged twice
+        log.warning("node: could not keep a copy of the sent update", exc_info=True)
     return reply

@@ -30,7 +30,17 @@ from fedgov.ledger import BudgetExceeded, Mechanism
 from fedgov.nodehome import NodeHome, budget_of
 from fedgov.policy import check_task
 
-__all__ = ["fingerprint", "task_id_of", "precheck", "admit", "dataset_name", "record_spend", "release", "is_admitted"]
+__all__ = [
+    "fingerprint",
+    "task_id_of",
+    "precheck",
+    "admit",
+    "dataset_name",
+    "record_spend",
+    "release",
+    "is_admitted",
+    "spent",
+]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +126,17 @@ def admit(
         if waiting is not None:
             return _refusal(node, P.RefusalCode.PENDING_APPROVAL.value, waiting)
     if task.privacy.enabled:
+        state = home.ledger.task_state(task_id, dataset=ds.name)
+        if state == "open":
+            # A resumed run (the coordinator restarted): the reservation made when the task was
+            # first admitted still holds; nothing is reserved twice.
+            log.info("node %s: task %s resumes its open reservation", node, task_id)
+            return hello
+        if state == "closed":
+            return _refusal(
+                node, P.RefusalCode.TASK_ENDED.value,
+                f"task {task_id} has ended at this node (its reservation was released); it cannot be resumed",
+            )
         mechanism = Mechanism.dpsgd(history, accountant=task.privacy.accountant)
         try:
             home.ledger.reserve(dataset=ds.name, task_id=task_id, mechanism=mechanism, budget=budget_of(ds))
@@ -161,3 +182,16 @@ def release(home: NodeHome, contract: Contract, task: Task, *, task_id: str, not
         return
     if home.ledger.task_state(task_id, dataset=ds) == "open":
         home.ledger.release(dataset=ds, task_id=task_id, note=note)
+
+
+def spent(home: NodeHome, contract: Contract, task: Task, *, task_id: str) -> dict[int, list[tuple[float, float, int]]]:
+    """The DP-SGD steps this node's ledger recorded for ``task_id``, per round: what a resumed
+    task's accountant continues from (the node's own record, never the coordinator's word)."""
+    ds = dataset_name(home, contract)
+    if ds is None or not task.privacy.enabled:
+        return {}
+    out: dict[int, list[tuple[float, float, int]]] = {}
+    for ev in home.ledger.events(ds):
+        if ev.task_id == task_id and ev.kind == "spend" and ev.mechanism is not None and ev.round is not None:
+            out.setdefault(ev.round, []).extend((float(s), float(q), int(k)) for s, q, k in ev.mechanism.history or [])
+    return out

@@ -110,8 +110,11 @@ def run_with_progress(call: Callable[[Callable[[dict[str, Any]], None]], Path]) 
                 progress.console.print(f"{len(ev['accepted'])} node(s) accepted the task, {len(refused)} refused")
                 for node, why in refused.items():
                     progress.console.print(f"  [yellow]refused[/] {node}: {why}")
+            elif kind == "resumed":
+                progress.console.print(f"Resuming after round {ev['round']} of {ev['rounds']} (ledger key run {ev.get('task_run')})")
             elif kind == "training-start":
-                progress.update(bar, description="training", total=int(ev["rounds"]), completed=0, info="")
+                first = int(ev.get("first_round", 1))
+                progress.update(bar, description="training", total=int(ev["rounds"]), completed=first - 1, info="")
             elif kind == "round" and ev.get("round", 0) > 0:
                 info = f"acc {_fmt(ev.get('accuracy'))}  max eps {_fmt(ev.get('max_epsilon'))}"
                 progress.update(bar, completed=ev["round"], info=info)
@@ -174,8 +177,11 @@ def _simulation_options(**kw: Any) -> Any:
 
 @app.command()
 def run(
-    task: Annotated[Path, typer.Argument(help="Task file, e.g. configs/tasks/adult-income.toml")],
+    task: Annotated[Path | None, typer.Argument(help="Task file, e.g. configs/tasks/adult-income.toml")] = None,
     federation: Annotated[Path | None, typer.Option("--federation", "-f", help="Federation file (default: the task's)")] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the run in this run directory from its last checkpoint (after a crash)")
+    ] = None,
     runs_dir: RunsDir = Path("runs"),
     cpus: Cpus = None,
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Skip the local-only baselines")] = False,
@@ -184,15 +190,28 @@ def run(
     approval: Approval = "auto",
     json_out: JsonOut = False,
 ) -> None:
-    """Run a training task on a simulated federation (Flower simulation engine)."""
-    from fedgov.reports import load_report
-    from fedgov.simulation import run_simulation
+    """Run a training task on a simulated federation (Flower simulation engine).
 
+    The coordinator saves a checkpoint after every round; after a crash, ``fedgov run --resume
+    RUN_DIR`` runs the remaining rounds, and no node's ledger is charged twice.
+    """
+    from fedgov.reports import load_report
+    from fedgov.simulation import resume_simulation, run_simulation
+
+    if (task is None) == (resume is None):
+        err_console.print("[bold red]error:[/] give a task file, or --resume RUN_DIR (not both)")
+        raise typer.Exit(int(ExitCode.USAGE))
     opts = _simulation_options(
         runs_dir=runs_dir, num_cpus=cpus, local_baseline=not no_baseline,
         state_dir=state_dir, node_budget=node_budget, approval=approval,
     )
-    run_dir = run_with_progress(lambda on_event: run_simulation(task, federation, opts, on_event))
+    if resume is not None:
+        resume_dir = resume
+        run_dir = run_with_progress(lambda on_event: resume_simulation(resume_dir, opts, on_event))
+    else:
+        assert task is not None
+        task_file = task
+        run_dir = run_with_progress(lambda on_event: run_simulation(task_file, federation, opts, on_event))
     report = load_report(run_dir / "report.json")
     print_summary(report, run_dir)
     if json_out:

@@ -69,6 +69,26 @@ def task_submit(
         print(report.model_dump_json(indent=2))
 
 
+@task_app.command("resume")
+@_guard
+def task_resume(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory of the interrupted run ('fedgov task list')")],
+    coordinator_dir: CoordDir,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 3600.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON at the end")] = False,
+) -> None:
+    """Continue an interrupted run (coordinator crash, 'fedgov task stop') from its last checkpoint."""
+    from fedgov.cli import print_summary, run_with_progress
+    from fedgov.deploy.submit import resume_task
+    from fedgov.reports import load_report
+
+    done = run_with_progress(lambda on_event: resume_task(run_dir, coordinator_dir, on_event=on_event, timeout=timeout))
+    report = load_report(done / "report.json")
+    print_summary(report, done)
+    if json_out:
+        print(report.model_dump_json(indent=2))
+
+
 def _runs_table(infos: list) -> Table:  # type: ignore[type-arg]
     table = Table(title="runs at the coordinator")
     for col in ("run id", "status", "task", "rounds", "elapsed", "run directory"):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
@@ -112,8 +113,10 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-def _hello(grid: Grid, node_ids: list[int], task: Task, contract: Contract, timeout: float) -> dict[int, P.NodeHello]:
-    content = ConfigRecord({P.KIND: P.HELLO, **task_config(task, contract)})
+def _hello(
+    grid: Grid, node_ids: list[int], task: Task, contract: Contract, timeout: float, extra: dict[str, str] | None = None
+) -> dict[int, P.NodeHello]:
+    content = ConfigRecord({P.KIND: P.HELLO, **task_config(task, contract), **(extra or {})})
     msgs = [
         Message(content=RecordDict({P.CONFIG: content}), message_type=MessageType.QUERY, dst_node_id=nid)
         for nid in node_ids
@@ -190,6 +193,35 @@ class _Recorder:
         nid = msg.metadata.src_node_id
         return self.names.get(nid, f"node-{nid}")
 
+    def asked(self, r: int, asked: list[int], online: set[int], admitted: set[int]) -> None:
+        """Who was asked to train in round ``r``, and why each other admitted node was not."""
+        rm = self.round(r)
+        rm.nodes_asked = sorted(self.names.get(n, f"node-{n}") for n in asked)
+        for n in sorted(admitted - set(asked)):
+            why = "not sampled this round (training.fraction_train)" if n in online else "not connected when the round started"
+            rm.nodes_absent[self.names.get(n, f"node-{n}")] = why
+
+    def missing(self, r: int, replies: list[Message], timeout: float) -> None:
+        """Nodes asked in round ``r`` that did not answer within the bounded wait."""
+        rm = self.round(r)
+        answered = {self.name(m) for m in replies}
+        for node in rm.nodes_asked:
+            if node not in answered:
+                rm.nodes_failed.setdefault(node, f"no reply within {timeout:.0f} s (training.reply_timeout)")
+
+    def state(self) -> dict[str, Any]:
+        return {"node_train": self.node_train, "node_rounds": self.node_rounds, "node_eval": self.node_eval}
+
+    def restore(
+        self, rounds: list[RoundMetrics], node_train: dict[str, dict[str, float | None]], node_rounds: dict[str, int],
+        node_eval: dict[str, dict[str, float | None]],
+    ) -> None:
+        def nan(d: dict[str, dict[str, float | None]]) -> dict[str, dict[str, float]]:
+            return {n: {k: float("nan") if v is None else float(v) for k, v in m.items()} for n, m in d.items()}
+
+        self.rounds = {rm.round: rm for rm in rounds}
+        self.node_train, self.node_rounds, self.node_eval = nan(node_train), dict(node_rounds), nan(node_eval)
+
     def train(self, r: int, replies: list[Message], *, rejected: dict[str, str] | None = None) -> None:
         rm = self.round(r)
         rm.nodes_rejected.update(rejected or {})
@@ -236,36 +268,55 @@ def _recording(base: type[FedAvg]) -> Callable[..., FedAvg]:
     """``base`` with its replies recorded before Flower aggregates them (one level deep)."""
 
     class Recording(base):  # type: ignore[valid-type, misc]
-        def __init__(self, *args: Any, recorder: _Recorder, max_update_norm: float | None = None, **kwargs: Any) -> None:
+        """Rounds are numbered from ``round_offset + 1`` (a resumed run continues the numbering)."""
+
+        def __init__(
+            self, *args: Any, recorder: _Recorder, max_update_norm: float | None = None,
+            round_offset: int = 0, reply_timeout: float = 600.0, **kwargs: Any,
+        ) -> None:
             super().__init__(*args, **kwargs)
             self.recorder = recorder
             self.max_update_norm = max_update_norm
+            self.round_offset = round_offset
+            self.reply_timeout = reply_timeout
 
         def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any) -> Any:
+            r = server_round + self.round_offset
             # The global model of this round: what every update is checked against.
             self.global_arrays = {k: v.numpy() for k, v in arrays.items()}
-            return super().configure_train(server_round, arrays, config, grid)
+            online = set(grid.get_node_ids())
+            msgs = list(super().configure_train(r, arrays, config, grid))
+            admitted = getattr(grid, "admitted", online)
+            self.recorder.asked(r, [m.metadata.dst_node_id for m in msgs], online, set(admitted))
+            return msgs
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
+            r = server_round + self.round_offset
             replies = list(replies)
             kept, rejected = screen_updates(
                 replies, getattr(self, "global_arrays", None), max_norm=self.max_update_norm, name=self.recorder.name
             )
-            self.recorder.train(server_round, kept, rejected=rejected)
-            return super().aggregate_train(server_round, kept)
+            self.recorder.train(r, kept, rejected=rejected)
+            self.recorder.missing(r, replies, self.reply_timeout)
+            return super().aggregate_train(r, kept)
+
+        def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any) -> Any:
+            return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Any:
             replies = list(replies)
-            self.recorder.evaluate(server_round, replies)
-            return super().aggregate_evaluate(server_round, replies)
+            self.recorder.evaluate(server_round + self.round_offset, replies)
+            return super().aggregate_evaluate(server_round + self.round_offset, replies)
 
     Recording.__name__ = f"Recording{base.__name__}"
     return Recording
 
 
-def build_strategy(task: Task, n_nodes: int, recorder: _Recorder) -> FedAvg:
+def build_strategy(task: Task, n_nodes: int, recorder: _Recorder, *, round_offset: int = 0) -> FedAvg:
     t = task.training
     kwargs: dict[str, Any] = dict(
+        round_offset=round_offset,
+        reply_timeout=t.reply_timeout,
         fraction_train=t.fraction_train,
         fraction_evaluate=t.fraction_evaluate,
         min_train_nodes=min(t.min_nodes, n_nodes),
@@ -343,23 +394,30 @@ class CentralEvaluator:
             return None
         return float(np.bincount(self.y).max() / len(self.y))
 
+    round_offset: int = 0
+    after_round: Callable[[int, ArrayRecord], None] | None = None
+
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         from fedgov.models import set_state
         from fedgov.training import evaluate
 
+        if server_round == 0 and self.round_offset > 0:
+            return None  # a resumed run: the model it starts from was evaluated before the crash
+        server_round += self.round_offset
         rm = self.recorder.round(server_round)
         rm.seconds = time.time() - self.t0
         self.t0 = time.time()
-        if self.X is None or self.y is None:
-            self.events.emit("round", **rm.model_dump(mode="json"))
-            return None
-        set_state(self.model, {k: v.numpy() for k, v in arrays.items()})
-        m = evaluate(self.model, self.X, self.y)
-        rm.accuracy, rm.loss, rm.auc = m.accuracy, m.loss, m.auc
+        out: MetricRecord | None = None
+        if self.X is not None and self.y is not None:
+            set_state(self.model, {k: v.numpy() for k, v in arrays.items()})
+            m = evaluate(self.model, self.X, self.y)
+            rm.accuracy, rm.loss, rm.auc = m.accuracy, m.loss, m.auc
+            out = MetricRecord({"accuracy": m.accuracy, "loss": m.loss})
+            if m.auc is not None:
+                out["auc"] = m.auc
         self.events.emit("round", **rm.model_dump(mode="json"))
-        out = MetricRecord({"accuracy": m.accuracy, "loss": m.loss})
-        if m.auc is not None:
-            out["auc"] = m.auc
+        if server_round > 0 and self.after_round is not None:
+            self.after_round(server_round, arrays)
         return out
 
 
@@ -372,19 +430,35 @@ def run_training(
     expected_nodes: int,
     task_file: str,
     federation: str,
+    federation_file: str = "",
     mode: str = "simulation",
     connect_timeout: float = 120.0,
     reply_timeout: float = 600.0,
     local_baseline: bool = True,
     flower_run_id: int | None = None,
+    resume: bool = False,
+    crash_after_round: int | None = None,
 ) -> TrainingReport:
-    """Run a training task over the nodes connected to ``grid``; write and return the report."""
+    """Run a training task over the nodes connected to ``grid``; write and return the report.
+
+    After every round a checkpoint is written to ``run_dir/checkpoint`` (:mod:`fedgov.checkpoint`).
+    With ``resume``, the run continues from the last checkpoint in ``run_dir``: the nodes are
+    asked again (and continue their reservation for the original run), the remaining rounds
+    run from the saved model, and the report holds all rounds. ``crash_after_round`` ends the
+    process abruptly after that round's checkpoint (fault injection for tests of resume).
+    """
     import torch
 
+    from fedgov.admission import fingerprint
+    from fedgov.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from fedgov.models import build_model, get_state
 
     run_dir.mkdir(parents=True, exist_ok=True)
     events = EventWriter(run_dir / "events.jsonl")
+    ckpt: Checkpoint | None = None
+    ckpt_arrays: dict[str, np.ndarray] = {}
+    if resume:
+        ckpt, ckpt_arrays = load_checkpoint(run_dir)
     report = TrainingReport(
         fedgov_version=fedgov.__version__,
         run_id=run_dir.name,
@@ -416,10 +490,23 @@ def run_training(
     recorder: _Recorder | None = None
     evaluator: CentralEvaluator | None = None
     events.emit("started", task=task.name, mode=mode, flower_run_id=flower_run_id)
+    task_run = str(flower_run_id) if flower_run_id is not None else ""
     try:
+        extra: dict[str, str] = {}
+        if ckpt is not None:
+            if ckpt.task_fingerprint != fingerprint(task, contract):
+                raise FederationError(
+                    f"the checkpoint in {run_dir} is of another version of task {ckpt.task} "
+                    f"(fingerprint {ckpt.task_fingerprint}); a changed task cannot be resumed"
+                )
+            if not ckpt.task_run:
+                raise FederationError(f"the checkpoint in {run_dir} names no Flower run; it cannot be resumed")
+            task_run = ckpt.task_run
+            extra[P.TASK_RUN] = task_run
+            events.emit("resumed", round=ckpt.round, rounds=task.training.rounds, task_run=task_run)
         node_ids = wait_for_nodes(grid, expected_nodes, connect_timeout)
         events.emit("nodes-connected", count=len(node_ids), expected=expected_nodes)
-        answers = _hello(grid, node_ids, task, contract, timeout=reply_timeout)
+        answers = _hello(grid, node_ids, task, contract, timeout=reply_timeout, extra=extra)
         names = {nid: a.node for nid, a in answers.items()}
         for a in sorted(answers.values(), key=lambda a: a.node):
             report.nodes.append(
@@ -452,14 +539,40 @@ def run_training(
         recorder = _Recorder(names, events)
         evaluator = CentralEvaluator(task, contract, recorder, events)
         report.majority_rate = evaluator.majority_rate()
-        strategy = build_strategy(task, len(admitted), recorder)
-        initial = build_model(task.model, n_features=evaluator.encoder.n_features, n_classes=evaluator.encoder.n_classes, seed=task.training.seed)
-        cfg = ConfigRecord({**task_config(task, contract), "num-rounds": task.training.rounds})
-        events.emit("training-start", nodes=len(admitted), rounds=task.training.rounds)
+        done = 0
+        if ckpt is not None:
+            done = ckpt.round
+            recorder.restore(ckpt.rounds, ckpt.node_train, ckpt.node_rounds, ckpt.node_eval)
+            initial_state = ckpt_arrays
+        else:
+            initial = build_model(task.model, n_features=evaluator.encoder.n_features, n_classes=evaluator.encoder.n_classes, seed=task.training.seed)
+            initial_state = get_state(initial)
+        strategy = build_strategy(task, len(admitted), recorder, round_offset=done)
+        evaluator.round_offset = done
+        rec = recorder
+
+        def checkpoint(r: int, arrays: ArrayRecord) -> None:
+            report.rounds = [rec.rounds[k] for k in sorted(rec.rounds) if k > 0]
+            state = Checkpoint(
+                task=task.name, task_file=task_file, task_fingerprint=fingerprint(task, contract),
+                federation=federation_file or federation, mode=mode, task_run=task_run, round=r,
+                rounds_planned=task.training.rounds, strategy=type(strategy).__name__.removeprefix("Recording"),
+                nodes_admitted=sorted(names[n] for n in admitted), nodes=report.nodes, rounds=report.rounds,
+                majority_rate=report.majority_rate, model_file="", model_sha256="", **rec.state(),
+            )
+            save_checkpoint(run_dir, state, {k: v.numpy() for k, v in arrays.items()})
+            events.emit("checkpoint", round=r)
+            if crash_after_round is not None and r == crash_after_round:
+                log.error("fault injection: the coordinator ends abruptly after round %d", r)
+                os._exit(86)
+
+        evaluator.after_round = checkpoint
+        cfg = ConfigRecord({**task_config(task, contract), **extra, "num-rounds": task.training.rounds})
+        events.emit("training-start", nodes=len(admitted), rounds=task.training.rounds, first_round=done + 1)
         result = strategy.start(
             grid=AdmittedGrid(grid, admitted, min_nodes=min(task.training.min_nodes, len(admitted)), patience=connect_timeout),
-            initial_arrays=ArrayRecord({k: Array(np.asarray(v)) for k, v in get_state(initial).items()}),
-            num_rounds=task.training.rounds,
+            initial_arrays=ArrayRecord({k: Array(np.asarray(v)) for k, v in initial_state.items()}),
+            num_rounds=task.training.rounds - done,
             timeout=reply_timeout,
             train_config=cfg,
             evaluate_config=ConfigRecord(dict(cfg)),
@@ -468,7 +581,7 @@ def run_training(
         _collect(report, recorder, evaluator)
         if local_baseline:
             events.emit("baselines", nodes=len(admitted))
-            _baselines(grid, admitted, names, task, contract, report, timeout=reply_timeout)
+            _baselines(grid, admitted, names, task, contract, report, timeout=reply_timeout, extra=extra)
         final_state = {k: torch.from_numpy(np.array(v.numpy())) for k, v in result.arrays.items()}
         torch.save(final_state, run_dir / "model.pt")
         report.artifacts["model"] = "model.pt"
@@ -482,7 +595,7 @@ def run_training(
         events.emit("failed", message=str(exc))
     finally:
         if admitted_ids:
-            _end(grid, admitted_ids, task, contract)
+            _end(grid, admitted_ids, task, contract, extra=extra)
         report.finished = datetime.now(timezone.utc)
         report.wall_seconds = (report.finished - report.started).total_seconds()
         report.artifacts["events"] = "events.jsonl"
@@ -514,10 +627,12 @@ def _collect(report: TrainingReport, recorder: _Recorder, evaluator: CentralEval
         report.final = GlobalMetrics(accuracy=last.accuracy, loss=last.loss or 0.0, auc=last.auc, n=0 if evaluator.y is None else len(evaluator.y))
 
 
-def _end(grid: Grid, node_ids: list[int], task: Task, contract: Contract, timeout: float = 60.0) -> None:
+def _end(
+    grid: Grid, node_ids: list[int], task: Task, contract: Contract, timeout: float = 60.0, extra: dict[str, str] | None = None
+) -> None:
     """Tell the nodes the task has ended, so that they release what they reserved and did not
     spend. Best effort: a node that does not hear it keeps the reservation (never hands back)."""
-    content = ConfigRecord({P.KIND: P.END, **task_config(task, contract)})
+    content = ConfigRecord({P.KIND: P.END, **task_config(task, contract), **(extra or {})})
     msgs = [Message(content=RecordDict({P.CONFIG: content}), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
     try:
         list(grid.send_and_receive(msgs, timeout=timeout))
@@ -527,10 +642,10 @@ def _end(grid: Grid, node_ids: list[int], task: Task, contract: Contract, timeou
 
 def _baselines(
     grid: Grid, admitted: list[int], names: dict[int, str], task: Task, contract: Contract,
-    report: TrainingReport, *, timeout: float,
+    report: TrainingReport, *, timeout: float, extra: dict[str, str] | None = None,
 ) -> None:
     """Ask each node for its local-only model's accuracy (same model, same DP budget)."""
-    content = ConfigRecord({P.KIND: P.BASELINE, **task_config(task, contract)})
+    content = ConfigRecord({P.KIND: P.BASELINE, **task_config(task, contract), **(extra or {})})
     msgs = [
         Message(content=RecordDict({P.CONFIG: content}), message_type=MessageType.QUERY, dst_node_id=nid)
         for nid in admitted

@@ -42,6 +42,8 @@ __all__ = [
     "evaluate_global",
     "local_only_baseline",
     "Baseline",
+    "SentUpdates",
+    "model_digest",
 ]
 
 log = logging.getLogger(__name__)
@@ -339,3 +341,66 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, FedgovError):
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     return f"{type(exc).__name__} at the node; details in the node's log"
+
+
+def model_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 of a model's arrays (names, shapes, dtypes and bytes, in order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in arrays.items():
+        a = np.ascontiguousarray(v)
+        h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class SentUpdates:
+    """The last update a node sent for each task, kept in its node directory (``sent/``).
+
+    When a coordinator crashes after a node trained a round but before it saved that round,
+    the resumed coordinator asks for the same round again, from the same global model. The
+    node then sends the same update again instead of training (and spending) a second time:
+    it already left the node, so resending it releases nothing new. Kept until the task ends.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+
+    def _path(self, task_id: str) -> Path:
+        import hashlib
+
+        return self.dir / (hashlib.sha256(task_id.encode()).hexdigest()[:24] + ".npz")
+
+    def save(self, task_id: str, server_round: int, global_digest: str, arrays: dict[str, np.ndarray], metrics: dict[str, float]) -> None:
+        import io
+        import json
+
+        from fedgov.data.io import atomic_write_bytes
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = json.dumps({"task_id": task_id, "round": server_round, "global": global_digest, "metrics": metrics, "keys": list(arrays)})
+        buf = io.BytesIO()
+        np.savez(buf, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **{f"a{i}": np.asarray(v) for i, v in enumerate(arrays.values())})
+        atomic_write_bytes(self._path(task_id), buf.getvalue())
+
+    def load(self, task_id: str, server_round: int, global_digest: str) -> tuple[dict[str, np.ndarray], dict[str, float]] | None:
+        """The update sent for ``server_round`` from the model ``global_digest``, if it was the last."""
+        import json
+
+        path = self._path(task_id)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(z["__meta__"].tobytes().decode())
+                if meta["task_id"] != task_id or meta["round"] != server_round or meta["global"] != global_digest:
+                    return None
+                arrays = {k: z[f"a{i}"] for i, k in enumerate(meta["keys"])}
+        except Exception:  # noqa: BLE001 - a damaged copy is no copy: the node trains again
+            log.warning("node: the copy of the last sent update is unreadable; ignoring it", exc_info=True)
+            return None
+        return arrays, {k: float(v) for k, v in meta["metrics"].items()}
+
+    def drop(self, task_id: str) -> None:
+        self._path(task_id).unlink(missing_ok=True)

@@ -34,6 +34,7 @@ __all__ = [
     "STATS",
     "QUERY_JSON",
     "ANSWER_JSON",
+    "TASK_RUN",
     "RefusalCode",
     "NodeHello",
     "StatsAnswer",
@@ -53,6 +54,9 @@ NODE_JSON = "node-json"
 STATS = "stats"  # a statistics query (kind of a Flower query message)
 QUERY_JSON = "query-json"
 ANSWER_JSON = "answer-json"
+# A resumed run (fedgov run --resume, fedgov task resume) names the Flower run the nodes admitted
+# the task in, so that each node continues that reservation in its ledger instead of reserving anew.
+TASK_RUN = "task-run"
 
 
 class RefusalCode(str, Enum):
@@ -70,6 +74,7 @@ class RefusalCode(str, Enum):
     BUDGET_EXHAUSTED = "budget-exhausted"
     NOT_ADMITTED = "not-admitted"
     APP_NOT_TRUSTED = "app-not-trusted"
+    TASK_ENDED = "task-ended"
     INTERNAL = "internal-error"
     # A policy rule (fedgov.policy.PolicyCode) refuses with its own code, e.g. epsilon-above-max.
 

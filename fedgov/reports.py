@@ -51,6 +51,10 @@ class RoundMetrics(_Model):
     )
     train_loss: float | None = None
     max_epsilon: float | None = None
+    nodes_asked: list[str] = Field(default_factory=list, description="the admitted nodes asked to train this round")
+    nodes_absent: dict[str, str] = Field(
+        default_factory=dict, description="admitted nodes not asked this round, why (offline, not sampled)"
+    )
     nodes_trained: list[str] = Field(default_factory=list)
     nodes_evaluated: list[str] = Field(default_factory=list)
     nodes_failed: dict[str, str] = Field(default_factory=dict)

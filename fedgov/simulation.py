@@ -37,7 +37,7 @@ from fedgov.nodehome import NodeHome
 from fedgov.policy import default_policy_text
 from fedgov.runtime import ManagedProcess, flower_bin, flower_env, free_port, wait_healthy
 
-__all__ = ["SimulationOptions", "run_simulation", "simulate", "app_dir", "new_run_dir", "follow_run", "write_run_config"]
+__all__ = ["SimulationOptions", "run_simulation", "resume_simulation", "simulate", "app_dir", "new_run_dir", "follow_run", "write_run_config"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class SimulationOptions:
     state_dir: Path | None = None
     node_budget: float = 10.0
     approval: str = "auto"
+    # Fault injection for tests of resume: the ServerApp ends abruptly after this round (0: never).
+    crash_after_round: int = 0
 
 
 def app_dir() -> Path:
@@ -286,28 +288,71 @@ def run_simulation(
     run_dir = new_run_dir(options.runs_dir, task.name).resolve()
     nodes, manifest = prepare_nodes(run_dir, federation, contract, options, emit, max_epsilon=task.privacy.target_epsilon)
 
+    values: dict[str, str | bool | int | float] = {
+        "task-path": str(Path(task_path).resolve()),
+        "federation-path": str(Path(fed_path).resolve()),
+        "manifest-path": str(manifest),
+        "run-dir": str(run_dir),
+        "local-baseline": options.local_baseline,
+    }
+    if options.crash_after_round:
+        values["crash-after-round"] = options.crash_after_round
+    return _finish(run_dir, len(nodes), values, options, emit)
+
+
+def resume_simulation(run_dir: Path, options: SimulationOptions = SimulationOptions(), on_event: EventCallback | None = None) -> Path:
+    """Continue the simulated training run in ``run_dir`` from its last checkpoint
+    (``fedgov run --resume``): same node directories and ledgers, the remaining rounds."""
+    from fedgov.checkpoint import load_checkpoint
+    from fedgov.data import read_manifest
+
+    emit = on_event or (lambda e: None)
+    run_dir = Path(run_dir).resolve()
+    ckpt, _ = load_checkpoint(run_dir)
+    manifest = run_dir / "manifest.json"
+    if ckpt.mode != "simulation" or not manifest.is_file():
+        raise ConfigError(
+            f"{run_dir} is not a simulated run", [Problem(str(manifest), "", "the manifest of a run made by fedgov run (deployment: fedgov task resume)")]
+        )
+    if ckpt.round >= ckpt.rounds_planned:
+        raise FederationError(f"the run in {run_dir} completed all {ckpt.rounds_planned} rounds; there is nothing to resume")
+    load_task(Path(ckpt.task_file))  # a task file that no longer loads is reported here, with its location
+    nodes = read_manifest(manifest)
+    emit({"event": "run-dir", "path": str(run_dir)})
+    shutil.rmtree(run_dir / ".flower", ignore_errors=True)
+    values: dict[str, str | bool | int | float] = {
+        "task-path": ckpt.task_file,
+        "federation-path": ckpt.federation,
+        "manifest-path": str(manifest),
+        "run-dir": str(run_dir),
+        "local-baseline": options.local_baseline,
+        "resume": True,
+    }
+    if options.crash_after_round:
+        values["crash-after-round"] = options.crash_after_round
+    return _finish(run_dir, len(nodes), values, options, emit)
+
+
+def _finish(
+    run_dir: Path, n_nodes: int, values: dict[str, str | bool | int | float], options: SimulationOptions, emit: EventCallback
+) -> Path:
+    """Run the simulation and check, complete and plot its report."""
     started = time.time()
-    simulate(
-        run_dir,
-        n_nodes=len(nodes),
-        run_config_values={
-            "task-path": str(Path(task_path).resolve()),
-            "federation-path": str(Path(fed_path).resolve()),
-            "manifest-path": str(manifest),
-            "run-dir": str(run_dir),
-            "local-baseline": options.local_baseline,
-        },
-        options=options,
-        emit=emit,
-    )
+    simulate(run_dir, n_nodes=n_nodes, run_config_values=values, options=options, emit=emit)
     logs = run_dir / "logs"
 
     report_path = run_dir / "report.json"
     if not report_path.is_file():
-        raise FederationError(
+        hint = ""
+        if (run_dir / "checkpoint" / "state.json").is_file():
+            hint = f"\nThe rounds completed so far are saved: continue with  fedgov run --resume {run_dir}"
+        err = FederationError(
             f"the run ended without a report; see {logs / 'flower.log'}:\n"
             + "\n".join((logs / "flower.log").read_text("utf-8", errors="replace").splitlines()[-25:])
+            + hint
         )
+        err.run_dir = run_dir  # type: ignore[attr-defined]
+        raise err
     report = load_report(report_path)
     if report.status != "completed":
         err = FederationError(f"the run failed: {report.message} (report: {report_path})")

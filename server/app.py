@@ -43,6 +43,9 @@ def main(grid: Grid, context: Context) -> None:
         connect_timeout=task.training.node_wait,
         reply_timeout=task.training.reply_timeout,
         flower_run_id=int(context.run_id),
+        federation_file=federation if federation != "(deployment)" else "",
+        resume=bool(cfg.get("resume", False)),
+        crash_after_round=int(str(cfg.get("crash-after-round", 0) or 0)) or None,
     )
     log.info("fedgov run %s finished: %s", report.run_id, report.status)
 

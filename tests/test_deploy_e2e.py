@@ -8,8 +8,9 @@ One federation, in order:
    mid-round and the round completes with the others; a second is killed and the run stops
    with a clear error after the task's bounded wait of 10 s (Flower alone would wait forever);
 3. the coordinator restarts and the nodes come back with their node ids;
-4. run C is stopped with ``fedgov task stop``;
-5. run B: 2 rounds on all four nodes, the same report as a simulation; ledgers and audit logs;
+4. run B (2 rounds) is stopped with ``fedgov task stop`` after round 1;
+5. run B is resumed (``fedgov task resume``): round 2 on all four nodes, the same report as a
+   simulation; one reservation and one spend per round in every ledger; audit logs verify;
 6. a statistics query on the same nodes (``fedgov query -C``).
 """
 
@@ -36,7 +37,7 @@ from fedgov.deploy.local import (
     stop_local_node,
 )
 from fedgov.deploy.node import start_node
-from fedgov.deploy.submit import submit_task
+from fedgov.deploy.submit import resume_task, submit_task
 from fedgov.deploy.tasks import list_runs, stop_run
 from fedgov.deploy.trust import local_bundle_hash
 from fedgov.errors import FederationError
@@ -210,28 +211,32 @@ def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Pa
         seen = _wait_online(coord, set(ids.values()), left(90))
         assert len(seen) == 4  # the same four node ids, no new ones
 
-        # --- 4. run C is stopped from the coordinator's host --------------------------------
+        # --- 4. run B is stopped from the coordinator's host after round 1 -------------------
         stopped: dict[str, Any] = {}
 
-        def on_event_c(ev: dict[str, Any]) -> None:
+        def on_event_b(ev: dict[str, Any]) -> None:
             if ev.get("event") == "started":
                 stopped["id"] = ev["flower_run_id"]
-            if ev.get("event") == "training-start" and "done" not in stopped:
+            if ev.get("event") == "checkpoint" and ev.get("round") == 1 and "done" not in stopped:
                 stopped["done"] = stop_run(coord, int(stopped["id"])).status
 
-        with pytest.raises(FederationError, match="was stopped"):
-            submit_task(_task(tmp_path, "run-c", rounds=5, min_nodes=4), coord, runs_dir=runs, on_event=on_event_c, timeout=left(200))
-        assert stopped["done"] == "finished:stopped"
-
-        # --- 5. run B: two rounds on all four nodes -----------------------------------------
         started = time.monotonic()
+        with pytest.raises(FederationError, match="was stopped") as stop_info:
+            submit_task(_task(tmp_path, "run-b", rounds=2, min_nodes=4), coord, runs_dir=runs, on_event=on_event_b, timeout=left(200))
+        assert stopped["done"] == "finished:stopped"
+        run_b = stop_info.value.run_dir  # type: ignore[attr-defined]
+        assert (run_b / "checkpoint" / "state.json").is_file()
+
+        # --- 5. run B is resumed (fedgov task resume): round 2 on all four nodes ---------------
         events: list[dict[str, Any]] = []
-        run_b = submit_task(_task(tmp_path, "run-b", rounds=2, min_nodes=4), coord, runs_dir=runs, on_event=events.append, timeout=left(300))
+        resumed = resume_task(run_b, coord, on_event=events.append, timeout=left(300))
         b_seconds = time.monotonic() - started
+        assert resumed == run_b
         rep = load_report(run_b / "report.json")
         assert rep.status == "completed" and rep.mode == "deployment", rep.message
         assert {n.node for n in rep.nodes} == set(MEMBERS) and {n.status for n in rep.nodes} == {"accepted"}
         assert [r.round for r in rep.rounds if r.round > 0] == [1, 2]
+        assert all(n.rounds_trained == 2 for n in rep.nodes)
         assert (run_b / "accuracy.png").is_file() and (run_b / "model.pt").is_file()
         assert rep.final is not None and rep.final.accuracy > 0.70
         for n in rep.nodes:
@@ -242,6 +247,10 @@ def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Pa
             ds = home.policy().datasets[0]
             st = home.ledger.status(ds.name, budget_of(ds))
             assert 0 < st.epsilon_committed <= 10.0
+            # across the stop and the resume: one reservation, each round spent once, released
+            mine = [e for e in home.ledger.events(ds.name) if e.task_id.startswith("run-b-")]
+            assert [e.kind for e in mine if e.kind != "spend"] == ["reserve", "release"]
+            assert sorted(e.round for e in mine if e.kind == "spend") == [1, 2]
         round_s = [e["seconds"] for e in events if e.get("event") == "round" and e.get("round", 0) > 0]
         print(f"run B: {b_seconds:.0f} s wall, rounds {', '.join(f'{s:.1f}' for s in round_s)} s")
 
@@ -261,7 +270,7 @@ def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Pa
         assert rep.flower_run_id in listed
         b = listed[int(rep.flower_run_id or 0)]
         assert b.status == "finished:completed" and b.run_dir == str(run_b) and (b.rounds_done, b.rounds_planned) == (2, 2)
-        assert listed[int(stopped["id"])].status == "finished:stopped"
+        assert listed[int(stopped["id"])].status == "finished:stopped" and listed[int(stopped["id"])].run_dir == str(run_b)
         assert len(listed) == 4
         print(json.dumps({"run_a_s": round(a_seconds), "run_b_s": round(b_seconds), "rounds_b_s": round_s}))
     finally:

@@ -19,7 +19,7 @@ from fedgov.reports import load_report, plot_report, write_json_atomic
 from fedgov.runtime import flower_env
 from fedgov.simulation import EventCallback, follow_run, new_run_dir, write_run_config
 
-__all__ = ["run_at_coordinator", "submit_task"]
+__all__ = ["run_at_coordinator", "submit_task", "resume_task"]
 
 
 def _stopped_note(coordinator_dir: Path, run_dir: Path) -> str | None:
@@ -30,12 +30,12 @@ def _stopped_note(coordinator_dir: Path, run_dir: Path) -> str | None:
     if not ids:
         return None
     try:
-        info = run_status(coordinator_dir, ids[0], run_dir.parent)
+        info = run_status(coordinator_dir, max(ids), run_dir.parent)
     except FederationError:
         return None
     if info.status == "finished:stopped":
         done = f" after round {info.rounds_done}" if info.rounds_done else ""
-        return f"run {ids[0]} was stopped at the coordinator ('fedgov task stop'){done}"
+        return f"run {max(ids)} was stopped at the coordinator ('fedgov task stop'){done}"
     return None
 
 
@@ -64,19 +64,36 @@ def submit_task(
     timeout: float = 3600.0,
 ) -> Path:
     """Run ``task_path`` on the coordinator's federation; return the run directory."""
-    emit = on_event or (lambda e: None)
     task, _ = load_task(task_path)
     run_dir = new_run_dir(runs_dir, task.name).resolve()
+    # A deployed node refuses the local-only baseline: a second release of its data.
+    values: dict[str, str | bool | int | float] = {"task-path": str(Path(task_path).resolve()), "local-baseline": False}
+    return _submit(coordinator_dir, run_dir, values, on_event=on_event, timeout=timeout)
+
+
+def resume_task(run_dir: Path, coordinator_dir: Path, *, on_event: EventCallback | None = None, timeout: float = 3600.0) -> Path:
+    """Continue the deployed run in ``run_dir`` from its last checkpoint (``fedgov task resume``),
+    after the coordinator crashed or the run was stopped: the remaining rounds, on the same
+    nodes, which continue their reservation (no ledger is charged twice)."""
+    from fedgov.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir).resolve()
+    ckpt, _ = load_checkpoint(run_dir)
+    if ckpt.mode != "deployment":
+        raise FederationError(f"{run_dir} is a simulated run: resume it with  fedgov run --resume {run_dir}")
+    if ckpt.round >= ckpt.rounds_planned:
+        raise FederationError(f"the run in {run_dir} completed all {ckpt.rounds_planned} rounds; there is nothing to resume")
+    load_task(Path(ckpt.task_file))
+    values: dict[str, str | bool | int | float] = {"task-path": ckpt.task_file, "local-baseline": False, "resume": True}
+    return _submit(coordinator_dir, run_dir, values, on_event=on_event, timeout=timeout)
+
+
+def _submit(
+    coordinator_dir: Path, run_dir: Path, values: dict[str, str | bool | int | float], *, on_event: EventCallback | None, timeout: float
+) -> Path:
+    emit = on_event or (lambda e: None)
     started = time.time()
-    run_at_coordinator(
-        coordinator_dir, run_dir,
-        {
-            "task-path": str(Path(task_path).resolve()),
-            # A deployed node refuses the local-only baseline: a second release of its data.
-            "local-baseline": False,
-        },
-        emit=emit, timeout=timeout,
-    )
+    run_at_coordinator(coordinator_dir, run_dir, values, emit=emit, timeout=timeout)
     report_path = run_dir / "report.json"
     report = load_report(report_path) if report_path.is_file() else None
     if report is None or report.status == "running":
@@ -91,7 +108,10 @@ def submit_task(
             err = FederationError(f"{stopped} (run directory: {run_dir})")
             err.run_dir = run_dir  # type: ignore[attr-defined]
             raise err
-        raise FederationError(f"the run ended without a report; see {log}:\n{tail}")
+        hint = f"\nThe rounds completed so far are saved: continue with  fedgov task resume {run_dir} -C {coordinator_dir}" if (
+            run_dir / "checkpoint" / "state.json"
+        ).is_file() else ""
+        raise FederationError(f"the run ended without a report; see {log}:\n{tail}{hint}")
     if report.status != "completed":
         err = FederationError(f"the run failed: {report.message} (report: {report_path})")
         err.run_dir = run_dir  # type: ignore[attr-defined]

@@ -40,27 +40,35 @@ class RunInfo(BaseModel):
     message: str = ""
 
 
-def _started_event(events: Path) -> dict[str, Any] | None:
+def _started_events(events: Path) -> list[dict[str, Any]]:
+    """The ``started`` events of a run directory: one, or one more per resume."""
+    out: list[dict[str, Any]] = []
     try:
         with events.open("r", encoding="utf-8") as f:
-            for _, line in zip(range(5), f, strict=False):
-                ev = json.loads(line)
+            for line in f:
+                if '"started"' not in line:
+                    continue
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
                 if ev.get("event") == "started":
-                    return dict(ev)
-    except (OSError, ValueError):
-        return None
-    return None
+                    out.append(dict(ev))
+    except OSError:
+        return []
+    return out
 
 
 def run_dirs(runs_dir: Path) -> dict[int, Path]:
-    """Flower run id -> fedgov run directory, for the run directories under ``runs_dir``."""
+    """Flower run id -> fedgov run directory, for the run directories under ``runs_dir``
+    (a resumed run directory holds several Flower runs)."""
     out: dict[int, Path] = {}
     if not runs_dir.is_dir():
         return out
     for d in sorted(runs_dir.iterdir()):
-        ev = _started_event(d / "events.jsonl")
-        if ev and ev.get("flower_run_id") is not None:
-            out[int(ev["flower_run_id"])] = d
+        for ev in _started_events(d / "events.jsonl"):
+            if ev.get("flower_run_id") is not None:
+                out[int(ev["flower_run_id"])] = d
     return out
 
 
