@@ -487,6 +487,9 @@ def run_training(
         write_json_atomic(report_path, report.model_dump_json(indent=2))
 
     admitted_ids: list[int] = []
+    # Interrupted (SIGTERM, Ctrl-C, the process ending): the nodes are not told the task
+    # ended, so that their reservations stay open and the run can be resumed from its checkpoint.
+    interrupted = True
     recorder: _Recorder | None = None
     evaluator: CentralEvaluator | None = None
     events.emit("started", task=task.name, mode=mode, flower_run_id=flower_run_id)
@@ -586,7 +589,9 @@ def run_training(
         torch.save(final_state, run_dir / "model.pt")
         report.artifacts["model"] = "model.pt"
         report.status = "completed"
+        interrupted = False
     except Exception as exc:  # the report must say what happened, whatever it was
+        interrupted = False
         log.exception("training task failed")
         if recorder is not None and evaluator is not None and not report.rounds:
             _collect(report, recorder, evaluator)
@@ -594,8 +599,15 @@ def run_training(
         report.message = str(exc)
         events.emit("failed", message=str(exc))
     finally:
-        if admitted_ids:
+        if admitted_ids and not interrupted:
             _end(grid, admitted_ids, task, contract, extra=extra)
+        if interrupted:
+            done_rounds = max((r.round for r in report.rounds), default=0)
+            report.status = "failed"
+            report.message = (
+                f"the coordinator was interrupted after round {done_rounds}; the nodes keep the task open: continue with "
+                f"'fedgov run --resume {run_dir}' (simulation) or 'fedgov task resume {run_dir}' (deployment)"
+            )
         report.finished = datetime.now(timezone.utc)
         report.wall_seconds = (report.finished - report.started).total_seconds()
         report.artifacts["events"] = "events.jsonl"

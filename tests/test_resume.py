@@ -96,7 +96,7 @@ def clean_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type
         _train(grid, task_path, tmp / "crash" / "run", run_id=11)
     out["after_crash"] = {n.code: _ledger(n.train_path.parent) for n in nodes}
     out["checkpoint_round"] = load_checkpoint(tmp / "crash" / "run")[0].round
-    out["report_after_crash"] = (tmp / "crash" / "run" / "report.json").is_file()
+    out["report_after_crash"] = json.loads((tmp / "crash" / "run" / "report.json").read_text())
     # a new coordinator process (a new Flower run) resumes from the checkpoint
     out["resumed"] = _train(InProcessGrid(manifest, len(nodes), run_id=12), task_path, tmp / "crash" / "run", run_id=12, resume=True)
     out["nodes"] = nodes
@@ -107,7 +107,10 @@ def clean_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type
 
 def test_resumed_run_matches_the_uninterrupted_run(clean_and_resumed: dict) -> None:  # type: ignore[type-arg]
     clean, resumed = clean_and_resumed["clean"], clean_and_resumed["resumed"]
-    assert clean_and_resumed["checkpoint_round"] == 2 and not clean_and_resumed["report_after_crash"]
+    assert clean_and_resumed["checkpoint_round"] == 2
+    interrupted = clean_and_resumed["report_after_crash"]
+    assert interrupted["status"] == "failed" and "interrupted after round 2" in interrupted["message"]
+    assert "fedgov run --resume" in interrupted["message"]
     assert clean.status == resumed.status == "completed", resumed.message
     assert [r.round for r in resumed.rounds] == [1, 2, 3]
     # equal up to float32 summation order (torch's threads): 1e-5 relative

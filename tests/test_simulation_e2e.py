@@ -162,3 +162,63 @@ def test_missing_federation_is_a_config_error(tmp_path: Path) -> None:
     task = write(tmp_path / "t.toml", f'name = "t"\ncontract = "{CONTRACT}"\n')
     with pytest.raises(ConfigError, match="federation"):
         run_simulation(task, None, SimulationOptions(runs_dir=tmp_path / "runs"))
+
+
+class _CoordinatorDies(Exception):
+    pass
+
+
+def test_coordinator_killed_after_round_1_then_fedgov_run_resume(tmp_path: Path) -> None:
+    """The whole coordinator (SuperLink, simulation engine, ServerApp) is killed right after
+    round 1 was saved; ``fedgov run --resume`` runs round 2 on the same node directories."""
+    from typer.testing import CliRunner
+
+    from fedgov.checkpoint import load_checkpoint
+    from fedgov.cli import app
+    from fedgov.nodehome import NodeHome
+
+    fed = write(
+        tmp_path / "fed.toml",
+        f"""
+        name = "e2e-crash"
+        seed = 5
+        source = "{ADULT}"
+        [partition]
+        kind = "population"
+        min_rows = 200
+        [[members]]
+        code = "GM0363"
+        [[members]]
+        code = "GM0344"
+        [[members]]
+        code = "GM0150"
+        """,
+    )
+    seen: dict[str, Path] = {}
+
+    def on_event(ev: dict) -> None:
+        if ev.get("event") == "run-dir":
+            seen["run_dir"] = Path(ev["path"])
+        if ev.get("event") == "checkpoint" and ev.get("round") == 1:
+            raise _CoordinatorDies()  # every Flower process is killed on the way out
+
+    with pytest.raises(_CoordinatorDies):
+        run_simulation(_task(tmp_path, fed, rounds=2), None, SimulationOptions(runs_dir=tmp_path / "runs", local_baseline=False), on_event)
+    run_dir = seen["run_dir"]
+    assert flower_processes(tmp_path) == []
+    assert load_checkpoint(run_dir)[0].round == 1
+    node_dirs = sorted(p for p in (run_dir / "state" / "nodes").iterdir() if p.is_dir())
+    for d in node_dirs:  # nobody told the nodes that the task ended: their reservations are open
+        assert "release" not in [e.kind for e in NodeHome(d).ledger.events()]
+
+    result = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "--no-baseline"])
+    assert result.exit_code == 0, result.output
+    assert "Resuming after round 1 of 2" in result.output
+    report = load_report(run_dir / "report.json")
+    assert report.status == "completed" and [r.round for r in report.rounds] == [1, 2]
+    assert all(n.rounds_trained == 2 and n.epsilon is not None and 0 < n.epsilon <= 2.0 for n in report.nodes)
+    for d in node_dirs:
+        events = NodeHome(d).ledger.events()
+        assert [e.kind for e in events if e.kind != "spend"] == ["reserve", "release"]
+        assert sorted(e.round for e in events if e.kind == "spend") == [1, 2]  # each round once
+    assert flower_processes(tmp_path) == []

@@ -49,7 +49,33 @@ EPSILON_TOLERANCE = 0.005
 MAX_NOISE_MULTIPLIER = 1e3
 
 
+_RDP_CACHED = False
+
+
+def _cache_rdp() -> None:
+    """Memoise Opacus' RDP of one step of the sampled Gaussian, ``_compute_rdp(q, sigma, alpha)``.
+
+    It is a pure function of three floats, and RDP is linear in the number of steps, so the
+    cache changes no value. It matters: PRV bounds its discretisation domain with an RDP
+    accountant at fractional orders, and that series took 0.9 s of every 1.0 s a node spent
+    on a round of demo-12 (cProfile), recomputed every round for the same (q, sigma).
+    """
+    global _RDP_CACHED
+    if _RDP_CACHED:
+        return
+    import functools
+
+    from opacus.accountants.analysis import rdp as rdp_analysis
+    from opacus.accountants.analysis.prv import prvs
+
+    cached = functools.lru_cache(maxsize=65536)(rdp_analysis._compute_rdp)
+    rdp_analysis._compute_rdp = cached
+    prvs._compute_rdp = cached  # type: ignore[attr-defined]
+    _RDP_CACHED = True
+
+
 def _accountant(name: str) -> Any:
+    _cache_rdp()
     if name == "prv":
         from opacus.accountants import PRVAccountant
 
