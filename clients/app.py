@@ -8,7 +8,9 @@ this order (outermost first):
 3. ``admission_mod``: ``hello`` is checked against the policy before the data is touched,
    then (after the handler read the data and planned DP-SGD) approval and the ledger
    reservation; ``train`` and ``evaluate`` run only for an admitted task;
-4. ``budget_mod``: a ``train`` reply leaves only after its spend is in the ledger; ``end``
+4. ``secagg_mod``: for a task under secure aggregation, the protocol's stages, and the train
+   reply masked so that the coordinator learns only the round's sum (:mod:`fedgov.secagg`);
+5. ``budget_mod``: a ``train`` reply leaves only after its spend is in the ledger; ``end``
    releases what the task reserved but did not use.
 """
 
@@ -24,13 +26,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from clients.context import data_of, node_of, query_of, task_of
-from clients.mods import admission_mod, audit_mod, budget_mod, pause_mod, state_key
+from clients.mods import admission_mod, audit_mod, budget_mod, pause_mod, secagg_mod, state_key
 from fedgov import node as N
 from fedgov.config import Contract, Task
 from fedgov import protocol as P
 from fedgov.municipalities import display_name
 
-app = ClientApp(mods=[audit_mod, pause_mod, admission_mod, budget_mod])
+app = ClientApp(mods=[audit_mod, pause_mod, admission_mod, secagg_mod, budget_mod])
 log = logging.getLogger("fedgov.node")
 
 

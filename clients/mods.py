@@ -18,6 +18,7 @@ from clients.context import kind_of, node_of, task_id, task_of
 from fedgov import admission
 from fedgov import protocol as P
 from fedgov.node import DPState, SentUpdates, model_digest
+from fedgov.secagg import NodeSecAgg, SecAggError, SecAggParams, encode_update
 
 log = logging.getLogger("fedgov.node")
 
@@ -90,6 +91,9 @@ def _describe(msg: Message) -> dict[str, Any]:
             elif k == P.ANSWER_JSON:
                 # A statistics answer: its noisy figures are what left the node; kept whole.
                 configs[k] = str(v)
+            elif isinstance(v, bytes) or (isinstance(v, list) and v and isinstance(v[0], bytes)):
+                # keys and encrypted shares of secure aggregation: their size, not their bytes
+                configs[k] = f"{len(v)} bytes" if isinstance(v, bytes) else f"{len(v)} items, {sum(len(x) for x in v)} bytes"
             else:
                 configs[k] = v if isinstance(v, (int, float, str, bool)) else str(v)[:200]
     if configs:
@@ -231,3 +235,93 @@ def budget_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     except OSError:  # without the copy, a resumed round is refused rather than charged twice
         log.warning("node: could not keep a copy of the sent update", exc_info=True)
     return reply
+
+
+def _secagg_key(msg: Message) -> str:
+    return "fedgov-secagg-" + hashlib.sha256(task_id(msg).encode()).hexdigest()[:16]
+
+
+def _secagg_state(context: Context, key: str, server_round: int) -> NodeSecAgg:
+    if key not in context.state:
+        raise SecAggError("no secure-aggregation keys for this task: the keys stage did not reach this node")
+    st = NodeSecAgg.from_json(str(context.state[key]["json"]))
+    if st.round != server_round:
+        raise SecAggError(f"the keys are of round {st.round}, the message is of round {server_round}")
+    return st
+
+
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """3b. Secure aggregation (:mod:`fedgov.secagg`): the protocol's stages (``secagg`` query
+    messages), and the train reply masked so that the coordinator learns only the round's sum.
+
+    A task that asks for secure aggregation never gets a plaintext update from this node: a
+    train message without the protocol's shares is refused (no downgrade by the coordinator).
+    """
+    kind = kind_of(msg)
+    if not _has_task(msg) or kind not in (P.SECAGG, "train"):
+        return call_next(msg, context)
+    task, _ = task_of(msg)
+    t = task.training
+    if not t.secure_aggregation:
+        if kind == P.SECAGG:
+            return _refused(msg, "secure aggregation: this task does not use it (training.secure_aggregation = false)")
+        return call_next(msg, context)
+    key = _secagg_key(msg)
+    params = SecAggParams(clip=t.secure_clip)
+    cfg = msg.content[P.CONFIG]
+    server_round = int(cfg["server-round"])  # type: ignore[arg-type]
+    try:
+        if kind == P.SECAGG:
+            stage = str(cfg[P.SECAGG_STAGE])
+            out: dict[str, Any] = {}
+            if stage == "keys":
+                st, c_pk, s_pk = NodeSecAgg.keys(int(context.node_id), server_round)
+                out = {"c-pk": c_pk, "s-pk": s_pk}
+            elif stage == "shares":
+                st = _secagg_state(context, key, server_round)
+                ids = [int(str(x)) for x in cfg["nodes"]]  # type: ignore[union-attr]
+                pks = dict(zip(ids, zip(cfg["c-pks"], cfg["s-pks"], strict=True), strict=True))  # type: ignore[arg-type]
+                cts = st.shares(pks, params)  # type: ignore[arg-type]
+                out = {"dst": [str(d) for d in cts], "ct": list(cts.values())}
+            elif stage == "unmask":
+                st = _secagg_state(context, key, server_round)
+                revealed = st.reveal([int(str(x)) for x in cfg["survivors"]], [int(str(x)) for x in cfg.get("dropped", [])])  # type: ignore[union-attr]
+                out = {"owner": [str(o) for o in revealed], "share": list(revealed.values())}
+            else:
+                raise SecAggError(f"unknown stage {stage!r}")
+            context.state[key] = ConfigRecord({"json": st.to_json()})
+            return Message(RecordDict({P.SECAGG: ConfigRecord(out)}), reply_to=msg)
+        # a train message: decrypt the routed shares, train, mask the update
+        if P.SECAGG not in msg.content.config_records:
+            return _refused(
+                msg, "secure aggregation: the task requires it but this train message carries no shares; the update is not sent"
+            )
+        rec = msg.content.config_records[P.SECAGG]
+        st = _secagg_state(context, key, server_round)
+        st.receive(dict(zip([int(str(x)) for x in rec["src"]], rec["ct"], strict=True)))  # type: ignore[arg-type]
+        survivors = [int(str(x)) for x in rec["nodes"]]  # type: ignore[union-attr]
+        if int(context.node_id) not in survivors:
+            raise SecAggError("this node is not among the round's nodes")
+    except (SecAggError, KeyError, ValueError, TypeError) as exc:
+        log.warning("node: secure aggregation stopped: %s", exc)
+        return _refused(msg, f"secure aggregation: {exc}")
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    glob = {k: v.numpy() for k, v in msg.content.array_records[P.ARRAYS].items()}
+    local = {k: v.numpy() for k, v in reply.content.array_records[P.ARRAYS].items()}
+    m = next(iter(reply.content.metric_records.values()))
+    weight = min(float(m["num-examples"]), t.secure_weight_cap) / t.secure_weight_cap  # type: ignore[arg-type]
+    y = encode_update([local[k].astype(float) - glob[k].astype(float) for k in glob], weight, params)
+    try:
+        masked = st.mask(y, survivors)
+    except SecAggError as exc:
+        return _refused(msg, f"secure aggregation: {exc}")
+    context.state[key] = ConfigRecord({"json": st.to_json()})
+    # The exact row count stays at the node (the weight is inside the masked sum).
+    metrics = {k: v for k, v in m.items() if k != "num-examples"}
+    metrics["num-examples"] = 1.0
+    return Message(
+        RecordDict({P.ARRAYS: ArrayRecord({P.MASKED: Array(masked)}), P.METRICS: MetricRecord(metrics)}),  # type: ignore[arg-type]
+        reply_to=msg,
+    )

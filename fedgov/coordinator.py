@@ -34,6 +34,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, K
 import fedgov
 from fedgov import protocol as P
 from fedgov.aggregation import check_update
+from fedgov.secagg import SecAggError, SecAggParams, decode_sum, threshold_for, unmask_sum
 from fedgov.config import Contract, Task
 from fedgov.errors import FederationError
 from fedgov.events import EventWriter
@@ -287,18 +288,30 @@ def _recording(base: type[FedAvg]) -> Callable[..., FedAvg]:
             online = set(grid.get_node_ids())
             msgs = list(super().configure_train(r, arrays, config, grid))
             admitted = getattr(grid, "admitted", online)
-            self.recorder.asked(r, [m.metadata.dst_node_id for m in msgs], online, set(admitted))
+            failed = getattr(self, "stage_failures", {})
+            self.recorder.asked(r, [m.metadata.dst_node_id for m in msgs] + list(failed), online, set(admitted))
+            rm = self.recorder.round(r)
+            for nid, why in failed.items():
+                rm.nodes_failed[self.recorder.names.get(nid, f"node-{nid}")] = why
             return msgs
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
             r = server_round + self.round_offset
             replies = list(replies)
-            kept, rejected = screen_updates(
-                replies, getattr(self, "global_arrays", None), max_norm=self.max_update_norm, name=self.recorder.name
-            )
+            if isinstance(self, SecureFedAvg):  # masked vectors: there is no single update to check
+                kept, rejected = replies, {}
+            else:
+                kept, rejected = screen_updates(
+                    replies, getattr(self, "global_arrays", None), max_norm=self.max_update_norm, name=self.recorder.name
+                )
             self.recorder.train(r, kept, rejected=rejected)
             self.recorder.missing(r, replies, self.reply_timeout)
-            return super().aggregate_train(r, kept)
+            result = super().aggregate_train(r, kept)
+            why = getattr(self, "discarded", {}).get(r)
+            if why:
+                self.recorder.round(r).discarded = why
+                self.recorder.events.emit("discarded", round=r, reason=why)
+            return result
 
         def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any) -> Any:
             return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
@@ -312,7 +325,118 @@ def _recording(base: type[FedAvg]) -> Callable[..., FedAvg]:
     return Recording
 
 
-def build_strategy(task: Task, n_nodes: int, recorder: _Recorder, *, round_offset: int = 0) -> FedAvg:
+class SecureFedAvg(FedAvg):
+    """FedAvg under secure aggregation (:mod:`fedgov.secagg`): the coordinator learns only the
+    sum of the round's weighted updates and the sum of their weights, and moves the global
+    model by their ratio. Each node's weight is ``min(rows, cap) / cap``
+    (``training.secure_weight_cap``), so that no row count leaves a node.
+
+    The protocol's stages run inside the round: ``keys`` and ``shares`` before the train
+    messages go out (:meth:`configure_train`), ``unmask`` when the masked replies are in
+    (:meth:`aggregate_train`). Fewer survivors than the threshold: the round is discarded
+    (the global model does not move) and the report says why.
+    """
+
+    def __init__(self, *args: Any, stage_config: dict[str, str], params: SecAggParams, stage_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stage_config = stage_config
+        self.params = params
+        self.stage_timeout = stage_timeout
+        self.stage_failures: dict[int, str] = {}
+        self.discarded: dict[int, str] = {}
+        self._round: dict[str, Any] = {}
+
+    def _stage(self, grid: Grid, ids: list[int], server_round: int, stage: str, extra: dict[str, Any]) -> dict[int, ConfigRecord]:
+        content = ConfigRecord({P.KIND: P.SECAGG, P.SECAGG_STAGE: stage, "server-round": server_round, **self.stage_config, **extra})
+        msgs = [Message(content=RecordDict({P.CONFIG: content}), message_type=MessageType.QUERY, dst_node_id=n) for n in ids]
+        out: dict[int, ConfigRecord] = {}
+        for reply in grid.send_and_receive(msgs, timeout=self.stage_timeout):
+            nid = reply.metadata.src_node_id
+            if reply.has_error():
+                self.stage_failures[nid] = f"secure aggregation, stage {stage}: {(reply.error.reason or '')[:200]}"
+            elif P.SECAGG in reply.content.config_records:
+                out[nid] = reply.content.config_records[P.SECAGG]
+        for n in ids:
+            if n not in out:
+                self.stage_failures.setdefault(n, f"secure aggregation, stage {stage}: no reply within {self.stage_timeout:.0f} s")
+        return out
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Grid) -> Any:
+        msgs = list(super().configure_train(server_round, arrays, config, grid))
+        self.stage_failures = {}
+        self._round = {}
+        keys = self._stage(grid, [m.metadata.dst_node_id for m in msgs], server_round, "keys", {})
+        pks = {n: (bytes(r["c-pk"]), bytes(r["s-pk"])) for n, r in keys.items()}  # type: ignore[arg-type]
+        if len(pks) < 2:
+            return []
+        ids = sorted(pks)
+        shares = self._stage(grid, ids, server_round, "shares", {
+            "nodes": [str(n) for n in ids], "c-pks": [pks[n][0] for n in ids], "s-pks": [pks[n][1] for n in ids],
+        })
+        threshold = threshold_for(len(ids))
+        if len(shares) < threshold:
+            return []
+        routed: dict[int, dict[int, bytes]] = {}
+        for src, rec in shares.items():
+            for dst, ct in zip(rec["dst"], rec["ct"], strict=True):  # type: ignore[arg-type]
+                routed.setdefault(int(str(dst)), {})[src] = bytes(ct)  # type: ignore[arg-type]
+        survivors = sorted(shares)
+        self._round = {"pks": pks, "survivors": survivors, "threshold": threshold,
+                       "global": {k: v.numpy() for k, v in arrays.items()}}
+        out = []
+        for m in msgs:
+            dst = m.metadata.dst_node_id
+            if dst not in shares:
+                continue
+            got = {src: ct for src, ct in routed.get(dst, {}).items() if src in shares}
+            # Flower's FedAvg gives every train message the same RecordDict: each node gets its own
+            # (same model and config records) with the shares routed to it.
+            content = RecordDict({k: v for k, v in m.content.items()})
+            content[P.SECAGG] = ConfigRecord({
+                "nodes": [str(n) for n in survivors], "src": [str(s) for s in got], "ct": list(got.values()),
+            })
+            out.append(Message(content=content, dst_node_id=dst, message_type=m.metadata.message_type, group_id=m.metadata.group_id))
+        return out
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = [r for r in replies if not r.has_error() and P.MASKED in next(iter(r.content.array_records.values()), {})]
+        state = self._round
+        if not state or not replies:
+            return None, None
+        masked = {r.metadata.src_node_id: next(iter(r.content.array_records.values()))[P.MASKED].numpy() for r in replies}
+        dropped = [n for n in state["survivors"] if n not in masked]
+        if len(masked) < state["threshold"]:
+            self.discarded[server_round] = (
+                f"only {len(masked)} masked updates arrived, secure aggregation needs {state['threshold']}: round discarded"
+            )
+            return None, None
+        revealed_recs = self._stage(self._grid, sorted(masked), server_round, "unmask", {
+            "survivors": [str(n) for n in sorted(masked)], "dropped": [str(n) for n in dropped],
+        })
+        revealed = {h: {int(str(o)): bytes(sh) for o, sh in zip(rec["owner"], rec["share"], strict=True)}  # type: ignore[arg-type]
+                    for h, rec in revealed_recs.items()}
+        try:
+            total = unmask_sum(masked, revealed, pks=state["pks"], dropped=dropped, threshold=state["threshold"])
+        except SecAggError as exc:
+            self.discarded[server_round] = f"secure aggregation could not unmask the sum: {exc}; round discarded"
+            return None, None
+        glob: dict[str, np.ndarray] = state["global"]
+        sums, weight = decode_sum(total, len(masked), [v.shape for v in glob.values()], self.params)
+        if weight <= 0:
+            self.discarded[server_round] = "the nodes' weights sum to 0: round discarded"
+            return None, None
+        new = {k: (g.astype(np.float64) + s / weight).astype(g.dtype) for (k, g), s in zip(glob.items(), sums, strict=True)}
+        metrics = self.train_metrics_aggr_fn([r.content for r in replies], self.weighted_by_key)
+        return ArrayRecord({k: Array(v) for k, v in new.items()}), metrics
+
+    def start(self, *, grid: Grid, **kwargs: Any) -> Any:  # type: ignore[override]
+        self._grid = grid
+        return super().start(grid=grid, **kwargs)
+
+
+def build_strategy(
+    task: Task, n_nodes: int, recorder: _Recorder, *, round_offset: int = 0, stage_config: dict[str, str] | None = None
+) -> FedAvg:
     t = task.training
     kwargs: dict[str, Any] = dict(
         round_offset=round_offset,
@@ -327,6 +451,10 @@ def build_strategy(task: Task, n_nodes: int, recorder: _Recorder, *, round_offse
         recorder=recorder,
     )
     kwargs["max_update_norm"] = t.max_update_norm
+    if t.secure_aggregation:
+        return _recording(SecureFedAvg)(
+            stage_config=stage_config or {}, params=SecAggParams(clip=t.secure_clip), stage_timeout=t.reply_timeout, **kwargs
+        )
     if t.aggregation == "median":
         return _recording(FedMedian)(**kwargs)
     if t.aggregation == "trimmed-mean":
@@ -479,6 +607,7 @@ def run_training(
             "max_grad_norm": task.privacy.max_grad_norm,
             "accountant": task.privacy.accountant,
             "unit": "record (sample-level DP-SGD at each node)",
+            "secure_aggregation": task.training.secure_aggregation,
         },
     )
     report_path = run_dir / "report.json"
@@ -550,7 +679,7 @@ def run_training(
         else:
             initial = build_model(task.model, n_features=evaluator.encoder.n_features, n_classes=evaluator.encoder.n_classes, seed=task.training.seed)
             initial_state = get_state(initial)
-        strategy = build_strategy(task, len(admitted), recorder, round_offset=done)
+        strategy = build_strategy(task, len(admitted), recorder, round_offset=done, stage_config={**task_config(task, contract), **extra})
         evaluator.round_offset = done
         rec = recorder
 

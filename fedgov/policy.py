@@ -91,6 +91,7 @@ class PolicyCode(str, Enum):
     DELTA_ABOVE_MAX = "delta-above-max"
     NOISE_BELOW_MIN = "noise-below-min"
     TOO_FEW_ROWS = "too-few-rows"
+    SECURE_AGGREGATION_REQUIRED = "secure-aggregation-required"
 
 
 # --- the file ------------------------------------------------------------------------------
@@ -197,6 +198,10 @@ class LimitsSpec(StrictModel):
         ),
     )
     require_privacy: bool = Field(default=True, description="refuse tasks with privacy.enabled = false")
+    require_secure_aggregation: bool = Field(
+        default=False,
+        description="refuse training tasks without training.secure_aggregation: the coordinator may see only sums of updates",
+    )
 
 
 class NodePolicy(StrictModel):
@@ -409,6 +414,12 @@ def check_task(
 
     lim = policy.limits
     priv = task.privacy
+    if lim.require_secure_aggregation and not task.training.secure_aggregation:
+        return _refuse(
+            PolicyCode.SECURE_AGGREGATION_REQUIRED,
+            "task has training.secure_aggregation = false; policy requires secure aggregation (limits.require_secure_aggregation)",
+            name,
+        )
     if not priv.enabled and lim.require_privacy:
         return _refuse(
             PolicyCode.PRIVACY_REQUIRED,
@@ -624,6 +635,9 @@ min_cohort = {int(min_cohort)}
 small_cells = {_s(small_cells)}
 # Refuse tasks with privacy.enabled = false.
 require_privacy = {"true" if require_privacy else "false"}
+# Refuse training tasks whose updates the coordinator would see one by one
+# (true: only tasks with training.secure_aggregation = true).
+require_secure_aggregation = false
 """
     try:
         data = tomllib.loads(text)

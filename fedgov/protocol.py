@@ -35,6 +35,9 @@ __all__ = [
     "QUERY_JSON",
     "ANSWER_JSON",
     "TASK_RUN",
+    "SECAGG",
+    "SECAGG_STAGE",
+    "MASKED",
     "RefusalCode",
     "NodeHello",
     "StatsAnswer",
@@ -57,6 +60,12 @@ ANSWER_JSON = "answer-json"
 # A resumed run (fedgov run --resume, fedgov task resume) names the Flower run the nodes admitted
 # the task in, so that each node continues that reservation in its ledger instead of reserving anew.
 TASK_RUN = "task-run"
+# Secure aggregation (fedgov.secagg): query messages of kind "secagg" carry a stage (keys, shares,
+# unmask); the train message of a secure task carries a "secagg" ConfigRecord (the routed shares);
+# the node's reply carries its masked vector as the array MASKED, instead of its model.
+SECAGG = "secagg"
+SECAGG_STAGE = "secagg-stage"
+MASKED = "masked"
 
 
 class RefusalCode(str, Enum):

@@ -61,6 +61,7 @@ class RoundMetrics(_Model):
     nodes_rejected: dict[str, str] = Field(
         default_factory=dict, description="updates the coordinator left out (NaN, wrong shape, norm above the bound), why"
     )
+    discarded: str | None = Field(default=None, description="why the round's aggregate was discarded (the model did not move)")
     seconds: float | None = None
 
 

@@ -47,6 +47,7 @@ class InProcessGrid(Grid):
         self.offline: set[int] = set()
         self.contexts: dict[int, Context] = {}
         self.sent: list[Message] = []
+        self.received: list[Message] = []  # every reply that reached the coordinator
         self.crash_after_train_round: int | None = None
         self.dead = False
         for i in range(n_nodes):
@@ -110,6 +111,7 @@ class InProcessGrid(Grid):
             if callable(action):
                 reply = action(msg, reply)
             replies.append(reply)
+            self.received.append(reply)
         crash = self.crash_after_train_round
         if crash is not None and any(
             m.metadata.message_type.startswith("train") and int(m.content["config"]["server-round"]) == crash for m in messages  # type: ignore[arg-type]

@@ -66,6 +66,24 @@ class TrainingSpec(StrictModel):
         default=None, gt=0, allow_inf_nan=False,
         description="leave out an update (local minus global model) longer than this in L2 norm; None: no bound",
     )
+    secure_aggregation: bool = Field(
+        default=False,
+        description=(
+            "sum the nodes' updates under secure aggregation (SecAgg on Flower's primitives): the coordinator "
+            "sees only the sum of the round, never one node's update; needs aggregation = mean and no max_update_norm"
+        ),
+    )
+    secure_weight_cap: int = Field(
+        default=100_000, ge=1,
+        description=(
+            "secure aggregation: a node's weight is min(rows, cap) / cap, summed under the masks with its update "
+            "(so no row count is sent with the update); a cap above every node's rows gives FedAvg's weights"
+        ),
+    )
+    secure_clip: float = Field(
+        default=8.0, gt=0, le=1e6, allow_inf_nan=False,
+        description="secure aggregation: each coordinate of a weighted update is clipped to [-clip, clip] before quantisation",
+    )
     node_wait: float = Field(
         default=120.0, gt=0, le=86_400,
         description="seconds to wait for nodes to connect, and for enough to be back when fewer than min_nodes are online",
@@ -79,6 +97,16 @@ class TrainingSpec(StrictModel):
     def _check(self) -> TrainingSpec:
         if self.strategy == "fedprox" and self.proximal_mu <= 0:
             raise ValueError("strategy 'fedprox' needs proximal_mu > 0")
+        if self.secure_aggregation and self.aggregation != "mean":
+            raise ValueError(
+                f"aggregation '{self.aggregation}' must see every node's update; under secure_aggregation the "
+                "coordinator sees only their sum: use aggregation = \"mean\""
+            )
+        if self.secure_aggregation and self.max_update_norm is not None:
+            raise ValueError(
+                "max_update_norm checks each node's update, which secure_aggregation hides; under secure aggregation "
+                "every coordinate is bounded by secure_clip instead"
+            )
         return self
 
 

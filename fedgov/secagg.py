@@ -1,0 +1,319 @@
+"""Secure aggregation on Flower's Message API: the coordinator learns the sum of the nodes'
+updates, never one node's update.
+
+The protocol is SecAgg (Bonawitz et al. 2017, "Practical Secure Aggregation for
+Privacy-Preserving Machine Learning", CCS; arXiv:1611.04482) over the complete graph of the
+round's nodes, built from Flower's own secure-aggregation primitives:
+
+* key agreement: ``generate_key_pairs`` (ECDH on SECP384R1) and ``generate_shared_key``
+  (ECDH + HKDF-SHA256), ``flwr.supercore.primitives.asymmetric`` and
+  ``flwr.common.secure_aggregation.crypto.symmetric_encryption``;
+* authenticated encryption of the routed shares: ``encrypt``/``decrypt`` (Fernet);
+* Shamir secret sharing: ``create_shares``/``combine_shares``;
+* the share plaintext layout: ``share_keys_plaintext_concat``/``_separate``;
+* stochastic quantisation: ``quantize`` (clipping range, target range).
+
+Flower's ``SecAggPlusWorkflow`` and ``secaggplus_mod`` are not used: with Message-API
+ClientApps they halt silently (``../shared/FLOWER-NOTES.md``). One primitive is replaced:
+Flower's mask generator ``pseudo_rand_gen`` folds its seed into 32 bits for numpy's
+``RandomState``, so a mask could be found by trying 2^32 seeds; fedgov expands each 256-bit
+seed with AES-256 in counter mode (``cryptography``, which Flower's primitives already use).
+
+Per round, four exchanges (the third is the training message itself):
+
+1. **keys**: each sampled node makes two key pairs, ``c`` (to encrypt shares) and ``s`` (to
+   agree pairwise masks), and sends the public halves.
+2. **shares**: given everyone's public keys, each node draws a self-mask seed ``b``, splits
+   ``b`` and its secret key ``s_sk`` into Shamir shares (threshold ``t``), and encrypts each
+   other node's pair of shares under the key it shares with that node. The coordinator routes
+   the ciphertexts and cannot read them.
+3. **masked input**: each node decrypts the shares addressed to it, trains, quantises its
+   (weighted, clipped) update ``y`` and sends ``y + PRG(b) + sum_v +-PRG(s_uv) mod 2^32``.
+4. **unmask**: the coordinator names the nodes whose masked input arrived (survivors) and
+   those that dropped. Each survivor sends its shares of ``b`` for survivors and of ``s_sk``
+   for dropped nodes, never both for the same node. With ``t`` shares the coordinator
+   rebuilds the seeds, removes the masks, and holds ``sum y`` over the survivors, only.
+
+Security (honest-but-curious coordinator, as in the paper): no set of fewer than ``t`` nodes
+with the coordinator learns more than the sum. An actively malicious coordinator can lie
+about who dropped; the paper's consistency round (signatures over the survivor list) is not
+implemented here: see ``docs/threat-model.md``.
+
+Everything here is pure: bytes and arrays in, bytes and arrays out; no Flower messages.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "MODULUS_BITS",
+    "SecAggParams",
+    "NodeSecAgg",
+    "threshold_for",
+    "prg",
+    "encode_update",
+    "decode_sum",
+    "unmask_sum",
+    "SecAggError",
+]
+
+MODULUS_BITS = 32
+MODULUS = 1 << MODULUS_BITS
+
+
+class SecAggError(RuntimeError):
+    """A protocol step that must not go on (a node refuses, too few survivors, bad shares)."""
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """``clip``: each coordinate of a (weighted) update is clipped to ``[-clip, clip]``;
+    ``quant_bits``: it is quantised to ``2**quant_bits`` levels; the sum of at most
+    ``2**(32 - quant_bits)`` nodes fits the modulus ``2**32``."""
+
+    clip: float = 8.0
+    quant_bits: int = 22
+
+    @property
+    def levels(self) -> int:
+        return 1 << self.quant_bits
+
+    @property
+    def max_nodes(self) -> int:
+        return MODULUS // self.levels
+
+
+def threshold_for(n: int) -> int:
+    """Shares needed to rebuild a secret: a strict majority of the round's nodes, at least 2."""
+    return max(2, n // 2 + 1)
+
+
+def prg(seed: bytes, n: int, *, domain: bytes = b"") -> np.ndarray:
+    """``n`` uniform values in ``[0, 2^32)`` from a 256-bit ``seed`` (AES-256-CTR), as int64."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = hashlib.sha256(b"fedgov-secagg-prg|" + domain + b"|" + seed).digest()
+    enc = Cipher(algorithms.AES(key), modes.CTR(b"\x00" * 16)).encryptor()
+    raw = enc.update(b"\x00" * (4 * n)) + enc.finalize()
+    return np.frombuffer(raw, dtype="<u4").astype(np.int64)
+
+
+def encode_update(update: list[np.ndarray], weight: float, params: SecAggParams) -> np.ndarray:
+    """The vector a node masks: ``weight * update`` (flattened) and ``weight`` itself, clipped
+    and stochastically quantised with Flower's ``quantize`` into ``[0, 2^quant_bits]``."""
+    from flwr.common.secure_aggregation.quantization import quantize
+
+    flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() * weight for a in update] + [np.array([weight])])
+    (q,) = quantize([flat], params.clip, params.levels)
+    return np.asarray(q, dtype=np.int64)
+
+
+def decode_sum(total: np.ndarray, n: int, shapes: list[tuple[int, ...]], params: SecAggParams) -> tuple[list[np.ndarray], float]:
+    """Undo :func:`encode_update` for the sum of ``n`` nodes: ``(sum of weight*update, sum of weights)``."""
+    values = np.asarray(total, dtype=np.float64) * (2 * params.clip / params.levels) - n * params.clip
+    out, i = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape)) if shape else 1
+        out.append(values[i : i + size].reshape(shape))
+        i += size
+    return out, float(values[i])
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def _unb64(s: str) -> bytes:
+    return base64.b64decode(s.encode())
+
+
+def _pair_seed(shared_key: bytes) -> bytes:
+    return hashlib.sha256(b"fedgov-secagg-pair|" + shared_key).digest()
+
+
+@dataclass
+class NodeSecAgg:
+    """One node's state for one round of secure aggregation (kept in its Flower state)."""
+
+    node_id: int
+    round: int
+    c_sk: bytes = b""
+    s_sk: bytes = b""
+    b: bytes = b""
+    nodes: list[int] = field(default_factory=list)  # the round's nodes after "keys", sorted
+    pks: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    threshold: int = 0
+    received: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # src -> (b share, sk share)
+    masked: bool = False
+
+    # ---- persistence in the node's Flower state --------------------------------------
+    def to_json(self) -> str:
+        return json.dumps({
+            "node_id": self.node_id, "round": self.round, "c_sk": _b64(self.c_sk), "s_sk": _b64(self.s_sk), "b": _b64(self.b),
+            "nodes": self.nodes, "pks": {str(k): [_b64(c), _b64(s)] for k, (c, s) in self.pks.items()},
+            "threshold": self.threshold, "received": {str(k): [_b64(x), _b64(y)] for k, (x, y) in self.received.items()},
+            "masked": self.masked,
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> NodeSecAgg:
+        d = json.loads(text)
+        return cls(
+            node_id=int(d["node_id"]), round=int(d["round"]), c_sk=_unb64(d["c_sk"]), s_sk=_unb64(d["s_sk"]), b=_unb64(d["b"]),
+            nodes=[int(n) for n in d["nodes"]], pks={int(k): (_unb64(c), _unb64(s)) for k, (c, s) in d["pks"].items()},
+            threshold=int(d["threshold"]), received={int(k): (_unb64(x), _unb64(y)) for k, (x, y) in d["received"].items()},
+            masked=bool(d["masked"]),
+        )
+
+    # ---- stage 1: keys ---------------------------------------------------------------
+    @classmethod
+    def keys(cls, node_id: int, round: int) -> tuple[NodeSecAgg, bytes, bytes]:
+        """Fresh key pairs for this round; returns the state and the public keys (c, s)."""
+        from flwr.supercore.primitives.asymmetric import generate_key_pairs, private_key_to_bytes, public_key_to_bytes
+
+        c_sk, c_pk = generate_key_pairs()
+        s_sk, s_pk = generate_key_pairs()
+        st = cls(node_id=node_id, round=round, c_sk=private_key_to_bytes(c_sk), s_sk=private_key_to_bytes(s_sk))
+        return st, public_key_to_bytes(c_pk), public_key_to_bytes(s_pk)
+
+    # ---- stage 2: shares -------------------------------------------------------------
+    def shares(self, pks: dict[int, tuple[bytes, bytes]], params: SecAggParams) -> dict[int, bytes]:
+        """Split ``b`` and ``s_sk`` among the round's nodes; one ciphertext per other node."""
+        from flwr.common.secure_aggregation.crypto.shamir import create_shares
+        from flwr.common.secure_aggregation.crypto.symmetric_encryption import encrypt, generate_shared_key
+        from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat
+        from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+        if self.node_id not in pks:
+            raise SecAggError("this node is not among the round's nodes")
+        if len(pks) < 2:
+            raise SecAggError(f"secure aggregation needs at least 2 nodes, the round has {len(pks)}")
+        if len(pks) > params.max_nodes:
+            raise SecAggError(f"{len(pks)} nodes exceed the {params.max_nodes} whose sum fits the modulus")
+        if len({c for c, _ in pks.values()} | {s for _, s in pks.values()}) != 2 * len(pks):
+            raise SecAggError("two nodes were given the same public key")
+        self.nodes = sorted(pks)
+        self.pks = dict(pks)
+        self.threshold = threshold_for(len(self.nodes))
+        self.b = os.urandom(32)
+        b_shares = create_shares(self.b, self.threshold, len(self.nodes))
+        sk_shares = create_shares(self.s_sk, self.threshold, len(self.nodes))
+        c_sk = bytes_to_private_key(self.c_sk)
+        out: dict[int, bytes] = {}
+        for i, dst in enumerate(self.nodes):
+            if dst == self.node_id:
+                self.received[dst] = (b_shares[i], sk_shares[i])
+                continue
+            key = generate_shared_key(c_sk, bytes_to_public_key(pks[dst][0]))
+            out[dst] = encrypt(key, share_keys_plaintext_concat(self.node_id, dst, b_shares[i], sk_shares[i]))
+        return out
+
+    # ---- stage 3: masked input --------------------------------------------------------
+    def receive(self, ciphertexts: dict[int, bytes]) -> None:
+        """Decrypt the shares the other nodes sent this node; a ciphertext that does not open,
+        or names other nodes than it should, stops the round."""
+        from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, generate_shared_key
+        from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
+        from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+        c_sk = bytes_to_private_key(self.c_sk)
+        for src, ct in ciphertexts.items():
+            if src not in self.pks or src == self.node_id:
+                raise SecAggError(f"shares from node {src}, which is not in this round")
+            key = generate_shared_key(c_sk, bytes_to_public_key(self.pks[src][0]))
+            try:
+                s, d, b_share, sk_share = share_keys_plaintext_separate(decrypt(key, ct))
+            except Exception as exc:  # noqa: BLE001 - InvalidToken and malformed plaintexts alike
+                raise SecAggError(f"the shares from node {src} do not decrypt ({type(exc).__name__})") from None
+            if (s, d) != (src, self.node_id):
+                raise SecAggError(f"the shares from node {src} are addressed from {s} to {d}")
+            self.received[src] = (b_share, sk_share)
+
+    def mask(self, y: np.ndarray, survivors: list[int]) -> np.ndarray:
+        """``y + PRG(b) + sum_v +-PRG(s_uv) mod 2^32`` over the nodes that sent shares (``survivors``)."""
+        from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+        from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+        if self.masked:
+            raise SecAggError("this node already sent its masked input for this round")
+        missing = [v for v in survivors if v != self.node_id and v not in self.received]
+        if missing:
+            raise SecAggError(f"no shares received from nodes {missing[:5]}")
+        n = len(y)
+        out = (np.asarray(y, dtype=np.int64) + prg(self.b, n, domain=b"self")) % MODULUS
+        s_sk = bytes_to_private_key(self.s_sk)
+        for v in survivors:
+            if v == self.node_id:
+                continue
+            m = prg(_pair_seed(generate_shared_key(s_sk, bytes_to_public_key(self.pks[v][1]))), n, domain=b"pair")
+            out = (out + m) % MODULUS if self.node_id < v else (out - m) % MODULUS
+        self.masked = True
+        return out
+
+    # ---- stage 4: unmask ------------------------------------------------------------
+    def reveal(self, survivors: list[int], dropped: list[int]) -> dict[int, bytes]:
+        """Shares of ``b`` for survivors, of ``s_sk`` for dropped nodes; refuses to reveal both
+        for one node, or anything when fewer than the threshold survived."""
+        if set(survivors) & set(dropped):
+            raise SecAggError("a node cannot have both survived and dropped: refusing to reveal")
+        if self.node_id not in survivors:
+            raise SecAggError("this node is not listed as a survivor")
+        if not self.masked:
+            raise SecAggError("this node sent no masked input this round: nothing to unmask")
+        if len(survivors) < self.threshold:
+            raise SecAggError(f"only {len(survivors)} nodes survived; revealing needs {self.threshold}")
+        unknown = [v for v in [*survivors, *dropped] if v not in self.received]
+        if unknown:
+            raise SecAggError(f"nodes {unknown[:5]} are not among this node's share holders")
+        out = {v: self.received[v][0] for v in survivors}
+        out.update({v: self.received[v][1] for v in dropped})
+        return out
+
+
+def unmask_sum(
+    masked: dict[int, np.ndarray],
+    revealed: dict[int, dict[int, bytes]],
+    *,
+    pks: dict[int, tuple[bytes, bytes]],
+    dropped: list[int],
+    threshold: int,
+) -> np.ndarray:
+    """The coordinator's last step: from the survivors' masked inputs and the shares they
+    revealed (``revealed[holder][owner]``), the sum of the survivors' vectors mod ``2^32``."""
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+    from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+    survivors = sorted(masked)
+    if len(revealed) < threshold:
+        raise SecAggError(f"only {len(revealed)} nodes revealed shares; unmasking needs {threshold}")
+    n = len(next(iter(masked.values())))
+    total = np.zeros(n, dtype=np.int64)
+    for v in survivors:
+        total = (total + masked[v]) % MODULUS
+
+    def rebuild(owner: int) -> bytes:
+        shares = [r[owner] for r in revealed.values() if owner in r]
+        if len(shares) < threshold:
+            raise SecAggError(f"{len(shares)} shares of node {owner}'s secret; {threshold} are needed")
+        try:
+            return combine_shares(shares[:threshold])
+        except ValueError as exc:
+            raise SecAggError(f"the shares of node {owner}'s secret do not combine: {exc}") from None
+
+    for v in survivors:
+        total = (total - prg(rebuild(v), n, domain=b"self")) % MODULUS
+    for d in dropped:
+        s_sk_d = bytes_to_private_key(rebuild(d))
+        for u in survivors:
+            m = prg(_pair_seed(generate_shared_key(s_sk_d, bytes_to_public_key(pks[u][1]))), n, domain=b"pair")
+            # u added +m if u < d, else -m: remove it
+            total = (total - m) % MODULUS if u < d else (total + m) % MODULUS
+    return total

@@ -1,0 +1,239 @@
+"""Secure aggregation (fedgov.secagg) on the Message API: the coordinator learns only the sum.
+
+The protocol alone (pure functions), then whole training runs through fedgov's coordinator and
+ClientApp with its mods (in process, ``tests/inprocess.py``): the same model as plain FedAvg,
+every message the coordinator received holds masked vectors only, dropouts up to the threshold
+are tolerated, beyond it the round is discarded, no downgrade to plaintext, node policy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedgov.config import load_task
+from fedgov.errors import ConfigError
+from fedgov.policy import check_task, load_policy
+from fedgov.secagg import (
+    MODULUS,
+    NodeSecAgg,
+    SecAggError,
+    SecAggParams,
+    decode_sum,
+    encode_update,
+    prg,
+    threshold_for,
+    unmask_sum,
+)
+
+from inprocess import InProcessGrid, prepare, tamper_update  # noqa: F401
+from test_resume import _fed_task, _train
+
+P = SecAggParams()
+SHAPES = [(3, 4), (4,)]
+
+
+def _setup(ids: list[int], round: int = 1) -> tuple[dict[int, NodeSecAgg], dict[int, tuple[bytes, bytes]]]:
+    states, pks = {}, {}
+    for i in ids:
+        st, c, s = NodeSecAgg.keys(i, round)
+        states[i], pks[i] = st, (c, s)
+    cts = {i: states[i].shares(pks, P) for i in ids}
+    for i in ids:
+        states[i].receive({src: cts[src][i] for src in ids if src != i})
+    return states, pks
+
+
+def _updates(ids: list[int], seed: int = 0) -> dict[int, list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return {i: [rng.normal(size=s) * 0.1 for s in SHAPES] for i in ids}
+
+
+@pytest.mark.parametrize("dropped", [[], [42], [42, 7]])
+def test_the_sum_of_the_survivors_and_nothing_else(dropped: list[int]) -> None:
+    ids = [11, 5, 99, 42, 7]
+    states, pks = _setup(ids)
+    ups = _updates(ids)
+    weights = {i: 0.2 + 0.15 * k for k, i in enumerate(ids)}
+    masked = {i: states[i].mask(encode_update(ups[i], weights[i], P), sorted(ids)) for i in ids if i not in dropped}
+    survivors = sorted(masked)
+    revealed = {i: states[i].reveal(survivors, dropped) for i in survivors}
+    total = unmask_sum(masked, revealed, pks=pks, dropped=dropped, threshold=threshold_for(len(ids)))
+    sums, w = decode_sum(total, len(survivors), SHAPES, P)
+    for k in range(len(SHAPES)):
+        expected = sum(weights[i] * ups[i][k] for i in survivors)
+        assert np.abs(sums[k] - expected).max() < 2e-5  # quantisation: 2 * clip / 2^22 per node
+    assert w == pytest.approx(sum(weights[i] for i in survivors), abs=2e-5)
+
+
+def test_a_masked_vector_says_nothing_about_its_update() -> None:
+    ids = [1, 2, 3]
+    y = encode_update(_updates(ids)[1], 1.0, P)
+    assert y.min() >= 0 and y.max() <= P.levels  # the plain vector lies in [0, 2^22]
+    seen = []
+    for round in (1, 2):
+        states, _ = _setup(ids, round)
+        seen.append(states[1].mask(y, ids))
+    for m in seen:
+        # spread over the whole modulus, uncorrelated with the update
+        assert m.max() > P.levels * 100 and abs(m.mean() / MODULUS - 0.5) < 0.15
+        assert abs(np.corrcoef(m.astype(float), y.astype(float))[0, 1]) < 0.5
+    assert not np.array_equal(seen[0], seen[1])  # fresh masks each round
+
+
+def test_nodes_refuse_what_would_unmask_one_node() -> None:
+    ids = [1, 2, 3, 4, 5]
+    states, pks = _setup(ids)
+    ups = _updates(ids)
+    for i in ids:
+        states[i].mask(encode_update(ups[i], 1.0, P), ids)
+    # asked for both shares of node 3 (its self mask and its pairwise key): refuse
+    with pytest.raises(SecAggError, match="both survived and dropped"):
+        states[1].reveal([1, 2, 3], [3])
+    # fewer survivors than the threshold (3 of 5): refuse
+    with pytest.raises(SecAggError, match="only 2 nodes survived"):
+        states[1].reveal([1, 2], [3, 4, 5])
+    # the coordinator cannot unmask with fewer shares than the threshold
+    masked = {i: np.zeros(4, dtype=np.int64) for i in (1, 2)}
+    with pytest.raises(SecAggError, match="unmasking needs 3"):
+        unmask_sum(masked, {1: {}, 2: {}}, pks=pks, dropped=[], threshold=3)
+    # a node masks once per round
+    with pytest.raises(SecAggError, match="already sent"):
+        states[1].mask(np.zeros(5, dtype=np.int64), ids)
+
+
+def test_forged_or_misrouted_shares_stop_the_round() -> None:
+    ids = [1, 2, 3]
+    states, pks = {}, {}
+    for i in ids:
+        states[i], c, s = NodeSecAgg.keys(i, 1)
+        pks[i] = (c, s)
+    cts = {i: states[i].shares(pks, P) for i in ids}
+    with pytest.raises(SecAggError, match="do not decrypt"):
+        states[1].receive({2: cts[2][1][:-8] + b"AAAAAAAA"})
+    with pytest.raises(SecAggError, match="do not decrypt"):
+        states[1].receive({2: cts[3][1]})  # node 3's shares presented as node 2's
+    with pytest.raises(SecAggError, match="same public key"):
+        states[1].shares({1: pks[1], 2: pks[1]}, P)
+
+
+def test_prg_is_uniform_over_the_modulus_and_seeded() -> None:
+    a, b = prg(b"k" * 32, 100_000), prg(b"k" * 32, 100_000)
+    assert np.array_equal(a, b) and not np.array_equal(a, prg(b"j" * 32, 100_000))
+    assert a.min() >= 0 and a.max() < MODULUS
+    assert abs(a.mean() / MODULUS - 0.5) < 0.01
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[type-arg]
+    tmp = tmp_path_factory.mktemp("secagg")
+    fed, plain_task = _fed_task(tmp / "plain", rounds=2)
+    _, secure_task = _fed_task(tmp / "secure", rounds=2, extra="secure_aggregation = true")
+    out: dict = {}  # type: ignore[type-arg]
+    for name, task in (("plain", plain_task), ("secure", secure_task)):
+        _, _, nodes, manifest = prepare(tmp / name / "nodes", fed, task)
+        grid = InProcessGrid(manifest, len(nodes), run_id=31)
+        out[name] = (_train(grid, task, tmp / name / "run", run_id=31), grid, nodes)
+    return out
+
+
+def test_secure_run_gives_the_plain_fedavg_model(runs: dict) -> None:  # type: ignore[type-arg]
+    plain, _, _ = runs["plain"]
+    secure, _, _ = runs["secure"]
+    assert secure.status == "completed", secure.message
+    assert secure.privacy["secure_aggregation"] is True
+    for a, b in zip(plain.rounds, secure.rounds, strict=True):
+        assert sorted(b.nodes_trained) == sorted(a.nodes_trained) and b.discarded is None
+        assert b.accuracy == pytest.approx(a.accuracy, abs=2e-3)  # the same model up to quantisation
+        assert b.loss == pytest.approx(a.loss, abs=2e-3)
+    assert secure.final is not None and secure.final.accuracy > 0.80
+
+
+def test_the_coordinator_received_only_masked_vectors(runs: dict) -> None:  # type: ignore[type-arg]
+    _, grid, nodes = runs["secure"]
+    train_replies = [m for m in grid.received if m.metadata.message_type.startswith("train")]
+    assert len(train_replies) == 2 * len(nodes)
+    for m in train_replies:
+        assert not m.has_error()
+        (rec,) = m.content.array_records.values()
+        assert list(rec) == ["masked"]  # no model, no update: one masked vector
+        v = rec["masked"].numpy()
+        assert v.dtype == np.int64 and v.max() > SecAggParams().levels * len(nodes)  # beyond any sum of plain vectors
+        metrics = next(iter(m.content.metric_records.values()))
+        assert metrics["num-examples"] == 1.0  # no row count with the update
+    # what did reach the coordinator from the nodes in the other stages: keys and encrypted shares
+    kinds = {str(m.content["secagg"].get("ct", "")) != "" for m in grid.received if "secagg" in m.content.config_records}
+    assert kinds  # the stages ran through the coordinator
+    for n in nodes:  # every node logged what it sent
+        from fedgov.nodehome import NodeHome
+
+        sent = [e for e in NodeHome(n.train_path.parent).audit.entries() if e.kind == "sent" and e.payload.get("kind") == "train"]
+        assert sent and all(list(e.payload["arrays"]) == ["masked"] for e in sent)
+
+
+def test_a_dropout_is_tolerated_and_too_many_discard_the_round(tmp_path: Path) -> None:
+    fed, task = _fed_task(tmp_path, rounds=2, extra="secure_aggregation = true\nreply_timeout = 5")
+    _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task)
+
+    def drop_train_in_round(r: int):  # type: ignore[no-untyped-def]
+        return lambda msg: "drop" if msg.metadata.message_type.startswith("train") and int(msg.content["config"]["server-round"]) == r else None
+
+    # round 1: node 0 goes away after the shares stage; round 2: nodes 0 and 1 do (threshold 2 of 3)
+    grid = InProcessGrid(manifest, len(nodes), run_id=41, faults={0: lambda m: "drop" if drop_train_in_round(1)(m) or drop_train_in_round(2)(m) else None,
+                                                                 1: drop_train_in_round(2)})
+    report = _train(grid, task, tmp_path / "run", run_id=41)
+    assert report.status == "completed", report.message
+    r1, r2 = report.rounds
+    assert len(r1.nodes_trained) == 2 and r1.discarded is None and len(r1.nodes_failed) == 1
+    assert "no reply" in next(iter(r1.nodes_failed.values()))
+    assert r1.accuracy is not None and r1.accuracy > 0.75  # the two survivors' sum, unmasked
+    assert r2.discarded is not None and "needs 2: round discarded" in r2.discarded
+    assert r2.accuracy == r1.accuracy  # a discarded round does not move the model
+
+
+def test_no_downgrade_to_plaintext(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A coordinator that skips the protocol for a secure task gets no update at all."""
+    import fedgov.coordinator as C
+
+    fed, task = _fed_task(tmp_path, rounds=1, extra="secure_aggregation = true")
+    _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task)
+    real = C.build_strategy
+
+    def plain(task, *a, **kw):  # type: ignore[no-untyped-def]
+        return real(task.model_copy(update={"training": task.training.model_copy(update={"secure_aggregation": False})}), *a, **kw)
+
+    monkeypatch.setattr(C, "build_strategy", plain)
+    grid = InProcessGrid(manifest, len(nodes), run_id=51)
+    _train(grid, task, tmp_path / "run", run_id=51)
+    train_replies = [m for m in grid.received if m.metadata.message_type.startswith("train")]
+    assert train_replies and all(m.has_error() and "carries no shares" in (m.error.reason or "") for m in train_replies)
+
+
+def test_policy_can_require_secure_aggregation(tmp_path: Path) -> None:
+    from fedgov.policy import default_policy_text
+
+    text = default_policy_text("GM0363", dataset="adult", contract="adult-income", version="1.0", path="train.csv", budget_epsilon=10.0)
+    (tmp_path / "policy.toml").write_text(text.replace("require_secure_aggregation = false", "require_secure_aggregation = true"))
+    (tmp_path / "train.csv").write_text("x\n")
+    policy = load_policy(tmp_path / "policy.toml")
+    _, plain = _fed_task(tmp_path / "a", rounds=1)
+    _, secure = _fed_task(tmp_path / "b", rounds=1, extra="secure_aggregation = true")
+    t, c = load_task(plain)
+    d = check_task(policy, task=t, contract=c, rows=None, noise_multiplier=None)
+    assert not d.accepted and d.code is not None and d.code.value == "secure-aggregation-required"
+    t, c = load_task(secure)
+    assert check_task(policy, task=t, contract=c, rows=None, noise_multiplier=None).accepted
+
+
+def test_secure_aggregation_excludes_rules_that_need_single_updates(tmp_path: Path) -> None:
+    for extra, field in (('secure_aggregation = true\naggregation = "median"', "aggregation"),
+                         ("secure_aggregation = true\nmax_update_norm = 3.0", "max_update_norm")):
+        _, task = _fed_task(tmp_path / field, rounds=1, extra=extra)
+        with pytest.raises(ConfigError) as ei:
+            load_task(task)
+        assert field in str(ei.value) and "secure" in str(ei.value)
