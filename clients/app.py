@@ -22,11 +22,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.context import data_of, node_of, query_of, task_of
-from clients.mods import admission_mod, audit_mod, budget_mod, pause_mod, secagg_mod, state_key
+from clients.mods import (
+    ERROR_REFUSED,
+    admission_mod,
+    audit_mod,
+    budget_mod,
+    pause_mod,
+    secagg_keep,
+    secagg_mod,
+    secagg_receive,
+    state_key,
+)
 from fedgov import node as N
 from fedgov.config import Contract, Task
 from fedgov import protocol as P
@@ -84,12 +94,32 @@ def query(msg: Message, context: Context) -> Message:
 
 
 def _stats(msg: Message, context: Context) -> Message:
+    """A statistics query; under secure aggregation the release leaves masked, with only its
+    layout (parts, cells, noise) in plaintext (:mod:`fedgov.analytics.secure`)."""
+    from fedgov.analytics import LocalRelease
+    from fedgov.analytics.secure import secure_vector, skeleton_of
+    from fedgov.secagg import SecAggError
     from fedgov.stats import answer_query, query_id_of
 
     q, contract = query_of(msg)
     node, home, _ = node_of(context)
+    st = None
+    if q.secure_aggregation:
+        try:  # before any data is read or budget spent: no shares, no answer
+            st, survivors = secagg_receive(msg, context, int(msg.content[P.CONFIG].get("server-round", 1)))  # type: ignore[arg-type]
+        except (SecAggError, KeyError, ValueError, TypeError) as exc:
+            return Message(Error(code=ERROR_REFUSED, reason=f"secure aggregation: {exc}"), reply_to=msg)
     answer = answer_query(home, node, q, contract, query_id=query_id_of(q, contract, msg.metadata.run_id))
-    return Message(RecordDict({P.STATS: ConfigRecord({P.ANSWER_JSON: answer.model_dump_json()})}), reply_to=msg)
+    if st is None or not answer.accepted or not answer.release_json:
+        return Message(RecordDict({P.STATS: ConfigRecord({P.ANSWER_JSON: answer.model_dump_json()})}), reply_to=msg)
+    release = LocalRelease.model_validate_json(answer.release_json)
+    masked = st.mask(secure_vector(release, q), survivors)
+    secagg_keep(msg, context, st)
+    answer = answer.model_copy(update={"release_json": skeleton_of(release).model_dump_json()})
+    return Message(
+        RecordDict({P.STATS: ConfigRecord({P.ANSWER_JSON: answer.model_dump_json()}), P.ARRAYS: ArrayRecord({P.MASKED: Array(masked)})}),
+        reply_to=msg,
+    )
 
 
 def _incoming(msg: Message, context: Context) -> tuple[Task, Contract, str, Path, Path | None, dict[str, np.ndarray]]:

@@ -238,10 +238,17 @@ def budget_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 
 
 def _secagg_key(msg: Message) -> str:
+    """Where a node keeps its secure-aggregation keys for the task or query of ``msg``."""
+    if P.QUERY_JSON in msg.content[P.CONFIG]:
+        from clients.context import query_of
+        from fedgov.stats import query_id_of
+
+        q, contract = query_of(msg)
+        return "fedgov-secagg-" + hashlib.sha256(query_id_of(q, contract, msg.metadata.run_id).encode()).hexdigest()[:16]
     return "fedgov-secagg-" + hashlib.sha256(task_id(msg).encode()).hexdigest()[:16]
 
 
-def _secagg_state(context: Context, key: str, server_round: int) -> NodeSecAgg:
+def secagg_state(context: Context, key: str, server_round: int) -> NodeSecAgg:
     if key not in context.state:
         raise SecAggError("no secure-aggregation keys for this task: the keys stage did not reach this node")
     st = NodeSecAgg.from_json(str(context.state[key]["json"]))
@@ -250,15 +257,74 @@ def _secagg_state(context: Context, key: str, server_round: int) -> NodeSecAgg:
     return st
 
 
+def secagg_receive(msg: Message, context: Context, server_round: int) -> tuple[NodeSecAgg, list[int]]:
+    """The node's keys for this round, with the shares the message routed to it decrypted; and
+    the round's nodes. :class:`SecAggError` when the message carries no shares (no downgrade)."""
+    if P.SECAGG not in msg.content.config_records:
+        raise SecAggError("the task requires it but this message carries no shares; nothing is sent")
+    rec = msg.content.config_records[P.SECAGG]
+    st = secagg_state(context, _secagg_key(msg), server_round)
+    st.receive(dict(zip([int(str(x)) for x in rec["src"]], rec["ct"], strict=True)))  # type: ignore[arg-type]
+    survivors = [int(str(x)) for x in rec["nodes"]]  # type: ignore[union-attr]
+    if int(context.node_id) not in survivors:
+        raise SecAggError("this node is not among the round's nodes")
+    return st, survivors
+
+
+def secagg_keep(msg: Message, context: Context, st: NodeSecAgg) -> None:
+    context.state[_secagg_key(msg)] = ConfigRecord({"json": st.to_json()})
+
+
+def _secagg_stage(msg: Message, context: Context, params: SecAggParams) -> Message:
+    cfg = msg.content[P.CONFIG]
+    server_round = int(cfg["server-round"])  # type: ignore[arg-type]
+    key = _secagg_key(msg)
+    stage = str(cfg[P.SECAGG_STAGE])
+    out: dict[str, Any] = {}
+    if stage == "keys":
+        st, c_pk, s_pk = NodeSecAgg.keys(int(context.node_id), server_round)
+        out = {"c-pk": c_pk, "s-pk": s_pk}
+    elif stage == "shares":
+        st = secagg_state(context, key, server_round)
+        ids = [int(str(x)) for x in cfg["nodes"]]  # type: ignore[union-attr]
+        pks = dict(zip(ids, zip(cfg["c-pks"], cfg["s-pks"], strict=True), strict=True))  # type: ignore[arg-type]
+        cts = st.shares(pks, params)  # type: ignore[arg-type]
+        out = {"dst": [str(d) for d in cts], "ct": list(cts.values())}
+    elif stage == "unmask":
+        st = secagg_state(context, key, server_round)
+        revealed = st.reveal([int(str(x)) for x in cfg["survivors"]], [int(str(x)) for x in cfg.get("dropped", [])])  # type: ignore[union-attr]
+        out = {"owner": [str(o) for o in revealed], "share": list(revealed.values())}
+    else:
+        raise SecAggError(f"unknown stage {stage!r}")
+    context.state[key] = ConfigRecord({"json": st.to_json()})
+    return Message(RecordDict({P.SECAGG: ConfigRecord(out)}), reply_to=msg)
+
+
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """3b. Secure aggregation (:mod:`fedgov.secagg`): the protocol's stages (``secagg`` query
-    messages), and the train reply masked so that the coordinator learns only the round's sum.
+    messages, for training tasks and statistics queries), and a training task's train reply
+    masked so that the coordinator learns only the round's sum (a query's release is masked in
+    its handler, ``clients/app.py``).
 
     A task that asks for secure aggregation never gets a plaintext update from this node: a
     train message without the protocol's shares is refused (no downgrade by the coordinator).
     """
     kind = kind_of(msg)
-    if not _has_task(msg) or kind not in (P.SECAGG, "train"):
+    if kind not in (P.SECAGG, "train") or P.CONFIG not in msg.content:
+        return call_next(msg, context)
+    cfg = msg.content[P.CONFIG]
+    if kind == P.SECAGG and P.QUERY_JSON in cfg:
+        from clients.context import query_of
+
+        q, _ = query_of(msg)
+        if not q.secure_aggregation:
+            return _refused(msg, "secure aggregation: this query does not use it (secure_aggregation = false)")
+        try:
+            return _secagg_stage(msg, context, SecAggParams())
+        except (SecAggError, KeyError, ValueError, TypeError) as exc:
+            log.warning("node: secure aggregation stopped: %s", exc)
+            return _refused(msg, f"secure aggregation: {exc}")
+    if not _has_task(msg):
         return call_next(msg, context)
     task, _ = task_of(msg)
     t = task.training
@@ -266,42 +332,13 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         if kind == P.SECAGG:
             return _refused(msg, "secure aggregation: this task does not use it (training.secure_aggregation = false)")
         return call_next(msg, context)
-    key = _secagg_key(msg)
     params = SecAggParams(clip=t.secure_clip)
-    cfg = msg.content[P.CONFIG]
     server_round = int(cfg["server-round"])  # type: ignore[arg-type]
     try:
         if kind == P.SECAGG:
-            stage = str(cfg[P.SECAGG_STAGE])
-            out: dict[str, Any] = {}
-            if stage == "keys":
-                st, c_pk, s_pk = NodeSecAgg.keys(int(context.node_id), server_round)
-                out = {"c-pk": c_pk, "s-pk": s_pk}
-            elif stage == "shares":
-                st = _secagg_state(context, key, server_round)
-                ids = [int(str(x)) for x in cfg["nodes"]]  # type: ignore[union-attr]
-                pks = dict(zip(ids, zip(cfg["c-pks"], cfg["s-pks"], strict=True), strict=True))  # type: ignore[arg-type]
-                cts = st.shares(pks, params)  # type: ignore[arg-type]
-                out = {"dst": [str(d) for d in cts], "ct": list(cts.values())}
-            elif stage == "unmask":
-                st = _secagg_state(context, key, server_round)
-                revealed = st.reveal([int(str(x)) for x in cfg["survivors"]], [int(str(x)) for x in cfg.get("dropped", [])])  # type: ignore[union-attr]
-                out = {"owner": [str(o) for o in revealed], "share": list(revealed.values())}
-            else:
-                raise SecAggError(f"unknown stage {stage!r}")
-            context.state[key] = ConfigRecord({"json": st.to_json()})
-            return Message(RecordDict({P.SECAGG: ConfigRecord(out)}), reply_to=msg)
+            return _secagg_stage(msg, context, params)
         # a train message: decrypt the routed shares, train, mask the update
-        if P.SECAGG not in msg.content.config_records:
-            return _refused(
-                msg, "secure aggregation: the task requires it but this train message carries no shares; the update is not sent"
-            )
-        rec = msg.content.config_records[P.SECAGG]
-        st = _secagg_state(context, key, server_round)
-        st.receive(dict(zip([int(str(x)) for x in rec["src"]], rec["ct"], strict=True)))  # type: ignore[arg-type]
-        survivors = [int(str(x)) for x in rec["nodes"]]  # type: ignore[union-attr]
-        if int(context.node_id) not in survivors:
-            raise SecAggError("this node is not among the round's nodes")
+        st, survivors = secagg_receive(msg, context, server_round)
     except (SecAggError, KeyError, ValueError, TypeError) as exc:
         log.warning("node: secure aggregation stopped: %s", exc)
         return _refused(msg, f"secure aggregation: {exc}")
@@ -317,7 +354,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         masked = st.mask(y, survivors)
     except SecAggError as exc:
         return _refused(msg, f"secure aggregation: {exc}")
-    context.state[key] = ConfigRecord({"json": st.to_json()})
+    secagg_keep(msg, context, st)
     # The exact row count stays at the node (the weight is inside the masked sum).
     metrics = {k: v for k, v in m.items() if k != "num-examples"}
     metrics["num-examples"] = 1.0

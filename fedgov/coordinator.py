@@ -22,6 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -325,6 +326,79 @@ def _recording(base: type[FedAvg]) -> Callable[..., FedAvg]:
     return Recording
 
 
+@dataclass
+class SecAggRound:
+    """The coordinator's view of one round of secure aggregation after the keys and shares stages."""
+
+    pks: dict[int, tuple[bytes, bytes]]
+    survivors: list[int]  # the nodes whose shares went out: they mask against each other
+    threshold: int
+    routed: dict[int, dict[int, bytes]]  # dst -> src -> ciphertext
+    failures: dict[int, str]
+
+    def record_for(self, dst: int) -> ConfigRecord:
+        """What the masked-input message to ``dst`` carries: the round's nodes and its shares."""
+        got = {src: ct for src, ct in self.routed.get(dst, {}).items() if src in self.survivors}
+        return ConfigRecord({"nodes": [str(n) for n in self.survivors], "src": [str(x) for x in got], "ct": list(got.values())})
+
+
+def secagg_stage(
+    grid: Grid, ids: list[int], server_round: int, stage: str, stage_config: dict[str, Any], extra: dict[str, Any],
+    timeout: float, failures: dict[int, str],
+) -> dict[int, ConfigRecord]:
+    """Send one stage of :mod:`fedgov.secagg` to ``ids``; the answers, and why the others did not answer."""
+    content = ConfigRecord({P.KIND: P.SECAGG, P.SECAGG_STAGE: stage, "server-round": server_round, **stage_config, **extra})
+    msgs = [Message(content=RecordDict({P.CONFIG: content}), message_type=MessageType.QUERY, dst_node_id=n) for n in ids]
+    out: dict[int, ConfigRecord] = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        nid = reply.metadata.src_node_id
+        if reply.has_error():
+            failures[nid] = f"secure aggregation, stage {stage}: {(reply.error.reason or '')[:200]}"
+        elif P.SECAGG in reply.content.config_records:
+            out[nid] = reply.content.config_records[P.SECAGG]
+    for n in ids:
+        if n not in out:
+            failures.setdefault(n, f"secure aggregation, stage {stage}: no reply within {timeout:.0f} s")
+    return out
+
+
+def secagg_setup(grid: Grid, ids: list[int], server_round: int, stage_config: dict[str, Any], timeout: float) -> tuple[SecAggRound | None, dict[int, str]]:
+    """The keys and shares stages; None when fewer than 2 nodes gave keys or fewer than the
+    threshold sent their shares (the round cannot be summed securely)."""
+    failures: dict[int, str] = {}
+    keys = secagg_stage(grid, ids, server_round, "keys", stage_config, {}, timeout, failures)
+    pks = {n: (bytes(r["c-pk"]), bytes(r["s-pk"])) for n, r in keys.items()}  # type: ignore[arg-type]
+    if len(pks) < 2:
+        return None, failures
+    order = sorted(pks)
+    shares = secagg_stage(grid, order, server_round, "shares", stage_config, {
+        "nodes": [str(n) for n in order], "c-pks": [pks[n][0] for n in order], "s-pks": [pks[n][1] for n in order],
+    }, timeout, failures)
+    threshold = threshold_for(len(order))
+    if len(shares) < threshold:
+        return None, failures
+    routed: dict[int, dict[int, bytes]] = {}
+    for src, rec in shares.items():
+        for dst, ct in zip(rec["dst"], rec["ct"], strict=True):  # type: ignore[arg-type]
+            routed.setdefault(int(str(dst)), {})[src] = bytes(ct)  # type: ignore[arg-type]
+    return SecAggRound(pks=pks, survivors=sorted(shares), threshold=threshold, routed=routed, failures=failures), failures
+
+
+def secagg_unmask(
+    grid: Grid, rnd: SecAggRound, masked: dict[int, np.ndarray], server_round: int, stage_config: dict[str, Any], timeout: float
+) -> np.ndarray:
+    """The unmask stage and the sum of ``masked`` (mod 2^32); :class:`SecAggError` when it cannot be had."""
+    if len(masked) < rnd.threshold:
+        raise SecAggError(f"only {len(masked)} masked inputs arrived, secure aggregation needs {rnd.threshold}")
+    dropped = [n for n in rnd.survivors if n not in masked]
+    recs = secagg_stage(grid, sorted(masked), server_round, "unmask", stage_config, {
+        "survivors": [str(n) for n in sorted(masked)], "dropped": [str(n) for n in dropped],
+    }, timeout, rnd.failures)
+    revealed = {h: {int(str(o)): bytes(sh) for o, sh in zip(rec["owner"], rec["share"], strict=True)}  # type: ignore[arg-type]
+                for h, rec in recs.items()}
+    return unmask_sum(masked, revealed, pks=rnd.pks, dropped=dropped, threshold=rnd.threshold)
+
+
 class SecureFedAvg(FedAvg):
     """FedAvg under secure aggregation (:mod:`fedgov.secagg`): the coordinator learns only the
     sum of the round's weighted updates and the sum of their weights, and moves the global
@@ -344,94 +418,54 @@ class SecureFedAvg(FedAvg):
         self.stage_timeout = stage_timeout
         self.stage_failures: dict[int, str] = {}
         self.discarded: dict[int, str] = {}
-        self._round: dict[str, Any] = {}
+        self._secagg: SecAggRound | None = None
+        self._global: dict[str, np.ndarray] = {}
 
-    def _stage(self, grid: Grid, ids: list[int], server_round: int, stage: str, extra: dict[str, Any]) -> dict[int, ConfigRecord]:
-        content = ConfigRecord({P.KIND: P.SECAGG, P.SECAGG_STAGE: stage, "server-round": server_round, **self.stage_config, **extra})
-        msgs = [Message(content=RecordDict({P.CONFIG: content}), message_type=MessageType.QUERY, dst_node_id=n) for n in ids]
-        out: dict[int, ConfigRecord] = {}
-        for reply in grid.send_and_receive(msgs, timeout=self.stage_timeout):
-            nid = reply.metadata.src_node_id
-            if reply.has_error():
-                self.stage_failures[nid] = f"secure aggregation, stage {stage}: {(reply.error.reason or '')[:200]}"
-            elif P.SECAGG in reply.content.config_records:
-                out[nid] = reply.content.config_records[P.SECAGG]
-        for n in ids:
-            if n not in out:
-                self.stage_failures.setdefault(n, f"secure aggregation, stage {stage}: no reply within {self.stage_timeout:.0f} s")
-        return out
+    def start(self, *, grid: Grid, **kwargs: Any) -> Any:  # type: ignore[override]
+        self._grid = grid
+        return super().start(grid=grid, **kwargs)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Grid) -> Any:
         msgs = list(super().configure_train(server_round, arrays, config, grid))
-        self.stage_failures = {}
-        self._round = {}
-        keys = self._stage(grid, [m.metadata.dst_node_id for m in msgs], server_round, "keys", {})
-        pks = {n: (bytes(r["c-pk"]), bytes(r["s-pk"])) for n, r in keys.items()}  # type: ignore[arg-type]
-        if len(pks) < 2:
+        self._global = {k: v.numpy() for k, v in arrays.items()}
+        self._secagg, self.stage_failures = secagg_setup(
+            grid, [m.metadata.dst_node_id for m in msgs], server_round, self.stage_config, self.stage_timeout
+        )
+        if self._secagg is None:
+            self.discarded[server_round] = "too few nodes completed the secure-aggregation set-up: round discarded"
             return []
-        ids = sorted(pks)
-        shares = self._stage(grid, ids, server_round, "shares", {
-            "nodes": [str(n) for n in ids], "c-pks": [pks[n][0] for n in ids], "s-pks": [pks[n][1] for n in ids],
-        })
-        threshold = threshold_for(len(ids))
-        if len(shares) < threshold:
-            return []
-        routed: dict[int, dict[int, bytes]] = {}
-        for src, rec in shares.items():
-            for dst, ct in zip(rec["dst"], rec["ct"], strict=True):  # type: ignore[arg-type]
-                routed.setdefault(int(str(dst)), {})[src] = bytes(ct)  # type: ignore[arg-type]
-        survivors = sorted(shares)
-        self._round = {"pks": pks, "survivors": survivors, "threshold": threshold,
-                       "global": {k: v.numpy() for k, v in arrays.items()}}
         out = []
         for m in msgs:
             dst = m.metadata.dst_node_id
-            if dst not in shares:
+            if dst not in self._secagg.survivors:
                 continue
-            got = {src: ct for src, ct in routed.get(dst, {}).items() if src in shares}
             # Flower's FedAvg gives every train message the same RecordDict: each node gets its own
             # (same model and config records) with the shares routed to it.
             content = RecordDict({k: v for k, v in m.content.items()})
-            content[P.SECAGG] = ConfigRecord({
-                "nodes": [str(n) for n in survivors], "src": [str(s) for s in got], "ct": list(got.values()),
-            })
+            content[P.SECAGG] = self._secagg.record_for(dst)
             out.append(Message(content=content, dst_node_id=dst, message_type=m.metadata.message_type, group_id=m.metadata.group_id))
         return out
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = [r for r in replies if not r.has_error() and P.MASKED in next(iter(r.content.array_records.values()), {})]
-        state = self._round
-        if not state or not replies:
+        rnd = self._secagg
+        if rnd is None or not replies:
+            if rnd is not None:
+                self.discarded[server_round] = "no masked update arrived: round discarded"
             return None, None
         masked = {r.metadata.src_node_id: next(iter(r.content.array_records.values()))[P.MASKED].numpy() for r in replies}
-        dropped = [n for n in state["survivors"] if n not in masked]
-        if len(masked) < state["threshold"]:
-            self.discarded[server_round] = (
-                f"only {len(masked)} masked updates arrived, secure aggregation needs {state['threshold']}: round discarded"
-            )
-            return None, None
-        revealed_recs = self._stage(self._grid, sorted(masked), server_round, "unmask", {
-            "survivors": [str(n) for n in sorted(masked)], "dropped": [str(n) for n in dropped],
-        })
-        revealed = {h: {int(str(o)): bytes(sh) for o, sh in zip(rec["owner"], rec["share"], strict=True)}  # type: ignore[arg-type]
-                    for h, rec in revealed_recs.items()}
         try:
-            total = unmask_sum(masked, revealed, pks=state["pks"], dropped=dropped, threshold=state["threshold"])
+            total = secagg_unmask(self._grid, rnd, masked, server_round, self.stage_config, self.stage_timeout)
         except SecAggError as exc:
-            self.discarded[server_round] = f"secure aggregation could not unmask the sum: {exc}; round discarded"
+            self.discarded[server_round] = f"{exc}: round discarded"
             return None, None
-        glob: dict[str, np.ndarray] = state["global"]
-        sums, weight = decode_sum(total, len(masked), [v.shape for v in glob.values()], self.params)
+        sums, weight = decode_sum(total, len(masked), [v.shape for v in self._global.values()], self.params)
         if weight <= 0:
             self.discarded[server_round] = "the nodes' weights sum to 0: round discarded"
             return None, None
-        new = {k: (g.astype(np.float64) + s / weight).astype(g.dtype) for (k, g), s in zip(glob.items(), sums, strict=True)}
+        new = {k: (g.astype(np.float64) + s / weight).astype(g.dtype) for (k, g), s in zip(self._global.items(), sums, strict=True)}
         metrics = self.train_metrics_aggr_fn([r.content for r in replies], self.weighted_by_key)
         return ArrayRecord({k: Array(v) for k, v in new.items()}), metrics
-
-    def start(self, *, grid: Grid, **kwargs: Any) -> Any:  # type: ignore[override]
-        self._grid = grid
-        return super().start(grid=grid, **kwargs)
 
 
 def build_strategy(

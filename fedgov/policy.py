@@ -474,13 +474,19 @@ def check_query(
     delta: float,
     coordinator: str | None = None,
     submitter: str | None = None,
+    secure_aggregation: bool = False,
 ) -> Decision:
     """Check a statistics query against the node's policy (the rules of :func:`check_task` that
     apply to a query: approval, kind ``statistics``, coordinator and submitter, the contract
-    served, epsilon and delta per node). Rows and the budget are checked when the data is read
-    and when the ledger reserves."""
+    served, epsilon and delta per node, secure aggregation). Rows and the budget are checked
+    when the data is read and when the ledger reserves."""
     if policy.approval == "deny":
         return _refuse(PolicyCode.APPROVAL_DENY, 'this node refuses every task (approval = "deny")')
+    if policy.limits.require_secure_aggregation and not secure_aggregation:
+        return _refuse(
+            PolicyCode.SECURE_AGGREGATION_REQUIRED,
+            "query has secure_aggregation = false; policy requires secure aggregation (limits.require_secure_aggregation)",
+        )
     acc = policy.accept
     if "statistics" not in acc.kinds:
         return _refuse(

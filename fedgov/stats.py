@@ -115,7 +115,8 @@ def answer_query(
         return _refuse(node, P.RefusalCode.PAUSED.value, f"the node is paused by its operator{': ' + why if why else ''}")
     policy = home.policy()
     decision = check_query(
-        policy, contract=contract, epsilon=query.privacy.epsilon, delta=query.privacy.delta, coordinator=coordinator
+        policy, contract=contract, epsilon=query.privacy.epsilon, delta=query.privacy.delta, coordinator=coordinator,
+        secure_aggregation=query.secure_aggregation,
     )
     if not decision.accepted:
         home.audit.append("decision", task_id=query_id, payload={"accepted": False, "code": decision.code, "reason": decision.reason})
@@ -246,16 +247,33 @@ def run_query(
         events.emit("nodes-connected", count=len(node_ids), expected=expected_nodes)
         if not node_ids:
             raise FederationError(f"no node connected within {node_wait:.0f} s")
-        content = ConfigRecord(
-            {P.KIND: P.STATS, P.QUERY_JSON: query.model_dump_json(), P.CONTRACT_JSON: contract.model_dump_json()}
-        )
-        msgs = [
-            Message(content=RecordDict({P.CONFIG: content}), message_type=MessageType.QUERY, dst_node_id=nid)
-            for nid in node_ids
-        ]
+        stage_config = {P.QUERY_JSON: query.model_dump_json(), P.CONTRACT_JSON: contract.model_dump_json()}
+        content = ConfigRecord({P.KIND: P.STATS, **stage_config, "server-round": 1})
+        secure = None
+        if query.secure_aggregation:
+            from fedgov.coordinator import secagg_setup
+
+            secure, failures = secagg_setup(grid, node_ids, 1, stage_config, reply_timeout)
+            if secure is None:
+                raise FederationError(
+                    "secure aggregation could not be set up with enough nodes: "
+                    + "; ".join(f"node-{n}: {why}" for n, why in list(failures.items())[:10])
+                )
+            events.emit("secure-aggregation", nodes=len(secure.survivors), threshold=secure.threshold)
+
+        def message(nid: int) -> Message:
+            rd = RecordDict({P.CONFIG: content})
+            if secure is not None:
+                rd[P.SECAGG] = secure.record_for(nid)
+            return Message(content=rd, message_type=MessageType.QUERY, dst_node_id=nid)
+
+        msgs = [message(nid) for nid in (secure.survivors if secure is not None else node_ids)]
         answers: dict[int, P.StatsAnswer] = {}
+        masked: dict[int, Any] = {}
         for reply in grid.send_and_receive(msgs, timeout=reply_timeout):
             nid = reply.metadata.src_node_id
+            if not reply.has_error() and P.ARRAYS in reply.content.array_records:
+                masked[nid] = reply.content.array_records[P.ARRAYS][P.MASKED].numpy()
             if reply.has_error():
                 answers[nid] = P.StatsAnswer(node=f"node-{nid}", accepted=False, code=P.RefusalCode.INTERNAL.value,
                                              reason=(reply.error.reason or "no reason given")[:500])
@@ -286,7 +304,19 @@ def run_query(
                 "no node answered the query: " + "; ".join(f"{a.node}: {a.code} ({a.reason})" for a in answers.values())
             )
         regions = regions_of(releases, query.regions)
-        report.result = combine(releases, query, contract, regions=regions)
+        if secure is not None:
+            from fedgov.analytics.secure import combine_secure
+            from fedgov.coordinator import secagg_unmask
+
+            names = {nid: a.node for nid, a in answers.items()}
+            masked = {nid: v for nid, v in masked.items() if nid in names and names[nid] in releases}
+            total = secagg_unmask(grid, secure, masked, 1, stage_config, reply_timeout)
+            layouts = {tuple((p.measure, p.part, len(p.cells), p.noise_sd) for p in releases[names[n]].parts) for n in masked}
+            if len(layouts) != 1:
+                raise FederationError("the nodes' releases do not share one layout; the secure sum cannot be read")
+            report.result = combine_secure(releases[names[next(iter(masked))]], total, [names[n] for n in masked], query, contract)
+        else:
+            report.result = combine(releases, query, contract, regions=regions)
         if truth_paths is not None:
             frames = {code: read_node_frame(contract, truth_paths[code]) for code in releases if code in truth_paths}
             report.truth = true_result(frames, query, contract, regions=regions)

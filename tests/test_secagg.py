@@ -237,3 +237,54 @@ def test_secure_aggregation_excludes_rules_that_need_single_updates(tmp_path: Pa
         with pytest.raises(ConfigError) as ei:
             load_task(task)
         assert field in str(ei.value) and "secure" in str(ei.value)
+
+
+def test_statistics_query_under_secure_aggregation(tmp_path: Path) -> None:
+    """The same query with and without secure aggregation on the same three nodes: the
+    coordinator gets national figures only, the totals agree within the noise, and every
+    release it received carries no value (only its layout) beside a masked vector."""
+    from fedgov.analytics import load_query
+    from fedgov.stats import run_query
+
+    from _helpers import write
+
+    fed, task = _fed_task(tmp_path, rounds=1)
+    _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task)
+    base = (Path(__file__).resolve().parent.parent / "configs" / "queries" / "adult-overview.toml").read_text()
+    base = base.replace('contract = "../contracts/adult-income.toml"', f'contract = "{Path(__file__).resolve().parent.parent / "configs/contracts/adult-income.toml"}"')
+    base = base.replace('federation = "../federations/demo-12.toml"\n', "")
+    reports = {}
+    truth = {n.code: [n.train_path, n.test_path] for n in nodes}
+    grids = {}
+    for secure in (False, True):
+        text = base.replace('description =', f"secure_aggregation = {'true' if secure else 'false'}\ndescription =", 1)
+        q, contract = load_query(write(tmp_path / f"q-{secure}.toml", text))
+        grids[secure] = grid = InProcessGrid(manifest, len(nodes), run_id=60 + secure)
+        reports[secure] = run_query(
+            grid, q, contract, run_dir=tmp_path / f"run-{secure}", query_file="q.toml", expected_nodes=len(nodes),
+            truth_paths=truth, node_wait=5,
+        )
+    plain, secure = reports[False], reports[True]
+    assert secure.status == "completed", secure.message
+    assert secure.result is not None and plain.result is not None
+    assert {f.scope for f in secure.result.figures} == {"national"}  # no node's figures, no region's
+    assert {f.scope for f in plain.result.figures} >= {"national", "node"}
+    assert sorted(secure.result.nodes) == sorted(n.code for n in nodes)
+    for measure in ("people-by-sex-and-income", "mean-age", "share-above-50k"):
+        a, b = plain.result.national(measure), secure.result.national(measure)
+        assert set(a) == set(b)
+        for cell in a:
+            fa, fb = a[cell], b[cell]
+            # the same noise; a ratio's standard error also depends on its (noisy) estimate
+            assert fb.estimate is not None and fb.std_error == pytest.approx(fa.std_error, rel=0.01)
+            assert abs(fb.estimate - fa.estimate) < 6 * (fa.std_error or 1.0)  # two independent noisy draws
+    assert secure.errors is not None  # the simulation's truth: errors of the secure figures, too
+    # what reached the coordinator: layouts without values, and masked vectors
+    import json
+
+    stats_replies = [m for m in grids[True].received if "stats" in m.content.config_records]
+    assert len(stats_replies) == len(nodes)
+    for m in stats_replies:
+        release = json.loads(json.loads(str(m.content["stats"]["answer-json"]))["release_json"])
+        assert all(v is None for p in release["parts"] for v in p["values"] + p["small"])
+        assert list(m.content.array_records["arrays"]) == ["masked"]

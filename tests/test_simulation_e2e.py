@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 
-def _task(tmp: Path, federation: Path, rounds: int = 2, epsilon: float = 2.0) -> Path:
+def _task(tmp: Path, federation: Path, rounds: int = 2, epsilon: float = 2.0, training: str = "") -> Path:
     return write(
         tmp / "task.toml",
         f"""
@@ -35,6 +35,7 @@ def _task(tmp: Path, federation: Path, rounds: int = 2, epsilon: float = 2.0) ->
         learning_rate = 0.5
         min_nodes = 2
         seed = 1
+        {training}
         [privacy]
         target_epsilon = {epsilon}
         delta = 1e-5
@@ -170,7 +171,8 @@ class _CoordinatorDies(Exception):
 
 def test_coordinator_killed_after_round_1_then_fedgov_run_resume(tmp_path: Path) -> None:
     """The whole coordinator (SuperLink, simulation engine, ServerApp) is killed right after
-    round 1 was saved; ``fedgov run --resume`` runs round 2 on the same node directories."""
+    round 1 was saved; ``fedgov run --resume`` runs round 2 on the same node directories.
+    The task runs under secure aggregation, so this is also its test on real Flower processes."""
     from typer.testing import CliRunner
 
     from fedgov.checkpoint import load_checkpoint
@@ -203,7 +205,10 @@ def test_coordinator_killed_after_round_1_then_fedgov_run_resume(tmp_path: Path)
             raise _CoordinatorDies()  # every Flower process is killed on the way out
 
     with pytest.raises(_CoordinatorDies):
-        run_simulation(_task(tmp_path, fed, rounds=2), None, SimulationOptions(runs_dir=tmp_path / "runs", local_baseline=False), on_event)
+        run_simulation(
+            _task(tmp_path, fed, rounds=2, training="secure_aggregation = true"), None,
+            SimulationOptions(runs_dir=tmp_path / "runs", local_baseline=False), on_event,
+        )
     run_dir = seen["run_dir"]
     assert flower_processes(tmp_path) == []
     assert load_checkpoint(run_dir)[0].round == 1
@@ -217,7 +222,11 @@ def test_coordinator_killed_after_round_1_then_fedgov_run_resume(tmp_path: Path)
     report = load_report(run_dir / "report.json")
     assert report.status == "completed" and [r.round for r in report.rounds] == [1, 2]
     assert all(n.rounds_trained == 2 and n.epsilon is not None and 0 < n.epsilon <= 2.0 for n in report.nodes)
+    assert report.privacy["secure_aggregation"] is True and all(r.discarded is None for r in report.rounds)
+    assert report.final is not None and report.final.accuracy > 0.78
     for d in node_dirs:
+        sent = [e for e in NodeHome(d).audit.entries() if e.kind == "sent" and e.payload.get("kind") == "train"]
+        assert sent and all(list(e.payload["arrays"]) == ["masked"] for e in sent)  # only masked vectors left the node
         events = NodeHome(d).ledger.events()
         assert [e.kind for e in events if e.kind != "spend"] == ["reserve", "release"]
         assert sorted(e.round for e in events if e.kind == "spend") == [1, 2]  # each round once

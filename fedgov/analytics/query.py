@@ -62,7 +62,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import model_validator, Field, ValidationInfo, field_validator
 
 from fedgov.config._base import ConfigPath, StrictModel, load_referenced, validate_file
 from fedgov.config.contract import ColumnType, Contract, load_contract
@@ -284,6 +284,21 @@ class Query(StrictModel):
     regions: list[str] = Field(default_factory=list)
     privacy: QueryPrivacy
     measures: list[Measure] = Field(min_length=1)
+    secure_aggregation: bool = Field(
+        default=False,
+        description=(
+            "sum the nodes' noisy releases under secure aggregation: the coordinator learns the national totals "
+            "only, never one node's figures; no regions"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _secure_national(self) -> Query:
+        if self.secure_aggregation and self.regions:
+            raise ValueError(
+                "regions need each node's release; under secure_aggregation the coordinator sees only the national sum"
+            )
+        return self
 
     def measure(self, name: str) -> Measure:
         for m in self.measures:
