@@ -214,7 +214,7 @@ def budget_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             )
         arrays, metrics = again
         home.audit.append("resent", task_id=tid, payload={"round": server_round, "ledger": "no new spend"})
-        content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}), P.METRICS: MetricRecord(metrics)})
+        content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}), P.METRICS: MetricRecord(dict(metrics))})  # type: ignore[arg-type]
         return Message(content, reply_to=msg)
     reply = call_next(msg, context)
     if reply.has_error():
@@ -248,6 +248,11 @@ def _secagg_key(msg: Message) -> str:
     return "fedgov-secagg-" + hashlib.sha256(task_id(msg).encode()).hexdigest()[:16]
 
 
+def _items(rec: ConfigRecord, key: str) -> list[Any]:
+    v = rec[key]
+    return list(v) if isinstance(v, list) else [v]
+
+
 def secagg_state(context: Context, key: str, server_round: int) -> NodeSecAgg:
     if key not in context.state:
         raise SecAggError("no secure-aggregation keys for this task: the keys stage did not reach this node")
@@ -264,8 +269,8 @@ def secagg_receive(msg: Message, context: Context, server_round: int) -> tuple[N
         raise SecAggError("the task requires it but this message carries no shares; nothing is sent")
     rec = msg.content.config_records[P.SECAGG]
     st = secagg_state(context, _secagg_key(msg), server_round)
-    st.receive(dict(zip([int(str(x)) for x in rec["src"]], rec["ct"], strict=True)))  # type: ignore[arg-type]
-    survivors = [int(str(x)) for x in rec["nodes"]]  # type: ignore[union-attr]
+    st.receive(dict(zip([int(str(x)) for x in _items(rec, "src")], [bytes(c) for c in _items(rec, "ct")], strict=True)))
+    survivors = [int(str(x)) for x in _items(rec, "nodes")]
     if int(context.node_id) not in survivors:
         raise SecAggError("this node is not among the round's nodes")
     return st, survivors

@@ -300,7 +300,7 @@ def _recording(base: type[FedAvg]) -> Callable[..., FedAvg]:
             r = server_round + self.round_offset
             replies = list(replies)
             if isinstance(self, SecureFedAvg):  # masked vectors: there is no single update to check
-                kept, rejected = replies, {}
+                kept, rejected = replies, dict[str, str]()
             else:
                 kept, rejected = screen_updates(
                     replies, getattr(self, "global_arrays", None), max_norm=self.max_update_norm, name=self.recorder.name
@@ -324,6 +324,12 @@ def _recording(base: type[FedAvg]) -> Callable[..., FedAvg]:
 
     Recording.__name__ = f"Recording{base.__name__}"
     return Recording
+
+
+def _items(rec: ConfigRecord, key: str) -> list[Any]:
+    """A list value of a record (a single value as a list of one)."""
+    v = rec[key]
+    return list(v) if isinstance(v, list) else [v]
 
 
 @dataclass
@@ -379,8 +385,8 @@ def secagg_setup(grid: Grid, ids: list[int], server_round: int, stage_config: di
         return None, failures
     routed: dict[int, dict[int, bytes]] = {}
     for src, rec in shares.items():
-        for dst, ct in zip(rec["dst"], rec["ct"], strict=True):  # type: ignore[arg-type]
-            routed.setdefault(int(str(dst)), {})[src] = bytes(ct)  # type: ignore[arg-type]
+        for dst, ct in zip(_items(rec, "dst"), _items(rec, "ct"), strict=True):
+            routed.setdefault(int(str(dst)), {})[src] = bytes(ct)
     return SecAggRound(pks=pks, survivors=sorted(shares), threshold=threshold, routed=routed, failures=failures), failures
 
 
@@ -394,7 +400,7 @@ def secagg_unmask(
     recs = secagg_stage(grid, sorted(masked), server_round, "unmask", stage_config, {
         "survivors": [str(n) for n in sorted(masked)], "dropped": [str(n) for n in dropped],
     }, timeout, rnd.failures)
-    revealed = {h: {int(str(o)): bytes(sh) for o, sh in zip(rec["owner"], rec["share"], strict=True)}  # type: ignore[arg-type]
+    revealed = {h: {int(str(o)): bytes(sh) for o, sh in zip(_items(rec, "owner"), _items(rec, "share"), strict=True)}
                 for h, rec in recs.items()}
     return unmask_sum(masked, revealed, pks=rnd.pks, dropped=dropped, threshold=rnd.threshold)
 

@@ -381,7 +381,7 @@ class SentUpdates:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = json.dumps({"task_id": task_id, "round": server_round, "global": global_digest, "metrics": metrics, "keys": list(arrays)})
         buf = io.BytesIO()
-        np.savez(buf, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **{f"a{i}": np.asarray(v) for i, v in enumerate(arrays.values())})
+        np.savez(buf, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **{f"a{i}": np.asarray(v) for i, v in enumerate(arrays.values())})  # type: ignore[arg-type]
         atomic_write_bytes(self._path(task_id), buf.getvalue())
 
     def load(self, task_id: str, server_round: int, global_digest: str) -> tuple[dict[str, np.ndarray], dict[str, float]] | None:
