@@ -1,7 +1,9 @@
-"""Node autonomy end to end, with real Flower processes: budgets across runs, pause, approval.
+"""Node autonomy end to end: budgets across runs, pause, approval.
 
 Each test runs small federations (3 municipalities) on one state directory, as a
-municipality's node directory persists between tasks.
+municipality's node directory persists between tasks. The pause runs on real Flower
+processes; budgets and approval, which need two runs each, run the same coordinator and
+ClientApp (with its mods) in process (``tests/inprocess.py``), to keep the suite fast.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from fedgov.errors import FederationError
 from fedgov.nodehome import NodeHome, budget_of
 from fedgov.reports import load_report
 from fedgov.simulation import SimulationOptions, run_simulation
@@ -60,9 +61,26 @@ def _home(tmp: Path, code: str) -> NodeHome:
     return NodeHome(tmp / "state" / "nodes" / code)
 
 
+def _in_process(tmp: Path, task: Path, run_id: int, **opts: Any) -> Any:
+    """One run of ``task`` on the state directory's nodes, in process (the nodes' directories,
+    policies, ledgers and audit logs persist between calls, as with ``--state-dir``)."""
+    from fedgov.config import load_task
+    from fedgov.coordinator import run_training
+
+    from inprocess import InProcessGrid, prepare
+
+    t, contract, nodes, manifest = prepare(tmp / f"run-{run_id}", tmp / "fed.toml", task, state_dir=tmp / "state", local_baseline=False, **opts)
+    t, contract = load_task(task)
+    return run_training(
+        InProcessGrid(manifest, len(nodes), run_id=run_id), t, contract, run_dir=tmp / f"run-{run_id}" / "out",
+        expected_nodes=len(nodes), task_file=str(task), federation="auto-3", local_baseline=False, flower_run_id=run_id,
+        connect_timeout=5,
+    )
+
+
 def test_a_budget_for_one_task_refuses_the_second(tmp_path: Path) -> None:
     task = _configs(tmp_path, rounds=2)
-    first = load_report(run_simulation(task, None, _opts(tmp_path, node_budget=1.0)) / "report.json")
+    first = _in_process(tmp_path, task, 1, node_budget=1.0)
     assert first.status == "completed"
     assert all(n.status == "accepted" and n.epsilon is not None and n.epsilon <= 1.0 for n in first.nodes)
     for code in CODES:
@@ -73,9 +91,7 @@ def test_a_budget_for_one_task_refuses_the_second(tmp_path: Path) -> None:
         assert 0 < st.epsilon_committed <= 1.0
         assert home.audit.verify().ok
 
-    with pytest.raises(FederationError) as ei:
-        run_simulation(task, None, _opts(tmp_path, node_budget=1.0))
-    second = load_report(ei.value.run_dir / "report.json")  # type: ignore[attr-defined]
+    second = _in_process(tmp_path, task, 2, node_budget=1.0)
     assert second.status == "failed"
     assert {n.node for n in second.nodes} == set(CODES)
     for n in second.nodes:
@@ -112,9 +128,8 @@ def test_pause_takes_effect_at_the_next_round(tmp_path: Path) -> None:
 
 def test_manual_approval_queues_and_approve_releases(tmp_path: Path) -> None:
     task = _configs(tmp_path, rounds=1)
-    with pytest.raises(FederationError) as ei:
-        run_simulation(task, None, _opts(tmp_path, approval="manual"))
-    report = load_report(ei.value.run_dir / "report.json")  # type: ignore[attr-defined]
+    report = _in_process(tmp_path, task, 1, approval="manual")
+    assert report.status == "failed"
     assert all(n.refusal_code == "pending-approval" for n in report.nodes)
     queued = {code: _home(tmp_path, code).state.pending() for code in CODES}
     assert all(len(q) == 1 for q in queued.values())
@@ -123,7 +138,8 @@ def test_manual_approval_queues_and_approve_releases(tmp_path: Path) -> None:
     for code in ("GM0363", "GM0344"):
         _home(tmp_path, code).state.approve(task_key, by="test")
 
-    again = load_report(run_simulation(task, None, _opts(tmp_path, approval="manual")) / "report.json")
+    again = _in_process(tmp_path, task, 2, approval="manual")
+    assert again.status == "completed", again.message
     by = {n.node: n for n in again.nodes}
     assert by["GM0363"].status == by["GM0344"].status == "accepted"
     assert by["GM0150"].refusal_code == "pending-approval"

@@ -143,3 +143,21 @@ def test_check_names_the_field_of_a_bad_query(tmp_path: Path) -> None:
 def test_query_command_is_registered() -> None:
     out = runner.invoke(app, ["query", "--help"])
     assert out.exit_code == 0 and "--coordinator-dir" in out.output
+
+
+def test_run_needs_a_task_or_resume_not_both(tmp_path: Path) -> None:
+    out = runner.invoke(app, ["run"])
+    assert out.exit_code == int(ExitCode.USAGE) and "--resume" in out.output
+    out = runner.invoke(app, ["run", str(ROOT / "configs/tasks/adult-income.toml"), "--resume", str(tmp_path)])
+    assert out.exit_code == int(ExitCode.USAGE)
+
+
+def test_resume_without_or_with_a_damaged_checkpoint_is_a_config_error(tmp_path: Path) -> None:
+    out = runner.invoke(app, ["run", "--resume", str(tmp_path)])
+    assert out.exit_code == int(ExitCode.CONFIG) and "checkpoint" in out.output
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.json").write_text('{"format": 1, "task": ', encoding="utf-8")  # truncated
+    out = runner.invoke(app, ["run", "--resume", str(tmp_path)])
+    assert out.exit_code == int(ExitCode.CONFIG) and "damaged checkpoint" in out.output and "state.json" in out.output
+    out = runner.invoke(app, ["task", "resume", str(tmp_path), "-C", str(tmp_path)])
+    assert out.exit_code == int(ExitCode.CONFIG) and "damaged checkpoint" in out.output

@@ -380,6 +380,17 @@ def test_manual_approval_says_the_task_waits(policy: NodePolicy, demo: tuple[Tas
     assert d.accepted and "manual" in d.reason
 
 
+def test_secure_aggregation_can_be_required(policy: NodePolicy, demo: tuple[Task, Contract]) -> None:
+    task, contract = demo
+    strict = _policy_with(policy, limits={"require_secure_aggregation": True})
+    d = check(strict, task, contract)
+    assert not d.accepted and d.code is PolicyCode.SECURE_AGGREGATION_REQUIRED
+    assert "limits.require_secure_aggregation" in d.reason
+    assert check(strict, variant(task, training={"secure_aggregation": True}), contract).accepted
+
+
 def test_every_code_is_tested() -> None:
-    tested = {c[4] for c in CASES} | {PolicyCode.CONTRACT_NOT_SERVED, PolicyCode.EPSILON_ABOVE_MAX}
+    tested = {c[4] for c in CASES} | {
+        PolicyCode.CONTRACT_NOT_SERVED, PolicyCode.EPSILON_ABOVE_MAX, PolicyCode.SECURE_AGGREGATION_REQUIRED,
+    }
     assert tested == set(PolicyCode)
