@@ -117,7 +117,7 @@ def _stats(msg: Message, context: Context) -> Message:
     secagg_keep(msg, context, st)
     answer = answer.model_copy(update={"release_json": skeleton_of(release).model_dump_json()})
     return Message(
-        RecordDict({P.STATS: ConfigRecord({P.ANSWER_JSON: answer.model_dump_json()}), P.ARRAYS: ArrayRecord({P.MASKED: Array(masked)})}),
+        RecordDict({P.STATS: ConfigRecord({P.ANSWER_JSON: answer.model_dump_json()}), P.ARRAYS: ArrayRecord({P.MASKED: Array(masked.astype(np.uint32))})}),
         reply_to=msg,
     )
 

@@ -11,6 +11,7 @@ import logging
 import math
 from typing import Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
@@ -364,6 +365,6 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     metrics = {k: v for k, v in m.items() if k != "num-examples"}
     metrics["num-examples"] = 1.0
     return Message(
-        RecordDict({P.ARRAYS: ArrayRecord({P.MASKED: Array(masked)}), P.METRICS: MetricRecord(metrics)}),  # type: ignore[arg-type]
+        RecordDict({P.ARRAYS: ArrayRecord({P.MASKED: Array(masked.astype(np.uint32))}), P.METRICS: MetricRecord(metrics)}),  # type: ignore[arg-type]
         reply_to=msg,
     )

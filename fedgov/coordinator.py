@@ -459,7 +459,7 @@ class SecureFedAvg(FedAvg):
             if rnd is not None:
                 self.discarded[server_round] = "no masked update arrived: round discarded"
             return None, None
-        masked = {r.metadata.src_node_id: next(iter(r.content.array_records.values()))[P.MASKED].numpy() for r in replies}
+        masked = {r.metadata.src_node_id: next(iter(r.content.array_records.values()))[P.MASKED].numpy().astype(np.int64) for r in replies}
         try:
             total = secagg_unmask(self._grid, rnd, masked, server_round, self.stage_config, self.stage_timeout)
         except SecAggError as exc:

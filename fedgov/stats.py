@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from fedgov import protocol as P
@@ -273,7 +274,7 @@ def run_query(
         for reply in grid.send_and_receive(msgs, timeout=reply_timeout):
             nid = reply.metadata.src_node_id
             if not reply.has_error() and P.ARRAYS in reply.content.array_records:
-                masked[nid] = reply.content.array_records[P.ARRAYS][P.MASKED].numpy()
+                masked[nid] = reply.content.array_records[P.ARRAYS][P.MASKED].numpy().astype(np.int64)
             if reply.has_error():
                 answers[nid] = P.StatsAnswer(node=f"node-{nid}", accepted=False, code=P.RefusalCode.INTERNAL.value,
                                              reason=(reply.error.reason or "no reason given")[:500])

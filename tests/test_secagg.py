@@ -163,7 +163,8 @@ def test_the_coordinator_received_only_masked_vectors(runs: dict) -> None:  # ty
         (rec,) = m.content.array_records.values()
         assert list(rec) == ["masked"]  # no model, no update: one masked vector
         v = rec["masked"].numpy()
-        assert v.dtype == np.int64 and v.max() > SecAggParams().levels * len(nodes)  # beyond any sum of plain vectors
+        # 4 bytes a value, as a float32 model; spread beyond any sum of plain vectors
+        assert v.dtype == np.uint32 and int(v.max()) > SecAggParams().levels * len(nodes)
         metrics = next(iter(m.content.metric_records.values()))
         assert metrics["num-examples"] == 1.0  # no row count with the update
     # what did reach the coordinator from the nodes in the other stages: keys and encrypted shares
