@@ -96,22 +96,29 @@ def _submit(
     run_at_coordinator(coordinator_dir, run_dir, values, emit=emit, timeout=timeout)
     report_path = run_dir / "report.json"
     report = load_report(report_path) if report_path.is_file() else None
-    if report is None or report.status == "running":
+    resumable = (run_dir / "checkpoint" / "state.json").is_file()
+    hint = f"; the rounds completed so far are saved: continue with  fedgov task resume {run_dir} -C {coordinator_dir}" if resumable else ""
+    if report is None or report.status != "completed":
+        # A run stopped at the coordinator ('fedgov task stop') says so, whatever its ServerApp wrote.
         stopped = _stopped_note(coordinator_dir, run_dir)
+        if stopped:
+            if report is not None:
+                report.status, report.message = "failed", stopped + hint
+                report.finished = report.finished or datetime.now(timezone.utc)
+                write_json_atomic(report_path, report.model_dump_json(indent=2))
+            err = FederationError(f"{stopped} (run directory: {run_dir}){hint}")
+            err.run_dir = run_dir  # type: ignore[attr-defined]
+            raise err
+    if report is None or report.status == "running":
         if report is not None:
-            report.status, report.message = "failed", stopped or "the ServerApp ended before the run did"
+            report.status, report.message = "failed", "the ServerApp ended before the run did"
             report.finished = datetime.now(timezone.utc)
             write_json_atomic(report_path, report.model_dump_json(indent=2))
         log = run_dir / "logs" / "flower.log"
         tail = "\n".join(log.read_text("utf-8", errors="replace").splitlines()[-25:]) if log.is_file() else ""
-        if stopped:
-            err = FederationError(f"{stopped} (run directory: {run_dir})")
-            err.run_dir = run_dir  # type: ignore[attr-defined]
-            raise err
-        hint = f"\nThe rounds completed so far are saved: continue with  fedgov task resume {run_dir} -C {coordinator_dir}" if (
-            run_dir / "checkpoint" / "state.json"
-        ).is_file() else ""
-        raise FederationError(f"the run ended without a report; see {log}:\n{tail}{hint}")
+        err = FederationError(f"the run ended without a report; see {log}:\n{tail}{hint}")
+        err.run_dir = run_dir  # type: ignore[attr-defined]
+        raise err
     if report.status != "completed":
         err = FederationError(f"the run failed: {report.message} (report: {report_path})")
         err.run_dir = run_dir  # type: ignore[attr-defined]
