@@ -132,21 +132,13 @@ def test_scaled_update_damages_fedavg_and_robust_aggregation_holds(federation: t
 
 
 def test_sign_flipped_update_and_robust_aggregation(federation: tuple[Path, Any]) -> None:
-    clean = _run(federation, "clean")
-    attacked = _run(federation, "fedavg", attack="sign-flipped")
+    """One sign-flipped update of 12 barely moves FedAvg (measured: 0.8296 against 0.8307, and
+    0.8312 against 0.8314 in another configuration), so no damage is asserted for it; the
+    robust rule must hold against it all the same."""
     trimmed_clean = _run(federation, "trimmed", TRIMMED)
     trimmed = _run(federation, "trimmed", TRIMMED, attack="sign-flipped")
-    print(
-        f"\nfinal accuracy: FedAvg clean {_acc(clean):.4f}, sign-flipped {_acc(attacked):.4f} (loss {_loss(clean):.4f} -> "
-        f"{_loss(attacked):.4f}); trimmed mean clean {_acc(trimmed_clean):.4f}, sign-flipped {_acc(trimmed):.4f}"
-    )
+    print(f"\nfinal accuracy: trimmed mean clean {_acc(trimmed_clean):.4f}, sign-flipped {_acc(trimmed):.4f}")
     # within 1 point of the clean run with the same rule (against clean FedAvg it was 1.4 points
     # below in the measured run: trimming itself costs a little on these nodes)
     assert abs(_acc(trimmed) - _acc(trimmed_clean)) <= 0.01
-    # the flipped update pulls FedAvg back: the report shows a higher loss than the clean run's
-    assert _loss(attacked) > _loss(clean)
-
-
-def _loss(r: TrainingReport) -> float:
-    assert r.final is not None
-    return r.final.loss
+    assert all(len(r.nodes_trained) == 12 and not r.nodes_rejected for r in trimmed.rounds)
