@@ -48,6 +48,7 @@ class InProcessGrid(Grid):
         self.contexts: dict[int, Context] = {}
         self.sent: list[Message] = []
         self.received: list[Message] = []  # every reply that reached the coordinator
+        self._replies: dict[str, Message] = {}
         self.crash_after_train_round: int | None = None
         self.dead = False
         for i in range(n_nodes):
@@ -81,37 +82,46 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return [n for n in self.contexts if n not in self.offline]
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deliver each message to its node now; its reply waits for :meth:`pull_messages`."""
         if self.dead:
             raise CoordinatorCrash()
-        replies = []
-        messages = list(messages)
+        ids = []
         for msg in messages:
-            nid = msg.metadata.dst_node_id
             msg.metadata.__dict__["_message_id"] = str(uuid4())
             msg.metadata.__dict__["_run_id"] = self.run_id
             self.sent.append(msg)
-            if nid in self.offline or nid not in self.contexts:
-                continue
-            action = self.faults[nid - 1000](msg) if nid - 1000 in self.faults else None
-            if action == "drop":
-                continue
-            # A real node receives a copy, never the coordinator's own objects.
-            incoming = Message(content=copy.deepcopy(msg.content), metadata=copy.deepcopy(msg.metadata))
-            try:
-                reply = self.app(incoming, self.contexts[nid])
-            except Exception as exc:  # noqa: BLE001 - what Flower's runtime turns into an error reply
-                reply = Message(Error(code=500, reason=f"{type(exc).__name__}: {exc}"), reply_to=incoming)
-            if callable(action):
-                reply = action(msg, reply)
-            replies.append(reply)
-            self.received.append(reply)
+            ids.append(msg.metadata.message_id)
+            reply = self._deliver(msg)
+            if reply is not None:
+                self._replies[msg.metadata.message_id] = reply
+                self.received.append(reply)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def _deliver(self, msg: Message) -> Message | None:
+        """The node's reply to ``msg``, or None when it does not answer."""
+        nid = msg.metadata.dst_node_id
+        if nid in self.offline or nid not in self.contexts:
+            return None
+        action = self.faults[nid - 1000](msg) if nid - 1000 in self.faults else None
+        if action == "drop":
+            return None
+        # A real node receives a copy, never the coordinator's own objects.
+        incoming = Message(content=copy.deepcopy(msg.content), metadata=copy.deepcopy(msg.metadata))
+        try:
+            reply = self.app(incoming, self.contexts[nid])
+        except Exception as exc:  # noqa: BLE001 - what Flower's runtime turns into an error reply
+            reply = Message(Error(code=500, reason=f"{type(exc).__name__}: {exc}"), reply_to=incoming)
+        if callable(action):
+            reply = action(msg, reply)
+        return reply
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        replies = list(self.pull_messages(self.push_messages(messages)))
         crash = self.crash_after_train_round
         if crash is not None and any(
             m.metadata.message_type.startswith("train") and int(m.content["config"]["server-round"]) == crash for m in messages  # type: ignore[arg-type]
