@@ -59,22 +59,13 @@ class InProcessGrid(Grid):
                 state=RecordDict(), run_config={"manifest-path": str(manifest)},
             )
 
-    def new_run(self, run_id: int) -> None:
-        """A new Flower run on the same nodes: the node's per-run state starts empty."""
-        from flwr.supercore.task_identity import TaskIdentity
-
-        TaskIdentity.run_id = run_id
-        self.run_id = run_id
-        for nid, ctx in list(self.contexts.items()):
-            self.contexts[nid] = Context(run_id=run_id, node_id=nid, node_config=ctx.node_config, state=RecordDict(), run_config=ctx.run_config)
-
     # Grid's abstract interface
-    def set_run(self, run: Any) -> None:  # pragma: no cover - not used
-        pass
+    def set_run(self, run: Any) -> None:
+        self._run = run
 
     @property
-    def run(self) -> Any:  # pragma: no cover - not used
-        return None
+    def run(self) -> Any:
+        return getattr(self, "_run", None)
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
