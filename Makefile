@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedgov-installed
 
-.PHONY: demo test test-fast lint clean venv
+.PHONY: demo test test-fast lint clean venv bench
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ test: lint
 lint: $(STAMP)
 	$(BIN)/ruff check fedgov server clients tests benchmarks scripts
 	$(BIN)/mypy
+
+# The benchmark suite (not part of `make test`; about 30 minutes on 2 cores): JSON in
+# benchmarks/results/, and the table benchmarks/results/summary.md.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -41,6 +41,7 @@ from fedgov import node as N
 from fedgov.config import Contract, Task
 from fedgov import protocol as P
 from fedgov.municipalities import display_name
+from fedgov.transport import UPDATE, encode_update
 
 app = ClientApp(mods=[audit_mod, pause_mod, admission_mod, secagg_mod, budget_mod])
 log = logging.getLogger("fedgov.node")
@@ -141,9 +142,8 @@ def train(msg: Message, context: Context) -> Message:
         dp=_dp(context, key),
     )
     context.state[key] = ConfigRecord({"json": dp.to_json()})
-    reply = RecordDict(
-        {P.ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in new_state.items()}), P.METRICS: MetricRecord(dict(metrics))}
-    )
+    update = encode_update(new_state, state, encoding=task.training.update_encoding)
+    reply = RecordDict({P.ARRAYS: ArrayRecord({UPDATE: update}), P.METRICS: MetricRecord(dict(metrics))})
     return Message(reply, reply_to=msg)
 
 

@@ -20,6 +20,7 @@ from fedgov import admission
 from fedgov import protocol as P
 from fedgov.node import DPState, SentUpdates, model_digest
 from fedgov.secagg import NodeSecAgg, SecAggError, SecAggParams, encode_update
+from fedgov.transport import local_model, pack, unpack
 
 log = logging.getLogger("fedgov.node")
 
@@ -215,7 +216,7 @@ def budget_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             )
         arrays, metrics = again
         home.audit.append("resent", task_id=tid, payload={"round": server_round, "ledger": "no new spend"})
-        content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}), P.METRICS: MetricRecord(dict(metrics))})  # type: ignore[arg-type]
+        content = RecordDict({P.ARRAYS: pack(arrays), P.METRICS: MetricRecord(dict(metrics))})  # type: ignore[arg-type]
         return Message(content, reply_to=msg)
     reply = call_next(msg, context)
     if reply.has_error():
@@ -230,7 +231,7 @@ def budget_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     home.audit.append("spend", task_id=tid, payload={"round": server_round, "mechanism": list(entry), "epsilon_task": _finite(m["epsilon"])})
     try:
         sent.save(
-            tid, server_round, digest, {k: v.numpy() for k, v in reply.content.array_records[P.ARRAYS].items()},
+            tid, server_round, digest, unpack(reply.content.array_records[P.ARRAYS]),
             {k: float(v) for k, v in m.items() if isinstance(v, (int, float))},
         )
     except OSError:  # without the copy, a resumed round is refused rather than charged twice
@@ -352,7 +353,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     if reply.has_error():
         return reply
     glob = {k: v.numpy() for k, v in msg.content.array_records[P.ARRAYS].items()}
-    local = {k: v.numpy() for k, v in reply.content.array_records[P.ARRAYS].items()}
+    local = local_model(reply.content.array_records[P.ARRAYS], glob)
     m = next(iter(reply.content.metric_records.values()))
     weight = min(float(m["num-examples"]), t.secure_weight_cap) / t.secure_weight_cap  # type: ignore[arg-type]
     y = encode_update([local[k].astype(float) - glob[k].astype(float) for k in glob], weight, params)

@@ -36,6 +36,7 @@ import fedgov
 from fedgov import protocol as P
 from fedgov.aggregation import check_update
 from fedgov.secagg import SecAggError, SecAggParams, decode_sum, threshold_for, unmask_sum
+from fedgov.transport import is_encoded, local_model
 from fedgov.config import Contract, Task
 from fedgov.errors import FederationError
 from fedgov.events import EventWriter
@@ -61,6 +62,9 @@ class AdmittedGrid(Grid):
         self.min_nodes = min_nodes
         self.patience = patience
         self._short_since: float | None = None
+        # Serialised size of every message through this view, by direction (see message_bytes).
+        self.bytes_sent = 0
+        self.bytes_received = 0
 
     def set_run(self, run: Any) -> None:
         self._grid.set_run(run)
@@ -88,13 +92,29 @@ class AdmittedGrid(Grid):
         return ids
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self.bytes_sent += sum(message_bytes(m) for m in messages)
         return self._grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
+        replies = list(self._grid.pull_messages(message_ids))
+        self.bytes_received += sum(message_bytes(m) for m in replies)
+        return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self._grid.send_and_receive(messages, timeout=timeout)
+        messages = list(messages)
+        self.bytes_sent += sum(message_bytes(m) for m in messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.bytes_received += sum(message_bytes(m) for m in replies)
+        return replies
+
+
+def message_bytes(msg: Message) -> int:
+    """A message's size on the wire: its protobuf serialisation (content and metadata), as
+    Flower sends it over gRPC (without gRPC's and TLS's own framing, a few dozen bytes)."""
+    from flwr.common.serde import message_to_proto
+
+    return int(message_to_proto(msg).ByteSize())
 
 
 def task_config(task: Task, contract: Contract) -> dict[str, str]:
@@ -287,6 +307,8 @@ def _recording(base: type[FedAvg]) -> Callable[..., FedAvg]:
             # The global model of this round: what every update is checked against.
             self.global_arrays = {k: v.numpy() for k, v in arrays.items()}
             online = set(grid.get_node_ids())
+            self._traffic_grid = grid
+            self._traffic_start = (getattr(grid, "bytes_sent", 0), getattr(grid, "bytes_received", 0))
             msgs = list(super().configure_train(r, arrays, config, grid))
             admitted = getattr(grid, "admitted", online)
             failed = getattr(self, "stage_failures", {})
@@ -302,12 +324,20 @@ def _recording(base: type[FedAvg]) -> Callable[..., FedAvg]:
             if isinstance(self, SecureFedAvg):  # masked vectors: there is no single update to check
                 kept, rejected = replies, dict[str, str]()
             else:
+                decoded, undecodable = decode_updates(replies, getattr(self, "global_arrays", None), name=self.recorder.name)
                 kept, rejected = screen_updates(
-                    replies, getattr(self, "global_arrays", None), max_norm=self.max_update_norm, name=self.recorder.name
+                    decoded, getattr(self, "global_arrays", None), max_norm=self.max_update_norm, name=self.recorder.name
                 )
+                rejected.update(undecodable)
             self.recorder.train(r, kept, rejected=rejected)
             self.recorder.missing(r, replies, self.reply_timeout)
             result = super().aggregate_train(r, kept)
+            grid = getattr(self, "_traffic_grid", None)
+            if grid is not None and hasattr(grid, "bytes_sent"):  # the training phase's traffic: instructions, replies, secagg stages
+                sent0, received0 = self._traffic_start
+                rm = self.recorder.round(r)
+                rm.bytes_to_nodes = grid.bytes_sent - sent0
+                rm.bytes_from_nodes = grid.bytes_received - received0
             why = getattr(self, "discarded", {}).get(r)
             if why:
                 self.recorder.round(r).discarded = why
@@ -504,6 +534,32 @@ def build_strategy(
     if t.strategy == "fedprox":
         return _recording(FedProx)(proximal_mu=t.proximal_mu, **kwargs)
     return _recording(FedAvg)(**kwargs)
+
+
+def decode_updates(
+    replies: list[Message], global_arrays: dict[str, np.ndarray] | None, *, name: Callable[[Message], str]
+) -> tuple[list[Message], dict[str, str]]:
+    """Turn each encoded update (:mod:`fedgov.transport`) back into the node's whole model, in
+    place, so that screening and Flower's aggregation see models. A reply whose update does not
+    fit the global model is left out with the reason; error replies pass through."""
+    out: list[Message] = []
+    bad: dict[str, str] = {}
+    for m in replies:
+        rec = None if m.has_error() else m.content.array_records.get(P.ARRAYS)
+        if rec is None or not is_encoded(rec):
+            out.append(m)
+            continue
+        try:
+            if global_arrays is None:
+                raise ValueError("no global model to add the update to")
+            local = local_model(rec, global_arrays)
+        except ValueError as exc:
+            log.warning("round update of %s left out: %s", name(m), exc)
+            bad[name(m)] = f"update could not be read: {exc}"
+            continue
+        m.content[P.ARRAYS] = ArrayRecord({k: Array(v) for k, v in local.items()})
+        out.append(m)
+    return out, bad
 
 
 def screen_updates(
@@ -719,6 +775,7 @@ def run_training(
         else:
             initial = build_model(task.model, n_features=evaluator.encoder.n_features, n_classes=evaluator.encoder.n_classes, seed=task.training.seed)
             initial_state = get_state(initial)
+        report.model_parameters = int(sum(np.asarray(v).size for v in initial_state.values()))
         strategy = build_strategy(task, len(admitted), recorder, round_offset=done, stage_config={**task_config(task, contract), **extra})
         evaluator.round_offset = done
         rec = recorder

@@ -269,7 +269,7 @@ def train(
         plan = dp.plan(task, n)
         res = train_dp_round(
             model, data.X_train, data.y_train,
-            training=task.training, privacy=task.privacy.resolved(task.model.name), plan=plan,
+            training=task.training, privacy=task.privacy, plan=plan,
             history=dp.history, seed=seed, global_state=global_state,
         )
         dp = DPState(history=[tuple(h) for h in res.history], epsilon=float(res.epsilon or 0.0), plan_json=dp.plan_json)  # type: ignore[misc]

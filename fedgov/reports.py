@@ -63,6 +63,10 @@ class RoundMetrics(_Model):
     )
     discarded: str | None = Field(default=None, description="why the round's aggregate was discarded (the model did not move)")
     seconds: float | None = None
+    bytes_to_nodes: int | None = Field(
+        default=None, description="training phase: serialised size of all messages the coordinator sent (instructions, secure-aggregation stages)"
+    )
+    bytes_from_nodes: int | None = Field(default=None, description="training phase: serialised size of all the nodes' replies")
 
 
 class NodeResult(_Model):
@@ -104,6 +108,7 @@ class TrainingReport(_Model):
     finished: datetime | None = None
     wall_seconds: float | None = None
     model: str
+    model_parameters: int | None = Field(default=None, description="the model's parameter count (times 4: its size in float32 bytes)")
     strategy: str
     rounds_planned: int
     privacy: dict[str, float | str | bool | None] = Field(default_factory=dict)

@@ -103,14 +103,16 @@ def follow_run(
     emit: EventCallback,
     timeout: float,
     tick: Callable[[], None] | None = None,
+    app: Path | None = None,
 ) -> None:
     """Submit the fedgov Flower app with ``flwr run`` and follow its ``events.jsonl`` until it ends.
 
     Shared by simulation and deployment: the ServerApp writes the events and the report into
     ``run_dir``; ``flwr run`` is stopped (with everything it started) on timeout or error.
+    ``app``: another Flower app directory instead of fedgov's (the benchmarks' baseline).
     """
     run = ManagedProcess(
-        [flower_bin("flwr"), "run", str(app_dir()), connection, "--stream", "--run-config", str(run_config)],
+        [flower_bin("flwr"), "run", str(app or app_dir()), connection, "--stream", "--run-config", str(run_config)],
         env=env,
         log_path=run_dir / "logs" / "flower.log",
         name="flwr run",
@@ -157,9 +159,11 @@ def simulate(
     run_config_values: dict[str, str | bool | int | float],
     options: SimulationOptions,
     emit: EventCallback,
+    app: Path | None = None,
 ) -> None:
-    """Start a simulation SuperLink for ``n_nodes`` virtual SuperNodes, submit fedgov's app with
-    ``run_config_values`` and follow it until it ends; stop everything it started.
+    """Start a simulation SuperLink for ``n_nodes`` virtual SuperNodes, submit fedgov's app (or
+    the Flower app in ``app``) with ``run_config_values`` and follow it until it ends; stop
+    everything it started.
 
     Shared by training (:func:`run_simulation`) and statistics queries
     (:func:`fedgov.stats.run_query_simulation`).
@@ -207,7 +211,10 @@ def simulate(
             logs / "flwr-cli.log",
         )
         emit({"event": "flower-started", "seconds": time.time() - started})
-        follow_run(CONNECTION, run_config, env=env, run_dir=run_dir, emit=emit, timeout=options.timeout, tick=superlink.remember_descendants)
+        follow_run(
+            CONNECTION, run_config, env=env, run_dir=run_dir, emit=emit, timeout=options.timeout,
+            tick=superlink.remember_descendants, app=app,
+        )
     finally:
         superlink.stop()
         if not options.keep_flower_home:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -38,6 +39,7 @@ from fedgov.config.task import PrivacySpec, TrainingSpec
 from fedgov.errors import ModelError, PrivacyError
 from fedgov.models import dp_problems, get_state
 from fedgov.privacy.accounting import DPPlan, HistoryEntry, epsilon_from_history, merge_history
+from fedgov.privacy.dpsgd import FusedClipper, fused_supported, noised_mean_grad, poisson_indices
 
 __all__ = [
     "EvalMetrics",
@@ -84,6 +86,7 @@ class RoundResult:
     epsilon: float | None = None
     delta: float | None = None
     noise_multiplier: float | None = None
+    accounting_seconds: float = 0.0  # the round's privacy accounting, before training
 
     @property
     def loss(self) -> float:
@@ -202,7 +205,6 @@ def _privacy_engine(accountant: str) -> Any:
     round. The warning is caught *here only* and replaced by one fedgov warning per process;
     every other warning from the constructor passes through unchanged.
     """
-    global _insecure_rng_warned
     from opacus import PrivacyEngine
 
     with warnings.catch_warnings(record=True) as caught:
@@ -210,19 +212,25 @@ def _privacy_engine(accountant: str) -> Any:
         engine = PrivacyEngine(accountant=accountant, secure_mode=False)
     for w in caught:
         if "Secure RNG turned off" in str(w.message):
-            logger.debug("Opacus secure_mode is off: DP noise from torch's pseudo-random generator")
-            if not _insecure_rng_warned:
-                _insecure_rng_warned = True
-                warnings.warn(
-                    "DP-SGD noise comes from torch's pseudo-random generator (Opacus secure_mode off; "
-                    "it needs torchcsprng, which is not installable here). Fine for experiments; the "
-                    "noise is not cryptographically secure (Mironov 2012). Shown once per process.",
-                    UserWarning,
-                    stacklevel=3,
-                )
+            _warn_insecure_rng(stacklevel=4)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return engine
+
+
+def _warn_insecure_rng(stacklevel: int) -> None:
+    """The one warning per process that DP noise comes from torch's pseudo-random generator."""
+    global _insecure_rng_warned
+    logger.debug("DP noise from torch's pseudo-random generator (secure_mode off)")
+    if not _insecure_rng_warned:
+        _insecure_rng_warned = True
+        warnings.warn(
+            "DP-SGD noise comes from torch's pseudo-random generator (Opacus secure_mode off; "
+            "it needs torchcsprng, which is not installable here). Fine for experiments; the "
+            "noise is not cryptographically secure (Mironov 2012). Shown once per process.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def _optimizer(model: nn.Module, training: TrainingSpec) -> torch.optim.Optimizer:
@@ -265,15 +273,89 @@ def _check_plan(X_rows: int, training: TrainingSpec, privacy: PrivacySpec, plan:
 
 
 def _grad_sample_mode(model: nn.Module, requested: str) -> str:
-    """``auto``: ghost clipping for a model with hidden layers, hooks for a single layer.
+    """``auto``: fedgov's fused clipping where the model allows it (a stack of Linear layers and
+    activations: ``logreg`` and ``mlp``), else Opacus' ghost clipping for a model with several
+    layers and hooks for one.
 
-    Measured (benchmarks/bench_dp_cost.py): ghost is 2 to 10 times faster than hooks for the
-    MLP, hooks slightly faster for logistic regression.
+    Measured (benchmarks/bench_dp_cost.py): fused is the fastest for both tabular models; of
+    Opacus' modes, ghost is faster than hooks for the MLP, hooks for logistic regression.
     """
+    if requested == "fused" and not fused_supported(model):
+        raise ModelError(
+            "grad_sample_mode 'fused' needs an nn.Sequential of Linear layers and element-wise "
+            "activations; use 'auto' or one of Opacus' modes (hooks, ghost, functorch, ew) for this model"
+        )
     if requested != "auto":
         return requested
+    if fused_supported(model):
+        return "fused"
     layers = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
     return "ghost" if layers > 1 else "hooks"
+
+
+def _train_fused(
+    model: nn.Sequential,
+    Xt: torch.Tensor,
+    yt: torch.Tensor,
+    *,
+    training: TrainingSpec,
+    privacy: PrivacySpec,
+    plan: DPPlan,
+    sample_seed: int,
+    noise_seed: int,
+    anchor: list[tuple[nn.Parameter, torch.Tensor]] | None,
+    replay_opacus: bool = False,
+) -> tuple[list[float], int]:
+    """The local epochs of DP-SGD with :mod:`fedgov.privacy.dpsgd`.
+
+    As Opacus does it: ``steps_per_epoch`` steps per epoch, each on a Poisson batch that takes
+    every row with probability ``1 / loader_batches``; noise ``sigma * C`` on the clipped sum;
+    division by Opacus' expected batch size ``int(rows / loader_batches)``. The batches are
+    drawn by :func:`~fedgov.privacy.dpsgd.poisson_indices` and the noise in one draw per step.
+
+    ``replay_opacus`` draws batches and noise exactly as Opacus' ``DPDataLoader`` and
+    ``DPOptimizer`` do (the DataLoader's base-seed draw at each epoch, a ``rand(rows)`` mask per
+    step, noise parameter by parameter): with the same seed the round then equals Opacus'
+    hooks and ghost modes up to float rounding, which the tests check.
+    """
+    sampler = torch.Generator().manual_seed(sample_seed)
+    noise = torch.Generator().manual_seed(noise_seed)
+    optimizer = _optimizer(model, training)
+    params = list(model.parameters())
+    rows = len(yt)
+    rate = 1 / plan.loader_batches
+    expected = int(rows * rate)
+    row_sq = torch.linalg.vecdot(Xt, Xt)  # the first layer's input norms, once per round
+    clipper = FusedClipper(model)  # one gradient buffer, reused by every step
+    losses: list[float] = []
+    steps = 0
+    for _ in range(training.local_epochs):
+        if replay_opacus:
+            torch.empty((), dtype=torch.int64).random_(generator=sampler)  # DataLoader's _base_seed
+        for _ in range(plan.steps_per_epoch):
+            if replay_opacus:
+                idx = (torch.rand(rows, generator=sampler) < rate).nonzero(as_tuple=False).reshape(-1)
+            else:
+                idx = poisson_indices(rows, rate, sampler)
+            yb = yt[idx]
+            step = clipper.step(Xt[idx], yb, privacy.max_grad_norm, input_sq_norms=row_sq[idx])
+            if len(yb):
+                losses.append(step.loss_sum / len(yb))
+            grads = noised_mean_grad(
+                step, noise_multiplier=plan.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
+                expected_batch_size=expected, generator=noise, per_parameter_draws=replay_opacus,
+            )
+            with torch.no_grad():
+                if steps == 0:
+                    for p, g in zip(params, grads, strict=True):  # the buffer's views stay the gradients
+                        p.grad = g
+                if anchor is not None:  # FedProx: post-processing of the noised gradient
+                    for p, g0 in anchor:
+                        p.grad.add_(p.detach() - g0, alpha=training.proximal_mu)  # type: ignore[union-attr]
+            optimizer.step()
+            steps += 1
+    optimizer.zero_grad(set_to_none=True)
+    return losses, steps
 
 
 def train_dp_round(
@@ -287,6 +369,7 @@ def train_dp_round(
     history: list[HistoryEntry],
     seed: int | None,
     global_state: Mapping[str, np.ndarray] | None = None,
+    replay_opacus: bool = False,
 ) -> RoundResult:
     """One round of local DP-SGD on ``model`` (trained in place), accounted on the node's ledger.
 
@@ -307,6 +390,9 @@ def train_dp_round(
     from task seed, node and round), or the rounds reuse the same noise, which the accounting
     assumes independent. ``None`` draws both from the OS: the right choice outside experiments.
 
+    ``replay_opacus`` (fused mode only): draw batches and noise as Opacus would, so that the
+    round can be checked number for number against Opacus' own modes.
+
     Returns the new plain-model weights, the merged ledger, its epsilon, the number of steps,
     the mean training loss over non-empty batches, and ``num_examples = rows``.
     """
@@ -314,7 +400,9 @@ def train_dp_round(
     _check_plan(len(yt), training, privacy, plan)
     prior = merge_history(list(history))
     expected = merge_history(prior + [plan.round_entry()])
+    t_accounting = time.perf_counter()
     eps_after = epsilon_from_history(history=expected, delta=plan.delta, accountant=plan.accountant)
+    t_accounting = time.perf_counter() - t_accounting
     if eps_after > plan.target_epsilon:
         spent = epsilon_from_history(history=prior, delta=plan.delta, accountant=plan.accountant)
         raise PrivacyError(
@@ -335,6 +423,13 @@ def train_dp_round(
 
     mode = _grad_sample_mode(model, privacy.grad_sample_mode)
     sample_seed, noise_seed = _seeds(seed)
+    if mode == "fused":
+        _warn_insecure_rng(stacklevel=3)
+        losses, steps = _train_fused(
+            model, Xt, yt, training=training, privacy=privacy, plan=plan,  # type: ignore[arg-type]
+            sample_seed=sample_seed, noise_seed=noise_seed, anchor=anchor, replay_opacus=replay_opacus,
+        )
+        return _dp_result(model, yt, losses, steps, expected, eps_after, plan, t_accounting)
     loader = DataLoader(
         _Rows(Xt, yt),
         batch_size=plan.loader_batch_size,
@@ -365,7 +460,7 @@ def train_dp_round(
                 f"Opacus samples {len(dp_loader)} batches per epoch at rate 1/{len(dp_loader)}; the plan "
                 f"expects {plan.steps_per_epoch} at {plan.sample_rate:.6g} (has Opacus changed?)"
             )
-        losses: list[float] = []
+        losses = []
         steps = 0
         for _ in range(training.local_epochs):
             for xb, yb in dp_loader:
@@ -399,15 +494,23 @@ def train_dp_round(
     else:  # not expected with Poisson sampling; the ledger is the authority
         logger.warning("Opacus recorded %s, the plan expected %s", new_history, expected)
         epsilon = epsilon_from_history(history=new_history, delta=plan.delta, accountant=plan.accountant)
+    return _dp_result(model, yt, losses, steps, new_history, epsilon, plan, t_accounting)
+
+
+def _dp_result(
+    model: nn.Module, yt: torch.Tensor, losses: list[float], steps: int,
+    history: list[HistoryEntry], epsilon: float, plan: DPPlan, accounting_seconds: float,
+) -> RoundResult:
     return RoundResult(
         state=get_state(model),
         num_examples=len(yt),
         steps=steps,
         train_loss=float(np.mean(losses)) if losses else math.nan,
-        history=new_history,
+        history=history,
         epsilon=epsilon,
         delta=plan.delta,
         noise_multiplier=plan.noise_multiplier,
+        accounting_seconds=accounting_seconds,
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from uuid import uuid4
 
 import numpy as np
+from fedgov.transport import local_model
 from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -136,7 +137,8 @@ def tamper_update(transform: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> 
             glob = {k: v.numpy() for rec in ins.content.array_records.values() for k, v in rec.items()}
             content = reply.content
             for name, rec in list(content.array_records.items()):
-                content[name] = ArrayRecord({k: Array(np.asarray(transform(v.numpy(), glob[k]), dtype=v.numpy().dtype)) for k, v in rec.items()})
+                local = local_model(rec, glob)  # a malicious node sends whole float32 models
+                content[name] = ArrayRecord({k: Array(np.asarray(transform(v, glob[k]), dtype=v.dtype)) for k, v in local.items()})
             return reply
 
         return tamper

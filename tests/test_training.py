@@ -147,23 +147,57 @@ def test_hard_cap_refuses_a_round_beyond_the_plan(data, training, privacy, plan)
     assert all(np.array_equal(before[k], v) for k, v in get_state(model).items())
 
 
-def test_same_seed_same_round_and_hooks_equals_ghost(data, training, rdp_plan) -> None:
+@pytest.mark.parametrize("optimizer", [{}, {"momentum": 0.9}, {"optimizer": "adam", "learning_rate": 0.01}])
+def test_fused_equals_opacus_hooks_and_ghost_number_for_number(data, rdp_plan, optimizer) -> None:
+    """fedgov's fused clipping, drawing batches and noise as Opacus does, gives Opacus' own round."""
     X, y = data
-    plan = rdp_plan
-    states = {}
-    for mode in ("hooks", "ghost"):
-        privacy = PrivacySpec(target_epsilon=TARGET, delta=DELTA, grad_sample_mode=mode, accountant="rdp")
-        result = train_dp_round(_model("mlp"), X, y, training=training, privacy=privacy, plan=plan, history=[], seed=5)
-        assert result.epsilon is not None and result.epsilon <= TARGET
-        assert np.isfinite(result.train_loss)
-        states[mode] = result.state
-    for k in states["hooks"]:  # same clipping and noise, computed two ways
-        np.testing.assert_allclose(states["hooks"][k], states["ghost"][k], rtol=1e-4, atol=1e-5)
-    privacy = PrivacySpec(target_epsilon=TARGET, delta=DELTA, accountant="rdp")  # auto: ghost for the MLP
-    again = train_dp_round(_model("mlp"), X, y, training=training, privacy=privacy, plan=plan, history=[], seed=5)
-    other = train_dp_round(_model("mlp"), X, y, training=training, privacy=privacy, plan=plan, history=[], seed=6)
-    assert all(np.array_equal(again.state[k], states["ghost"][k]) for k in again.state)
-    assert not np.array_equal(other.state["0.weight"], again.state["0.weight"])
+    training = TrainingSpec(rounds=ROUNDS, batch_size=BATCH, **({"learning_rate": 0.5} | optimizer))
+    for name in ("logreg", "mlp"):
+        states = {}
+        for mode in ("fused", "hooks", "ghost"):
+            privacy = PrivacySpec(target_epsilon=TARGET, delta=DELTA, grad_sample_mode=mode, accountant="rdp")
+            result = train_dp_round(
+                _model(name), X, y, training=training, privacy=privacy, plan=rdp_plan, history=[], seed=5,
+                replay_opacus=mode == "fused",
+            )
+            assert result.epsilon is not None and result.epsilon <= TARGET
+            assert result.steps == rdp_plan.steps_per_round
+            states[mode] = result.state
+        for k in states["hooks"]:  # same clipping and noise, computed three ways
+            np.testing.assert_allclose(states["fused"][k], states["hooks"][k], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(states["ghost"][k], states["hooks"][k], rtol=1e-4, atol=1e-5)
+        start = get_state(_model(name))
+        assert not np.allclose(states["fused"]["0.weight"], start["0.weight"])  # it did train
+
+
+def test_auto_is_fused_and_the_same_seed_gives_the_same_round(data, training, rdp_plan) -> None:
+    from fedgov.training import _grad_sample_mode
+
+    X, y = data
+    assert _grad_sample_mode(_model("mlp"), "auto") == "fused"
+    assert _grad_sample_mode(_model("logreg"), "auto") == "fused"
+    privacy = PrivacySpec(target_epsilon=TARGET, delta=DELTA, accountant="rdp")
+    a = train_dp_round(_model("mlp"), X, y, training=training, privacy=privacy, plan=rdp_plan, history=[], seed=5)
+    b = train_dp_round(_model("mlp"), X, y, training=training, privacy=privacy, plan=rdp_plan, history=[], seed=5)
+    c = train_dp_round(_model("mlp"), X, y, training=training, privacy=privacy, plan=rdp_plan, history=[], seed=6)
+    assert all(np.array_equal(a.state[k], b.state[k]) for k in a.state)
+    assert not np.array_equal(c.state["0.weight"], a.state["0.weight"])
+    assert a.history == [rdp_plan.round_entry()] and a.accounting_seconds > 0
+
+
+def test_a_model_fused_cannot_take_goes_to_opacus(data, training, rdp_plan) -> None:
+    from fedgov.training import _grad_sample_mode
+
+    X, y = data
+    odd = nn.Sequential(nn.Linear(FEATURES, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    assert _grad_sample_mode(odd, "auto") == "ghost"
+    assert _grad_sample_mode(nn.Sequential(nn.Flatten(), nn.Linear(FEATURES, 2)), "auto") == "hooks"
+    fused = PrivacySpec(target_epsilon=TARGET, delta=DELTA, accountant="rdp", grad_sample_mode="fused")
+    with pytest.raises(ModelError, match="fused"):
+        train_dp_round(odd, X, y, training=training, privacy=fused, plan=rdp_plan, history=[], seed=1)
+    auto = PrivacySpec(target_epsilon=TARGET, delta=DELTA, accountant="rdp")
+    result = train_dp_round(odd, X, y, training=training, privacy=auto, plan=rdp_plan, history=[], seed=1)
+    assert np.isfinite(result.train_loss) and result.steps == rdp_plan.steps_per_round
 
 
 def test_seed_none_draws_fresh_randomness(data, training, rdp_privacy, rdp_plan) -> None:

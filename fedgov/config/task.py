@@ -62,6 +62,11 @@ class TrainingSpec(StrictModel):
     )
     trim_fraction: float = Field(default=0.2, ge=0, lt=0.5, description="trimmed-mean: share cut at each end")
     krum_bad_nodes: int = Field(default=1, ge=0, description="krum: how many nodes may be malicious")
+    update_encoding: Literal["float16-delta", "float32-delta"] = Field(
+        default="float16-delta",
+        description="how a node sends its update: the difference to the global model in float16 (half the "
+        "model's float32 size; the rounding, 0.05% at most, is far below the DP noise) or in float32",
+    )
     max_update_norm: float | None = Field(
         default=None, gt=0, allow_inf_nan=False,
         description="leave out an update (local minus global model) longer than this in L2 norm; None: no bound",
@@ -123,17 +128,13 @@ class PrivacySpec(StrictModel):
     )
     max_grad_norm: float = Field(default=1.0, gt=0)
     accountant: Literal["prv", "rdp"] = "prv"
-    grad_sample_mode: Literal["auto", "hooks", "ghost", "functorch", "ew"] = Field(
+    grad_sample_mode: Literal["auto", "fused", "hooks", "ghost", "functorch", "ew"] = Field(
         default="auto",
-        description="Opacus per-sample gradient mode; auto: ghost clipping for the MLP, hooks for "
-        "logistic regression (the fastest for each, measured in benchmarks)",
+        description="how per-sample gradients are clipped; auto: fedgov's fused clipping for a stack of "
+        "Linear layers (logreg, mlp), else Opacus' ghost clipping (several layers) or hooks (one); "
+        "fused is the fastest for both tabular models (benchmarks/bench_dp_cost.py). hooks, ghost, "
+        "functorch, ew: Opacus' own modes, same arithmetic",
     )
-
-    def resolved(self, model_name: str) -> PrivacySpec:
-        """This spec with ``grad_sample_mode`` chosen for ``model_name`` when it is ``auto``."""
-        if self.grad_sample_mode != "auto":
-            return self
-        return self.model_copy(update={"grad_sample_mode": "ghost" if model_name == "mlp" else "hooks"})
     reproducible_noise: bool = Field(
         default=False,
         description="derive sampling and noise from training.seed (tests and simulations only: "
