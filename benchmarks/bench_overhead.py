@@ -112,14 +112,18 @@ def _bare(data_dir: Path, n_nodes: int, run_dir: Path, values: dict[str, Any]) -
 
 def _bare_reply_bytes(model: str, n_features: int) -> int:
     """Serialised size of bare Flower's training reply: the whole model in float32, and metrics."""
-    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
 
     from fedgov.config.task import ModelSpec
     from fedgov.coordinator import message_bytes
     from fedgov.models import build_model
 
     net = build_model(ModelSpec(name=model), n_features=n_features, n_classes=2, seed=0)
-    ins = Message(RecordDict({}), dst_node_id=1234567890123456789, message_type="train")
+    # Flower stamps a message with its task's identity (as in a running ServerApp and ClientApp).
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1234567890123456789, 0, 1
+    ins = Message(RecordDict({}), dst_node_id=1234567890123456789, message_type=MessageType.TRAIN)
+    TaskIdentity.node_id = 1234567890123456789
     reply = Message(
         RecordDict({
             "arrays": ArrayRecord({k: v.detach() for k, v in net.state_dict().items()}),
