@@ -1,16 +1,18 @@
 """fedgov against bare Flower: the same task, model and data split, time per round; and what a
 node sends per round against the model's size in float32.
 
-Three runs per repeat, interleaved so that a slow spell of the machine hits all of them:
+Runs interleaved so that a slow spell of the machine hits all of them:
 
 - **fedgov**: ``fedgov run TASK --no-baseline`` (the demo task by default), as a user runs it;
 - **fedgov, Opacus hooks**: the same, with ``privacy.grad_sample_mode = "hooks"``: the same
   per-sample gradients as the baseline, so the ratio is fedgov's own overhead only;
 - **bare Flower**: ``benchmarks/bare_flower`` (a minimal Message-API ServerApp/ClientApp with
   Opacus' DP-SGD and FedAvg, nothing else) on the same nodes' data, encoded by fedgov's encoder
-  beforehand, with the same batch size, clip, epsilon, delta, rounds and evaluation.
+  beforehand, with the same batch size, clip, epsilon, delta, rounds and evaluation. Each node
+  reports its epsilon every round with Opacus' PRV accountant, as Flower's Opacus example does;
+- **bare Flower, no accounting**: the same without any epsilon (a lower bound for a DP app).
 
-All three run on Flower's simulation engine, started the same way (one SuperLink, one virtual
+All four run on Flower's simulation engine, started the same way (one SuperLink, one virtual
 SuperNode per municipality). Time per round is the median over rounds 2..N (round 1 carries
 Ray's start-up) of every repeat; each ratio divides two such medians from this invocation.
 
@@ -154,7 +156,7 @@ def main() -> None:
             "rounds": args.rounds, "batch-size": 256, "learning-rate": 0.5, "max-grad-norm": 1.0,
             "target-epsilon": 2.0, "delta": 1e-5, "grad-sample-mode": "hooks", "hidden": "", "seed": 7,
         }
-        times: dict[str, list[float]] = {"fedgov": [], "fedgov-hooks": [], "bare": []}
+        times: dict[str, list[float]] = {"fedgov": [], "fedgov-hooks": [], "bare": [], "bare-no-accounting": []}
         acc: dict[str, list[float]] = {k: [] for k in times}
         reports = []
         for r in range(args.repeats):
@@ -165,12 +167,18 @@ def main() -> None:
             rep = _fedgov(hooks, tmp / "runs")
             times["fedgov-hooks"] += _per_round([x["seconds"] for x in rep["rounds"] if x["round"] > 0])
             acc["fedgov-hooks"].append(rep["final"]["accuracy"])
-            bare = _bare(data, n_nodes, tmp / f"bare-{r}", values)
-            times["bare"] += _per_round(bare["round_seconds"])
-            acc["bare"].append(bare["accuracy"][-1])
+            for name, report_eps in (("bare", True), ("bare-no-accounting", False)):
+                bare = _bare(data, n_nodes, tmp / f"{name}-{r}", {**values, "report-epsilon": report_eps})
+                times[name] += _per_round(bare["round_seconds"])
+                acc[name].append(bare["accuracy"][-1])
             print(f"repeat {r + 1}: " + ", ".join(f"{k} {statistics.median(v):.3f} s/round" for k, v in times.items()), flush=True)
         # Communication, from the same kind of run: the demo (logreg) and the MLP.
         mlp = _fedgov(_task_variant(tmp, "mlp", 3, model="mlp"), tmp / "runs")
+        from fedgov.config import load_task
+        from fedgov.data import Encoder
+
+        task, contract = load_task(default)
+        n_features = Encoder.from_contract(contract, task.features).n_features
     med = {k: statistics.median(v) for k, v in times.items()}
     comms = []
     for name, rep in (("logreg", reports[0]), ("mlp", mlp)):
@@ -183,11 +191,6 @@ def main() -> None:
             "up_bytes_per_node_round": up, "up_ratio": up / model_bytes,
             "down_bytes_per_node_round": down, "down_ratio": down / model_bytes,
         })
-    from fedgov.config import load_task
-    from fedgov.data import Encoder
-
-    task, contract = load_task(default)
-    n_features = Encoder.from_contract(contract, task.features).n_features
     for c in comms:
         c["bare_flower_reply_bytes"] = _bare_reply_bytes(c["model"], n_features)
     result = {
@@ -200,6 +203,8 @@ def main() -> None:
         "final_accuracy": acc,
         "ratio_fedgov_to_bare": med["fedgov"] / med["bare"],
         "ratio_fedgov_hooks_to_bare": med["fedgov-hooks"] / med["bare"],
+        "ratio_fedgov_to_bare_no_accounting": med["fedgov"] / med["bare-no-accounting"],
+        "ratio_fedgov_hooks_to_bare_no_accounting": med["fedgov-hooks"] / med["bare-no-accounting"],
         "communication": comms,
     }
     (ROOT / "benchmarks" / "results" / "overhead.json").write_text(json.dumps(result, indent=2))
@@ -213,11 +218,16 @@ def table(result: dict[str, Any]) -> str:
         f"Demo task, {result['nodes']} municipalities, {result['rounds']} rounds, {result['repeats']} repeats; "
         "median seconds per round after round 1:",
         "",
-        "| run | s / round | ratio to bare Flower | final accuracy (median) |",
-        "|---|---|---|---|",
-        f"| bare Flower + Opacus (hooks) | {med['bare']:.3f} | 1.00 | {statistics.median(acc['bare']):.4f} |",
-        f"| fedgov, Opacus hooks | {med['fedgov-hooks']:.3f} | {result['ratio_fedgov_hooks_to_bare']:.2f} | {statistics.median(acc['fedgov-hooks']):.4f} |",
-        f"| fedgov, default (fused clipping) | {med['fedgov']:.3f} | {result['ratio_fedgov_to_bare']:.2f} | {statistics.median(acc['fedgov']):.4f} |",
+        "| run | s / round | / bare Flower | / bare Flower without accounting | final accuracy (median) |",
+        "|---|---|---|---|---|",
+        f"| bare Flower + Opacus (hooks), epsilon every round | {med['bare']:.3f} | 1.00 | "
+        f"{med['bare'] / med['bare-no-accounting']:.2f} | {statistics.median(acc['bare']):.4f} |",
+        f"| bare Flower + Opacus (hooks), no accounting | {med['bare-no-accounting']:.3f} | "
+        f"{med['bare-no-accounting'] / med['bare']:.2f} | 1.00 | {statistics.median(acc['bare-no-accounting']):.4f} |",
+        f"| fedgov, Opacus hooks | {med['fedgov-hooks']:.3f} | {result['ratio_fedgov_hooks_to_bare']:.2f} | "
+        f"{result['ratio_fedgov_hooks_to_bare_no_accounting']:.2f} | {statistics.median(acc['fedgov-hooks']):.4f} |",
+        f"| fedgov, default (fused clipping) | {med['fedgov']:.3f} | {result['ratio_fedgov_to_bare']:.2f} | "
+        f"{result['ratio_fedgov_to_bare_no_accounting']:.2f} | {statistics.median(acc['fedgov']):.4f} |",
         "",
         "| model | parameters | float32 size (B) | node -> coordinator (B / node / round) | ratio | coordinator -> node (B) | ratio | bare Flower reply (B) |",
         "|---|---|---|---|---|---|---|---|",

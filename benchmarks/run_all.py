@@ -89,6 +89,8 @@ def summary(machine: str, command: str) -> dict[str, Any]:
         f"{ov['ratio_fedgov_hooks_to_bare']:.2f}x", "<= 1.10", ov["ratio_fedgov_hooks_to_bare"] <= 1.10, "overhead.json")
     row("overhead", "fedgov default / bare Flower + Opacus, time per round",
         f"{ov['ratio_fedgov_to_bare']:.2f}x", "<= 1.10", ov["ratio_fedgov_to_bare"] <= 1.10, "overhead.json")
+    row("overhead", "fedgov default / bare Flower + Opacus without any accounting, time per round",
+        f"{ov['ratio_fedgov_to_bare_no_accounting']:.2f}x", "<= 1.10", ov["ratio_fedgov_to_bare_no_accounting"] <= 1.10, "overhead.json")
     for c in ov["communication"]:
         row("communication", f"{c['model']} ({c['parameters']} parameters): node -> coordinator per round / float32 model",
             f"{c['up_ratio']:.2f}x ({c['up_bytes_per_node_round']:.0f} B)", "<= 1", c["up_ratio"] <= 1.0, "overhead.json")

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -31,8 +31,6 @@ client = ClientApp()
 server = ServerApp()
 
 _DATA: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-_HISTORY: dict[tuple[str, int], list[Any]] = {}  # each node's Opacus accountant history, across rounds
-_SIGMA: dict[tuple[str, int], float] = {}  # each node's noise multiplier, calibrated once
 
 
 def _model(n_features: int, hidden: str, seed: int) -> nn.Module:
@@ -46,6 +44,25 @@ def _model(n_features: int, hidden: str, seed: int) -> nn.Module:
             width = h
         layers.append(nn.Linear(width, 2))
         return nn.Sequential(*layers).float()
+
+
+class _Rows(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """In-memory rows fetched a batch at a time (``__getitems__``), as fedgov's trainer does: a
+    ``TensorDataset`` fetches and stacks row by row, which would make this baseline slower for a
+    reason that has nothing to do with the framework."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.X, self.y = X, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.X[i], self.y[i]
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return self.X[t], self.y[t]
 
 
 def _data(cfg: Any, pid: int) -> dict[str, np.ndarray]:
@@ -67,19 +84,22 @@ def train(msg: Message, context: Context) -> Message:
     X, y = torch.as_tensor(d["X_train"]), torch.as_tensor(d["y_train"])
     model = _model(X.shape[1], str(cfg["hidden"]), int(cfg["seed"]))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=min(int(cfg["batch-size"]), len(y)))
+    loader = torch.utils.data.DataLoader(_Rows(X, y), batch_size=min(int(cfg["batch-size"]), len(y)), collate_fn=lambda b: b)
     rounds, delta = int(cfg["rounds"]), float(cfg["delta"])
-    key = (str(cfg["data-dir"]), pid)
-    if key not in _SIGMA:
-        _SIGMA[key] = get_noise_multiplier(
+    # The node's noise multiplier (calibrated once) and its accountant's history live in the
+    # node's Flower state, which persists across rounds (a fresh accountant would report one
+    # round's epsilon only).
+    dp = json.loads(str(context.state["dp"]["json"])) if "dp" in context.state else None
+    if dp is None:
+        dp = {"sigma": get_noise_multiplier(
             target_epsilon=float(cfg["target-epsilon"]), target_delta=delta, sample_rate=1 / max(2, len(loader)),
             epochs=rounds, accountant="prv",
-        )
-    sigma = _SIGMA[key]
+        ), "history": []}
+    sigma = float(dp["sigma"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine = PrivacyEngine(accountant="prv")
-    engine.accountant.history = list(_HISTORY.get(key, []))
+    engine.accountant.history = [tuple(h) for h in dp["history"]]
     dp_model, optimizer, dp_loader = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=float(cfg["learning-rate"])),
         data_loader=loader, noise_multiplier=sigma, max_grad_norm=float(cfg["max-grad-norm"]),
@@ -93,8 +113,11 @@ def train(msg: Message, context: Context) -> Message:
         loss.backward()
         optimizer.step()
         losses.append(float(loss))
-    _HISTORY[key] = list(engine.accountant.history)
-    epsilon = engine.accountant.get_epsilon(delta)
+    dp["history"] = [list(h) for h in engine.accountant.history]
+    context.state["dp"] = ConfigRecord({"json": json.dumps(dp)})
+    # Flower's Opacus example reports epsilon every round; with report-epsilon = false the
+    # baseline skips it (a lower bound: no accounting at all).
+    epsilon = engine.accountant.get_epsilon(delta) if bool(cfg["report-epsilon"]) else float("nan")
     state = {k.removeprefix("_module."): v for k, v in dp_model.state_dict().items()}
     metrics = MetricRecord({"num-examples": len(y), "train-loss": float(np.mean(losses)) if losses else 0.0, "epsilon": epsilon})
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
