@@ -18,6 +18,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from clients.context import kind_of, node_of, task_id, task_of
 from fedgov import admission
 from fedgov import protocol as P
+from fedgov.errors import PrivacyError
 from fedgov.node import DPState, SentUpdates, model_digest
 from fedgov.secagg import NodeSecAgg, SecAggError, SecAggParams, encode_update
 from fedgov.transport import local_model, pack, unpack
@@ -307,6 +308,33 @@ def _secagg_stage(msg: Message, context: Context, params: SecAggParams) -> Messa
     return Message(RecordDict({P.SECAGG: ConfigRecord(out)}), reply_to=msg)
 
 
+def _distributed_check(msg: Message, context: Context, task: Any, survivors: list[int]) -> tuple[Any, int]:
+    """Distributed DP (:mod:`fedgov.privacy.distributed`), before any training: this node's own
+    plan (fixed at hello) and the contributors the coordinator sizes the noise shares for. The
+    coordinator's copy of the public parameters must agree, and it cannot claim more
+    contributors than the round has nodes: else nothing is trained, spent or sent."""
+    from fedgov.privacy.distributed import tau, TAU_LIMIT
+
+    rec = msg.content.config_records[P.SECAGG]
+    key = state_key(msg)
+    dp = DPState.from_json(str(context.state[key]["json"])) if key in context.state else None
+    if dp is None or not dp.plan_json:
+        raise PrivacyError("no distributed-DP plan at this node for this task")
+    plan = dp.plan(task, 0)
+    z, scale = float(rec["dd-z"]), float(rec["dd-scale"])  # type: ignore[arg-type]
+    if not (math.isclose(z, plan.noise_multiplier, rel_tol=1e-9) and math.isclose(scale, plan.scale, rel_tol=1e-9)):
+        raise PrivacyError(
+            f"the coordinator's distributed-DP parameters (z {z:.6g}, scale {scale:.6g}) are not this node's "
+            f"(z {plan.noise_multiplier:.6g}, scale {plan.scale:.6g})"
+        )
+    min_contributors = int(rec["dd-min"])  # type: ignore[arg-type]
+    if not 1 <= min_contributors <= len(survivors):
+        raise PrivacyError(f"min_contributors {min_contributors} must be between 1 and the round's {len(survivors)} nodes")
+    if tau(plan.node_variance(min_contributors), len(survivors)) * plan.dimension > TAU_LIMIT:
+        raise PrivacyError("each node's noise share is too small for the distributed discrete Gaussian analysis")
+    return plan, min_contributors
+
+
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """3b. Secure aggregation (:mod:`fedgov.secagg`): the protocol's stages (``secagg`` query
     messages, for training tasks and statistics queries), and a training task's train reply
@@ -346,7 +374,10 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             return _secagg_stage(msg, context, params)
         # a train message: decrypt the routed shares, train, mask the update
         st, survivors = secagg_receive(msg, context, server_round)
-    except (SecAggError, KeyError, ValueError, TypeError) as exc:
+        distributed = None
+        if task.privacy.enabled and task.privacy.mode == "distributed":
+            distributed = _distributed_check(msg, context, task, survivors)
+    except (SecAggError, PrivacyError, KeyError, ValueError, TypeError) as exc:
         log.warning("node: secure aggregation stopped: %s", exc)
         return _refused(msg, f"secure aggregation: {exc}")
     reply = call_next(msg, context)
@@ -355,11 +386,18 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     glob = {k: v.numpy() for k, v in msg.content.array_records[P.ARRAYS].items()}
     local = local_model(reply.content.array_records[P.ARRAYS], glob)
     m = next(iter(reply.content.metric_records.values()))
-    weight = min(float(m["num-examples"]), t.secure_weight_cap) / t.secure_weight_cap  # type: ignore[arg-type]
-    y = encode_update([local[k].astype(float) - glob[k].astype(float) for k in glob], weight, params)
+    update = [local[k].astype(float) - glob[k].astype(float) for k in glob]
     try:
+        if distributed is not None:
+            from fedgov.privacy.distributed import encode_share
+
+            plan, min_contributors = distributed
+            y = encode_share(update, plan, min_contributors=min_contributors, contributors=len(survivors))
+        else:
+            weight = min(float(m["num-examples"]), t.secure_weight_cap) / t.secure_weight_cap  # type: ignore[arg-type]
+            y = encode_update(update, weight, params)
         masked = st.mask(y, survivors)
-    except SecAggError as exc:
+    except (SecAggError, PrivacyError) as exc:
         return _refused(msg, f"secure aggregation: {exc}")
     secagg_keep(msg, context, st)
     # The exact row count stays at the node (the weight is inside the masked sum).

@@ -37,6 +37,7 @@ from fedgov import protocol as P
 from fedgov.aggregation import check_update
 from fedgov.secagg import SecAggError, SecAggParams, decode_sum, threshold_for, unmask_sum
 from fedgov.transport import is_encoded, local_model
+from fedgov.privacy.distributed import DistributedPlan, decode_mean
 from fedgov.config import Contract, Task
 from fedgov.errors import FederationError
 from fedgov.events import EventWriter
@@ -372,10 +373,10 @@ class SecAggRound:
     routed: dict[int, dict[int, bytes]]  # dst -> src -> ciphertext
     failures: dict[int, str]
 
-    def record_for(self, dst: int) -> ConfigRecord:
+    def record_for(self, dst: int, extra: dict[str, Any] | None = None) -> ConfigRecord:
         """What the masked-input message to ``dst`` carries: the round's nodes and its shares."""
         got = {src: ct for src, ct in self.routed.get(dst, {}).items() if src in self.survivors}
-        return ConfigRecord({"nodes": [str(n) for n in self.survivors], "src": [str(x) for x in got], "ct": list(got.values())})
+        return ConfigRecord({"nodes": [str(n) for n in self.survivors], "src": [str(x) for x in got], "ct": list(got.values()), **(extra or {})})
 
 
 def secagg_stage(
@@ -447,11 +448,17 @@ class SecureFedAvg(FedAvg):
     (the global model does not move) and the report says why.
     """
 
-    def __init__(self, *args: Any, stage_config: dict[str, str], params: SecAggParams, stage_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, stage_config: dict[str, str], params: SecAggParams, stage_timeout: float,
+        distributed: DistributedPlan | None = None, dropout_tolerance: float = 0.0, **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.stage_config = stage_config
         self.params = params
         self.stage_timeout = stage_timeout
+        self.distributed = distributed
+        self.dropout_tolerance = dropout_tolerance
+        self.min_contributors = 0
         self.stage_failures: dict[int, str] = {}
         self.discarded: dict[int, str] = {}
         self._secagg: SecAggRound | None = None
@@ -463,6 +470,16 @@ class SecureFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Grid) -> Any:
         msgs = list(super().configure_train(server_round, arrays, config, grid))
+        if self.distributed is not None and self.distributed.sample_rate < 1:
+            # Poisson sampling, as the accountant assumes: each node independently with rate q,
+            # from the OS's entropy (a fixed-size sample would not be amplified the same way).
+            import secrets
+
+            rng = secrets.SystemRandom()
+            msgs = [m for m in msgs if rng.random() < self.distributed.sample_rate]
+            if len(msgs) < 2:
+                self.discarded[server_round] = f"{len(msgs)} node(s) sampled this round, secure aggregation needs 2: round discarded"
+                return []
         self._global = {k: v.numpy() for k, v in arrays.items()}
         self._secagg, self.stage_failures = secagg_setup(
             grid, [m.metadata.dst_node_id for m in msgs], server_round, self.stage_config, self.stage_timeout
@@ -470,6 +487,12 @@ class SecureFedAvg(FedAvg):
         if self._secagg is None:
             self.discarded[server_round] = "too few nodes completed the secure-aggregation set-up: round discarded"
             return []
+        extra: dict[str, Any] = {}
+        if self.distributed is not None:
+            # Every noise share is sized for the nodes asked less the dropouts the task allows.
+            n = len(self._secagg.survivors)
+            self.min_contributors = max(1, n - math.floor(self.dropout_tolerance * n))
+            extra = {"dd-min": self.min_contributors, "dd-z": self.distributed.noise_multiplier, "dd-scale": self.distributed.scale}
         out = []
         for m in msgs:
             dst = m.metadata.dst_node_id
@@ -478,7 +501,7 @@ class SecureFedAvg(FedAvg):
             # Flower's FedAvg gives every train message the same RecordDict: each node gets its own
             # (same model and config records) with the shares routed to it.
             content = RecordDict({k: v for k, v in m.content.items()})
-            content[P.SECAGG] = self._secagg.record_for(dst)
+            content[P.SECAGG] = self._secagg.record_for(dst, extra)
             out.append(Message(content=content, dst_node_id=dst, message_type=m.metadata.message_type, group_id=m.metadata.group_id))
         return out
 
@@ -490,11 +513,27 @@ class SecureFedAvg(FedAvg):
                 self.discarded[server_round] = "no masked update arrived: round discarded"
             return None, None
         masked = {r.metadata.src_node_id: next(iter(r.content.array_records.values()))[P.MASKED].numpy().astype(np.int64) for r in replies}
+        if self.distributed is not None and len(masked) < self.min_contributors:
+            # Fewer noise shares than the noise was sized for: the sum would be under-noised.
+            self.discarded[server_round] = (
+                f"{len(masked)} nodes contributed, the noise shares were sized for at least {self.min_contributors} "
+                f"(privacy.dropout_tolerance): round discarded, nothing released"
+            )
+            return None, None
         try:
             total = secagg_unmask(self._grid, rnd, masked, server_round, self.stage_config, self.stage_timeout)
         except SecAggError as exc:
             self.discarded[server_round] = f"{exc}: round discarded"
             return None, None
+        if self.distributed is not None:
+            mean = decode_mean(total, len(masked), self.distributed)
+            new_d: dict[str, np.ndarray] = {}
+            at = 0
+            for k, g in self._global.items():  # the nodes flatten the update in the global model's order
+                new_d[k] = (g.astype(np.float64) + mean[at : at + g.size].reshape(g.shape)).astype(g.dtype)
+                at += g.size
+            metrics = self.train_metrics_aggr_fn([r.content for r in replies], self.weighted_by_key)
+            return ArrayRecord({k: Array(v) for k, v in new_d.items()}), metrics
         sums, weight = decode_sum(total, len(masked), [v.shape for v in self._global.values()], self.params)
         if weight <= 0:
             self.discarded[server_round] = "the nodes' weights sum to 0: round discarded"
@@ -505,7 +544,8 @@ class SecureFedAvg(FedAvg):
 
 
 def build_strategy(
-    task: Task, n_nodes: int, recorder: _Recorder, *, round_offset: int = 0, stage_config: dict[str, str] | None = None
+    task: Task, n_nodes: int, recorder: _Recorder, *, round_offset: int = 0, stage_config: dict[str, str] | None = None,
+    distributed: DistributedPlan | None = None,
 ) -> FedAvg:
     t = task.training
     kwargs: dict[str, Any] = dict(
@@ -522,8 +562,11 @@ def build_strategy(
     )
     kwargs["max_update_norm"] = t.max_update_norm
     if t.secure_aggregation:
+        if distributed is not None and t.fraction_train < 1:
+            kwargs["fraction_train"] = 1.0  # SecureFedAvg samples each node with probability q itself (Poisson)
         return _recording(SecureFedAvg)(
-            stage_config=stage_config or {}, params=SecAggParams(clip=t.secure_clip), stage_timeout=t.reply_timeout, **kwargs
+            stage_config=stage_config or {}, params=SecAggParams(clip=t.secure_clip), stage_timeout=t.reply_timeout,
+            distributed=distributed, dropout_tolerance=task.privacy.dropout_tolerance, **kwargs,
         )
     if t.aggregation == "median":
         return _recording(FedMedian)(**kwargs)
@@ -702,7 +745,14 @@ def run_training(
             "delta": task.privacy.delta,
             "max_grad_norm": task.privacy.max_grad_norm,
             "accountant": task.privacy.accountant,
-            "unit": "record (sample-level DP-SGD at each node)",
+            "mode": task.privacy.mode,
+            "unit": (
+                "municipality (client-level DP-FedAvg: each node's clipped update with a share of distributed "
+                "discrete Gaussian noise, summed under secure aggregation); a citizen's records are part of one "
+                "municipality's data, so each citizen has at least the same guarantee"
+                if task.privacy.mode == "distributed" else "record (sample-level DP-SGD at each node)"
+            ),
+            "dropout_tolerance": task.privacy.dropout_tolerance if task.privacy.mode == "distributed" else None,
             "secure_aggregation": task.training.secure_aggregation,
         },
     )
@@ -776,7 +826,18 @@ def run_training(
             initial = build_model(task.model, n_features=evaluator.encoder.n_features, n_classes=evaluator.encoder.n_classes, seed=task.training.seed)
             initial_state = get_state(initial)
         report.model_parameters = int(sum(np.asarray(v).size for v in initial_state.values()))
-        strategy = build_strategy(task, len(admitted), recorder, round_offset=done, stage_config={**task_config(task, contract), **extra})
+        dplan = None
+        if task.privacy.enabled and task.privacy.mode == "distributed":
+            from fedgov.node import distributed_plan
+
+            dplan = distributed_plan(task, report.model_parameters)
+            report.privacy.update({
+                "noise_multiplier": dplan.noise_multiplier, "update_clip": dplan.clip, "sample_rate": dplan.sample_rate,
+                "planned_epsilon": dplan.planned_epsilon, "delta": dplan.delta,
+            })
+        strategy = build_strategy(
+            task, len(admitted), recorder, round_offset=done, stage_config={**task_config(task, contract), **extra}, distributed=dplan,
+        )
         evaluator.round_offset = done
         rec = recorder
 

@@ -125,6 +125,43 @@ def _plan_cached(
     )
 
 
+def task_delta(task: Task, rows: int) -> float:
+    """The task's delta at a node: per record for local DP-SGD (``delta_for``), per municipality
+    (``privacy.delta``, default 1e-5) for distributed DP."""
+    if task.privacy.mode == "distributed":
+        return task.privacy.delta if task.privacy.delta is not None else 1e-5
+    return task.privacy.delta_for(rows)
+
+
+def model_dimension(task: Task, n_features: int, n_classes: int) -> int:
+    """Numbers in the task's model (the length of an update)."""
+    from fedgov.models import build_model
+
+    model = build_model(task.model, n_features=n_features, n_classes=n_classes, seed=0)
+    return int(sum(p.numel() for p in model.state_dict().values()))
+
+
+def distributed_plan(task: Task, dimension: int) -> Any:
+    """The task's distributed-DP plan (the same at every node and the coordinator)."""
+    p = task.privacy
+    return _dplan_cached(
+        dimension, p.update_clip, task.training.rounds, task.training.fraction_train, p.target_epsilon,
+        task_delta(task, 0), p.accountant, p.margin,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _dplan_cached(
+    dimension: int, clip: float, rounds: int, sample_rate: float, target_epsilon: float, delta: float, accountant: str, margin: float,
+) -> Any:
+    from fedgov.privacy.distributed import plan_distributed
+
+    return plan_distributed(
+        dimension=dimension, clip=clip, rounds=rounds, sample_rate=sample_rate, target_epsilon=target_epsilon,
+        delta=delta, accountant=accountant, margin=margin,
+    )
+
+
 def hello(
     task: Task,
     contract: Contract,
@@ -169,11 +206,15 @@ def hello(
     except ModelError as exc:
         return refuse(P.RefusalCode.MODEL_REJECTED, str(exc)[:300])
     sigma = planned = None
-    delta = task.privacy.delta_for(n)
+    delta = task_delta(task, n)
     dp = DPState(history=[])
     if task.privacy.enabled:
         try:
-            plan = dp.plan(task, n)
+            if task.privacy.mode == "distributed":
+                plan = distributed_plan(task, model_dimension(task, data.n_features, data.n_classes))
+                dp.plan_json = plan.model_dump_json()
+            else:
+                plan = dp.plan(task, n)
         except PrivacyError as exc:
             return refuse(P.RefusalCode.PRIVACY_UNREACHABLE, str(exc)[:300])
         sigma, planned = plan.noise_multiplier, plan.planned_epsilon
@@ -220,9 +261,17 @@ class DPState:
         )
 
     def plan(self, task: Task, rows: int) -> Any:
-        """The plan fixed at admission, or (first use in this process) a fresh calibration."""
+        """The plan fixed at admission, or (first use in this process) a fresh calibration.
+
+        Distributed mode: the :class:`~fedgov.privacy.distributed.DistributedPlan` fixed at hello."""
         from fedgov.privacy import DPPlan
 
+        if task.privacy.mode == "distributed":
+            from fedgov.privacy.distributed import DistributedPlan
+
+            if not self.plan_json:
+                raise PrivacyError("no distributed-DP plan: the node did not admit this task (hello)")
+            return DistributedPlan.model_validate_json(self.plan_json)
         if self.plan_json:
             plan = DPPlan.model_validate_json(self.plan_json)
             if plan.rows == rows and plan.rounds == task.training.rounds and plan.target_epsilon == task.privacy.target_epsilon:
@@ -263,9 +312,23 @@ def train(
     if task.privacy.reproducible_noise:
         log.warning("node %s: reproducible_noise is on: DP noise is derived from the task seed (simulation only)", node)
     n = len(data.y_train)
-    delta = task.privacy.delta_for(n)
+    delta = task_delta(task, n)
     global_state = state if task.training.strategy == "fedprox" else None
-    if task.privacy.enabled:
+    if task.privacy.enabled and task.privacy.mode == "distributed":
+        # Local training without noise: the update is clipped and noised as a whole, in the
+        # secure-aggregation mod (clients.mods.secagg_mod), before it is masked and sent.
+        from fedgov.privacy import epsilon_from_history, merge_history
+
+        plan = dp.plan(task, n)
+        res = train_nonprivate_round(model, data.X_train, data.y_train, training=task.training, seed=seed, global_state=global_state)
+        history = merge_history(list(dp.history) + [plan.round_entry()])
+        eps = epsilon_from_history(history=history, delta=plan.delta, accountant=plan.accountant)
+        if eps > plan.target_epsilon:
+            raise PrivacyError(f"refusing to train: this round would take epsilon to {eps:.3f}, beyond the target {plan.target_epsilon}")
+        dp = DPState(history=[tuple(h) for h in history], epsilon=eps, plan_json=dp.plan_json)  # type: ignore[misc]
+        sigma, q = plan.noise_multiplier, plan.sample_rate
+        steps = 1  # one release of the update per round
+    elif task.privacy.enabled:
         plan = dp.plan(task, n)
         res = train_dp_round(
             model, data.X_train, data.y_train,
@@ -274,9 +337,11 @@ def train(
         )
         dp = DPState(history=[tuple(h) for h in res.history], epsilon=float(res.epsilon or 0.0), plan_json=dp.plan_json)  # type: ignore[misc]
         sigma, q = plan.noise_multiplier, plan.sample_rate
+        steps = res.steps
     else:
         res = train_nonprivate_round(model, data.X_train, data.y_train, training=task.training, seed=seed, global_state=global_state)
         sigma, q = 0.0, 0.0
+        steps = res.steps
     metrics = {
         "num-examples": float(n),
         "train-loss": float(res.train_loss),
@@ -284,7 +349,7 @@ def train(
         "delta": float(delta),
         "noise-multiplier": float(sigma),
         "sample-rate": float(q),
-        "steps": float(res.steps),
+        "steps": float(steps),
     }
     return res.state, metrics, dp
 

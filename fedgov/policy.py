@@ -92,6 +92,7 @@ class PolicyCode(str, Enum):
     NOISE_BELOW_MIN = "noise-below-min"
     TOO_FEW_ROWS = "too-few-rows"
     SECURE_AGGREGATION_REQUIRED = "secure-aggregation-required"
+    DISTRIBUTED_REQUIRED = "distributed-dp-required"
 
 
 # --- the file ------------------------------------------------------------------------------
@@ -201,6 +202,11 @@ class LimitsSpec(StrictModel):
     require_secure_aggregation: bool = Field(
         default=False,
         description="refuse training tasks without training.secure_aggregation: the coordinator may see only sums of updates",
+    )
+    require_distributed: bool = Field(
+        default=False,
+        description="refuse training tasks whose privacy.mode is not \"distributed\" (municipality-level DP, noise "
+        "added once to the securely aggregated sum); min_noise_multiplier then bounds the sum's noise multiplier z",
     )
 
 
@@ -426,6 +432,13 @@ def check_task(
             "task has privacy.enabled = false; policy requires differential privacy (limits.require_privacy)",
             name,
         )
+    if lim.require_distributed and not (priv.enabled and priv.mode == "distributed"):
+        return _refuse(
+            PolicyCode.DISTRIBUTED_REQUIRED,
+            f"task has privacy.mode = \"{priv.mode}\"{'' if priv.enabled else ' and no privacy'}; policy requires "
+            "distributed DP (limits.require_distributed)",
+            name,
+        )
     if priv.enabled:
         if priv.target_epsilon > lim.max_epsilon_per_task:
             return _refuse(
@@ -434,7 +447,10 @@ def check_task(
                 f"{_num(lim.max_epsilon_per_task)} (limits.max_epsilon_per_task)",
                 name,
             )
-        delta = priv.delta_for(rows) if rows is not None else priv.delta_for(1)  # the largest possible
+        if priv.mode == "distributed":
+            delta = priv.delta if priv.delta is not None else 1e-5  # per municipality
+        else:
+            delta = priv.delta_for(rows) if rows is not None else priv.delta_for(1)  # the largest possible
         if delta > lim.max_delta_per_task:
             return _refuse(
                 PolicyCode.DELTA_ABOVE_MAX,
@@ -644,6 +660,8 @@ require_privacy = {"true" if require_privacy else "false"}
 # Refuse training tasks whose updates the coordinator would see one by one
 # (true: only tasks with training.secure_aggregation = true).
 require_secure_aggregation = false
+# Refuse training tasks that are not privacy.mode = "distributed" (noise once, on the sum).
+require_distributed = false
 """
     try:
         data = tomllib.loads(text)

@@ -116,9 +116,26 @@ class TrainingSpec(StrictModel):
 
 
 class PrivacySpec(StrictModel):
-    """The node-level DP-SGD guarantee for the whole task (all rounds together)."""
+    """The DP guarantee for the whole task (all rounds together): ``local`` DP-SGD at each node
+    (record level), or ``distributed`` DP-FedAvg with noise shares under secure aggregation
+    (municipality level, :mod:`fedgov.privacy.distributed`)."""
 
     enabled: bool = True
+    mode: Literal["local", "distributed"] = Field(
+        default="local",
+        description="local: DP-SGD at every node, each with its own noise (record-level guarantee); "
+        "distributed: each node clips its whole update and adds a share of discrete Gaussian noise, summed "
+        "under secure aggregation (guarantee per municipality, and so per citizen; needs "
+        "training.secure_aggregation = true)",
+    )
+    update_clip: float = Field(
+        default=1.0, gt=0, allow_inf_nan=False, description="distributed: L2 bound on a node's model update"
+    )
+    dropout_tolerance: float = Field(
+        default=0.1, ge=0, lt=1,
+        description="distributed: share of a round's nodes that may drop; every node's noise share is sized for "
+        "the rest, and a round with more dropouts is discarded",
+    )
     target_epsilon: float = Field(default=2.0, gt=0, le=100)
     delta: float | None = Field(
         default=None,
@@ -173,6 +190,15 @@ class Task(StrictModel):
     training: TrainingSpec = TrainingSpec()
     privacy: PrivacySpec = PrivacySpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> Task:
+        if self.privacy.enabled and self.privacy.mode == "distributed" and not self.training.secure_aggregation:
+            raise ValueError(
+                "privacy.mode = \"distributed\" adds each node's noise share to a sum that only secure aggregation "
+                "keeps from the coordinator: set training.secure_aggregation = true"
+            )
+        return self
 
 
 def _check_against_contract(task: Task, contract: Contract, file: str) -> list[Problem]:

@@ -166,10 +166,9 @@ def calibrate_noise(
     Unlike Opacus' ``get_noise_multiplier``, this accounts for what was spent before
     (``prior_history``), so it can be used to resume.
     """
-    if not 0 < sample_rate < 1:
+    if not 0 < sample_rate <= 1:
         raise PrivacyError(
-            f"sample_rate must be in (0, 1) for Poisson subsampling to amplify privacy, got {sample_rate}; "
-            "use a batch size smaller than the number of rows"
+            f"sample_rate must be in (0, 1] (1: no sampling, no amplification), got {sample_rate}"
         )
     if steps < 1:
         raise PrivacyError(f"steps must be at least 1, got {steps}")
