@@ -35,7 +35,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, K
 import fedgov
 from fedgov import protocol as P
 from fedgov.aggregation import check_update
-from fedgov.secagg import SecAggError, SecAggParams, decode_sum, threshold_for, unmask_sum
+from fedgov.secagg import SecAggError, SecAggParams, decode_sum, neighbourhood_size, threshold_for, unmask_sum
 from fedgov.transport import is_encoded, local_model
 from fedgov.privacy.distributed import DistributedPlan, decode_mean
 from fedgov.config import Contract, Task
@@ -411,7 +411,7 @@ def secagg_setup(grid: Grid, ids: list[int], server_round: int, stage_config: di
     shares = secagg_stage(grid, order, server_round, "shares", stage_config, {
         "nodes": [str(n) for n in order], "c-pks": [pks[n][0] for n in order], "s-pks": [pks[n][1] for n in order],
     }, timeout, failures)
-    threshold = threshold_for(len(order))
+    threshold = threshold_for(neighbourhood_size(len(order)) + 1)  # a group's majority (SecAgg+: each node's neighbours)
     if len(shares) < threshold:
         return None, failures
     routed: dict[int, dict[int, bytes]] = {}

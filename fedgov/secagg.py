@@ -47,6 +47,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -57,6 +58,8 @@ __all__ = [
     "SecAggParams",
     "NodeSecAgg",
     "threshold_for",
+    "neighbourhood_size",
+    "neighbours",
     "prg",
     "encode_update",
     "decode_sum",
@@ -91,8 +94,48 @@ class SecAggParams:
 
 
 def threshold_for(n: int) -> int:
-    """Shares needed to rebuild a secret: a strict majority of the round's nodes, at least 2."""
+    """Shares needed to rebuild a secret: a strict majority of the ``n`` holders, at least 2."""
     return max(2, n // 2 + 1)
+
+
+COMPLETE_UP_TO = 40
+"""Rounds of up to this many nodes use the complete graph (SecAgg); larger ones SecAgg+."""
+
+
+def neighbourhood_size(n: int) -> int:
+    """How many other nodes each node shares with: all of them up to :data:`COMPLETE_UP_TO`
+    nodes; beyond, ``2 * ceil(2 * log2 n)`` (SecAgg+, Bell et al. 2020: 34 at 342 nodes)."""
+    if n <= COMPLETE_UP_TO:
+        return n - 1
+    return min(n - 1, 2 * math.ceil(2 * math.log2(n)))
+
+
+def graph_seed(pks: dict[int, tuple[bytes, bytes]]) -> bytes:
+    """The round's public randomness for the graph: a hash of every node's public keys, which the
+    nodes made; the coordinator cannot pick it without picking the keys."""
+    h = hashlib.sha256(b"fedgov-secagg-graph")
+    for n in sorted(pks):
+        c, s_ = pks[n]
+        h.update(str(n).encode() + b"|" + c + b"|" + s_)
+    return h.digest()
+
+
+def neighbours(pks: dict[int, tuple[bytes, bytes]]) -> dict[int, list[int]]:
+    """Each node's neighbours: the nodes in a random ring (order from :func:`graph_seed`), each
+    joined to the ``k/2`` before and after it (``k`` from :func:`neighbourhood_size`): a
+    random ``k``-regular Harary graph, symmetric. The complete graph for small rounds."""
+    nodes = sorted(pks)
+    n = len(nodes)
+    k = neighbourhood_size(n)
+    if k >= n - 1:
+        return {v: [u for u in nodes if u != v] for v in nodes}
+    seed = graph_seed(pks)
+    ring = sorted(nodes, key=lambda v: hashlib.sha256(seed + str(v).encode()).digest())
+    half = k // 2
+    out: dict[int, list[int]] = {}
+    for i, v in enumerate(ring):
+        out[v] = sorted({ring[(i + j) % n] for j in range(-half, half + 1) if j != 0})
+    return out
 
 
 def prg(seed: bytes, n: int, *, domain: bytes = b"") -> np.ndarray:
@@ -149,6 +192,7 @@ class NodeSecAgg:
     b: bytes = b""
     nodes: list[int] = field(default_factory=list)  # the round's nodes after "keys", sorted
     pks: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    group: list[int] = field(default_factory=list)  # this node and its neighbours, sorted (the share holders)
     threshold: int = 0
     received: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # src -> (b share, sk share)
     masked: bool = False
@@ -158,7 +202,7 @@ class NodeSecAgg:
         return json.dumps({
             "node_id": self.node_id, "round": self.round, "c_sk": _b64(self.c_sk), "s_sk": _b64(self.s_sk), "b": _b64(self.b),
             "nodes": self.nodes, "pks": {str(k): [_b64(c), _b64(s)] for k, (c, s) in self.pks.items()},
-            "threshold": self.threshold, "received": {str(k): [_b64(x), _b64(y)] for k, (x, y) in self.received.items()},
+            "group": self.group, "threshold": self.threshold, "received": {str(k): [_b64(x), _b64(y)] for k, (x, y) in self.received.items()},
             "masked": self.masked,
         })
 
@@ -168,7 +212,7 @@ class NodeSecAgg:
         return cls(
             node_id=int(d["node_id"]), round=int(d["round"]), c_sk=_unb64(d["c_sk"]), s_sk=_unb64(d["s_sk"]), b=_unb64(d["b"]),
             nodes=[int(n) for n in d["nodes"]], pks={int(k): (_unb64(c), _unb64(s)) for k, (c, s) in d["pks"].items()},
-            threshold=int(d["threshold"]), received={int(k): (_unb64(x), _unb64(y)) for k, (x, y) in d["received"].items()},
+            group=[int(n) for n in d.get("group", [])], threshold=int(d["threshold"]), received={int(k): (_unb64(x), _unb64(y)) for k, (x, y) in d["received"].items()},
             masked=bool(d["masked"]),
         )
 
@@ -201,13 +245,14 @@ class NodeSecAgg:
             raise SecAggError("two nodes were given the same public key")
         self.nodes = sorted(pks)
         self.pks = dict(pks)
-        self.threshold = threshold_for(len(self.nodes))
+        self.group = sorted([self.node_id, *neighbours(self.pks)[self.node_id]])
+        self.threshold = threshold_for(len(self.group))
         self.b = os.urandom(32)
-        b_shares = create_shares(self.b, self.threshold, len(self.nodes))
-        sk_shares = create_shares(self.s_sk, self.threshold, len(self.nodes))
+        b_shares = create_shares(self.b, self.threshold, len(self.group))
+        sk_shares = create_shares(self.s_sk, self.threshold, len(self.group))
         c_sk = bytes_to_private_key(self.c_sk)
         out: dict[int, bytes] = {}
-        for i, dst in enumerate(self.nodes):
+        for i, dst in enumerate(self.group):
             if dst == self.node_id:
                 self.received[dst] = (b_shares[i], sk_shares[i])
                 continue
@@ -225,8 +270,8 @@ class NodeSecAgg:
 
         c_sk = bytes_to_private_key(self.c_sk)
         for src, ct in ciphertexts.items():
-            if src not in self.pks or src == self.node_id:
-                raise SecAggError(f"shares from node {src}, which is not in this round")
+            if src not in self.group or src == self.node_id:
+                raise SecAggError(f"shares from node {src}, which is not among this node's neighbours this round")
             key = generate_shared_key(c_sk, bytes_to_public_key(self.pks[src][0]))
             try:
                 s, d, b_share, sk_share = share_keys_plaintext_separate(decrypt(key, ct))
@@ -243,14 +288,15 @@ class NodeSecAgg:
 
         if self.masked:
             raise SecAggError("this node already sent its masked input for this round")
-        missing = [v for v in survivors if v != self.node_id and v not in self.received]
+        group = set(self.group)
+        missing = [v for v in survivors if v != self.node_id and v in group and v not in self.received]
         if missing:
             raise SecAggError(f"no shares received from nodes {missing[:5]}")
         n = len(y)
         out = (np.asarray(y, dtype=np.int64) + prg(self.b, n, domain=b"self")) % MODULUS
         s_sk = bytes_to_private_key(self.s_sk)
         for v in survivors:
-            if v == self.node_id:
+            if v == self.node_id or v not in group:
                 continue
             m = prg(_pair_seed(generate_shared_key(s_sk, bytes_to_public_key(self.pks[v][1]))), n, domain=b"pair")
             out = (out + m) % MODULUS if self.node_id < v else (out - m) % MODULUS
@@ -267,13 +313,16 @@ class NodeSecAgg:
             raise SecAggError("this node is not listed as a survivor")
         if not self.masked:
             raise SecAggError("this node sent no masked input this round: nothing to unmask")
-        if len(survivors) < self.threshold:
-            raise SecAggError(f"only {len(survivors)} nodes survived; revealing needs {self.threshold}")
-        unknown = [v for v in [*survivors, *dropped] if v not in self.received]
+        group = set(self.group)
+        alive = [v for v in survivors if v in group]
+        if len(alive) < self.threshold:
+            raise SecAggError(f"only {len(alive)} of this node's group survived; revealing needs {self.threshold}")
+        gone = [v for v in dropped if v in group]
+        unknown = [v for v in [*alive, *gone] if v not in self.received]
         if unknown:
-            raise SecAggError(f"nodes {unknown[:5]} are not among this node's share holders")
-        out = {v: self.received[v][0] for v in survivors}
-        out.update({v: self.received[v][1] for v in dropped})
+            raise SecAggError(f"nodes {unknown[:5]} sent this node no shares")
+        out = {v: self.received[v][0] for v in alive}
+        out.update({v: self.received[v][1] for v in gone})
         return out
 
 
@@ -283,10 +332,14 @@ def unmask_sum(
     *,
     pks: dict[int, tuple[bytes, bytes]],
     dropped: list[int],
-    threshold: int,
+    threshold: int = 0,
 ) -> np.ndarray:
     """The coordinator's last step: from the survivors' masked inputs and the shares they
-    revealed (``revealed[holder][owner]``), the sum of the survivors' vectors mod ``2^32``."""
+    revealed (``revealed[holder][owner]``), the sum of the survivors' vectors mod ``2^32``.
+
+    Each secret is rebuilt from the shares of its owner's group (:func:`neighbours`), which
+    needs :func:`threshold_for` of the group's size; ``threshold`` is the least number of nodes
+    that must have revealed at all (a quick refusal)."""
     from flwr.common.secure_aggregation.crypto.shamir import combine_shares
     from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
     from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
@@ -294,25 +347,30 @@ def unmask_sum(
     survivors = sorted(masked)
     if len(revealed) < threshold:
         raise SecAggError(f"only {len(revealed)} nodes revealed shares; unmasking needs {threshold}")
+    graph = neighbours(pks)
     n = len(next(iter(masked.values())))
     total = np.zeros(n, dtype=np.int64)
     for v in survivors:
         total = (total + masked[v]) % MODULUS
 
     def rebuild(owner: int) -> bytes:
-        shares = [r[owner] for r in revealed.values() if owner in r]
-        if len(shares) < threshold:
-            raise SecAggError(f"{len(shares)} shares of node {owner}'s secret; {threshold} are needed")
+        need = threshold_for(len(graph[owner]) + 1)
+        shares = [r[owner] for h, r in revealed.items() if owner in r and (h == owner or h in graph[owner])]
+        if len(shares) < need:
+            raise SecAggError(f"{len(shares)} shares of node {owner}'s secret; {need} are needed")
         try:
-            return combine_shares(shares[:threshold])
+            return combine_shares(shares[:need])
         except ValueError as exc:
             raise SecAggError(f"the shares of node {owner}'s secret do not combine: {exc}") from None
 
     for v in survivors:
         total = (total - prg(rebuild(v), n, domain=b"self")) % MODULUS
+    alive = set(survivors)
     for d in dropped:
         s_sk_d = bytes_to_private_key(rebuild(d))
-        for u in survivors:
+        for u in graph[d]:
+            if u not in alive:
+                continue
             m = prg(_pair_seed(generate_shared_key(s_sk_d, bytes_to_public_key(pks[u][1]))), n, domain=b"pair")
             # u added +m if u < d, else -m: remove it
             total = (total - m) % MODULUS if u < d else (total + m) % MODULUS

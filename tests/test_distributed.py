@@ -253,7 +253,8 @@ def test_distributed_needs_secure_aggregation_and_policy_can_require_it(tmp_path
     policy = load_policy(tmp_path / "policy.toml")
     _, dist = _fed_task(tmp_path / "b")
     _, local = _fed_task(tmp_path / "c")
-    local.write_text(local.read_text().replace('mode = "distributed"', 'mode = "local"'))
+    dist.write_text(dist.read_text().replace("target_epsilon = 8.0", "target_epsilon = 2.0"))
+    local.write_text(local.read_text().replace('mode = "distributed"', 'mode = "local"').replace("target_epsilon = 8.0", "target_epsilon = 2.0"))
     t, c = load_task(local)
     d = check_task(policy, task=t, contract=c, rows=None, noise_multiplier=None)
     assert not d.accepted and d.code is not None and d.code.value == "distributed-dp-required"

@@ -8,6 +8,7 @@ are tolerated, beyond it the round is discarded, no downgrade to plaintext, node
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ def _setup(ids: list[int], round: int = 1) -> tuple[dict[int, NodeSecAgg], dict[
         states[i], pks[i] = st, (c, s)
     cts = {i: states[i].shares(pks, P) for i in ids}
     for i in ids:
-        states[i].receive({src: cts[src][i] for src in ids if src != i})
+        states[i].receive({src: cts[src][i] for src in ids if i in cts[src]})  # what the coordinator routes to i
     return states, pks
 
 
@@ -66,6 +67,41 @@ def test_the_sum_of_the_survivors_and_nothing_else(dropped: list[int]) -> None:
         expected = sum(weights[i] * ups[i][k] for i in survivors)
         assert np.abs(sums[k] - expected).max() < 2e-5  # quantisation: 2 * clip / 2^22 per node
     assert w == pytest.approx(sum(weights[i] for i in survivors), abs=2e-5)
+
+
+def test_secagg_plus_neighbourhoods_at_scale_sum_exactly_with_dropouts() -> None:
+    """Above 40 nodes each node shares with its neighbours in a random k-regular graph only
+    (SecAgg+); the sum over the survivors is still exact, and a dropped node's masks are removed
+    from its neighbours' inputs."""
+    from fedgov.secagg import neighbourhood_size, neighbours
+
+    assert neighbourhood_size(12) == 11 and neighbourhood_size(342) == 34
+    ids = list(range(100, 160))  # 60 nodes
+    states, pks = _setup(ids)
+    graph = neighbours(pks)
+    k = neighbourhood_size(60)
+    assert k == 2 * math.ceil(2 * math.log2(60)) and k < 59
+    for v in ids:  # k-regular, symmetric, no self loops; each node holds its neighbours' shares only
+        assert len(graph[v]) == k and v not in graph[v]
+        assert all(v in graph[u] for u in graph[v])
+        assert sorted(states[v].received) == sorted([v, *graph[v]])
+    assert neighbours(dict(reversed(list(pks.items())))) == graph  # the same graph for everyone
+    ups = _updates(ids, seed=3)
+    dropped = [ids[3], ids[17], ids[40]]
+    masked = {i: states[i].mask(encode_update(ups[i], 1.0, P), ids) for i in ids if i not in dropped}
+    survivors = sorted(masked)
+    revealed = {i: states[i].reveal(survivors, dropped) for i in survivors}
+    assert all(set(r) <= {i, *graph[i]} for i, r in revealed.items())  # a node reveals for its group only
+    total = unmask_sum(masked, revealed, pks=pks, dropped=dropped, threshold=threshold_for(k + 1))
+    sums, w = decode_sum(total, len(survivors), SHAPES, P)
+    for j in range(len(SHAPES)):
+        assert np.abs(sums[j] - sum(ups[i][j] for i in survivors)).max() < 60 * 1e-5
+    assert w == pytest.approx(len(survivors), abs=1e-3)
+    # without the shares of a dropped node's group the sum cannot be had
+    d = dropped[0]
+    thin = {h: r for h, r in revealed.items() if h not in graph[d]}
+    with pytest.raises(SecAggError, match=r"shares of node \d+'s secret; 13 are needed"):
+        unmask_sum(masked, thin, pks=pks, dropped=dropped)
 
 
 def test_a_masked_vector_says_nothing_about_its_update() -> None:
@@ -93,7 +129,7 @@ def test_nodes_refuse_what_would_unmask_one_node() -> None:
     with pytest.raises(SecAggError, match="both survived and dropped"):
         states[1].reveal([1, 2, 3], [3])
     # fewer survivors than the threshold (3 of 5): refuse
-    with pytest.raises(SecAggError, match="only 2 nodes survived"):
+    with pytest.raises(SecAggError, match="only 2 of this node.s group survived"):
         states[1].reveal([1, 2], [3, 4, 5])
     # the coordinator cannot unmask with fewer shares than the threshold
     masked = {i: np.zeros(4, dtype=np.int64) for i in (1, 2)}
