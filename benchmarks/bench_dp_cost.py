@@ -35,8 +35,11 @@ def _paired(make: Any, base: Any, dp: Any, repeats: int) -> tuple[float, float, 
     round's wall time less its privacy accounting (``RoundResult.accounting_seconds``: epsilon
     of the ledger after the round, once per round whatever the data size).
     """
+    from fedgov.privacy import accounting
+
     b_times, d_times, a_times = [], [], []
     for r in range(repeats + 1):
+        accounting._epsilon_cached.cache_clear()  # every round's accounting from scratch, as at a node
         m = make()
         t0 = time.perf_counter()
         base(m, r)

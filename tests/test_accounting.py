@@ -130,10 +130,19 @@ def test_calibrate_noise_with_prior_history_resumes() -> None:
     assert alone < 3.0 - 0.5  # calibrating without the prior spend would have allowed epsilon 3.0
 
 
-@pytest.mark.parametrize("q", [1.0, 1.5, 0.0])
+@pytest.mark.parametrize("q", [1.5, 0.0, -0.1])
 def test_calibrate_noise_refuses_sample_rate_outside_0_1(q: float) -> None:
     with pytest.raises(PrivacyError, match="sample_rate"):
         calibrate_noise(target_epsilon=2.0, delta=DELTA, sample_rate=q, steps=100)
+
+
+def test_calibrate_noise_without_sampling_is_the_composed_gaussian() -> None:
+    """q = 1 (every municipality every round, distributed DP): no amplification; 10 Gaussian
+    releases at the calibrated sigma spend the target, and a smaller sigma would not do."""
+    sigma = calibrate_noise(target_epsilon=2.0, delta=DELTA, sample_rate=1.0, steps=10, accountant="rdp")
+    assert epsilon_from_history(history=[(sigma, 1.0, 10)], delta=DELTA, accountant="rdp") <= 2.0
+    assert epsilon_from_history(history=[(0.97 * sigma, 1.0, 10)], delta=DELTA, accountant="rdp") > 2.0
+    assert sigma > calibrate_noise(target_epsilon=2.0, delta=DELTA, sample_rate=0.5, steps=10, accountant="rdp")
 
 
 def test_calibrate_noise_refuses_bad_steps_delta_accountant() -> None:

@@ -17,6 +17,7 @@ latest round alone.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal
 
@@ -127,10 +128,19 @@ def epsilon_from_history(*, history: list[HistoryEntry], delta: float, accountan
     if not 0 < delta < 1:
         raise PrivacyError(f"delta must be in (0, 1), got {delta}")
     merged = merge_history(history)
-    acct = _accountant(accountant)
+    _accountant(accountant)  # an unknown name fails here, before the cache
     if not merged:
         return 0.0
-    acct.history = merged
+    return _epsilon_cached(tuple((float(s), float(q), int(k)) for s, q, k in merged), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_cached(merged: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
+    """Epsilon is a pure function of the merged ledger: within one process a node computes the
+    same one several times a round (the hard cap before training, the ledger's composition
+    after), so it is kept (measured: 20 to 40 ms per PRV evaluation)."""
+    acct = _accountant(accountant)
+    acct.history = list(merged)
     # PRV's discretisation takes log(0) on purpose where it masks a branch with np.where;
     # the warnings say nothing. The errstate is local to this call (and thread).
     with np.errstate(divide="ignore", invalid="ignore"):
