@@ -209,6 +209,13 @@ def budget_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     digest = model_digest({k: v.numpy() for k, v in msg.content.array_records[P.ARRAYS].items()})
     if server_round in admission.spent(home, contract, task, task_id=tid):
         # This round was trained and spent before (the coordinator restarted in the middle of it).
+        if task.privacy.mode == "distributed":
+            # The noise share is drawn when the update is masked: a second one would be a second
+            # release of the same update. The round goes on without this node.
+            return _refused(
+                msg, f"round {server_round} of task {tid} was already spent at this node; under distributed DP its "
+                "noisy share is not sent twice",
+            )
         again = sent.load(tid, server_round, digest)
         if again is None:
             return _refused(

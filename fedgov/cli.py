@@ -81,6 +81,12 @@ def print_summary(report: Any, run_dir: Path) -> None:
             f"AUC {_fmt(report.final.auc, '.4f')}, loss {report.final.loss:.4f}; majority class {_fmt(report.majority_rate, '.4f')}"
         )
     gain = report.median_gain()
+    if report.privacy.get("mode") == "distributed":
+        console.print(
+            f"Distributed DP: epsilon {_fmt(report.max_epsilon(), '.3f')} per municipality at most (delta "
+            f"{report.privacy.get('delta')}), and so for every citizen in it; noise multiplier of the sum "
+            f"{_fmt(report.privacy.get('noise_multiplier'), '.2f')}, update clip {report.privacy.get('update_clip')}"
+        )
     console.print(
         f"Max epsilon spent by a node: {_fmt(report.max_epsilon(), '.3f')}; median gain from federating: "
         f"{'-' if gain is None else f'{100 * gain:+.1f} points'}; wall time {_fmt(report.wall_seconds, '.0f')} s"
