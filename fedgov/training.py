@@ -39,7 +39,7 @@ from fedgov.config.task import PrivacySpec, TrainingSpec
 from fedgov.errors import ModelError, PrivacyError
 from fedgov.models import dp_problems, get_state
 from fedgov.privacy.accounting import DPPlan, HistoryEntry, epsilon_from_history, merge_history
-from fedgov.privacy.dpsgd import FusedClipper, fused_supported, noised_mean_grad, poisson_indices
+from fedgov.privacy.dpsgd import FusedClipper, fused_supported, noised_mean_grad, poisson_batches
 
 __all__ = [
     "EvalMetrics",
@@ -310,8 +310,9 @@ def _train_fused(
 
     As Opacus does it: ``steps_per_epoch`` steps per epoch, each on a Poisson batch that takes
     every row with probability ``1 / loader_batches``; noise ``sigma * C`` on the clipped sum;
-    division by Opacus' expected batch size ``int(rows / loader_batches)``. The batches are
-    drawn by :func:`~fedgov.privacy.dpsgd.poisson_indices` and the noise in one draw per step.
+    division by Opacus' expected batch size ``int(rows / loader_batches)``. An epoch's batches
+    are drawn together (:func:`~fedgov.privacy.dpsgd.poisson_batches`) and the noise ahead, in
+    chunks of at most 16 MiB: a small model's step costs little beyond its Python calls.
 
     ``replay_opacus`` draws batches and noise exactly as Opacus' ``DPDataLoader`` and
     ``DPOptimizer`` do (the DataLoader's base-seed draw at each epoch, a ``rand(rows)`` mask per
@@ -327,23 +328,34 @@ def _train_fused(
     expected = int(rows * rate)
     row_sq = torch.linalg.vecdot(Xt, Xt)  # the first layer's input norms, once per round
     clipper = FusedClipper(model)  # one gradient buffer, reused by every step
-    losses: list[float] = []
+    dim = clipper.flat.numel()
+    chunk = max(1, min(plan.steps_per_epoch, (1 << 22) // max(dim, 1)))  # noise drawn ahead, <= 16 MiB at a time
+    loss_total = torch.zeros((), dtype=torch.float64)
+    batches_with_rows = 0
     steps = 0
     for _ in range(training.local_epochs):
         if replay_opacus:
             torch.empty((), dtype=torch.int64).random_(generator=sampler)  # DataLoader's _base_seed
-        for _ in range(plan.steps_per_epoch):
+            epoch: list[torch.Tensor] = []  # drawn step by step below, as Opacus' sampler does
+        else:
+            epoch = poisson_batches(rows, rate, plan.steps_per_epoch, sampler)
+        ahead: torch.Tensor | None = None
+        for i in range(plan.steps_per_epoch):
             if replay_opacus:
                 idx = (torch.rand(rows, generator=sampler) < rate).nonzero(as_tuple=False).reshape(-1)
             else:
-                idx = poisson_indices(rows, rate, sampler)
+                idx = epoch[i]
+                if i % chunk == 0:
+                    ahead = torch.normal(0.0, 1.0, size=(min(chunk, plan.steps_per_epoch - i), dim), generator=noise)
             yb = yt[idx]
             step = clipper.step(Xt[idx], yb, privacy.max_grad_norm, input_sq_norms=row_sq[idx])
             if len(yb):
-                losses.append(step.loss_sum / len(yb))
+                loss_total += step.loss / len(yb)
+                batches_with_rows += 1
             grads = noised_mean_grad(
                 step, noise_multiplier=plan.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
                 expected_batch_size=expected, generator=noise, per_parameter_draws=replay_opacus,
+                standard_normal=None if ahead is None else ahead[i % chunk],
             )
             with torch.no_grad():
                 if steps == 0:
@@ -354,6 +366,7 @@ def _train_fused(
                         p.grad.add_(p.detach() - g0, alpha=training.proximal_mu)  # type: ignore[union-attr]
             optimizer.step()
             steps += 1
+    losses = [float(loss_total) / batches_with_rows] if batches_with_rows else []
     optimizer.zero_grad(set_to_none=True)
     return losses, steps
 

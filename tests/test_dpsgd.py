@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fedgov.privacy.dpsgd import FusedClipper, clipped_grad_sum, fused_supported, noised_mean_grad, poisson_indices
+from fedgov.privacy.dpsgd import FusedClipper, clipped_grad_sum, fused_supported, noised_mean_grad, poisson_batches, poisson_indices
 
 
 def _brute_force(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, clip: float) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -84,6 +84,11 @@ def test_noise_has_the_dp_sgd_scale() -> None:
     n = flat.numel()  # 10,050 draws: the sample std is within 3% of the target with overwhelming probability
     assert abs(float(flat.mean())) < 4 * sigma * clip / expected / math.sqrt(n)
     assert float(flat.std()) == pytest.approx(sigma * clip / expected, rel=0.03)
+    # noise drawn ahead (standard normal) is scaled the same way
+    z = torch.randn(step.flat.numel(), generator=torch.Generator().manual_seed(2))
+    step = clipper.step(torch.zeros(0, 200), torch.zeros(0, dtype=torch.long), 1.0)
+    ahead = noised_mean_grad(step, noise_multiplier=sigma, max_grad_norm=clip, expected_batch_size=expected, generator=None, standard_normal=z)
+    torch.testing.assert_close(torch.cat([g.reshape(-1) for g in ahead]), z * sigma * clip / expected)
 
 
 def test_fused_supported() -> None:
@@ -99,16 +104,19 @@ def test_fused_supported() -> None:
         FusedClipper(nn.Sequential(nn.Linear(4, 4), nn.Dropout(), nn.Linear(4, 2)))
 
 
+@pytest.mark.parametrize("together", [False, True])
 @pytest.mark.parametrize("rows,rate", [(1000, 0.05), (50, 0.5), (20_000, 1 / 128)])
-def test_poisson_batches_have_the_bernoulli_law(rows: int, rate: float) -> None:
+def test_poisson_batches_have_the_bernoulli_law(rows: int, rate: float, together: bool) -> None:
     """Each row in each batch independently with probability ``rate``: per-row frequency and the
-    batch size's mean and variance match Binomial(rows, rate)."""
+    batch size's mean and variance match Binomial(rows, rate); one batch at a time
+    (``poisson_indices``) or an epoch's batches drawn together (``poisson_batches``)."""
     g = torch.Generator().manual_seed(3)
     draws = 3000
     hits = torch.zeros(rows)
     sizes = []
+    batches = iter(poisson_batches(rows, rate, draws, g)) if together else None
     for _ in range(draws):
-        idx = poisson_indices(rows, rate, g)
+        idx = next(batches) if batches is not None else poisson_indices(rows, rate, g)
         assert idx.dtype == torch.long
         assert len(idx) == 0 or (int(idx.min()) >= 0 and int(idx.max()) < rows)
         assert len(torch.unique(idx)) == len(idx)

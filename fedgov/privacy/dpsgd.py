@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["FusedClipper", "FusedStep", "clipped_grad_sum", "fused_supported", "noised_mean_grad", "poisson_indices"]
+__all__ = ["FusedClipper", "FusedStep", "clipped_grad_sum", "fused_supported", "noised_mean_grad", "poisson_batches", "poisson_indices"]
 
 # Parameter-free, element-wise layers a fused stack may hold between its Linear layers.
 _ELEMENTWISE: tuple[type[nn.Module], ...] = (
@@ -55,13 +55,17 @@ def fused_supported(model: nn.Module) -> bool:
 class FusedStep:
     """The clipped per-sample gradient sum of one batch, and what was seen on the way."""
 
-    __slots__ = ("flat", "grads", "loss_sum", "norms")
+    __slots__ = ("flat", "grads", "loss", "norms")
 
-    def __init__(self, flat: torch.Tensor, grads: list[torch.Tensor], loss_sum: float, norms: torch.Tensor) -> None:
+    def __init__(self, flat: torch.Tensor, grads: list[torch.Tensor], loss: torch.Tensor, norms: torch.Tensor) -> None:
         self.flat = flat  # all parameters' clipped sums, one vector
         self.grads = grads  # views of ``flat``, one per parameter, in model.parameters() order
-        self.loss_sum = loss_sum  # sum of the per-example losses (before clipping)
+        self.loss = loss  # sum of the per-example losses (before clipping), a 0-d tensor
         self.norms = norms  # each example's gradient norm, before clipping
+
+    @property
+    def loss_sum(self) -> float:
+        return float(self.loss)
 
 
 class FusedClipper:
@@ -99,7 +103,7 @@ class FusedClipper:
         """
         if len(yb) == 0:
             self.flat.zero_()
-            return FusedStep(self.flat, self.grads, 0.0, torch.zeros(0))
+            return FusedStep(self.flat, self.grads, torch.zeros(()), torch.zeros(0))
         inputs: list[torch.Tensor] = []
         outputs: list[torch.Tensor] = []
         linear: list[tuple[torch.Tensor, torch.Tensor | None]] = []
@@ -130,7 +134,7 @@ class FusedClipper:
                 torch.mm(cg.T, a, out=w_slot)
                 if b_slot is not None:
                     torch.sum(cg, dim=0, out=b_slot)
-        return FusedStep(self.flat, self.grads, float(losses.detach().sum()), norms)
+        return FusedStep(self.flat, self.grads, losses.detach().sum(), norms)
 
 
 def clipped_grad_sum(model: nn.Sequential, xb: torch.Tensor, yb: torch.Tensor, max_grad_norm: float) -> FusedStep:
@@ -168,6 +172,30 @@ def poisson_indices(rows: int, rate: float, generator: torch.Generator | None) -
     return (chosen[0] if len(chosen) == 1 else torch.cat(chosen)).long()
 
 
+def poisson_batches(rows: int, rate: float, steps: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+    """``steps`` independent Poisson batches (:func:`poisson_indices`), drawn together: one
+    ``steps x k`` array of gaps instead of ``steps`` small draws (the per-step Python and
+    dispatch cost is what a small model's DP step is made of)."""
+    if not 0 < rate < 1:
+        raise ValueError(f"rate must be in (0, 1), got {rate}")
+    if steps < 1:
+        return []
+    log_keep = math.log1p(-rate)
+    mean = rows * rate
+    k = int(mean + 6 * math.sqrt(mean) + 16)
+    u = torch.rand(steps, k, generator=generator, dtype=torch.float64)
+    pos = torch.cumsum(torch.log1p(-u).div_(log_keep).floor_().add_(1), 1).sub_(1)
+    out = []
+    for i in range(steps):
+        row = pos[i]
+        if row[-1] < rows:  # the walk did not leave the table within k draws (rare): go on
+            rest = poisson_indices(rows - int(row[-1]) - 1, rate, generator) + int(row[-1]) + 1
+            out.append(torch.cat([row.long(), rest]))
+        else:
+            out.append(row[row < rows].long())
+    return out
+
+
 def noised_mean_grad(
     step: FusedStep,
     *,
@@ -176,16 +204,20 @@ def noised_mean_grad(
     expected_batch_size: float,
     generator: torch.Generator | None,
     per_parameter_draws: bool = False,
+    standard_normal: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """``(clipped sum + N(0, (sigma C)^2 I)) / expected_batch_size`` for every parameter, in place.
 
     Overwrites ``step.flat`` and returns its views. The noise is one draw for all parameters
-    together; ``per_parameter_draws`` draws it parameter by parameter instead, as Opacus does
-    (the same law, and Opacus' exact numbers).
+    together, or ``standard_normal`` (N(0, 1) numbers drawn ahead for this step) times its
+    scale; ``per_parameter_draws`` draws it parameter by parameter instead, as Opacus does (the
+    same law, and Opacus' exact numbers).
     """
     std = noise_multiplier * max_grad_norm
     if std > 0:
-        if per_parameter_draws:
+        if standard_normal is not None:
+            step.flat.add_(standard_normal, alpha=std)
+        elif per_parameter_draws:
             for g in step.grads:
                 g.add_(torch.normal(mean=0.0, std=std, size=g.shape, generator=generator, dtype=g.dtype))
         else:
