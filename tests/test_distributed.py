@@ -270,20 +270,20 @@ def test_distributed_needs_secure_aggregation_and_policy_can_require_it(tmp_path
 
 
 def test_a_resumed_round_is_not_released_twice(tmp_path: Path) -> None:
-    """The coordinator dies after the nodes trained round 1 and before it saved the round; the
-    resumed run asks for round 1 again. Under distributed DP the noise share is drawn per
-    sending, so a node does not send a spent round twice: round 1 is discarded, round 2 runs,
+    """The coordinator dies after the nodes trained round 2 and before it saved the round; the
+    resumed run asks for round 2 again. Under distributed DP the noise share is drawn per
+    sending, so a node does not send a spent round twice: round 2 is discarded, round 3 runs,
     and every ledger holds exactly one release per round."""
     from inprocess import CoordinatorCrash
 
     from fedgov.coordinator import run_training
     from fedgov.nodehome import NodeHome
 
-    fed, task_path = _fed_task(tmp_path, rounds=2)
+    fed, task_path = _fed_task(tmp_path, rounds=3)
     _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
     task, contract = load_task(task_path)
     grid = InProcessGrid(manifest, len(nodes), run_id=71)
-    grid.crash_after_train_round = 1
+    grid.crash_after_train_round = 2
     with pytest.raises(CoordinatorCrash):
         _train(grid, task_path, tmp_path / "run", 71)
     report = run_training(
@@ -291,10 +291,11 @@ def test_a_resumed_round_is_not_released_twice(tmp_path: Path) -> None:
         task_file=str(task_path), federation="dd-6", local_baseline=False, flower_run_id=72, connect_timeout=5, resume=True,
     )
     assert report.status == "completed", report.message
-    r1, r2 = report.rounds
-    assert r1.discarded is not None and not r1.nodes_trained
-    assert all("not sent twice" in why for why in r1.nodes_failed.values()) and len(r1.nodes_failed) == 6
-    assert r2.discarded is None and len(r2.nodes_trained) == 6
+    r1, r2, r3 = report.rounds
+    assert r1.discarded is None and len(r1.nodes_trained) == 6  # from the checkpoint
+    assert r2.discarded is not None and not r2.nodes_trained
+    assert all("not sent twice" in why for why in r2.nodes_failed.values()) and len(r2.nodes_failed) == 6
+    assert r3.discarded is None and len(r3.nodes_trained) == 6
     for n in nodes:
         rounds = [e.round for e in NodeHome(n.train_path.parent).ledger.events() if e.kind == "spend"]
-        assert rounds == [1, 2]
+        assert rounds == [1, 2, 3]
