@@ -210,35 +210,37 @@ def test_a_distributed_run_releases_only_noisy_sums_and_every_ledger_holds_its_r
 
 
 def test_a_node_refuses_parameters_that_are_not_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A coordinator that sizes the shares for more contributors than the round has, or uses
-    another noise multiplier, gets no update."""
+    """A coordinator that sizes the shares for more contributors than the round has (round 1),
+    or uses another noise multiplier (round 2), gets no update, and nothing is spent."""
     import fedgov.coordinator as C
-
-    fed, task_path = _fed_task(tmp_path, rounds=1)
-    _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
-    real = C.SecAggRound.record_for
-
-    def lying(self, dst, extra=None):  # type: ignore[no-untyped-def]
-        return real(self, dst, {**(extra or {}), "dd-min": 1000})
-
-    monkeypatch.setattr(C.SecAggRound, "record_for", lying)
-    grid = InProcessGrid(manifest, len(nodes), run_id=62)
-    _train(grid, task_path, tmp_path / "run", 62)
-    train_replies = [m for m in grid.received if m.metadata.message_type.startswith("train")]
-    assert train_replies and all(m.has_error() and "min_contributors 1000" in (m.error.reason or "") for m in train_replies)
     from fedgov.nodehome import NodeHome
 
+    fed, task_path = _fed_task(tmp_path, rounds=2)
+    _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
+    real = C.SecAggRound.record_for
+    lies = {1: lambda extra: {**extra, "dd-min": 1000}, 2: lambda extra: {**extra, "dd-z": float(extra["dd-z"]) / 2}}
+    state = {"round": 0}
+    real_setup = C.secagg_setup
+
+    def setup(grid, ids, server_round, *a, **kw):  # type: ignore[no-untyped-def]
+        state["round"] = server_round
+        return real_setup(grid, ids, server_round, *a, **kw)
+
+    def lying(self, dst, extra=None):  # type: ignore[no-untyped-def]
+        return real(self, dst, lies[state["round"]](dict(extra or {})))
+
+    monkeypatch.setattr(C, "secagg_setup", setup)
+    monkeypatch.setattr(C.SecAggRound, "record_for", lying)
+    grid = InProcessGrid(manifest, len(nodes), run_id=62)
+    report = _train(grid, task_path, tmp_path / "run", 62)
+    assert all(r.discarded and not r.nodes_trained for r in report.rounds)
+    train = [m for m in grid.received if m.metadata.message_type.startswith("train")]
+    assert len(train) == 12 and all(m.has_error() for m in train)
+    reasons = [m.error.reason or "" for m in train]
+    assert sum("min_contributors 1000" in r for r in reasons) == 6
+    assert sum("not this node's" in r for r in reasons) == 6
     for n in nodes:  # refused before training: nothing spent
         assert not [e for e in NodeHome(n.train_path.parent).ledger.events() if e.kind == "spend"]
-
-    def other_z(self, dst, extra=None):  # type: ignore[no-untyped-def]
-        return real(self, dst, {**(extra or {}), "dd-z": float((extra or {})["dd-z"]) / 2})
-
-    monkeypatch.setattr(C.SecAggRound, "record_for", other_z)
-    grid = InProcessGrid(manifest, len(nodes), run_id=63)
-    _train(grid, task_path, tmp_path / "run2", 63)
-    train_replies = [m for m in grid.received if m.metadata.message_type.startswith("train")]
-    assert train_replies and all(m.has_error() and "not this node's" in (m.error.reason or "") for m in train_replies)
 
 
 def test_distributed_needs_secure_aggregation_and_policy_can_require_it(tmp_path: Path) -> None:
