@@ -170,6 +170,20 @@ def test_fused_equals_opacus_hooks_and_ghost_number_for_number(data, rdp_plan, o
         assert not np.allclose(states["fused"]["0.weight"], start["0.weight"])  # it did train
 
 
+def test_the_fast_plain_sgd_step_is_the_optimizers_step(data, training, rdp_plan, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedgov.training as T
+
+    X, y = data
+    privacy = PrivacySpec(target_epsilon=TARGET, delta=DELTA, accountant="rdp")
+    states = []
+    for fast in (True, False):
+        monkeypatch.setattr(T, "_FAST_PLAIN_SGD", fast)
+        states.append(train_dp_round(_model("mlp"), X, y, training=training, privacy=privacy, plan=rdp_plan, history=[], seed=9).state)
+    for k in states[0]:
+        np.testing.assert_allclose(states[0][k], states[1][k], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(states[0]["0.weight"], get_state(_model("mlp"))["0.weight"])
+
+
 def test_auto_is_fused_and_the_same_seed_gives_the_same_round(data, training, rdp_plan) -> None:
     from fedgov.training import _grad_sample_mode
 
