@@ -389,8 +389,22 @@ def test_secure_aggregation_can_be_required(policy: NodePolicy, demo: tuple[Task
     assert check(strict, variant(task, training={"secure_aggregation": True}), contract).accepted
 
 
+def test_distributed_dp_can_be_required(policy: NodePolicy, demo: tuple[Task, Contract]) -> None:
+    task, contract = demo
+    strict = _policy_with(policy, limits={"require_distributed": True})
+    d = check(strict, task, contract)
+    assert not d.accepted and d.code is PolicyCode.DISTRIBUTED_REQUIRED
+    assert "limits.require_distributed" in d.reason and 'privacy.mode = "local"' in d.reason
+    distributed = Task.model_validate({
+        **task.model_dump(), "training": {**task.training.model_dump(), "secure_aggregation": True},
+        "privacy": {**task.privacy.model_dump(), "mode": "distributed"},
+    })
+    assert check(strict, distributed, contract).accepted
+
+
 def test_every_code_is_tested() -> None:
     tested = {c[4] for c in CASES} | {
         PolicyCode.CONTRACT_NOT_SERVED, PolicyCode.EPSILON_ABOVE_MAX, PolicyCode.SECURE_AGGREGATION_REQUIRED,
+        PolicyCode.DISTRIBUTED_REQUIRED,
     }
     assert tested == set(PolicyCode)
