@@ -145,7 +145,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--clip", type=float, default=4.0)
     ap.add_argument("--out", default="", help="results file name under benchmarks/results/ (default distributed.json)")
+    ap.add_argument("--merge", nargs="+", default=[], help="only combine these result files into distributed.json")
     args = ap.parse_args()
+    if args.merge:
+        merged = [json.loads((ROOT / "benchmarks" / "results" / f).read_text()) for f in args.merge]
+        rows_all = [r for m in merged for r in m["rows"]]
+        (ROOT / "benchmarks" / "results" / "distributed.json").write_text(json.dumps({
+            "commands": [m["command"] for m in merged], "rows": rows_all,
+        }, indent=2) + "\n")
+        print(table(rows_all))
+        return
     import logging
     import warnings
 

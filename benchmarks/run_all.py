@@ -127,6 +127,8 @@ def main() -> None:
     ap.add_argument("--summary-only", action="store_true", help="rebuild the table from the existing results")
     args = ap.parse_args()
     command = "make bench" + (" (--quick)" if args.quick else "")
+    if args.summary_only:
+        command = "benchmarks/run_all.py --summary-only (from the result files each benchmark wrote; see their `command`)"
     if not args.summary_only:
         r = "1" if args.quick else None
         seconds = {
