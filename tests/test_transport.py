@@ -15,8 +15,8 @@ from fedgov import protocol as P
 from fedgov.coordinator import decode_updates, message_bytes, run_training, screen_updates
 from fedgov.transport import UPDATE, encode_update, is_encoded, local_model, pack, unpack
 
-from _helpers import ADULT, ADULT_TEST, CONTRACT, write
 from inprocess import InProcessGrid, prepare
+from test_resume import _fed_task
 
 
 def _models(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -117,52 +117,14 @@ def test_a_federation_records_its_traffic_and_float16_learns_as_float32(tmp_path
 
 def _traffic_run(tmp_path: Path, encoding: str) -> float:
     tmp_path.mkdir()
-    fed = write(
-        tmp_path / "fed.toml",
-        f"""
-        name = "traffic-3"
-        seed = 5
-        source = "{ADULT}"
-        [partition]
-        kind = "population"
-        min_rows = 200
-        [[members]]
-        code = "GM0363"
-        [[members]]
-        code = "GM0344"
-        [[members]]
-        code = "GM0150"
-        """,
-    )
-    task_path = write(
-        tmp_path / "task.toml",
-        f"""
-        name = "traffic"
-        contract = "{CONTRACT}"
-        [model]
-        name = "mlp"
-        hidden = [32]
-        [training]
-        rounds = 2
-        batch_size = 256
-        learning_rate = 0.5
-        min_nodes = 2
-        seed = 1
-        fraction_evaluate = 0.0
-        update_encoding = "{encoding}"
-        [privacy]
-        target_epsilon = 2.0
-        delta = 1e-5
-        reproducible_noise = true
-        [evaluation]
-        centralized = "{ADULT_TEST}"
-        """,
-    )
+    # test_resume's 3-municipality federation and task, with an MLP and the encoding under test
+    fed, task_path = _fed_task(tmp_path, rounds=2, extra=f'fraction_evaluate = 0.0\nupdate_encoding = "{encoding}"')
+    task_path.write_text(task_path.read_text().replace('name = "logreg"', 'name = "mlp"\nhidden = [32]'))
     task, contract, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
     grid = InProcessGrid(manifest, len(nodes), run_id=7)
     report = run_training(
         grid, task, contract, run_dir=tmp_path / "run", expected_nodes=len(nodes), task_file=str(task_path),
-        federation="traffic-3", local_baseline=False, flower_run_id=7, connect_timeout=5,
+        federation="resume-3", local_baseline=False, flower_run_id=7, connect_timeout=5,
     )
     assert report.status == "completed", report.message
     assert report.model_parameters == 108 * 32 + 32 + 32 * 2 + 2
