@@ -301,3 +301,27 @@ def test_a_resumed_round_is_not_released_twice(tmp_path: Path) -> None:
     for n in nodes:
         rounds = [e.round for e in NodeHome(n.train_path.parent).ledger.events() if e.kind == "spend"]
         assert rounds == [1, 2, 3]
+
+
+def test_sampled_municipalities_are_accounted_at_their_rate(tmp_path: Path) -> None:
+    """``fraction_train = 0.8``: each municipality is asked with probability 0.8 each round
+    (Poisson, by the coordinator), the plan's z is the amplified one, and every release in a
+    ledger is recorded at rate 0.8."""
+    from fedgov.nodehome import NodeHome
+
+    fed, task_path = _fed_task(tmp_path, rounds=2, training="fraction_train = 0.8")
+    _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
+    grid = InProcessGrid(manifest, len(nodes), run_id=81)
+    report = _train(grid, task_path, tmp_path / "run", 81)
+    assert report.status == "completed", report.message
+    z = float(report.privacy["noise_multiplier"])  # type: ignore[arg-type]
+    assert report.privacy["sample_rate"] == 0.8
+    assert z < plan_distributed(dimension=report.model_parameters or 0, clip=2.0, rounds=2, sample_rate=1.0,
+                                target_epsilon=8.0, delta=1e-5, accountant="rdp").noise_multiplier
+    for r in report.rounds:
+        assert set(r.nodes_asked) | set(r.nodes_absent) == {n.code for n in nodes}
+        assert all("not sampled" in why for why in r.nodes_absent.values())
+    for n in nodes:
+        for e in NodeHome(n.train_path.parent).ledger.events():
+            if e.kind == "spend":
+                assert [tuple(h) for h in e.mechanism.history] == [(pytest.approx(z), 0.8, 1)]
