@@ -3,7 +3,9 @@ updates, never one node's update.
 
 The protocol is SecAgg (Bonawitz et al. 2017, "Practical Secure Aggregation for
 Privacy-Preserving Machine Learning", CCS; arXiv:1611.04482) over the complete graph of the
-round's nodes, built from Flower's own secure-aggregation primitives:
+round's nodes up to ``COMPLETE_UP_TO`` (40) nodes, and above that SecAgg+ (Bell et al. 2020,
+arXiv:2006.04747) over a random regular graph of ``neighbourhood_size(n)`` neighbours per node
+(:func:`neighbours`), built from Flower's own secure-aggregation primitives:
 
 * key agreement: ``generate_key_pairs`` (ECDH on SECP384R1) and ``generate_shared_key``
   (ECDH + HKDF-SHA256), ``flwr.supercore.primitives.asymmetric`` and
