@@ -31,19 +31,24 @@ from clients.mods import (
     admission_mod,
     audit_mod,
     budget_mod,
+    contract_mod,
+    gate_mod,
     pause_mod,
     secagg_keep,
     secagg_mod,
     secagg_receive,
+    stash,
     state_key,
 )
+from fedgov.admission import public_reason
+from fedgov.node.refusals import error_reason
 from fedgov import node as N
 from fedgov.config import Contract, Task
 from fedgov import protocol as P
 from fedgov.municipalities import display_name
 from fedgov.transport import UPDATE, encode_update
 
-app = ClientApp(mods=[audit_mod, pause_mod, admission_mod, secagg_mod, budget_mod])
+app = ClientApp(mods=[audit_mod, gate_mod, pause_mod, contract_mod, admission_mod, secagg_mod, budget_mod])
 log = logging.getLogger("fedgov.node")
 
 
@@ -52,15 +57,38 @@ class NodeError(RuntimeError):
 
 
 def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
-    """Log the full error at the node; send the coordinator only a short, data-free reason."""
+    """The full error (it may quote data values) goes only to the node-local report
+    ``reports/errors.log`` (mode 0600); the log gets its type and where; the coordinator gets
+    the fixed ``internal-error`` text."""
 
     @functools.wraps(handler)
     def wrapped(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
         except Exception as exc:
-            log.exception("node handler %s failed", handler.__name__)
-            raise NodeError(N.describe_error(exc)) from None
+            import traceback
+            from datetime import datetime, timezone
+
+            from fedgov.node.contracts import append_private
+            from fedgov.node.refusals import error_reason
+
+            tb = traceback.extract_tb(exc.__traceback__)
+            where = f"{Path(tb[-1].filename).name}:{tb[-1].lineno} in {tb[-1].name}" if tb else "?"
+            report = None
+            try:
+                _, home, _ = node_of(context)
+                stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                report = append_private(
+                    home.path, "errors.log",
+                    f"--- {stamp} handler {handler.__name__}\n{''.join(traceback.format_exception(exc))}\n",
+                )
+            except Exception:  # noqa: BLE001 - no node directory to write into: the type is logged
+                pass
+            log.error(
+                "node handler %s failed: %s at %s; details in %s", handler.__name__, type(exc).__name__, where,
+                report or "no node-local report",
+            )
+            return Message(Error(code=500, reason=error_reason("internal-error")), reply_to=msg)
 
     return wrapped
 
@@ -84,10 +112,12 @@ def query(msg: Message, context: Context) -> Message:
         return Message(RecordDict({P.METRICS: MetricRecord({"ok": 1})}), reply_to=msg)
     train_path, test_path = data_of(home, contract)
     if kind == P.BASELINE:
-        if not simulated:
-            raise PermissionError("a local-only baseline is a second release of the node's data: simulation only")
+        if not simulated:  # a second release of the node's data: simulations only
+            return Message(Error(code=ERROR_REFUSED, reason=error_reason("baseline-not-offered")), reply_to=msg)
         base = N.local_only_baseline(task, contract, train_path, test_path, node=node, plan_json=_dp(context, key).plan_json)
-        return Message(RecordDict({P.METRICS: MetricRecord({"accuracy": base.accuracy, "epsilon": base.epsilon})}), reply_to=msg)
+        # computed apart from the node's budget; its epsilon is the task's own target (what it would cost)
+        epsilon = task.privacy.target_epsilon if task.privacy.enabled else float("inf")
+        return Message(RecordDict({P.METRICS: MetricRecord({"accuracy": base.accuracy, "epsilon": epsilon})}), reply_to=msg)
     answer, dp = N.hello(task, contract, node=node, node_name=display_name(node), train_path=train_path, test_path=test_path, workdir=home.path)
     if answer.accepted:
         context.state[key] = ConfigRecord({"json": dp.to_json()})
@@ -109,8 +139,17 @@ def _stats(msg: Message, context: Context) -> Message:
         try:  # before any data is read or budget spent: no shares, no answer
             st, survivors = secagg_receive(msg, context, int(msg.content[P.CONFIG].get("server-round", 1)))  # type: ignore[arg-type]
         except (SecAggError, KeyError, ValueError, TypeError) as exc:
-            return Message(Error(code=ERROR_REFUSED, reason=f"secure aggregation: {exc}"), reply_to=msg)
+            log.warning("node: secure aggregation stopped: %s", type(exc).__name__)
+            return Message(Error(code=ERROR_REFUSED, reason=error_reason("secure-aggregation")), reply_to=msg)
     answer = answer_query(home, node, q, contract, query_id=query_id_of(q, contract, msg.metadata.run_id))
+    if not answer.accepted:
+        # the detailed reason stays at the node (its audit log); a fixed text leaves
+        code = answer.code or "internal-error"
+        try:
+            reason = public_reason(code, task=q, contract=contract, policy=home.policy(), kind="statistics")
+        except Exception:  # noqa: BLE001 - a code without a template: the fixed internal text
+            code, reason = "internal-error", error_reason("internal-error").partition(": ")[2]
+        answer = answer.model_copy(update={"code": code, "reason": reason})
     if st is None or not answer.accepted or not answer.release_json:
         return Message(RecordDict({P.STATS: ConfigRecord({P.ANSWER_JSON: answer.model_dump_json()})}), reply_to=msg)
     release = LocalRelease.model_validate_json(answer.release_json)
@@ -142,14 +181,23 @@ def train(msg: Message, context: Context) -> Message:
         dp=_dp(context, key),
     )
     context.state[key] = ConfigRecord({"json": dp.to_json()})
+    # Rows, loss, epsilon and the round's DP-SGD steps stay at the node: the mods record the
+    # spend from them (budget_mod) and weigh a masked update (secagg_mod); only the update leaves.
+    stash(context, metrics)
     update = encode_update(new_state, state, encoding=task.training.update_encoding)
-    reply = RecordDict({P.ARRAYS: ArrayRecord({UPDATE: update}), P.METRICS: MetricRecord(dict(metrics))})
+    reply = RecordDict({P.ARRAYS: ArrayRecord({UPDATE: update}), P.METRICS: MetricRecord({"num-examples": 1.0})})
     return Message(reply, reply_to=msg)
 
 
 @app.evaluate()
 @_safe
 def evaluate(msg: Message, context: Context) -> Message:
+    """Noisy correct and total counts of the global model on the node's test split; the spend
+    is already in the ledger (``budget_mod``), which refuses a second evaluation of a round."""
     task, contract, _, train_path, test_path, state = _incoming(msg, context)
-    metrics = N.evaluate_global(task, contract, train_path=train_path, test_path=test_path, state=state)
+    z = None
+    if task.privacy.enabled:
+        plan = _dp(context, state_key(msg)).fixed_plan(task)
+        z = plan.evaluation_noise
+    metrics = N.evaluate_global(task, contract, train_path=train_path, test_path=test_path, state=state, evaluation_noise=z)
     return Message(RecordDict({P.METRICS: MetricRecord(dict(metrics))}), reply_to=msg)

@@ -19,6 +19,7 @@ from clients.context import kind_of, node_of, task_id, task_of
 from fedgov import admission
 from fedgov import protocol as P
 from fedgov.errors import PrivacyError
+from fedgov.node.refusals import error_reason, refusal_text
 from fedgov.node import DPState, SentUpdates, model_digest
 from fedgov.secagg import NodeSecAgg, SecAggError, SecAggParams, encode_update
 from fedgov.transport import local_model, pack, unpack
@@ -52,8 +53,25 @@ def _hello_reply(msg: Message, hello: P.NodeHello) -> Message:
     return Message(RecordDict({P.HELLO: ConfigRecord({P.NODE_JSON: hello.model_dump_json()})}), reply_to=msg)
 
 
-def _refused(msg: Message, reason: str) -> Message:
-    return Message(Error(code=ERROR_REFUSED, reason=reason), reply_to=msg)
+def _refused(msg: Message, code: str, **params: Any) -> Message:
+    """A refusal as an error reply: ``code`` and its fixed text (:mod:`fedgov.node.refusals`)."""
+    return Message(Error(code=ERROR_REFUSED, reason=error_reason(code, **params)), reply_to=msg)
+
+
+INTERNAL = "fedgov-internal"
+"""Where a handler leaves, in the node's Flower state, what the mods need of its work but what
+must not leave the node (rows, loss, the round's DP-SGD steps): the reply carries none of it."""
+
+
+def stash(context: Context, values: dict[str, float]) -> None:
+    context.state[INTERNAL] = MetricRecord({k: float(v) for k, v in values.items()})
+
+
+def internal(context: Context) -> dict[str, float]:
+    """What the last train handler left for the mods (:func:`stash`)."""
+    if INTERNAL not in context.state:
+        raise KeyError("the handler left no internal record")
+    return {k: float(v) for k, v in context.state[INTERNAL].items()}  # type: ignore[union-attr, arg-type]
 
 
 def _finite(v: Any) -> Any:
@@ -130,26 +148,30 @@ def pause_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         return call_next(msg, context)
     node, home, _ = node_of(context)
     if home.path.is_dir():
-        paused, why = home.state.paused()
+        paused, _ = home.state.paused()
         if paused:
-            reason = f"the node is paused by its operator{': ' + why if why else ''}"
             log.warning("node %s: paused, refusing %s", node, kind)
             if kind == P.HELLO:
-                return _hello_reply(msg, admission._refusal(node, P.RefusalCode.PAUSED.value, reason))
-            return _refused(msg, f"{P.RefusalCode.PAUSED.value}: {reason}")
+                return _hello_reply(msg, admission._refusal(node, P.RefusalCode.PAUSED.value, refusal_text("paused")))
+            return _refused(msg, "paused")
     return call_next(msg, context)
 
 
 def admission_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """3. Policy before data; then approval and the ledger reservation; only admitted tasks run."""
+    """3. Policy before data; then approval and the ledger reservation; only admitted tasks run.
+
+    The hello the handler answers holds the node's row counts and DP-SGD plan, for the checks
+    here; what leaves is only the public part (:func:`_public_hello`)."""
     kind = kind_of(msg)
     if not _has_task(msg) or kind == P.END:
         return call_next(msg, context)
     task, contract = task_of(msg)
-    node, home, _ = node_of(context)
+    node, home, simulated = node_of(context)
     tid = task_id(msg)
     if kind == P.HELLO:
-        early = admission.precheck(home, task, contract, node=node)
+        early = admission.precheck(home, task, contract, node=node, simulated=simulated)
+        if early is None and task.privacy.enabled and task.privacy.reproducible_noise and not simulated:
+            early = admission._refusal(node, "reproducible-noise", refusal_text("reproducible-noise"))
         if early is not None:
             _audit_decision(home, tid, early)
             return _hello_reply(msg, early)
@@ -162,37 +184,51 @@ def admission_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
         if hello.accepted and task.privacy.enabled:
             dp = DPState.from_json(str(context.state[key]["json"]))
             plan = dp.plan(task, hello.train_rows)
-            history = plan.history_after(task.training.rounds)
+            history = plan.planned_history() if hasattr(plan, "planned_history") else plan.history_after(task.training.rounds)
         final = admission.admit(home, task, contract, hello, task_id=tid, history=history)
         if final.accepted and task.privacy.enabled:
             done = admission.spent(home, contract, task, task_id=tid)
             if done:
                 # A resumed task: the accountant continues from this node's own ledger.
                 dp = DPState.from_json(str(context.state[key]["json"]))
-                dp.history = [e for r in sorted(done) for e in done[r]]
+                dp.history = admission.spent_history(home, contract, task, task_id=tid)
                 context.state[key] = ConfigRecord({"json": dp.to_json()})
                 home.audit.append("resume", task_id=tid, payload={"rounds_spent": sorted(done)})
         _audit_decision(home, tid, final, history)
-        return reply if final is hello else _hello_reply(msg, final)
+        return _hello_reply(msg, _public_hello(final, task))
     if not admission.is_admitted(home, contract, tid, task):
-        return _refused(msg, f"{P.RefusalCode.NOT_ADMITTED.value}: this node did not admit task {tid}, or it has ended")
+        return _refused(msg, P.RefusalCode.NOT_ADMITTED.value, task_id=tid)
     return call_next(msg, context)
 
 
+def _public_hello(hello: P.NodeHello, task: Any) -> P.NodeHello:
+    """What of a hello may leave the node: who, whether, a refusal's code and fixed text, and
+    as the planned epsilon the task's own target (which the node's plan keeps). Row counts,
+    the delta and noise multiplier derived from them stay at the node."""
+    planned = task.privacy.target_epsilon if hello.accepted and task.privacy.enabled else None
+    return hello.model_copy(update={
+        "train_rows": 0, "test_rows": 0, "delta": None, "noise_multiplier": None, "planned_epsilon": planned,
+        "reason": "" if hello.accepted else hello.reason,
+    })
+
+
 def _audit_decision(home: Any, tid: str, hello: P.NodeHello, history: list[tuple[float, float, int]] | None = None) -> None:
+    """The node's decision in its audit log: the code and fixed text, and for an acceptance the
+    mechanism reserved in the ledger (its own record); no row counts."""
     if not home.path.is_dir():
         return
     payload: dict[str, Any] = {"accepted": hello.accepted, "code": hello.code, "reason": hello.reason}
     if hello.accepted:
-        payload.update(rows=hello.train_rows, delta=hello.delta, noise_multiplier=hello.noise_multiplier,
-                       epsilon_reserved=hello.planned_epsilon, mechanism=[list(h) for h in history or []])
+        payload.update(epsilon_reserved=hello.planned_epsilon, mechanism=[list(h) for h in history or []])
     home.audit.append("decision", task_id=tid, payload=payload)
 
 
 def budget_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """4. A train reply leaves only after its spend is in the ledger; ``end`` releases the rest."""
+    """4. A train reply leaves only after its spend is in the ledger; an evaluation's spend is
+    recorded before it is computed (one per round, only the planned ones); ``end`` releases
+    the rest."""
     kind = kind_of(msg)
-    if not _has_task(msg) or kind not in ("train", P.END):
+    if not _has_task(msg) or kind not in ("train", "evaluate", P.END):
         return call_next(msg, context)
     task, contract = task_of(msg)
     _, home, _ = node_of(context)
@@ -203,48 +239,76 @@ def budget_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         sent.drop(tid)
         home.audit.append("release", task_id=tid, payload={"ledger": "released what was reserved and not spent"})
         return call_next(msg, context)
+    server_round = int(msg.content[P.CONFIG]["server-round"])  # type: ignore[arg-type]
+    if kind == "evaluate":
+        return _evaluation(msg, context, call_next, task, contract, home, tid, server_round)
     if not task.privacy.enabled:
         return call_next(msg, context)
-    server_round = int(msg.content[P.CONFIG]["server-round"])  # type: ignore[arg-type]
     digest = model_digest({k: v.numpy() for k, v in msg.content.array_records[P.ARRAYS].items()})
     if server_round in admission.spent(home, contract, task, task_id=tid):
         # This round was trained and spent before (the coordinator restarted in the middle of it).
         if task.privacy.mode == "distributed":
             # The noise share is drawn when the update is masked: a second one would be a second
             # release of the same update. The round goes on without this node.
-            return _refused(
-                msg, f"round {server_round} of task {tid} was already spent at this node; under distributed DP its "
-                "noisy share is not sent twice",
-            )
+            return _refused(msg, "round-spent", round=server_round, task_id=tid)
         again = sent.load(tid, server_round, digest)
         if again is None:
-            return _refused(
-                msg, f"round {server_round} of task {tid} was already trained and spent at this node from another "
-                "global model; a second update would be a second release",
-            )
-        arrays, metrics = again
+            return _refused(msg, "round-spent", round=server_round, task_id=tid)
+        arrays, kept = again
         home.audit.append("resent", task_id=tid, payload={"round": server_round, "ledger": "no new spend"})
-        content = RecordDict({P.ARRAYS: pack(arrays), P.METRICS: MetricRecord(dict(metrics))})  # type: ignore[arg-type]
+        stash(context, kept)
+        content = RecordDict({P.ARRAYS: pack(arrays), P.METRICS: MetricRecord({"num-examples": 1.0})})
         return Message(content, reply_to=msg)
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
-    m = next(iter(reply.content.metric_records.values()))
-    entry = (float(m["noise-multiplier"]), float(m["sample-rate"]), int(m["steps"]))  # type: ignore[arg-type]
+    m = internal(context)
+    entry = (float(m["noise-multiplier"]), float(m["sample-rate"]), int(m["steps"]))
     try:
         admission.record_spend(home, contract, task, task_id=tid, entries=[entry], server_round=server_round)
     except Exception as exc:  # the spend could not be recorded: the update must not leave
-        log.exception("node: recording the spend failed; withholding the update")
-        return _refused(msg, f"the node could not record this round's privacy spend ({type(exc).__name__})")
+        log.error("node: recording the spend failed (%s); withholding the update", type(exc).__name__)
+        return _refused(msg, "spend-not-recorded")
     home.audit.append("spend", task_id=tid, payload={"round": server_round, "mechanism": list(entry), "epsilon_task": _finite(m["epsilon"])})
     try:
-        sent.save(
-            tid, server_round, digest, unpack(reply.content.array_records[P.ARRAYS]),
-            {k: float(v) for k, v in m.items() if isinstance(v, (int, float))},
-        )
+        sent.save(tid, server_round, digest, unpack(reply.content.array_records[P.ARRAYS]), m)
     except OSError:  # without the copy, a resumed round is refused rather than charged twice
-        log.warning("node: could not keep a copy of the sent update", exc_info=True)
+        log.warning("node: could not keep a copy of the sent update")
     return reply
+
+
+def _evaluation(
+    msg: Message, context: Context, call_next: ClientAppCallable, task: Any, contract: Any, home: Any, tid: str, server_round: int,
+) -> Message:
+    """An evaluation of the global model: refused unless planned at admission (local DP), for a
+    round of the task not evaluated yet (the final round when only that one is planned); its
+    spend goes into the ledger and the node's accountant before the counts are computed."""
+    if not task.privacy.enabled:
+        return call_next(msg, context)
+    key = state_key(msg)
+    dp = DPState.from_json(str(context.state[key]["json"])) if key in context.state else None
+    plan = dp.fixed_plan(task) if dp is not None and dp.plan_json and task.privacy.mode == "local" else None
+    if plan is None or not getattr(plan, "evaluations", 0) or plan.evaluation_noise is None:
+        return _refused(msg, "evaluation-not-offered")
+    if not 1 <= server_round <= task.training.rounds or (plan.evaluations == 1 and server_round != task.training.rounds):
+        return _refused(msg, "evaluation-repeated", round=server_round, task_id=tid)
+    if server_round in admission.evaluated_rounds(home, contract, task, task_id=tid):
+        return _refused(msg, "evaluation-repeated", round=server_round, task_id=tid)
+    from fedgov.privacy import epsilon_from_history, merge_history
+
+    entry = plan.evaluation_entry()
+    history = merge_history(list(dp.history) + [entry])  # type: ignore[union-attr]
+    if epsilon_from_history(history=history, delta=plan.delta, accountant=plan.accountant) > plan.target_epsilon:
+        return _refused(msg, "privacy-cap")
+    try:
+        admission.record_evaluation(home, contract, task, task_id=tid, entry=entry, server_round=server_round)
+    except Exception as exc:  # noqa: BLE001 - not recorded: nothing is computed or sent
+        log.error("node: recording the evaluation's spend failed (%s)", type(exc).__name__)
+        return _refused(msg, "spend-not-recorded")
+    dp.history = [tuple(h) for h in history]  # type: ignore[union-attr, misc]
+    context.state[key] = ConfigRecord({"json": dp.to_json()})  # type: ignore[union-attr]
+    home.audit.append("spend", task_id=tid, payload={"round": server_round, "mechanism": list(entry), "evaluation": True})
+    return call_next(msg, context)
 
 
 def _secagg_key(msg: Message) -> str:
@@ -350,6 +414,13 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 
     A task that asks for secure aggregation never gets a plaintext update from this node: a
     train message without the protocol's shares is refused (no downgrade by the coordinator).
+
+    Distributed DP with ``training.fraction_train`` = q < 1: the coordinator asks every node
+    every round, and each node flips its own secret coin (the secure generator): with
+    probability q its clipped update goes into the sum, else zeros; its noise share goes in
+    either way, and it trains either way, so neither the masked vector nor the time it took
+    tells the coordinator whether it took part. That is the Poisson sampling the accountant
+    credits at rate q; a coordinator that picks who is asked gets no amplification from it.
     """
     kind = kind_of(msg)
     if kind not in (P.SECAGG, "train") or P.CONFIG not in msg.content:
@@ -360,19 +431,18 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 
         q, _ = query_of(msg)
         if not q.secure_aggregation:
-            return _refused(msg, "secure aggregation: this query does not use it (secure_aggregation = false)")
+            return _refused(msg, "secure-aggregation")
         try:
             return _secagg_stage(msg, context, SecAggParams())
         except (SecAggError, KeyError, ValueError, TypeError) as exc:
-            log.warning("node: secure aggregation stopped: %s", exc)
-            return _refused(msg, f"secure aggregation: {exc}")
+            return _secagg_stopped(msg, context, exc)
     if not _has_task(msg):
         return call_next(msg, context)
     task, _ = task_of(msg)
     t = task.training
     if not t.secure_aggregation:
         if kind == P.SECAGG:
-            return _refused(msg, "secure aggregation: this task does not use it (training.secure_aggregation = false)")
+            return _refused(msg, "secure-aggregation")
         return call_next(msg, context)
     params = SecAggParams(clip=t.secure_clip)
     server_round = int(cfg["server-round"])  # type: ignore[arg-type]
@@ -384,33 +454,171 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         distributed = None
         if task.privacy.enabled and task.privacy.mode == "distributed":
             distributed = _distributed_check(msg, context, task, survivors)
-    except (SecAggError, PrivacyError, KeyError, ValueError, TypeError) as exc:
-        log.warning("node: secure aggregation stopped: %s", exc)
-        return _refused(msg, f"secure aggregation: {exc}")
+    except PrivacyError as exc:
+        log.warning("node: distributed DP refused: %s", exc)
+        return _refused(msg, "distributed-dp")
+    except (SecAggError, KeyError, ValueError, TypeError) as exc:
+        return _secagg_stopped(msg, context, exc)
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
     glob = {k: v.numpy() for k, v in msg.content.array_records[P.ARRAYS].items()}
     local = local_model(reply.content.array_records[P.ARRAYS], glob)
-    m = next(iter(reply.content.metric_records.values()))
+    m = internal(context)
     update = [local[k].astype(float) - glob[k].astype(float) for k in glob]
     try:
         if distributed is not None:
             from fedgov.privacy.distributed import encode_share
 
             plan, min_contributors = distributed
+            if plan.sample_rate < 1 and not _coin(plan.sample_rate):
+                update = [np.zeros_like(u) for u in update]  # not in this round's sample: zeros, noise share still added
             y = encode_share(update, plan, min_contributors=min_contributors, contributors=len(survivors))
         else:
-            weight = min(float(m["num-examples"]), t.secure_weight_cap) / t.secure_weight_cap  # type: ignore[arg-type]
+            weight = min(float(m["num-examples"]), t.secure_weight_cap) / t.secure_weight_cap
             y = encode_update(update, weight, params)
         masked = st.mask(y, survivors)
     except (SecAggError, PrivacyError) as exc:
-        return _refused(msg, f"secure aggregation: {exc}")
+        return _secagg_stopped(msg, context, exc)
     secagg_keep(msg, context, st)
-    # The exact row count stays at the node (the weight is inside the masked sum).
-    metrics = {k: v for k, v in m.items() if k != "num-examples"}
-    metrics["num-examples"] = 1.0
+    # Only the masked vector leaves; the row count is inside it as the weight (or, under
+    # distributed DP, every node weighs the same).
     return Message(
-        RecordDict({P.ARRAYS: ArrayRecord({P.MASKED: Array(masked.astype(np.uint32))}), P.METRICS: MetricRecord(metrics)}),  # type: ignore[arg-type]
+        RecordDict({P.ARRAYS: ArrayRecord({P.MASKED: Array(masked.astype(np.uint32))}), P.METRICS: MetricRecord({"num-examples": 1.0})}),
         reply_to=msg,
     )
+
+
+def _coin(rate: float) -> bool:
+    """True with probability ``rate``, from the secure generator (never the coordinator's word)."""
+    from fedgov.privacy.rng import SecureRNG
+
+    return bool(SecureRNG.fresh().uniform(1)[0] < rate)
+
+
+def _secagg_stopped(msg: Message, context: Context, exc: BaseException) -> Message:
+    """Secure aggregation stopped at this node: the reason in its audit log, a fixed text out."""
+    log.warning("node: secure aggregation stopped: %s", type(exc).__name__)
+    try:
+        _, home, _ = node_of(context)
+        if home.path.is_dir():
+            tid = task_id(msg) if _has_task(msg) else _query_id(msg)
+            home.audit.append("secagg-stopped", task_id=tid, payload={"error": type(exc).__name__, "reason": str(exc)[:300]})
+    except Exception:  # noqa: BLE001 - no node directory to audit into
+        pass
+    return _refused(msg, "secure-aggregation")
+
+
+def gate_kind(msg: Message) -> str:
+    """The release gate's name for the kind of ``msg`` (:data:`fedgov.node.gate.DECLARATION`)."""
+    kind = kind_of(msg)
+    if kind == P.SECAGG:
+        return f"secagg-{msg.content[P.CONFIG].get(P.SECAGG_STAGE, '?')}"
+    return kind
+
+
+def _gate_context(msg: Message, context: Context, kind: str) -> Any:
+    """The node's own facts the gate checks a reply against (its ledger, never the message's word)."""
+    from fedgov.node.gate import GateContext
+
+    _, home, simulated = node_of(context)
+    cfg = msg.content[P.CONFIG] if P.CONFIG in msg.content else {}
+    rnd = cfg.get("server-round") if hasattr(cfg, "get") else None
+    ctx = GateContext(kind=kind, server_round=int(rnd) if rnd is not None else None, simulated=simulated)  # type: ignore[arg-type]
+    if _has_task(msg):
+        task, contract = task_of(msg)
+        tid = task_id(msg)
+        ctx.privacy_enabled = task.privacy.enabled
+        ctx.secure = task.training.secure_aggregation
+        ctx.target_epsilon = task.privacy.target_epsilon
+        ctx.round_spent = lambda r: r in admission.spent(home, contract, task, task_id=tid)
+        ctx.round_evaluated = lambda r: r in admission.evaluated_rounds(home, contract, task, task_id=tid)
+    elif P.CONFIG in msg.content and P.QUERY_JSON in msg.content[P.CONFIG]:
+        from clients.context import query_of
+
+        q, contract = query_of(msg)
+        qid = _query_id(msg)
+        ctx.secure = q.secure_aggregation
+        ds = admission.dataset_name(home, contract)
+
+        def query_spent() -> bool:
+            return ds is not None and any(
+                ev.task_id == qid and ev.kind == "spend" for ev in home.ledger.events(ds)
+            )
+
+        ctx.query_spent = query_spent
+    return ctx
+
+
+def gate_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """1b. The release gate (:mod:`fedgov.node.gate`): every reply, of every kind, is checked
+    against the declaration of what may leave the node. A reply with anything else is not
+    sent: the coordinator gets ``release-blocked``, the audit log names the fields (never
+    their values), and the task is stopped at this node (its reservation closed, so every
+    later message of it is refused). A handler that fails sends the fixed ``internal-error``."""
+    from fedgov.node.gate import check_reply
+
+    kind = gate_kind(msg)
+    try:
+        reply = call_next(msg, context)
+    except Exception as exc:  # noqa: BLE001 - its text may quote data: only the type is logged
+        log.error("node: %s message failed: %s", kind, type(exc).__name__)
+        reply = Message(Error(code=500, reason=error_reason("internal-error")), reply_to=msg)
+    try:
+        violations = check_reply(reply, _gate_context(msg, context, kind))
+    except Exception as exc:  # noqa: BLE001 - a reply the gate cannot read does not leave
+        violations = [f"the gate could not check the reply ({type(exc).__name__})"]
+    if not violations:
+        return reply
+    log.error("node: release gate blocked a %s reply: %s", kind, "; ".join(violations))
+    try:
+        _, home, _ = node_of(context)
+        tid = task_id(msg) if _has_task(msg) else _query_id(msg)
+        if home.path.is_dir():
+            home.audit.append("blocked", task_id=tid, payload={"kind": kind, "violations": violations})
+            if _has_task(msg):
+                task, contract = task_of(msg)
+                admission.release(home, contract, task, task_id=tid, note="stopped by the node's release gate")
+    except Exception:  # noqa: BLE001 - blocked all the same
+        log.error("node: could not record the release gate's block")
+    return _refused(msg, "release-blocked")
+
+
+def contract_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """2b. The contract check, before anything is read: a message's contract must be byte for
+    byte the canonical JSON of a contract file this node holds and pins for that name and
+    version (:mod:`fedgov.node.contracts`); else ``contract-mismatch``. A contract name the
+    node does not serve at all goes on to the policy check (``contract-not-served``)."""
+    from fedgov.errors import FedgovError
+    from fedgov.node.contracts import ContractCheck, check_received, serving
+    from fedgov.node.refusals import refusal_text
+
+    kind = kind_of(msg)
+    if kind == P.END or P.CONFIG not in msg.content or P.CONTRACT_JSON not in msg.content[P.CONFIG]:
+        return call_next(msg, context)
+    try:
+        node, home, _ = node_of(context)
+    except Exception:  # noqa: BLE001 - no node directory: the handlers say so
+        return call_next(msg, context)
+    if not home.exists():
+        return call_next(msg, context)  # no policy: the policy check refuses (no-policy)
+    received = str(msg.content[P.CONFIG][P.CONTRACT_JSON])
+    try:
+        verdict = check_received(home.policy(), received)
+    except FedgovError as exc:  # the policy or a pinned file cannot be used: nothing is served
+        log.error("node %s: its policy or pinned contracts cannot be used (%s); refusing %s", node, type(exc).__name__, kind)
+        verdict = ContractCheck("mismatch", "unknown", why="policy error")
+    if verdict.outcome == "mismatch":
+        ref = verdict.ref
+        log.warning("node %s: refusing %s: its contract %s is not the one this node holds (%s)", node, kind, ref, verdict.why)
+        try:
+            tid = task_id(msg) if _has_task(msg) else _query_id(msg)
+        except Exception:  # noqa: BLE001 - a contract that does not even parse has no task id
+            tid = None
+        home.audit.append("refused", task_id=tid, payload={"kind": kind, "code": P.RefusalCode.CONTRACT_MISMATCH.value, "contract": ref})
+        if kind == P.HELLO:
+            text = refusal_text(P.RefusalCode.CONTRACT_MISMATCH.value, contract=ref)
+            return _hello_reply(msg, admission._refusal(node, P.RefusalCode.CONTRACT_MISMATCH.value, text))
+        return _refused(msg, P.RefusalCode.CONTRACT_MISMATCH.value, contract=ref)
+    with serving(home):
+        return call_next(msg, context)

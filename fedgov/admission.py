@@ -40,6 +40,10 @@ __all__ = [
     "release",
     "is_admitted",
     "spent",
+    "spent_history",
+    "evaluated_rounds",
+    "record_evaluation",
+    "public_reason",
 ]
 
 log = logging.getLogger(__name__)
@@ -56,9 +60,61 @@ def task_id_of(task: Task, contract: Contract, run_id: int | str) -> str:
 
 
 def _refusal(node: str, code: str, reason: str) -> P.NodeHello:
+    """A refusal to send; ``reason`` must be a text of :mod:`fedgov.node.refusals` (the release
+    gate refuses any other)."""
     from fedgov.municipalities import display_name
 
     return P.NodeHello(node=node, node_name=display_name(node), accepted=False, code=code, reason=reason)
+
+
+# The setting each policy rule is about, for its public refusal text.
+_RULE_SETTING = {
+    "kind-not-allowed": "accept.kinds",
+    "coordinator-not-allowed": "accept.coordinators",
+    "submitter-not-allowed": "accept.submitters",
+    "model-not-allowed": "accept.models",
+    "strategy-not-allowed": "accept.strategies",
+    "privacy-required": "limits.require_privacy",
+    "secure-aggregation-required": "limits.require_secure_aggregation",
+    "distributed-dp-required": "limits.require_distributed",
+    "epsilon-above-max": "limits.max_epsilon_per_task",
+    "delta-above-max": "limits.max_delta_per_task",
+    "noise-below-min": "limits.min_noise_multiplier",
+    "too-few-rows": "limits.min_rows",
+    "evaluation-epsilon-above-max": "limits.max_evaluation_epsilon",
+    "budget-exhausted": "datasets.budget",
+}
+
+
+def public_reason(code: str, *, task: Any = None, contract: Contract | None = None, policy: Any = None, kind: str = "training") -> str:
+    """The text that leaves the node for a refusal of ``code`` (:mod:`fedgov.node.refusals`):
+    only the task's own values, the contract's name and the policy's limits; the detailed
+    reason stays at the node."""
+    from fedgov.node.refusals import refusal_text
+
+    lim = getattr(policy, "limits", None)
+    values: dict[str, Any] = {"setting": _RULE_SETTING.get(code, "policy"), "contract": contract.ref if contract else "-"}
+    if code == "kind-not-allowed":
+        values["value"] = kind
+    elif code in ("model-not-allowed", "model-rejected"):
+        values["value"] = task.model.name
+    elif code == "strategy-not-allowed":
+        values["value"] = task.training.strategy
+    elif code == "epsilon-above-max":
+        eps = getattr(task.privacy, "target_epsilon", None) or getattr(task.privacy, "epsilon", "-")
+        values.update(value=eps, limit=lim.max_epsilon_per_task if lim else "-")
+    elif code == "evaluation-epsilon-above-max":
+        values.update(value=task.evaluation.epsilon, limit=lim.max_evaluation_epsilon if lim else "-")
+    elif code == "delta-above-max":
+        values["limit"] = lim.max_delta_per_task if lim else "-"
+    elif code == "noise-below-min":
+        values["limit"] = lim.min_noise_multiplier if lim else "-"
+    return refusal_text(code, **values)
+
+
+def _policy_refusal(node: str, decision: Any, task: Any, contract: Contract, policy: Any, kind: str = "training") -> P.NodeHello:
+    code = str(decision.code.value if decision.code else "policy")
+    return _refusal(node, code, public_reason(code, task=task, contract=contract, policy=policy, kind=kind))
 
 
 def dataset_name(home: NodeHome, contract: Contract) -> str | None:
@@ -66,16 +122,28 @@ def dataset_name(home: NodeHome, contract: Contract) -> str | None:
     return ds.name if ds is not None else None
 
 
-def precheck(home: NodeHome, task: Task, contract: Contract, *, node: str, coordinator: str | None = None) -> P.NodeHello | None:
-    """The checks that need no data. None: go on; else the refusal to send."""
+def precheck(
+    home: NodeHome, task: Task, contract: Contract, *, node: str, coordinator: str | None = None, simulated: bool = False
+) -> P.NodeHello | None:
+    """The checks that need no data. None: go on; else the refusal to send.
+
+    ``simulated``: the node is a virtual node of a simulation. Only there may a task ask for
+    ``privacy.reproducible_noise`` (noise derived from the task's seed, which whoever knows the
+    seed can subtract); a deployed node refuses it and draws its noise from its own generator.
+    """
+    from fedgov.node.refusals import refusal_text
+
     if not home.exists():
-        return _refusal(node, P.RefusalCode.NO_POLICY.value, f"no policy at {home.policy_path.name}: the node takes part in nothing")
-    paused, why = home.state.paused()
+        return _refusal(node, P.RefusalCode.NO_POLICY.value, refusal_text("no-policy"))
+    paused, _ = home.state.paused()
     if paused:
-        return _refusal(node, P.RefusalCode.PAUSED.value, f"the node is paused by its operator{': ' + why if why else ''}")
-    decision = check_task(home.policy(), task=task, contract=contract, rows=None, noise_multiplier=None, coordinator=coordinator)
+        return _refusal(node, P.RefusalCode.PAUSED.value, refusal_text("paused"))
+    if task.privacy.enabled and task.privacy.reproducible_noise and not simulated:
+        return _refusal(node, P.RefusalCode.REPRODUCIBLE_NOISE.value, refusal_text("reproducible-noise"))
+    policy = home.policy()
+    decision = check_task(policy, task=task, contract=contract, rows=None, noise_multiplier=None, coordinator=coordinator)
     if not decision.accepted:
-        return _refusal(node, str(decision.code.value if decision.code else "policy"), decision.reason)
+        return _policy_refusal(node, decision, task, contract, policy)
     return None
 
 
@@ -91,8 +159,23 @@ def _summary(task: Task, contract: Contract, dataset: str, hello: P.NodeHello) -
         "epsilon": task.privacy.target_epsilon if task.privacy.enabled else "no DP",
         "delta": hello.delta if hello.delta is not None else "-",
         "noise_multiplier": hello.noise_multiplier if hello.noise_multiplier is not None else "-",
-        "sends": f"model weights and metrics every round ({task.training.rounds} rounds), row counts",
+        "sends": _sends(task),
     }
+
+
+def _sends(task: Task) -> str:
+    """What the task makes this node send, in words (the release gate's rules)."""
+    from fedgov.node import node_evaluations
+
+    rounds = task.training.rounds
+    update = "its masked update (secure aggregation)" if task.training.secure_aggregation else "its DP-SGD model update"
+    if task.privacy.mode == "distributed" and task.privacy.enabled:
+        update = "its clipped update with a distributed-DP noise share, masked (secure aggregation)"
+    evals = node_evaluations(task)
+    text = f"{update} in each of {rounds} rounds; no row counts, losses or metrics"
+    if evals:
+        text += f"; {evals} evaluation(s) as noisy correct and total counts (epsilon {task.evaluation.epsilon} of the task's)"
+    return text
 
 
 def admit(
@@ -117,14 +200,18 @@ def admit(
         policy, task=task, contract=contract, rows=hello.train_rows, noise_multiplier=hello.noise_multiplier, coordinator=coordinator
     )
     if not decision.accepted:
-        return _refusal(node, str(decision.code.value if decision.code else "policy"), decision.reason)
+        return _policy_refusal(node, decision, task, contract, policy)
     ds = policy.dataset_for(contract)
     assert ds is not None  # check_task refuses a contract no data set serves
     if policy.approval == "manual":
         fp = fingerprint(task, contract)
         waiting = awaiting_approval(home, fp, lambda: _summary(task, contract, ds.name, hello), what="task")
         if waiting is not None:
-            return _refusal(node, P.RefusalCode.PENDING_APPROVAL.value, waiting)
+            from fedgov.node.refusals import refusal_text
+
+            rejected = home.state.status(fp) == "rejected"
+            code = "approval-rejected" if rejected else P.RefusalCode.PENDING_APPROVAL.value
+            return _refusal(node, code, refusal_text(code, key=fp))
     if task.privacy.enabled:
         state = home.ledger.task_state(task_id, dataset=ds.name)
         if state == "open":
@@ -133,15 +220,14 @@ def admit(
             log.info("node %s: task %s resumes its open reservation", node, task_id)
             return hello
         if state == "closed":
-            return _refusal(
-                node, P.RefusalCode.TASK_ENDED.value,
-                f"task {task_id} has ended at this node (its reservation was released); it cannot be resumed",
-            )
+            from fedgov.node.refusals import refusal_text
+
+            return _refusal(node, P.RefusalCode.TASK_ENDED.value, refusal_text("task-ended", task_id=task_id))
         mechanism = Mechanism.dpsgd(history, accountant=task.privacy.accountant)
         try:
             home.ledger.reserve(dataset=ds.name, task_id=task_id, mechanism=mechanism, budget=budget_of(ds))
-        except BudgetExceeded as exc:
-            return _refusal(node, P.RefusalCode.BUDGET_EXHAUSTED.value, str(exc).splitlines()[0][:400])
+        except BudgetExceeded:
+            return _refusal(node, P.RefusalCode.BUDGET_EXHAUSTED.value, public_reason("budget-exhausted"))
     return hello
 
 
@@ -192,6 +278,49 @@ def spent(home: NodeHome, contract: Contract, task: Task, *, task_id: str) -> di
         return {}
     out: dict[int, list[tuple[float, float, int]]] = {}
     for ev in home.ledger.events(ds):
-        if ev.task_id == task_id and ev.kind == "spend" and ev.mechanism is not None and ev.round is not None:
+        if ev.task_id == task_id and ev.kind == "spend" and ev.mechanism is not None and ev.round is not None \
+                and ev.note != EVALUATION_NOTE:
             out.setdefault(ev.round, []).extend((float(s), float(q), int(k)) for s, q, k in ev.mechanism.history or [])
     return out
+
+
+EVALUATION_NOTE = "evaluation"
+"""The note of a ledger spend that is an evaluation's noisy counts (not a round's training)."""
+
+
+def spent_history(home: NodeHome, contract: Contract, task: Task, *, task_id: str) -> list[tuple[float, float, int]]:
+    """Every entry this node's ledger recorded for ``task_id`` (training and evaluations), in
+    order: what a resumed task's accountant continues from."""
+    ds = dataset_name(home, contract)
+    if ds is None or not task.privacy.enabled:
+        return []
+    return [
+        (float(s), float(q), int(k))
+        for ev in home.ledger.events(ds)
+        if ev.task_id == task_id and ev.kind == "spend" and ev.mechanism is not None
+        for s, q, k in ev.mechanism.history or []
+    ]
+
+
+def evaluated_rounds(home: NodeHome, contract: Contract, task: Task, *, task_id: str) -> set[int]:
+    """The rounds whose global model this node already evaluated (and charged) for ``task_id``."""
+    ds = dataset_name(home, contract)
+    if ds is None:
+        return set()
+    return {
+        ev.round for ev in home.ledger.events(ds)
+        if ev.task_id == task_id and ev.kind == "spend" and ev.note == EVALUATION_NOTE and ev.round is not None
+    }
+
+
+def record_evaluation(
+    home: NodeHome, contract: Contract, task: Task, *, task_id: str, entry: tuple[float, float, int], server_round: int
+) -> None:
+    """Record one evaluation's noisy counts in the ledger (before they are computed)."""
+    ds = dataset_name(home, contract)
+    if ds is None:
+        raise LookupError("no data set serves this contract")
+    home.ledger.spend(
+        dataset=ds, task_id=task_id, mechanism=Mechanism.dpsgd([entry], accountant=task.privacy.accountant),
+        round=server_round, note=EVALUATION_NOTE,
+    )

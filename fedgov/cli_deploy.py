@@ -163,10 +163,15 @@ def node_start(
     port: Annotated[int, typer.Option(help="Local port of the node's ClientApp API (127.0.0.1 only)")] = 9094,
 ) -> None:
     """Run the node's SuperNode in the foreground until Ctrl-C (TLS, authenticated with node-key)."""
-    from fedgov.cli import console
-    from fedgov.deploy.node import start_node
+    from fedgov.cli import console, err_console
+    from fedgov.deploy.node import check_before_start, start_node
+    from fedgov.nodehome import NodeHome
 
-    proc = start_node(node_dir, coordinator, ca, port)
+    home = NodeHome(node_dir)
+    if home.exists():  # the data against the pinned contracts: a policy or contract error stops here
+        for warning in check_before_start(home):
+            err_console.print(f"[bold yellow]warning:[/] {warning}")
+    proc = start_node(node_dir, coordinator, ca, port, check=False)
     console.print(f"SuperNode running for {node_dir} (pid {proc.pid}), coordinator {coordinator}; log: {proc.log_path}. Ctrl-C stops it.")
     _foreground(proc, "SuperNode")
 

@@ -81,8 +81,15 @@ def init(
         if f is not None:
             rows = len(validate_frame(read_table(f), c, file=str(f)))
             console.print(f"[green]ok[/] {f}: {rows} rows conform to {c.ref}")
-    home = init_node(node_dir, node=name, contract=c, data=data, test_data=test_data, budget_epsilon=budget_epsilon, approval=approval)
+    home = init_node(
+        node_dir, node=name, contract=c, data=data, test_data=test_data, budget_epsilon=budget_epsilon,
+        approval=approval, contract_path=contract,
+    )
+    from fedgov.node.contracts import check_all
+
+    check_all(home)  # the data is registered: its check is recorded for task time
     console.print(f"node directory {home.path} created for {name}:")
+    console.print(f"  contract {c.ref} held and pinned: {home.path / 'contracts'}")
     console.print(f"  edit the policy: {home.policy_path}")
     console.print(f"  public key for the coordinator: {home.path / 'node-key.pub'}")
 
@@ -235,3 +242,59 @@ def resume(node_dir: NodeDir = None) -> None:  # type: ignore[assignment]
     home.state.resume()
     home.audit.append("resumed", payload={})
     console.print(f"node {home.path.name} resumed")
+
+
+contract_app = typer.Typer(help="The data contracts the node holds, pinned in its policy.", no_args_is_help=True)
+data_app = typer.Typer(help="The node's data, checked against the contracts it holds.", no_args_is_help=True)
+node_app.add_typer(contract_app, name="contract")
+node_app.add_typer(data_app, name="data")
+
+
+@contract_app.command("add")
+@_guard
+def contract_add(
+    contract_file: Annotated[Path, typer.Argument(help="The contract file (TOML) to hold and pin")],
+    node_dir: NodeDir = None,  # type: ignore[assignment]
+    dataset: Annotated[str | None, typer.Option("--dataset", help="The data set to serve it for (default: the one under its name)")] = None,
+) -> None:
+    """Copy a contract (a new version) into the node directory and pin it in the policy by SHA-256."""
+    from fedgov.cli import console
+    from fedgov.node.contracts import add_contract
+
+    home = _home(node_dir)
+    ds, contract, sha = add_contract(home, contract_file, dataset=dataset)
+    console.print(f"data set '{ds}' now served under contract {contract.ref} (sha256 {sha})")
+    console.print(f"  check the data against it: fedgov node data check --node-dir {home.path}")
+
+
+def _print_checks(checks) -> bool:  # type: ignore[no-untyped-def]
+    """A per-data-set summary on the operator's own terminal; True when everything conforms."""
+    from fedgov.cli import console
+
+    t = Table(title="data checked against the contracts this node holds")
+    for col in ("data set", "contract", "conforms", "problems", "columns", "report"):
+        t.add_column(col, overflow="fold")
+    ok = True
+    for check, path in checks:
+        ok = ok and check.conforms
+        conforms = "[green]yes[/]" if check.conforms else ("[red]no (missing)[/]" if check.missing else "[red]no[/]")
+        columns = ", ".join(check.columns) or ("-" if check.conforms else "(file level)")
+        t.add_row(check.dataset, check.contract, conforms, str(check.n_problems), columns, str(path))
+    console.print(t)
+    return ok
+
+
+@data_app.command("check")
+@_guard
+def data_check(node_dir: NodeDir = None) -> None:  # type: ignore[assignment]
+    """Check every data set against the contracts it is pinned to; details in reports/ (mode 0600)."""
+    from fedgov.cli import err_console
+    from fedgov.node.contracts import check_all
+
+    home = _home(node_dir)
+    if not _print_checks(check_all(home)):
+        err_console.print(
+            "[bold yellow]warning:[/] data that does not conform is refused at task time (data-invalid); "
+            "the rows, columns and values are in the report files above, readable only by this user"
+        )
+        raise typer.Exit(int(ExitCode.DATA_VALIDATION))

@@ -265,13 +265,14 @@ class _Recorder:
             self.node_rounds[node] = self.node_rounds.get(node, 0) + 1
             rm.nodes_trained.append(node)
             losses.append((vals.get("train-loss", float("nan")), vals.get("num-examples", 0.0)))
+        # Nodes send no training loss or epsilon (their release gate keeps them): None here.
         rm.train_loss = _nanmean_weighted(losses)
-        eps = [v.get("epsilon", 0.0) for v in self.node_train.values()]
+        eps = [v["epsilon"] for v in self.node_train.values() if "epsilon" in v]
         rm.max_epsilon = max(eps) if eps else None
 
     def evaluate(self, r: int, replies: list[Message]) -> None:
         rm = self.round(r)
-        accs: list[tuple[float, float]] = []
+        correct = total = 0.0
         for m in replies:
             node = self.name(m)
             if m.has_error():
@@ -281,10 +282,15 @@ class _Recorder:
             if mr is None:
                 continue
             vals = {k: float(v) for k, v in mr.items() if isinstance(v, (int, float))}
+            if "correct" in vals and "total" in vals:
+                # noisy counts (DP at the node): the node's accuracy is their ratio, clamped
+                vals["accuracy"] = min(1.0, max(0.0, vals["correct"] / vals["total"])) if vals["total"] > 0 else float("nan")
+                correct += vals["correct"]
+                total += vals["total"]
             self.node_eval[node] = vals
             rm.nodes_evaluated.append(node)
-            accs.append((vals.get("accuracy", float("nan")), vals.get("num-examples", 0.0)))
-        rm.federated_accuracy = _nanmean_weighted(accs)
+        # Sum of the nodes' noisy correct counts over the sum of their noisy totals.
+        rm.federated_accuracy = min(1.0, max(0.0, correct / total)) if total > 0 else None
 
 
 def _recording(base: type[FedAvg]) -> Callable[..., FedAvg]:
@@ -295,9 +301,10 @@ def _recording(base: type[FedAvg]) -> Callable[..., FedAvg]:
 
         def __init__(
             self, *args: Any, recorder: _Recorder, max_update_norm: float | None = None,
-            round_offset: int = 0, reply_timeout: float = 600.0, **kwargs: Any,
+            round_offset: int = 0, reply_timeout: float = 600.0, evaluate_rounds: set[int] | None = None, **kwargs: Any,
         ) -> None:
             super().__init__(*args, **kwargs)
+            self.evaluate_rounds = evaluate_rounds
             self.recorder = recorder
             self.max_update_norm = max_update_norm
             self.round_offset = round_offset
@@ -346,12 +353,21 @@ def _recording(base: type[FedAvg]) -> Callable[..., FedAvg]:
             return result
 
         def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any) -> Any:
-            return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+            r = server_round + self.round_offset
+            # Each evaluation at a node is a DP release the node planned at admission: ask only
+            # for those (the final round, or every round); a node refuses any other.
+            if self.evaluate_rounds is not None and r not in self.evaluate_rounds:
+                return []
+            return super().configure_evaluate(r, arrays, config, grid)
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Any:
             replies = list(replies)
             self.recorder.evaluate(server_round + self.round_offset, replies)
-            return super().aggregate_evaluate(server_round + self.round_offset, replies)
+            ok = [m for m in replies if not m.has_error()]
+            if not ok:
+                return None
+            return super().aggregate_evaluate(server_round + self.round_offset, ok)
+
 
     Recording.__name__ = f"Recording{base.__name__}"
     return Recording
@@ -470,16 +486,6 @@ class SecureFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Grid) -> Any:
         msgs = list(super().configure_train(server_round, arrays, config, grid))
-        if self.distributed is not None and self.distributed.sample_rate < 1:
-            # Poisson sampling, as the accountant assumes: each node independently with rate q,
-            # from the OS's entropy (a fixed-size sample would not be amplified the same way).
-            import secrets
-
-            rng = secrets.SystemRandom()
-            msgs = [m for m in msgs if rng.random() < self.distributed.sample_rate]
-            if len(msgs) < 2:
-                self.discarded[server_round] = f"{len(msgs)} node(s) sampled this round, secure aggregation needs 2: round discarded"
-                return []
         self._global = {k: v.numpy() for k, v in arrays.items()}
         self._secagg, self.stage_failures = secagg_setup(
             grid, [m.metadata.dst_node_id for m in msgs], server_round, self.stage_config, self.stage_timeout
@@ -526,7 +532,8 @@ class SecureFedAvg(FedAvg):
             self.discarded[server_round] = f"{exc}: round discarded"
             return None, None
         if self.distributed is not None:
-            mean = decode_mean(total, len(masked), self.distributed)
+            # Under node-side sampling (rate q) the expected number of updates in the sum is q * m.
+            mean = decode_mean(total, len(masked), self.distributed) / self.distributed.sample_rate
             new_d: dict[str, np.ndarray] = {}
             at = 0
             for k, g in self._global.items():  # the nodes flatten the update in the global model's order
@@ -548,13 +555,18 @@ def build_strategy(
     distributed: DistributedPlan | None = None,
 ) -> FedAvg:
     t = task.training
+    p = task.privacy
+    evals = task.evaluation.node_evaluations(t.rounds, enabled=p.mode == "local") if p.enabled else t.rounds
+    fraction_evaluate = t.fraction_evaluate if evals else 0.0
+    evaluate_rounds = {t.rounds} if evals == 1 else None
     kwargs: dict[str, Any] = dict(
         round_offset=round_offset,
         reply_timeout=t.reply_timeout,
         fraction_train=t.fraction_train,
-        fraction_evaluate=t.fraction_evaluate,
+        fraction_evaluate=fraction_evaluate,
+        evaluate_rounds=evaluate_rounds,
         min_train_nodes=min(t.min_nodes, n_nodes),
-        min_evaluate_nodes=min(t.min_nodes, n_nodes) if t.fraction_evaluate > 0 else 0,
+        min_evaluate_nodes=min(t.min_nodes, n_nodes) if fraction_evaluate > 0 else 0,
         min_available_nodes=min(t.min_nodes, n_nodes),
         evaluate_metrics_aggr_fn=_metrics_aggr,
         train_metrics_aggr_fn=_metrics_aggr,
@@ -563,7 +575,9 @@ def build_strategy(
     kwargs["max_update_norm"] = t.max_update_norm
     if t.secure_aggregation:
         if distributed is not None and t.fraction_train < 1:
-            kwargs["fraction_train"] = 1.0  # SecureFedAvg samples each node with probability q itself (Poisson)
+            # Every node is asked every round: each flips its own secret coin (rate q) for whether
+            # its update goes into the sum (clients.mods.secagg_mod), which the coordinator cannot see.
+            kwargs["fraction_train"] = 1.0
         return _recording(SecureFedAvg)(
             stage_config=stage_config or {}, params=SecAggParams(clip=t.secure_clip), stage_timeout=t.reply_timeout,
             distributed=distributed, dropout_tolerance=task.privacy.dropout_tolerance, **kwargs,
@@ -754,6 +768,13 @@ def run_training(
             ),
             "dropout_tolerance": task.privacy.dropout_tolerance if task.privacy.mode == "distributed" else None,
             "secure_aggregation": task.training.secure_aggregation,
+            "evaluation_at_nodes": task.evaluation.at_nodes if task.privacy.mode == "local" else "off",
+            "evaluation_epsilon": task.evaluation.epsilon if task.privacy.mode == "local" else 0.0,
+            "released_by_nodes": (
+                "the masked update (secure aggregation)" if task.training.secure_aggregation else "the DP-SGD update"
+            ) + ", and noisy correct/total counts for evaluations; no row counts, losses or per-node epsilon (their "
+            "release gate keeps them)",
+            "local_only_baseline": "simulation only, computed apart from each node's budget (what it would cost: the task's target)",
         },
     )
     report_path = run_dir / "report.json"
@@ -794,10 +815,9 @@ def run_training(
                     status="accepted" if a.accepted else "refused",
                     refusal_code=a.code,
                     refusal_reason=a.reason,
-                    train_rows=a.train_rows,
-                    test_rows=a.test_rows,
-                    delta=a.delta,
-                    noise_multiplier=a.noise_multiplier,
+                    # the node's planned epsilon (the task's target, which its plan keeps); its
+                    # rows, delta and noise multiplier stay at the node
+                    epsilon=a.planned_epsilon,
                 )
             )
         admitted = [nid for nid, a in answers.items() if a.accepted]
@@ -908,11 +928,6 @@ def _collect(report: TrainingReport, recorder: _Recorder, evaluator: CentralEval
     also after a failure, so that a stopped run still shows the rounds it completed."""
     report.rounds = [recorder.rounds[r] for r in sorted(recorder.rounds) if r > 0]
     for nr in report.nodes:
-        tr = recorder.node_train.get(nr.node)
-        if tr:
-            nr.epsilon = tr.get("epsilon")
-            nr.delta = tr.get("delta", nr.delta)
-            nr.noise_multiplier = tr.get("noise-multiplier", nr.noise_multiplier)
         nr.rounds_trained = recorder.node_rounds.get(nr.node, 0)
         ev = recorder.node_eval.get(nr.node)
         if ev:

@@ -6,6 +6,8 @@
       node-key, node-key.pub   the node's key pair (OpenSSH ECDSA P-384, as Flower's SuperNode
                                authentication requires); the private key never leaves the node
       policy.toml        what the node takes part in, its limits and budgets (the operator edits it)
+      contracts/         the data contracts the node holds, pinned by SHA-256 in policy.toml
+      reports/           data-check and error reports (mode 0600: they may quote data values)
       ledger.sqlite      the privacy-budget ledger (immutable events)
       audit.sqlite       the hash-chained audit log (+ audit.sqlite.head, the anchor)
       nodestate.sqlite   the pause switch and the manual-approval queue
@@ -92,8 +94,13 @@ def init_node(
     test_data: Path | None = None,
     budget_epsilon: float = 10.0,
     approval: str = "manual",
+    contract_path: Path | None = None,
 ) -> NodeHome:
     """Create a node directory: key pair, policy (for one data set), ledger and audit log.
+
+    The contract is copied into the node directory (``contracts/``: the bytes of
+    ``contract_path``, or else its canonical JSON) and pinned by SHA-256 in the policy: the
+    node serves its data only under the contracts it holds itself.
 
     Refuses a directory that already holds a policy or a key: a node's ledger and keys are
     never overwritten. The new policy starts in ``manual`` approval unless told otherwise.
@@ -120,11 +127,14 @@ def init_node(
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     (home.path / "node-key.pub").write_bytes(public + f" {node}\n".encode())
+    from fedgov.node.contracts import pin_new_contract
+
+    pinned = pin_new_contract(home.path, contract, contract_path)
     text = default_policy_text(
         node, dataset=contract.name, contract=contract.name, version=contract.version,
         path=data.resolve(), test_path=test_data.resolve() if test_data else None,
         budget_epsilon=budget_epsilon, approval=approval,  # type: ignore[arg-type]
-        kinds=("training", "statistics"),
+        kinds=("training", "statistics"), contract_files={contract.version: pinned},
     )
     NodeHome.create(home.path, policy_text=text)
     home.policy()  # the policy written must load

@@ -37,6 +37,7 @@ __all__ = [
     "NodeStateError",
     "UnknownTask",
     "TaskChanged",
+    "DataCheckRecord",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,15 @@ CREATE TABLE IF NOT EXISTS approvals (
     decided_at TEXT,
     decided_by TEXT NOT NULL DEFAULT '',
     reason TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS data_checks (
+    dataset TEXT NOT NULL,
+    data_sha256 TEXT NOT NULL,
+    contract TEXT NOT NULL,
+    contract_sha256 TEXT NOT NULL,
+    conforms INTEGER NOT NULL,
+    checked_at TEXT NOT NULL,
+    PRIMARY KEY (dataset, data_sha256, contract_sha256)
 );
 """
 
@@ -95,6 +105,21 @@ class PendingTask(BaseModel):
     decided_at: datetime | None = None
     decided_by: str = ""
     reason: str = ""
+
+
+class DataCheckRecord(BaseModel):
+    """The result of checking a data set's files against one contract (``fedgov node data check``):
+    which files (their SHA-256), which contract (the SHA-256 of its canonical JSON), whether
+    they conform, when. No counts, rows or values: those are in the node-local report."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str
+    data_sha256: str
+    contract: str
+    contract_sha256: str
+    conforms: bool
+    checked_at: datetime
 
 
 def _now() -> str:
@@ -344,3 +369,47 @@ class NodeState:
         """``none`` (never queued), ``pending``, ``approved`` or ``rejected``, read now."""
         task = self.get(task_id)
         return "none" if task is None else task.status
+
+    # --- data checks ----------------------------------------------------------------------
+
+    def record_data_check(
+        self, *, dataset: str, data_sha256: str, contract: str, contract_sha256: str, conforms: bool
+    ) -> DataCheckRecord:
+        """Record (or replace) the result of checking these files against this contract."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO data_checks (dataset, data_sha256, contract, contract_sha256, conforms, checked_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (dataset, data_sha256, contract_sha256) DO UPDATE SET "
+                "contract = excluded.contract, conforms = excluded.conforms, checked_at = excluded.checked_at",
+                (dataset, data_sha256, contract, contract_sha256, int(conforms), _now()),
+            )
+        found = self.data_check(dataset, data_sha256=data_sha256, contract_sha256=contract_sha256)
+        assert found is not None
+        return found
+
+    def data_check(self, dataset: str, *, data_sha256: str, contract_sha256: str) -> DataCheckRecord | None:
+        """The recorded result for these files and this contract, or None (never checked)."""
+        with self._connect() as conn:
+            row = conn.execute(
+                "SELECT dataset, data_sha256, contract, contract_sha256, conforms, checked_at FROM data_checks "
+                "WHERE dataset = ? AND data_sha256 = ? AND contract_sha256 = ?",
+                (dataset, data_sha256, contract_sha256),
+            ).fetchone()
+        return None if row is None else self._check_row(row)
+
+    def data_checks(self) -> list[DataCheckRecord]:
+        """Every recorded data check, oldest first."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT dataset, data_sha256, contract, contract_sha256, conforms, checked_at FROM data_checks "
+                "ORDER BY checked_at, rowid"
+            ).fetchall()
+        return [self._check_row(r) for r in rows]
+
+    @staticmethod
+    def _check_row(row: tuple[Any, ...]) -> DataCheckRecord:
+        dataset, data_sha, contract, contract_sha, conforms, checked_at = row
+        return DataCheckRecord(
+            dataset=dataset, data_sha256=data_sha, contract=contract, contract_sha256=contract_sha,
+            conforms=bool(conforms), checked_at=datetime.fromisoformat(checked_at),
+        )

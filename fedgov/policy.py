@@ -37,7 +37,7 @@ import json
 import math
 import re
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +54,7 @@ __all__ = [
     "STRATEGIES",
     "PolicyCode",
     "BudgetSpec",
+    "ContractPin",
     "DatasetSpec",
     "AcceptSpec",
     "LimitsSpec",
@@ -63,6 +64,8 @@ __all__ = [
     "check_task",
     "check_query",
     "default_policy_text",
+    "file_sha256",
+    "pin_contract_text",
 ]
 
 KINDS = ("training", "statistics")
@@ -93,6 +96,7 @@ class PolicyCode(str, Enum):
     TOO_FEW_ROWS = "too-few-rows"
     SECURE_AGGREGATION_REQUIRED = "secure-aggregation-required"
     DISTRIBUTED_REQUIRED = "distributed-dp-required"
+    EVALUATION_EPSILON_ABOVE_MAX = "evaluation-epsilon-above-max"
 
 
 # --- the file ------------------------------------------------------------------------------
@@ -109,15 +113,46 @@ class BudgetSpec(StrictModel):
     )
 
 
+class ContractPin(StrictModel):
+    """A contract file the node holds for one version, pinned by the SHA-256 of its bytes."""
+
+    path: ConfigPath = Field(description="the contract file (TOML, or canonical JSON), relative to the policy file")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the file's bytes (64 lower-case hex digits)")
+
+
 class DatasetSpec(StrictModel):
-    """One data set the node serves, under one contract, with its own budget."""
+    """One data set the node serves, under one contract, with its own budget.
+
+    ``contract_files`` pins, per served version, the contract file the node holds itself: a
+    task's contract must be byte for byte that file's canonical JSON, or the node refuses it
+    (``contract-mismatch``) before its data is touched. A version listed in ``versions``
+    without a pinned file is not served.
+    """
 
     name: str = Field(min_length=1, pattern=_NAME, description="the data set id (the ledger's key)")
     contract: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="contract name")
     versions: list[str] = Field(min_length=1, description="contract versions served")
     path: ConfigPath = Field(description="training data (CSV or Parquet), relative to the policy file")
     test_path: ConfigPath | None = Field(default=None, description="optional held-out test data")
+    contract_files: dict[str, ContractPin] = Field(
+        default_factory=dict, description="per served version: the contract file this node holds, pinned by SHA-256"
+    )
     budget: BudgetSpec
+
+    @model_validator(mode="after")
+    def _pins_are_served(self) -> DatasetSpec:
+        extra = [v for v in self.contract_files if v not in self.versions]
+        if extra:
+            raise ValueError(
+                f"contract_files pins version(s) {', '.join(extra)}, which versions does not list; "
+                "add them to versions or remove the pin"
+            )
+        return self
+
+    @property
+    def unpinned(self) -> list[str]:
+        """Versions listed but without a pinned contract file: not served."""
+        return [v for v in self.versions if v not in self.contract_files]
 
     @field_validator("versions")
     @classmethod
@@ -188,6 +223,11 @@ class LimitsSpec(StrictModel):
     max_epsilon_per_task: float = Field(gt=0, allow_inf_nan=False)
     max_delta_per_task: float = Field(default=1e-5, gt=0, lt=1)
     min_noise_multiplier: float = Field(default=0.3, ge=0, allow_inf_nan=False)
+    max_evaluation_epsilon: float = Field(
+        default=0.5, ge=0, allow_inf_nan=False,
+        description="most of a task's epsilon that evaluations of the global model at this node may take "
+        "(evaluation.epsilon; each evaluation releases noisy correct and total counts through the ledger)",
+    )
     min_rows: int = Field(default=50, ge=1)
     min_cohort: int = Field(default=10, ge=2, description="smallest cell a statistics query may release")
     small_cells: Literal["publish-suppressed", "withhold"] = Field(
@@ -295,7 +335,71 @@ def _validate(data: dict[str, Any], file: str, base_dir: Path | None) -> NodePol
     if sink:
         problems = [Problem(file, loc, msg) for loc, msg in sink]
         raise ConfigError(f"Invalid policy file {file} ({len(problems)} problem(s)):", problems)
+    if base_dir is not None:
+        problems = _pin_problems(policy, file)
+        if problems:
+            raise ConfigError(f"Invalid policy file {file} ({len(problems)} problem(s)):", problems)
     return policy
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, as 64 lower-case hex digits."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_contract_file(path: Path) -> Contract:
+    """A contract file the node holds: TOML (as ``configs/contracts``) or canonical JSON."""
+    from fedgov.config.contract import load_contract
+
+    p = Path(path)
+    if p.suffix.lower() == ".json":
+        try:
+            return Contract.model_validate_json(p.read_bytes())
+        except ValidationError as exc:
+            problems = problems_from_validation(exc, str(p))
+            raise ConfigError(f"Invalid contract file {p} ({len(problems)} problem(s)):", problems) from exc
+    return load_contract(p)
+
+
+def _pin_problems(policy: NodePolicy, file: str) -> list[Problem]:
+    """Each pinned contract file exists, has the pinned SHA-256, and is the contract and
+    version it is pinned for."""
+    problems: list[Problem] = []
+    for i, ds in enumerate(policy.datasets):
+        for version, pin in ds.contract_files.items():
+            where = f"datasets[{i}].contract_files.{json.dumps(version)}"
+            if not pin.path.is_file():
+                problems.append(Problem(file, f"{where}.path", f"contract file {pin.path} not found"))
+                continue
+            actual = file_sha256(pin.path)
+            if actual != pin.sha256:
+                problems.append(
+                    Problem(
+                        file, f"{where}.sha256",
+                        f"contract file {pin.path} has SHA-256 {actual}, the policy pins {pin.sha256}: the file "
+                        "changed since it was pinned; check it and pin it again (fedgov node contract add)",
+                    )
+                )
+                continue
+            try:
+                c = read_contract_file(pin.path)
+            except ConfigError as exc:
+                problems.append(Problem(file, f"{where}.path", f"contract file {pin.path} is invalid: {str(exc).splitlines()[0]}"))
+                continue
+            if c.name != ds.contract or c.version != version:
+                problems.append(
+                    Problem(
+                        file, f"{where}.path",
+                        f"contract file {pin.path} is contract {c.ref}, not {ds.contract}@{version}",
+                    )
+                )
+    return problems
 
 
 def load_policy(path: Path | str) -> NodePolicy:
@@ -447,6 +551,14 @@ def check_task(
                 f"{_num(lim.max_epsilon_per_task)} (limits.max_epsilon_per_task)",
                 name,
             )
+        if kind == "training" and priv.mode == "local" and task.evaluation.node_evaluations(task.training.rounds) > 0 \
+                and task.evaluation.epsilon > lim.max_evaluation_epsilon:
+            return _refuse(
+                PolicyCode.EVALUATION_EPSILON_ABOVE_MAX,
+                f"task spends epsilon {_num(task.evaluation.epsilon)} on evaluations at the node; policy allows at most "
+                f"{_num(lim.max_evaluation_epsilon)} (limits.max_evaluation_epsilon)",
+                name,
+            )
         if priv.mode == "distributed":
             delta = priv.delta if priv.delta is not None else 1e-5  # per municipality
         else:
@@ -560,6 +672,60 @@ def _list(values: Sequence[str]) -> str:
     return "[" + ", ".join(_s(v) for v in values) + "]"
 
 
+def _pins_line(pins: Mapping[str, tuple[str | Path, str]]) -> str:
+    """The ``contract_files`` line of a data set (one inline table, versions in order)."""
+    items = ", ".join(
+        f"{_s(v)} = {{ path = {_s(path)}, sha256 = {_s(sha)} }}" for v, (path, sha) in sorted(pins.items())
+    )
+    return f"contract_files = {{ {items} }}"
+
+
+def pin_contract_text(text: str, *, dataset: str, version: str, path: str | Path, sha256: str) -> str:
+    """The policy ``text`` with ``version`` of data set ``dataset`` served and pinned to the
+    contract file ``path`` (``fedgov node contract add``); comments and layout are kept.
+
+    Only the data set's ``versions`` and ``contract_files`` lines change (a ``contract_files``
+    line is added after ``versions`` when there is none). Both must be one line each; if not,
+    a :class:`ConfigError` asks the operator to edit the file by hand.
+    """
+    data = tomllib.loads(text)
+    sets = data.get("datasets") or []
+    index = next((i for i, d in enumerate(sets) if d.get("name") == dataset), None)
+    if index is None:
+        raise ConfigError(f"the policy has no data set '{dataset}'", [Problem("<policy>", "datasets", f"no data set named {dataset!r}")])
+    ds = sets[index]
+    versions = sorted({*ds.get("versions", []), version})
+    pins: dict[str, tuple[str | Path, str]] = {
+        str(v): (str(p["path"]), str(p["sha256"])) for v, p in (ds.get("contract_files") or {}).items()
+    }
+    pins[version] = (Path(path).as_posix() if isinstance(path, Path) else path, sha256)
+    lines = text.splitlines(keepends=True)
+    headers = [i for i, line in enumerate(lines) if line.strip() == "[[datasets]]"]
+    start = headers[index]
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+    key = re.compile(r"^\s*(versions|contract_files)\s*=")
+    found = {m.group(1): i for i in range(start + 1, end) if (m := key.match(lines[i]))}
+    if "versions" not in found:
+        raise ConfigError(
+            f"cannot find the versions line of data set '{dataset}'",
+            [Problem("<policy>", f"datasets[{index}].versions", "edit the policy by hand")],
+        )
+    nl = "\n"
+    lines[found["versions"]] = f"versions = {_list(versions)}{nl}"
+    if "contract_files" in found:
+        lines[found["contract_files"]] = _pins_line(pins) + nl
+    else:
+        lines.insert(found["versions"] + 1, _pins_line(pins) + nl)
+    new_text = "".join(lines)
+    check = tomllib.loads(new_text)["datasets"][index]
+    if check.get("versions") != versions or set(check.get("contract_files", {})) != set(pins):
+        raise ConfigError(
+            f"the versions or contract_files of data set '{dataset}' span several lines",
+            [Problem("<policy>", f"datasets[{index}].contract_files", "write each on one line, or pin the contract by hand")],
+        )
+    return new_text
+
+
 def default_policy_text(
     node: str,
     *,
@@ -585,12 +751,14 @@ def default_policy_text(
     coordinators: Sequence[str] = ("*",),
     submitters: Sequence[str] = ("*",),
     apps: Sequence[str] = ("fedgov",),
+    contract_files: Mapping[str, tuple[str | Path, str]] | None = None,
 ) -> str:
     """A commented policy file for one data set (``fedgov node init``, simulated nodes).
 
     ``max_epsilon_per_task`` defaults to the smaller of 3.0 and the budget, and
-    ``max_delta_per_task`` to the smaller of 1e-5 and the budget's delta. The text is
-    validated before it is returned: bad arguments raise a :class:`ConfigError`.
+    ``max_delta_per_task`` to the smaller of 1e-5 and the budget's delta. ``contract_files``
+    pins, per version, the contract file the node holds: ``{version: (path, sha256)}``. The
+    text is validated before it is returned: bad arguments raise a :class:`ConfigError`.
     """
     max_eps = min(3.0, budget_epsilon) if max_epsilon_per_task is None else max_epsilon_per_task
     max_delta = min(1e-5, budget_delta) if max_delta_per_task is None else max_delta_per_task
@@ -616,7 +784,11 @@ approval = {_s(approval)}
 name = {_s(dataset)}
 # The data contract the data conforms to, and the contract versions served.
 contract = {_s(contract)}
-versions = {_list([version])}
+versions = {_list(sorted({version, *(contract_files or {})}))}
+# The contract files this node holds, one per version, pinned by SHA-256: a task whose
+# contract is not byte for byte one of them is refused before the data is read, and a version
+# without a pinned file is not served. 'fedgov node contract add FILE' pins another version.
+{_pins_line(contract_files) if contract_files else f'# contract_files = {{ "{version}" = {{ path = "contracts/{contract}-{version}.toml", sha256 = "..." }} }}'}
 # Training data (CSV or Parquet), and optional held-out test data.
 path = {_s(path)}
 {test_line}

@@ -84,6 +84,7 @@ class RefusalCode(str, Enum):
     NOT_ADMITTED = "not-admitted"
     APP_NOT_TRUSTED = "app-not-trusted"
     TASK_ENDED = "task-ended"
+    REPRODUCIBLE_NOISE = "reproducible-noise"
     INTERNAL = "internal-error"
     # A policy rule (fedgov.policy.PolicyCode) refuses with its own code, e.g. epsilon-above-max.
 

@@ -239,17 +239,28 @@ def prepare_nodes(
     emit({"event": "partition", "nodes": len(federation.members)})
     state_dir = (options.state_dir or run_dir / "state").resolve()
     nodes = materialize(federation, contract, state_dir / "nodes")
+    from fedgov.node.contracts import pin_new_contract
+
     for n in nodes:
-        NodeHome.create(
+        # Each node holds the task's contract itself, pinned in its policy (as 'fedgov node init').
+        pinned = pin_new_contract(n.train_path.parent, contract)
+        home = NodeHome.create(
             n.train_path.parent,
             policy_text=default_policy_text(
                 n.code, dataset=contract.name, contract=contract.name, version=contract.version,
                 path=n.train_path.name, test_path=n.test_path.name, budget_epsilon=options.node_budget,
                 approval=options.approval,  # type: ignore[arg-type]
                 max_epsilon_per_task=min(options.node_budget, max(3.0, max_epsilon)),
-                kinds=("training", "statistics"),
+                kinds=("training", "statistics"), contract_files={contract.version: pinned},
             ),
         )
+        ds = next((d for d in home.policy().datasets if d.contract == contract.name), None)
+        if ds is not None and contract.version not in ds.contract_files:  # a kept policy: pin this version too
+            from fedgov.policy import pin_contract_text
+
+            text = pin_contract_text(home.policy_path.read_text("utf-8"), dataset=ds.name, version=contract.version,
+                                     path=pinned[0], sha256=pinned[1])
+            NodeHome.create(home.path, policy_text=text, overwrite=True)
     manifest = run_dir / "manifest.json"
     write_manifest(nodes, manifest)
     emit({"event": "partitioned", "nodes": [n.model_dump(mode="json") for n in nodes]})

@@ -6,8 +6,10 @@ kind ``stats``. Each node, on its own:
 1. refuses if paused, or if its policy does not accept the query (:func:`fedgov.policy.check_query`:
    kind ``statistics``, the contract served, epsilon and delta per node), or while it waits
    for an operator's approval (``approval = "manual"``);
-2. reads its data and validates it against the contract (refuses with ``data-invalid``, no
-   values sent) and refuses with fewer than ``limits.min_rows`` rows;
+2. looks up whether its data conforms to the contract (checked when the data was registered,
+   ``fedgov node data check``; checked again when the files changed): refuses with the fixed
+   ``data-invalid`` text, no counts, columns or values; and refuses with fewer than
+   ``limits.min_rows`` rows;
 3. reserves the query's whole epsilon and delta in its ledger (refuses with
    ``budget-exhausted`` and the reason when that would overspend the data set's budget);
 4. computes its noisy release with OpenDP (:func:`fedgov.analytics.local_release`: rows per
@@ -52,6 +54,8 @@ from fedgov.errors import DataValidationError, FederationError, FedgovError
 from fedgov.events import EventWriter
 from fedgov.ledger import BudgetExceeded, Mechanism
 from fedgov.municipalities import display_name
+from fedgov.node.contracts import data_status
+from fedgov.node.refusals import refusal_text
 from fedgov.nodehome import NodeHome, budget_of
 from fedgov.policy import check_query
 
@@ -138,18 +142,23 @@ def answer_query(
         )
         if waiting is not None:
             return _refuse(node, P.RefusalCode.PENDING_APPROVAL.value, waiting)
+    # The data was checked against the node's contract when it was registered (fedgov node data
+    # check): the recorded result for the current files says whether it conforms; the details
+    # (rows, columns, values) stay in the node-local report, and the answer is a fixed text.
+    status = data_status(home, ds, contract)
+    invalid = P.RefusalCode.DATA_INVALID.value
+    missing = P.RefusalCode.DATA_MISSING.value
+    if status != "conforms":
+        code = missing if status == "missing" else invalid
+        return _refuse(node, code, refusal_text(code, contract=contract.ref))
     try:
         frame = read_node_frame(contract, [ds.path, ds.test_path])
-    except DataValidationError as exc:
-        log.error("node %s: data does not conform to %s: %s", node, contract.ref, exc)  # problems stay at the node
-        return _refuse(node, P.RefusalCode.DATA_INVALID.value, f"data does not conform to contract {contract.ref}; details in the node's log")
-    except FedgovError as exc:
-        return _refuse(node, P.RefusalCode.DATA_MISSING.value, str(exc).splitlines()[0][:300])
+    except DataValidationError:
+        return _refuse(node, invalid, refusal_text(invalid, contract=contract.ref))
+    except FedgovError:
+        return _refuse(node, missing, refusal_text(missing, contract=contract.ref))
     if len(frame) < policy.limits.min_rows:
-        return _refuse(
-            node, P.RefusalCode.TOO_FEW_ROWS.value,
-            f"data set '{ds.name}' has fewer rows than the policy's minimum of {policy.limits.min_rows} (limits.min_rows)",
-        )
+        return _refuse(node, P.RefusalCode.TOO_FEW_ROWS.value, refusal_text("too-few-rows", setting="limits.min_rows"))
     mechanism = mechanism_of(query)
     budget = budget_of(ds)
     try:

@@ -11,15 +11,21 @@ DP-SGD is that of Abadi et al. 2016 (arXiv:1607.00133): Poisson sampling, per-sa
 to ``max_grad_norm``, Gaussian noise of ``noise_multiplier * max_grad_norm``. FedProx is Li et
 al. 2020 (arXiv:1812.06127).
 
-Randomness: the Poisson sampler and the noise each get their own ``torch.Generator`` derived
-from ``seed``, so the same seed gives the same round and the global RNG is not touched. A
-known seed makes the noise *reproducible by whoever knows it*, which voids the guarantee
-against that party: pass ``seed=None`` (fresh OS entropy) outside tests and experiments.
-Opacus' ``secure_mode`` (a CSPRNG) needs ``torchcsprng``, which has no wheel here.
+Randomness: with ``seed=None`` (what a deployed node does) the Poisson sampler and the noise
+each get a fresh :class:`~fedgov.privacy.rng.SecureRNG`: AES-256-CTR keyed with 256 bits from
+``os.urandom``, new for every round, so nobody, the coordinator included, can regenerate the
+noise. That holds in the fused path and in Opacus' modes, whose sampler and ``add_noise`` are
+redirected to it (Opacus' own ``secure_mode`` needs ``torchcsprng``, which has no wheel here).
+Only the non-private round's shuffling, which no guarantee rests on, uses a torch generator.
+A given ``seed`` derives two seeded ``torch.Generator`` instead, so the same seed gives the
+same round (and, with ``replay_opacus``, Opacus' exact draws); it makes the noise
+*reproducible by whoever knows the seed*, which voids the guarantee against that party: for
+tests and simulations only (``privacy.reproducible_noise``, refused by a deployed node).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
@@ -39,7 +45,8 @@ from fedgov.config.task import PrivacySpec, TrainingSpec
 from fedgov.errors import ModelError, PrivacyError
 from fedgov.models import dp_problems, get_state
 from fedgov.privacy.accounting import DPPlan, HistoryEntry, epsilon_from_history, merge_history
-from fedgov.privacy.dpsgd import FusedClipper, fused_supported, noised_mean_grad, poisson_batches
+from fedgov.privacy.dpsgd import FusedClipper, fused_supported, noised_mean_grad, poisson_batches, poisson_indices
+from fedgov.privacy.rng import RandomSource, SecureRNG, draw_normal
 
 __all__ = [
     "EvalMetrics",
@@ -194,16 +201,22 @@ def _seeds(seed: int | None) -> tuple[int, int]:
     return int(a) >> 1, int(b) >> 1
 
 
-_insecure_rng_warned = False
+def _dp_sources(seed: int | None) -> tuple[RandomSource, RandomSource]:
+    """The Poisson sampler's and the noise's randomness: two fresh :class:`SecureRNG` (new OS
+    keys every call, i.e. every round) when ``seed`` is None, else two seeded torch generators."""
+    if seed is None:
+        return SecureRNG.fresh(), SecureRNG.fresh()
+    sample_seed, noise_seed = _seeds(seed)
+    return torch.Generator().manual_seed(sample_seed), torch.Generator().manual_seed(noise_seed)
 
 
 def _privacy_engine(accountant: str) -> Any:
-    """A fresh ``PrivacyEngine`` (secure_mode off), its secure-RNG warning shown once per process.
+    """A fresh ``PrivacyEngine`` (secure_mode off), without its secure-RNG warning.
 
-    Opacus warns on every ``PrivacyEngine(secure_mode=False)``, and Python shows it again each
-    time anything in the process changes the warning filters (scikit-learn does), i.e. every
-    round. The warning is caught *here only* and replaced by one fedgov warning per process;
-    every other warning from the constructor passes through unchanged.
+    Opacus warns on every ``PrivacyEngine(secure_mode=False)`` that its noise is not from a
+    CSPRNG. fedgov draws the noise and the Poisson batches of a round without seed from a
+    :class:`SecureRNG` itself (:func:`_secure_opacus`), so the warning does not apply: it is
+    caught *here only*; every other warning from the constructor passes through unchanged.
     """
     from opacus import PrivacyEngine
 
@@ -211,26 +224,59 @@ def _privacy_engine(accountant: str) -> Any:
         warnings.simplefilter("always")
         engine = PrivacyEngine(accountant=accountant, secure_mode=False)
     for w in caught:
-        if "Secure RNG turned off" in str(w.message):
-            _warn_insecure_rng(stacklevel=4)
-        else:
+        if "Secure RNG turned off" not in str(w.message):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return engine
 
 
-def _warn_insecure_rng(stacklevel: int) -> None:
-    """The one warning per process that DP noise comes from torch's pseudo-random generator."""
-    global _insecure_rng_warned
-    logger.debug("DP noise from torch's pseudo-random generator (secure_mode off)")
-    if not _insecure_rng_warned:
-        _insecure_rng_warned = True
-        warnings.warn(
-            "DP-SGD noise comes from torch's pseudo-random generator (Opacus secure_mode off; "
-            "it needs torchcsprng, which is not installable here). Fine for experiments; the "
-            "noise is not cryptographically secure (Mironov 2012). Shown once per process.",
-            UserWarning,
-            stacklevel=stacklevel,
+def _secure_opacus(optimizer: Any, dp_loader: Any, sampler: SecureRNG, noise: SecureRNG) -> None:
+    """Redirect the two draws Opacus makes to :class:`SecureRNG`: the Poisson batches of
+    ``dp_loader``'s ``UniformWithReplacementSampler`` (``torch.rand(rows) < q``) and the noise
+    of ``optimizer.add_noise`` (``torch.normal``, parameter by parameter). The same laws, and
+    the rest of Opacus (clipping, scaling, accounting) unchanged.
+    """
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    batches = dp_loader.batch_sampler
+    if type(batches) is not UniformWithReplacementSampler or not hasattr(optimizer, "add_noise"):
+        raise PrivacyError(
+            f"cannot draw Opacus' randomness from the secure generator: unexpected sampler "
+            f"{type(batches).__name__} or optimizer {type(optimizer).__name__} (has Opacus changed?)"
         )
+    batches.__class__ = _secure_sampler_class()
+    batches.rng = sampler
+
+    def add_noise() -> None:  # Opacus' DPOptimizer.add_noise with the draw from ``noise``
+        multiplier = getattr(optimizer, "_adjusted_noise_multiplier", optimizer.noise_multiplier)
+        std = multiplier * optimizer.max_grad_norm
+        for p in optimizer.params:
+            _check_processed_flag(p.summed_grad)
+            g = p.summed_grad
+            g = g + draw_normal(g.shape, noise, dtype=g.dtype, std=std) if std > 0 else g.clone()
+            p.grad = g.view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.add_noise = add_noise  # the instance's attribute: pre_step calls self.add_noise()
+
+
+@functools.cache
+def _secure_sampler_class() -> type:
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    class SecureUniformSampler(UniformWithReplacementSampler):
+        """Opacus' Poisson sampler (each row with probability ``sample_rate``), drawn from ``rng``."""
+
+        rng: SecureRNG
+
+        def __iter__(self) -> Iterator[list[int]]:
+            for _ in range(self.steps):
+                if self.sample_rate >= 1:
+                    yield list(range(self.num_samples))
+                else:
+                    yield poisson_indices(self.num_samples, self.sample_rate, self.rng).tolist()
+
+    return SecureUniformSampler
 
 
 def _optimizer(model: nn.Module, training: TrainingSpec) -> torch.optim.Optimizer:
@@ -306,8 +352,8 @@ def _train_fused(
     training: TrainingSpec,
     privacy: PrivacySpec,
     plan: DPPlan,
-    sample_seed: int,
-    noise_seed: int,
+    sampler: RandomSource,
+    noise: RandomSource,
     anchor: list[tuple[nn.Parameter, torch.Tensor]] | None,
     replay_opacus: bool = False,
 ) -> tuple[list[float], int]:
@@ -319,13 +365,14 @@ def _train_fused(
     are drawn together (:func:`~fedgov.privacy.dpsgd.poisson_batches`) and the noise ahead, in
     chunks of at most 16 MiB: a small model's step costs little beyond its Python calls.
 
-    ``replay_opacus`` draws batches and noise exactly as Opacus' ``DPDataLoader`` and
-    ``DPOptimizer`` do (the DataLoader's base-seed draw at each epoch, a ``rand(rows)`` mask per
-    step, noise parameter by parameter): with the same seed the round then equals Opacus'
-    hooks and ghost modes up to float rounding, which the tests check.
+    ``sampler`` and ``noise``: :class:`SecureRNG` outside tests, seeded torch generators for a
+    reproducible round. ``replay_opacus`` (torch generators only) draws batches and noise exactly
+    as Opacus' ``DPDataLoader`` and ``DPOptimizer`` do (the DataLoader's base-seed draw at each
+    epoch, a ``rand(rows)`` mask per step, noise parameter by parameter): with the same seed the
+    round then equals Opacus' hooks and ghost modes up to float rounding, which the tests check.
     """
-    sampler = torch.Generator().manual_seed(sample_seed)
-    noise = torch.Generator().manual_seed(noise_seed)
+    if replay_opacus and not (isinstance(sampler, torch.Generator) and isinstance(noise, torch.Generator)):
+        raise PrivacyError("replay_opacus replays Opacus' torch draws: it needs a seed")
     optimizer = _optimizer(model, training)
     params = list(model.parameters())
     rows = len(yt)
@@ -343,6 +390,7 @@ def _train_fused(
     steps = 0
     for _ in range(training.local_epochs):
         if replay_opacus:
+            assert isinstance(sampler, torch.Generator)
             torch.empty((), dtype=torch.int64).random_(generator=sampler)  # DataLoader's _base_seed
             epoch: list[torch.Tensor] = []  # drawn step by step below, as Opacus' sampler does
         else:
@@ -350,11 +398,12 @@ def _train_fused(
         ahead: torch.Tensor | None = None
         for i in range(plan.steps_per_epoch):
             if replay_opacus:
+                assert isinstance(sampler, torch.Generator)
                 idx = (torch.rand(rows, generator=sampler) < rate).nonzero(as_tuple=False).reshape(-1)
             else:
                 idx = epoch[i]
                 if i % chunk == 0:
-                    ahead = torch.normal(0.0, 1.0, size=(min(chunk, plan.steps_per_epoch - i), dim), generator=noise)
+                    ahead = draw_normal((min(chunk, plan.steps_per_epoch - i), dim), noise)
             yb = yt[idx]
             step = clipper.step(Xt[idx], yb, privacy.max_grad_norm, input_sq_norms=row_sq[idx])
             if len(yb):
@@ -414,9 +463,11 @@ def train_dp_round(
     come from the layers' activations only, so the term's gradient is silently dropped when the
     optimizer replaces ``p.grad``; with ``ghost`` it reaches the update unclipped.
 
-    ``seed`` fixes the Poisson batches and the noise. It must differ between rounds (derive it
-    from task seed, node and round), or the rounds reuse the same noise, which the accounting
-    assumes independent. ``None`` draws both from the OS: the right choice outside experiments.
+    ``seed=None`` (the only choice outside tests and simulations) draws the Poisson batches and
+    the noise from two fresh :class:`~fedgov.privacy.rng.SecureRNG` (256-bit keys from the OS),
+    in every mode. A ``seed`` fixes both, with torch generators; it must differ between rounds
+    (derive it from task seed, node and round), or the rounds reuse the same noise, which the
+    accounting assumes independent.
 
     ``replay_opacus`` (fused mode only): draw batches and noise as Opacus would, so that the
     round can be checked number for number against Opacus' own modes.
@@ -450,19 +501,20 @@ def train_dp_round(
     anchor = _proximal_anchor(model, training, global_state)
 
     mode = _grad_sample_mode(model, privacy.grad_sample_mode)
-    sample_seed, noise_seed = _seeds(seed)
+    sampler, noise = _dp_sources(seed)
     if mode == "fused":
-        _warn_insecure_rng(stacklevel=3)
         losses, steps = _train_fused(
             model, Xt, yt, training=training, privacy=privacy, plan=plan,  # type: ignore[arg-type]
-            sample_seed=sample_seed, noise_seed=noise_seed, anchor=anchor, replay_opacus=replay_opacus,
+            sampler=sampler, noise=noise, anchor=anchor, replay_opacus=replay_opacus,
         )
         return _dp_result(model, yt, losses, steps, expected, eps_after, plan, t_accounting)
     loader = DataLoader(
         _Rows(Xt, yt),
         batch_size=plan.loader_batch_size,
         collate_fn=_pass_through,  # type: ignore[arg-type]  # batches are whole index sets
-        generator=torch.Generator().manual_seed(sample_seed),  # DPDataLoader samples with it
+        # DPDataLoader samples with a seeded generator; with SecureRNG it only draws the
+        # DataLoader's worker base seed from it (no worker here), so the global RNG stays untouched.
+        generator=sampler if isinstance(sampler, torch.Generator) else torch.Generator().manual_seed(secrets.randbits(63)),
     )
     engine = _privacy_engine(plan.accountant)
     engine.accountant.history = list(prior)
@@ -476,13 +528,15 @@ def train_dp_round(
         max_grad_norm=privacy.max_grad_norm,
         poisson_sampling=True,
         grad_sample_mode=mode,
-        noise_generator=torch.Generator().manual_seed(noise_seed),
+        noise_generator=noise if isinstance(noise, torch.Generator) else None,
     )
     if mode == "ghost":
         dp_model, optimizer, criterion, dp_loader = made
     else:
         dp_model, optimizer, dp_loader = made
     try:
+        if isinstance(sampler, SecureRNG) and isinstance(noise, SecureRNG):
+            _secure_opacus(optimizer, dp_loader, sampler, noise)
         if not (len(dp_loader) == plan.steps_per_epoch and 1 / len(dp_loader) == plan.sample_rate):
             raise PrivacyError(
                 f"Opacus samples {len(dp_loader)} batches per epoch at rate 1/{len(dp_loader)}; the plan "

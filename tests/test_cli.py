@@ -109,7 +109,10 @@ def test_node_init_creates_a_working_node_directory(tmp_path: Path) -> None:
     policy = home.policy()
     assert policy.node == "GM0363" and policy.approval == "manual"
     assert policy.datasets[0].budget.epsilon == 4 and policy.datasets[0].path == Path(data)
-    assert [e.kind for e in home.audit.entries()] == ["initialized"] and home.audit.verify().ok
+    assert [e.kind for e in home.audit.entries()] == ["initialized", "check"] and home.audit.verify().ok
+    pin = policy.datasets[0].contract_files["1.0"]  # the contract is held and pinned
+    assert pin.path == d / "contracts" / "adult-income-1.0.toml"
+    assert pin.path.read_bytes() == Path(contract).read_bytes()
     budget = runner.invoke(app, ["node", "budget", "-n", str(d), "--json"])
     assert json.loads(budget.output)[0]["remaining"] == 4
     # a node directory is never overwritten

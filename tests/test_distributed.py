@@ -303,12 +303,24 @@ def test_a_resumed_round_is_not_released_twice(tmp_path: Path) -> None:
         assert rounds == [1, 2, 3]
 
 
-def test_sampled_municipalities_are_accounted_at_their_rate(tmp_path: Path) -> None:
-    """``fraction_train = 0.8``: each municipality is asked with probability 0.8 each round
-    (Poisson, by the coordinator), the plan's z is the amplified one, and every release in a
-    ledger is recorded at rate 0.8."""
+def test_sampled_municipalities_are_accounted_at_their_rate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fraction_train = 0.8``: the coordinator asks every municipality every round, and each
+    flips its own secret coin (rate 0.8) for whether its update goes into the masked sum; its
+    noise share goes in either way. The coordinator cannot see who took part, so the plan's z is
+    the amplified one and every release in a ledger is recorded at rate 0.8; every round of the
+    task is in every ledger."""
+    import clients.mods as mods
     from fedgov.nodehome import NodeHome
 
+    flips: list[bool] = []
+    real_coin = mods._coin
+
+    def counted(rate: float) -> bool:
+        assert rate == 0.8
+        flips.append(real_coin(rate))
+        return flips[-1]
+
+    monkeypatch.setattr(mods, "_coin", counted)
     fed, task_path = _fed_task(tmp_path, rounds=2, training="fraction_train = 0.8")
     _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
     grid = InProcessGrid(manifest, len(nodes), run_id=81)
@@ -319,9 +331,10 @@ def test_sampled_municipalities_are_accounted_at_their_rate(tmp_path: Path) -> N
     assert z < plan_distributed(dimension=report.model_parameters or 0, clip=2.0, rounds=2, sample_rate=1.0,
                                 target_epsilon=8.0, delta=1e-5, accountant="rdp").noise_multiplier
     for r in report.rounds:
-        assert set(r.nodes_asked) | set(r.nodes_absent) == {n.code for n in nodes}
-        assert all("not sampled" in why for why in r.nodes_absent.values())
+        assert set(r.nodes_asked) == {n.code for n in nodes} and not r.nodes_absent
+    assert len(flips) == 2 * len(nodes)  # one secret coin per node and round, at the node
     for n in nodes:
-        for e in NodeHome(n.train_path.parent).ledger.events():
-            if e.kind == "spend":
-                assert [tuple(h) for h in e.mechanism.history] == [(pytest.approx(z), 0.8, 1)]
+        spends = [e for e in NodeHome(n.train_path.parent).ledger.events() if e.kind == "spend"]
+        assert len(spends) == 2
+        for e in spends:
+            assert [tuple(h) for h in e.mechanism.history] == [(pytest.approx(z), 0.8, 1)]

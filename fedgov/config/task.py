@@ -172,9 +172,32 @@ class PrivacySpec(StrictModel):
 
 
 class EvaluationSpec(StrictModel):
-    """Centralized evaluation data held by the coordinator (public, held out)."""
+    """How the task is evaluated: on centralized data held by the coordinator (public, held
+    out), and at the nodes on their own test splits, released only with DP.
+
+    An evaluation at a node releases its correct and total counts on its test split, each with
+    Gaussian noise through the node's ledger (an entry ``(z, 1, 1)`` per evaluation, the counts'
+    L2 sensitivity being sqrt(2)). The task's ``privacy.target_epsilon`` covers training and
+    these evaluations together: the node calibrates its DP-SGD noise for what the evaluations
+    leave."""
 
     centralized: ConfigPath | None = None
+    at_nodes: Literal["final", "every-round", "off"] = Field(
+        default="final",
+        description="evaluate the global model at the nodes after the final round only, after every round, or "
+        "never (each evaluation is a DP release charged to the node's budget)",
+    )
+    epsilon: float = Field(
+        default=0.2, ge=0, le=10, allow_inf_nan=False,
+        description="the part of privacy.target_epsilon spent on the evaluations at a node, all together; "
+        "0 turns evaluation at the nodes off",
+    )
+
+    def node_evaluations(self, rounds: int, *, enabled: bool = True) -> int:
+        """How many evaluations a node plans for a task of ``rounds`` rounds."""
+        if not enabled or self.at_nodes == "off" or self.epsilon <= 0:
+            return 0
+        return 1 if self.at_nodes == "final" else rounds
 
 
 class Task(StrictModel):

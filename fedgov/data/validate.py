@@ -252,14 +252,8 @@ def validate_frame(
         if n_violations or not column_problems:
             parts.append(f"{n_violations} violation(s) in {n_rows} row(s)")
         summary = f"{file} does not conform to contract {contract.ref}: {'; '.join(parts)}"
-        log.warning(
-            "%s does not conform to contract %s: %d column problem(s), %d cell violation(s) in %d row(s)",
-            file,
-            contract.ref,
-            len(column_problems),
-            n_violations,
-            n_rows,
-        )
+        # No counts, rows or values in the log: they are the node operator's, in the error.
+        log.warning("%s does not conform to contract %s", file, contract.ref)
         raise DataValidationError(summary, problems)
 
     log.info("%s conforms to contract %s: %d rows, %d columns", file, contract.ref, n, len(present))

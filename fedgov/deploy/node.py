@@ -17,7 +17,23 @@ from fedgov.errors import ConfigError, Problem
 from fedgov.nodehome import NodeHome
 from fedgov.runtime import ManagedProcess, flower_env
 
-__all__ = ["start_node", "node_args", "node_env"]
+__all__ = ["start_node", "node_args", "node_env", "check_before_start"]
+
+
+def check_before_start(home: NodeHome) -> list[str]:
+    """The data check at start (:func:`fedgov.node.contracts.check_all`): a policy or contract
+    error raises (the node does not start); data that does not conform gives a warning naming
+    its report (the node starts, and refuses tasks on that data set with ``data-invalid``)."""
+    from fedgov.node.contracts import check_all
+
+    warnings = []
+    for check, path in check_all(home):
+        if not check.conforms:
+            warnings.append(
+                f"data set '{check.dataset}' does not conform to contract {check.contract}: tasks on it are refused "
+                f"(data-invalid); details in {path}"
+            )
+    return warnings
 
 
 def node_env(node_dir: Path) -> dict[str, str]:
@@ -60,8 +76,13 @@ def start_node(
     *,
     name: str | None = None,
     log_path: Path | None = None,
+    check: bool = True,
 ) -> ManagedProcess:
-    """Start ``flower-supernode`` for the node directory; its ClientAppIO API on ``127.0.0.1:port``."""
+    """Start ``flower-supernode`` for the node directory; its ClientAppIO API on ``127.0.0.1:port``.
+
+    With ``check`` the data is checked against the pinned contracts first
+    (:func:`check_before_start`): a policy or contract error stops the start, data that does
+    not conform is logged as a warning."""
     home = NodeHome(node_dir)
     key = home.path / "node-key"
     if not home.exists() or not key.is_file():
@@ -70,6 +91,11 @@ def start_node(
             [Problem(str(home.path), "", "needs policy.toml and node-key ('fedgov node init')")],
         )
     node_name = name or home.policy().node
+    if check:
+        import logging
+
+        for warning in check_before_start(home):
+            logging.getLogger("fedgov.node").warning("%s", warning)
     flwr_home = home.path / "flwr-home"
     flwr_home.mkdir(exist_ok=True)
     return ManagedProcess(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,8 @@ import numpy as np
 
 from fedgov import protocol as P
 from fedgov.config import Contract, Task
-from fedgov.errors import DataFileError, DataValidationError, FedgovError, ModelError, PrivacyError
+from fedgov.errors import DataFileError, DataValidationError, ModelError, PrivacyError
+from fedgov.node.refusals import refusal_text
 
 __all__ = [
     "PreparedData",
@@ -72,13 +74,19 @@ def _file_key(path: Path | None) -> tuple[str, int, int] | None:
 
 
 def prepare(task: Task, contract: Contract, train_path: Path, test_path: Path | None) -> PreparedData:
-    """Read, validate and encode a node's data; cached while the files are unchanged."""
+    """Read, validate and encode a node's data; cached while the files are unchanged.
+
+    When a node directory is being served (:func:`fedgov.node.contracts.serving`), its
+    recorded data check for the current files is looked up first (and made when the files
+    changed): data that does not conform is not read here at all."""
     from fedgov.data import Encoder, read_table, train_test_split, validate_frame
+    from fedgov.node.contracts import require_conforming
 
     if not train_path.is_file():
         raise DataFileError(f"data file not found: {train_path}")
     if test_path is not None and not test_path.is_file():
         raise DataFileError(f"test data file not found: {test_path}")
+    require_conforming(contract, train_path)
     key = (_file_key(train_path), _file_key(test_path), contract.model_dump_json(), tuple(task.features or ()), task.training.seed)
     hit = _CACHE.get(key)
     if hit is not None:
@@ -103,18 +111,26 @@ def _seed(task: Task, node: str, server_round: int, salt: int = 0) -> int:
     return (task.training.seed * 1_000_003 + zlib.crc32(node.encode()) + 7919 * server_round + salt) % (2**31 - 1)
 
 
+def node_evaluations(task: Task) -> int:
+    """How many DP evaluations of the global model this node plans for ``task`` (local DP-SGD
+    only: under distributed DP the guarantee is per municipality, which a per-record count
+    release would not keep, so the nodes do not evaluate)."""
+    p = task.privacy
+    return task.evaluation.node_evaluations(task.training.rounds, enabled=p.enabled and p.mode == "local")
+
+
 def _plan(task: Task, rows: int) -> Any:
     p = task.privacy
     return _plan_cached(
         rows, task.training.batch_size, task.training.local_epochs, task.training.rounds,
-        p.target_epsilon, p.delta_for(rows), p.accountant, p.margin,
+        p.target_epsilon, p.delta_for(rows), p.accountant, p.margin, node_evaluations(task), task.evaluation.epsilon,
     )
 
 
 @functools.lru_cache(maxsize=256)
 def _plan_cached(
     rows: int, batch_size: int, local_epochs: int, rounds: int,
-    target_epsilon: float, delta: float, accountant: str, margin: float,
+    target_epsilon: float, delta: float, accountant: str, margin: float, evaluations: int = 0, evaluation_epsilon: float = 0.0,
 ) -> Any:
     """Calibrating sigma takes seconds (a search over the PRV accountant): do it once."""
     from fedgov.privacy import plan_node_dp
@@ -122,6 +138,7 @@ def _plan_cached(
     return plan_node_dp(
         rows=rows, batch_size=batch_size, local_epochs=local_epochs, rounds=rounds,
         target_epsilon=target_epsilon, delta=delta, accountant=accountant, margin=margin,
+        evaluations=evaluations, evaluation_epsilon=evaluation_epsilon,
     )
 
 
@@ -184,23 +201,19 @@ def hello(
 
     try:
         data = prepare(task, contract, train_path, test_path)
-    except DataFileError as exc:
-        return refuse(P.RefusalCode.DATA_MISSING, f"data set cannot be read ({type(exc).__name__})")
+    except DataFileError:
+        return refuse(P.RefusalCode.DATA_MISSING, refusal_text("data-missing", contract=contract.ref))
     except DataValidationError as exc:
-        # The problems name rows and found values: they stay at the node.
-        columns = sorted({p.location.split("column ")[-1].strip("'") for p in exc.problems if "column" in p.location})
-        if workdir is not None:
-            workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / f"validation-{task.name}.txt").write_text(str(exc), encoding="utf-8")
-        log.error("node %s: data does not conform to %s:\n%s", node, contract.ref, exc)
-        return refuse(
-            P.RefusalCode.DATA_INVALID,
-            f"data does not conform to {contract.ref}: {len(exc.problems)} problem(s) in column(s) "
-            f"{', '.join(columns[:10]) or '(file level)'}; details in the node's log",
-        )
+        # The problems name rows and found values: they stay at the node, in a report only its
+        # user can read; the coordinator and the log learn only that the data does not conform.
+        if workdir is not None and exc.problems:
+            from fedgov.node.contracts import append_private
+
+            append_private(workdir, f"validation-{task.name}.txt", str(exc) + "\n")
+        return refuse(P.RefusalCode.DATA_INVALID, refusal_text("data-invalid", contract=contract.ref))
     n = len(data.y_train)
     if n < MIN_TRAIN_ROWS:
-        return refuse(P.RefusalCode.TOO_FEW_ROWS, f"{n} training rows, fewer than {MIN_TRAIN_ROWS}")
+        return refuse(P.RefusalCode.TOO_FEW_ROWS, refusal_text("too-few-rows", setting="limits.min_rows"))
     try:
         make_dp_compatible(build_model(task.model, n_features=data.n_features, n_classes=data.n_classes, seed=task.training.seed))
     except ModelError as exc:
@@ -260,6 +273,18 @@ class DPState:
             plan_json=raw.get("plan"),
         )
 
+    def fixed_plan(self, task: Task) -> Any:
+        """The plan fixed at admission (hello), as it is: never recalibrated."""
+        from fedgov.privacy import DPPlan
+
+        if not self.plan_json:
+            raise PrivacyError("no DP plan at this node for this task: the node did not admit it (hello)")
+        if task.privacy.mode == "distributed":
+            from fedgov.privacy.distributed import DistributedPlan
+
+            return DistributedPlan.model_validate_json(self.plan_json)
+        return DPPlan.model_validate_json(self.plan_json)
+
     def plan(self, task: Task, rows: int) -> Any:
         """The plan fixed at admission, or (first use in this process) a fresh calibration.
 
@@ -274,7 +299,8 @@ class DPState:
             return DistributedPlan.model_validate_json(self.plan_json)
         if self.plan_json:
             plan = DPPlan.model_validate_json(self.plan_json)
-            if plan.rows == rows and plan.rounds == task.training.rounds and plan.target_epsilon == task.privacy.target_epsilon:
+            if (plan.rows == rows and plan.rounds == task.training.rounds and plan.target_epsilon == task.privacy.target_epsilon
+                    and plan.evaluations == node_evaluations(task)):
                 return plan
         plan = _plan(task, rows)
         self.plan_json = plan.model_dump_json()
@@ -355,19 +381,29 @@ def train(
 
 
 def evaluate_global(
-    task: Task, contract: Contract, *, train_path: Path, test_path: Path | None, state: dict[str, np.ndarray]
+    task: Task, contract: Contract, *, train_path: Path, test_path: Path | None, state: dict[str, np.ndarray],
+    evaluation_noise: float | None,
 ) -> dict[str, float]:
-    """The global model's metrics on this node's own test split."""
+    """The global model on this node's own test split, as it may leave the node: the correct
+    and total counts, each with Gaussian noise of standard deviation ``evaluation_noise *
+    sqrt(2)`` (the counts' L2 sensitivity to one record is sqrt(2)) drawn from a
+    cryptographically secure generator. The spend, ``(evaluation_noise, 1, 1)``, is recorded in
+    the ledger before this runs (``clients.mods.budget_mod``). Exact counts only for a task
+    without DP (which the node's policy must allow). Accuracy is their ratio, at the coordinator."""
     from fedgov.training import evaluate
 
     data = prepare(task, contract, train_path, test_path)
     m = evaluate(_model(task, data, state), data.X_test, data.y_test)
-    return {
-        "num-examples": float(len(data.y_test)),
-        "accuracy": float(m.accuracy),
-        "loss": float(m.loss),
-        "auc": float("nan") if m.auc is None else float(m.auc),
-    }
+    total = float(len(data.y_test))
+    correct = float(round(m.accuracy * total))
+    if evaluation_noise is not None:
+        from fedgov.privacy.rng import SecureRNG
+
+        noise = SecureRNG.fresh().standard_normal(2, np.float64) * (evaluation_noise * math.sqrt(2.0))
+        correct, total = correct + float(noise[0]), total + float(noise[1])
+    elif task.privacy.enabled:
+        raise PrivacyError("no evaluation noise planned at this node for a task with DP")
+    return {"num-examples": 1.0, "correct": correct, "total": total}
 
 
 @dataclass(frozen=True)
@@ -379,10 +415,14 @@ class Baseline:
 def local_only_baseline(
     task: Task, contract: Contract, train_path: Path, test_path: Path | None, *, node: str, plan_json: str | None = None
 ) -> Baseline:
-    """The same model trained on this node's data alone, with the same DP budget and rounds.
+    """The same model trained on this node's data alone, with the same DP guarantee and rounds.
 
-    It answers "what do we gain by joining?". It is a second DP release of the node's data:
-    it spends a budget of its own (``epsilon`` in the result), which the report states.
+    It answers "what do we gain by joining?" in a simulation (a deployed node refuses to
+    compute it). It is computed apart from the node's budget, and the report labels it so:
+    ``epsilon`` is what it would cost, not a spend in the ledger. Under distributed DP each
+    round's update is clipped to ``update_clip`` and gets the whole noise of the sum
+    (standard deviation ``z * sensitivity * scale`` per coordinate, from the secure generator),
+    as a municipality alone would need for the same guarantee.
     """
     from fedgov.models import get_state
     from fedgov.training import evaluate
@@ -390,22 +430,48 @@ def local_only_baseline(
     data = prepare(task, contract, train_path, test_path)
     model_state = get_state(_model(task, data, None))
     dp = DPState(history=[], plan_json=plan_json)
+    distributed = task.privacy.enabled and task.privacy.mode == "distributed"
     for r in range(1, task.training.rounds + 1):
+        before = model_state
         model_state, _, dp = train(
             task, contract, node=node, train_path=train_path, test_path=test_path,
             state=model_state, server_round=r, dp=dp,
         )
+        if distributed:
+            model_state = _noised_alone(before, model_state, dp.plan(task, 0))
     m = evaluate(_model(task, data, model_state), data.X_test, data.y_test)
     return Baseline(accuracy=float(m.accuracy), epsilon=dp.epsilon if task.privacy.enabled else float("inf"))
 
 
-def describe_error(exc: BaseException) -> str:
-    """A short text for an error that goes back to the coordinator: no data values."""
-    if isinstance(exc, DataValidationError):
-        return f"data does not conform to its contract ({len(exc.problems)} problem(s)); details in the node's log"
-    if isinstance(exc, FedgovError):
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-    return f"{type(exc).__name__} at the node; details in the node's log"
+def _noised_alone(before: dict[str, np.ndarray], after: dict[str, np.ndarray], plan: Any) -> dict[str, np.ndarray]:
+    """One round of a lone municipality under distributed DP: the update clipped to the plan's
+    ``clip`` and noised with the standard deviation the round's sum gets."""
+    from fedgov.privacy.rng import SecureRNG
+
+    keys = list(before)
+    update = np.concatenate([(after[k].astype(np.float64) - before[k].astype(np.float64)).ravel() for k in keys])
+    norm = float(np.linalg.norm(update))
+    if norm > plan.clip:
+        update *= plan.clip / norm
+    # the sum's noise in model units: z times the integer vector's L2 sensitivity, times the scale
+    update += SecureRNG.fresh().standard_normal(update.size, np.float64) * (plan.noise_multiplier * plan.sensitivity * plan.scale)
+    out: dict[str, np.ndarray] = {}
+    at = 0
+    for k in keys:
+        size = before[k].size
+        out[k] = (before[k].astype(np.float64) + update[at : at + size].reshape(before[k].shape)).astype(before[k].dtype)
+        at += size
+    return out
+
+
+def describe_error(exc: BaseException, *, contract: str | None = None) -> str:
+    """The text for an error that goes back to the coordinator: a fixed template
+    (:mod:`fedgov.node.refusals`), never the exception's own text, which may hold data values."""
+    if contract is not None and isinstance(exc, DataValidationError):
+        return refusal_text("data-invalid", contract=contract)
+    if contract is not None and isinstance(exc, DataFileError):
+        return refusal_text("data-missing", contract=contract)
+    return refusal_text("internal-error")
 
 
 def model_digest(arrays: dict[str, np.ndarray]) -> str:

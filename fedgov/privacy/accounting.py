@@ -309,7 +309,11 @@ class DPPlan(BaseModel):
     steps_per_round: int = Field(ge=1)
     total_steps: int = Field(ge=1)
     noise_multiplier: float = Field(gt=0)
-    planned_epsilon: float = Field(ge=0, description="epsilon of all total_steps steps")
+    planned_epsilon: float = Field(ge=0, description="epsilon of all total_steps steps and the planned evaluations")
+    evaluations: int = Field(default=0, ge=0, description="evaluations of the global model at the node, each a DP release")
+    evaluation_noise: float | None = Field(
+        default=None, gt=0, description="noise multiplier z of each evaluation's counts (std z * sqrt(2) per count)"
+    )
 
     @property
     def loader_batch_size(self) -> int:
@@ -325,8 +329,21 @@ class DPPlan(BaseModel):
         return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
 
     def history_after(self, rounds: int) -> list[HistoryEntry]:
-        """The (merged) ledger after ``rounds`` rounds of this plan."""
+        """The (merged) ledger after ``rounds`` rounds of this plan's training."""
         return [(self.noise_multiplier, self.sample_rate, rounds * self.steps_per_round)] if rounds else []
+
+    def evaluation_entry(self) -> HistoryEntry:
+        """The ledger entry of one evaluation: a Gaussian mechanism on (correct, total) counts."""
+        if self.evaluation_noise is None:
+            raise PrivacyError("this plan has no evaluations at the node")
+        return (self.evaluation_noise, 1.0, 1)
+
+    def planned_history(self) -> list[HistoryEntry]:
+        """Everything the task may spend at the node: all rounds' training and all evaluations."""
+        out = self.history_after(self.rounds)
+        if self.evaluations and self.evaluation_noise is not None:
+            out.append((self.evaluation_noise, 1.0, self.evaluations))
+        return out
 
 
 def plan_node_dp(
@@ -339,8 +356,15 @@ def plan_node_dp(
     delta: float,
     accountant: str,
     margin: float,
+    evaluations: int = 0,
+    evaluation_epsilon: float = 0.0,
 ) -> DPPlan:
     """Plan a node's DP-SGD for a task: sampling, steps, and the calibrated noise multiplier.
+
+    With ``evaluations`` > 0, the node also releases that many noisy evaluations (Gaussian
+    counts, ``(z_eval, 1, 1)`` each) whose noise keeps them, alone, within
+    ``evaluation_epsilon``; DP-SGD is then calibrated for what they leave of
+    ``margin * target_epsilon``, composed with them by the accountant.
 
     ``sample_rate`` and ``steps_per_epoch`` follow :func:`poisson_batches` (what Opacus will
     do and record), ``steps_per_round = local_epochs * steps_per_epoch``,
@@ -354,14 +378,26 @@ def plan_node_dp(
     batches, q, steps_per_epoch = poisson_batches(rows=rows, batch_size=batch_size)
     steps_per_round = local_epochs * steps_per_epoch
     total_steps = rounds * steps_per_round
+    extra: list[HistoryEntry] = []
+    z_eval = None
+    if evaluations > 0:
+        if not 0 < evaluation_epsilon < margin * target_epsilon:
+            raise PrivacyError(
+                f"evaluation.epsilon {evaluation_epsilon} must be above 0 and below the task's target epsilon {target_epsilon}"
+            )
+        z_eval = calibrate_noise(
+            target_epsilon=evaluation_epsilon, delta=delta, sample_rate=1.0, steps=evaluations, accountant=accountant,
+        )
+        extra = [(z_eval, 1.0, evaluations)]
     sigma = calibrate_noise(
         target_epsilon=margin * target_epsilon,
         delta=delta,
         sample_rate=q,
         steps=total_steps,
         accountant=accountant,
+        prior_history=extra,
     )
-    planned = epsilon_for(noise_multiplier=sigma, sample_rate=q, steps=total_steps, delta=delta, accountant=accountant)
+    planned = epsilon_from_history(history=merge_history(extra + [(sigma, q, total_steps)]), delta=delta, accountant=accountant)
     return DPPlan(
         rows=rows,
         batch_size=batch_size,
@@ -378,4 +414,6 @@ def plan_node_dp(
         total_steps=total_steps,
         noise_multiplier=sigma,
         planned_epsilon=planned,
+        evaluations=evaluations,
+        evaluation_noise=z_eval,
     )

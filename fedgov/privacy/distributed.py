@@ -45,20 +45,23 @@ about any one citizen as well, whose records are part of one municipality's data
 
 Trust: the coordinator is honest-but-curious and fewer than the secure-aggregation threshold
 of nodes collude with it; a node that adds no noise weakens the others' guarantee by its share
-(``1/min_contributors`` of the variance). Noise comes from NumPy's generator seeded from the
-OS (not a CSPRNG, like Opacus without ``secure_mode``). Pure: arrays in, arrays out.
+(``1/min_contributors`` of the variance). The noise share and the stochastic rounding come from
+a fresh :class:`~fedgov.privacy.rng.SecureRNG` per share (AES-256-CTR, a 256-bit key from
+``os.urandom``), so nobody can regenerate a node's share. The discrete Gaussian is sampled on
+the integers (rejection with float64 acceptance probabilities), so the share has none of the
+low-order gaps of floating-point Gaussian noise. Pure: arrays in, arrays out.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedgov.errors import PrivacyError
+from fedgov.privacy.rng import SecureRNG
 
 __all__ = [
     "DistributedPlan",
@@ -79,10 +82,13 @@ _HEADROOM = 100.0
 """``clip / scale = 100 sqrt(d)``: rounding adds at most 1% to the sensitivity."""
 
 
-def discrete_gaussian(sigma2: float, size: int, rng: np.random.Generator) -> np.ndarray:
+def discrete_gaussian(sigma2: float, size: int, rng: SecureRNG | np.random.Generator) -> np.ndarray:
     """``size`` draws of the discrete Gaussian ``N_Z(0, sigma2)`` (``P(x) ~ exp(-x^2 / 2 sigma2)``
     on the integers), by rejection from the discrete Laplace (Canonne, Kamath and Steinke 2020,
-    arXiv:2004.00010, Algorithm 3), vectorised, in floating point."""
+    arXiv:2004.00010, Algorithm 3), vectorised, the acceptance probabilities in float64.
+
+    ``rng``: a :class:`~fedgov.privacy.rng.SecureRNG` (what a node uses) or, in tests, a NumPy
+    generator; only its ``geometric`` and ``random`` are used."""
     if sigma2 <= 0:
         return np.zeros(size, dtype=np.int64)
     t = math.floor(math.sqrt(sigma2)) + 1
@@ -185,14 +191,15 @@ def encode_share(
     *,
     min_contributors: int,
     contributors: int,
-    rng: np.random.Generator | None = None,
+    rng: SecureRNG | np.random.Generator | None = None,
 ) -> np.ndarray:
     """A node's contribution: its update clipped, scaled to integers (stochastic rounding), plus
     its discrete Gaussian noise share, modulo ``2^32`` (int64 in ``[0, 2^32)``), ready to mask.
 
     ``contributors``: the most nodes the round can have (for ``tau``); ``min_contributors``:
     the fewest whose shares the noise is calibrated for. Refuses when ``tau * d`` is not
-    negligible (the discrete Gaussian analysis would not hold as accounted).
+    negligible (the discrete Gaussian analysis would not hold as accounted). ``rng``: None (a
+    fresh :class:`~fedgov.privacy.rng.SecureRNG`, keyed from the OS) outside tests.
     """
     if isinstance(update, Mapping):
         flat = np.concatenate([np.asarray(update[k], dtype=np.float64).ravel() for k in sorted(update)])
@@ -213,7 +220,7 @@ def encode_share(
             f"each node's noise share (variance {sigma2:.3g}) is too small for the distributed discrete Gaussian "
             f"analysis over {contributors} nodes (tau * d = {t_d:.3g} > {TAU_LIMIT:g})"
         )
-    rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+    rng = rng if rng is not None else SecureRNG.fresh()
     x = clip_update(flat, plan.clip) / plan.scale
     low = np.floor(x)
     ints = (low + (rng.random(x.size) < (x - low))).astype(np.int64)  # unbiased stochastic rounding

@@ -18,6 +18,11 @@ The arithmetic is the same as Opacus' ``DPOptimizer``: clip factor
 ``min(1, C / (norm + 1e-6))``, Gaussian noise of standard deviation ``sigma * C`` on the
 clipped sum, division by the expected batch size; the tests compare it with Opacus' own
 per-sample gradients. Free of I/O.
+
+Randomness: the Poisson batches and the noise are drawn from ``generator``, a
+:class:`~fedgov.privacy.rng.SecureRNG` (AES-256-CTR keyed from the OS: what a node uses) or a
+seeded ``torch.Generator`` (reproducible, for tests and Opacus replays only); ``None`` draws a
+fresh :class:`~fedgov.privacy.rng.SecureRNG`, never torch's global generator.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import math
 
 import torch
 from torch import nn
+
+from fedgov.privacy.rng import RandomSource, SecureRNG, draw_normal, draw_uniform
 
 __all__ = ["FusedClipper", "FusedStep", "clipped_grad_sum", "fused_supported", "noised_mean_grad", "poisson_batches", "poisson_indices"]
 
@@ -146,7 +153,7 @@ def clipped_grad_sum(model: nn.Sequential, xb: torch.Tensor, yb: torch.Tensor, m
     return FusedClipper(model).step(xb, yb, max_grad_norm)
 
 
-def poisson_indices(rows: int, rate: float, generator: torch.Generator | None) -> torch.Tensor:
+def poisson_indices(rows: int, rate: float, generator: RandomSource | None) -> torch.Tensor:
     """The rows of one Poisson-sampled batch: each row independently with probability ``rate``.
 
     Drawn as the gaps between chosen rows, which are independent and geometric with parameter
@@ -155,13 +162,14 @@ def poisson_indices(rows: int, rate: float, generator: torch.Generator | None) -
     """
     if not 0 < rate < 1:
         raise ValueError(f"rate must be in (0, 1), got {rate}")
+    generator = SecureRNG.fresh() if generator is None else generator
     log_keep = math.log1p(-rate)
     mean = rows * rate
     k = int(mean + 6 * math.sqrt(mean) + 16)
     chosen: list[torch.Tensor] = []
     last = -1.0  # position of the last chosen row
     while True:
-        u = torch.rand(k, generator=generator, dtype=torch.float64)
+        u = draw_uniform(k, generator)
         # P(gap >= j) = (1 - rate)^(j - 1): gap = 1 + floor(log(1 - u) / log(1 - rate)), 1 - u in (0, 1].
         pos = torch.cumsum(torch.log1p(-u).div_(log_keep).floor_().add_(1), 0).add_(last)
         inside = pos[pos < rows]
@@ -172,7 +180,7 @@ def poisson_indices(rows: int, rate: float, generator: torch.Generator | None) -
     return (chosen[0] if len(chosen) == 1 else torch.cat(chosen)).long()
 
 
-def poisson_batches(rows: int, rate: float, steps: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+def poisson_batches(rows: int, rate: float, steps: int, generator: RandomSource | None) -> list[torch.Tensor]:
     """``steps`` independent Poisson batches (:func:`poisson_indices`), drawn together: one
     ``steps x k`` array of gaps instead of ``steps`` small draws (the per-step Python and
     dispatch cost is what a small model's DP step is made of)."""
@@ -180,10 +188,11 @@ def poisson_batches(rows: int, rate: float, steps: int, generator: torch.Generat
         raise ValueError(f"rate must be in (0, 1), got {rate}")
     if steps < 1:
         return []
+    generator = SecureRNG.fresh() if generator is None else generator
     log_keep = math.log1p(-rate)
     mean = rows * rate
     k = int(mean + 6 * math.sqrt(mean) + 16)
-    u = torch.rand(steps, k, generator=generator, dtype=torch.float64)
+    u = draw_uniform((steps, k), generator)
     pos = torch.cumsum(torch.log1p(-u).div_(log_keep).floor_().add_(1), 1).sub_(1)
     out = []
     for i in range(steps):
@@ -202,7 +211,7 @@ def noised_mean_grad(
     noise_multiplier: float,
     max_grad_norm: float,
     expected_batch_size: float,
-    generator: torch.Generator | None,
+    generator: RandomSource | None,
     per_parameter_draws: bool = False,
     standard_normal: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
@@ -211,16 +220,19 @@ def noised_mean_grad(
     Overwrites ``step.flat`` and returns its views. The noise is one draw for all parameters
     together, or ``standard_normal`` (N(0, 1) numbers drawn ahead for this step) times its
     scale; ``per_parameter_draws`` draws it parameter by parameter instead, as Opacus does (the
-    same law, and Opacus' exact numbers).
+    same law, and with a seeded ``torch.Generator`` Opacus' exact numbers).
     """
     std = noise_multiplier * max_grad_norm
     if std > 0:
         if standard_normal is not None:
             step.flat.add_(standard_normal, alpha=std)
-        elif per_parameter_draws:
+            step.flat.div_(expected_batch_size)
+            return step.grads
+        generator = SecureRNG.fresh() if generator is None else generator
+        if per_parameter_draws:
             for g in step.grads:
-                g.add_(torch.normal(mean=0.0, std=std, size=g.shape, generator=generator, dtype=g.dtype))
+                g.add_(draw_normal(g.shape, generator, dtype=g.dtype, std=std))
         else:
-            step.flat.add_(torch.normal(mean=0.0, std=std, size=step.flat.shape, generator=generator, dtype=step.flat.dtype))
+            step.flat.add_(draw_normal(step.flat.shape, generator, dtype=step.flat.dtype, std=std))
     step.flat.div_(expected_batch_size)
     return step.grads
