@@ -114,11 +114,15 @@ def query(msg: Message, context: Context) -> Message:
     if kind == P.BASELINE:
         if not simulated:  # a second release of the node's data: simulations only
             return Message(Error(code=ERROR_REFUSED, reason=error_reason("baseline-not-offered")), reply_to=msg)
-        base = N.local_only_baseline(task, contract, train_path, test_path, node=node, plan_json=_dp(context, key).plan_json)
+        dp_state = _dp(context, key)
+        base = N.local_only_baseline(task, contract, train_path, test_path, node=node, plan_json=dp_state.plan_json, rows=dp_state.rows)
         # computed apart from the node's budget; its epsilon is the task's own target (what it would cost)
         epsilon = task.privacy.target_epsilon if task.privacy.enabled else float("inf")
         return Message(RecordDict({P.METRICS: MetricRecord({"accuracy": base.accuracy, "epsilon": epsilon})}), reply_to=msg)
-    answer, dp = N.hello(task, contract, node=node, node_name=display_name(node), train_path=train_path, test_path=test_path, workdir=home.path)
+    answer, dp = N.hello(
+        task, contract, node=node, node_name=display_name(node), train_path=train_path, test_path=test_path, workdir=home.path,
+        release_rows=lambda n: N.released_row_count(home, contract, train_path, n),
+    )
     if answer.accepted:
         context.state[key] = ConfigRecord({"json": dp.to_json()})
     return Message(RecordDict({P.HELLO: ConfigRecord({P.NODE_JSON: answer.model_dump_json()})}), reply_to=msg)
@@ -185,7 +189,8 @@ def train(msg: Message, context: Context) -> Message:
     # spend from them (budget_mod) and weigh a masked update (secagg_mod); only the update leaves.
     stash(context, metrics)
     update = encode_update(new_state, state, encoding=task.training.update_encoding)
-    reply = RecordDict({P.ARRAYS: ArrayRecord({UPDATE: update}), P.METRICS: MetricRecord({"num-examples": 1.0})})
+    # the FedAvg weight is the node's released (noisy) row count, fixed at hello
+    reply = RecordDict({P.ARRAYS: ArrayRecord({UPDATE: update}), P.METRICS: MetricRecord({"num-examples": float(metrics["num-examples"])})})
     return Message(reply, reply_to=msg)
 
 

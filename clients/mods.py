@@ -202,14 +202,15 @@ def admission_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
 
 
 def _public_hello(hello: P.NodeHello, task: Any) -> P.NodeHello:
-    """What of a hello may leave the node: who, whether, a refusal's code and fixed text, and
-    as the planned epsilon the task's own target (which the node's plan keeps). Row counts,
-    the delta and noise multiplier derived from them stay at the node."""
-    planned = task.privacy.target_epsilon if hello.accepted and task.privacy.enabled else None
-    return hello.model_copy(update={
-        "train_rows": 0, "test_rows": 0, "delta": None, "noise_multiplier": None, "planned_epsilon": planned,
-        "reason": "" if hello.accepted else hello.reason,
-    })
+    """What of a hello may leave the node: who, whether, a refusal's code and fixed text; for an
+    acceptance the released (noisy) row count with the delta and noise multiplier computed
+    from it, and as the planned epsilon the task's own target (which the node's plan keeps).
+    A refusal carries no sizes."""
+    if not hello.accepted:
+        return hello.model_copy(update={"train_rows": 0, "test_rows": 0, "delta": None, "noise_multiplier": None,
+                                        "planned_epsilon": None})
+    planned = task.privacy.target_epsilon if task.privacy.enabled else None
+    return hello.model_copy(update={"test_rows": 0, "planned_epsilon": planned, "reason": ""})
 
 
 def _audit_decision(home: Any, tid: str, hello: P.NodeHello, history: list[tuple[float, float, int]] | None = None) -> None:
@@ -257,7 +258,7 @@ def budget_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         arrays, kept = again
         home.audit.append("resent", task_id=tid, payload={"round": server_round, "ledger": "no new spend"})
         stash(context, kept)
-        content = RecordDict({P.ARRAYS: pack(arrays), P.METRICS: MetricRecord({"num-examples": 1.0})})
+        content = RecordDict({P.ARRAYS: pack(arrays), P.METRICS: MetricRecord({"num-examples": float(kept["num-examples"])})})
         return Message(content, reply_to=msg)
     reply = call_next(msg, context)
     if reply.has_error():
@@ -509,6 +510,16 @@ def _secagg_stopped(msg: Message, context: Context, exc: BaseException) -> Messa
     return _refused(msg, "secure-aggregation")
 
 
+def released_counts(home: Any, contract: Any) -> set[int]:
+    """The row counts this node has released for the data set serving ``contract`` (ledger)."""
+    from fedgov.node import ROWS_NOTE
+
+    ds = admission.dataset_name(home, contract)
+    if ds is None:
+        return set()
+    return {int(ev.note[len(ROWS_NOTE):]) for ev in home.ledger.events(ds) if ev.kind == "spend" and ev.note.startswith(ROWS_NOTE)}
+
+
 def gate_kind(msg: Message) -> str:
     """The release gate's name for the kind of ``msg`` (:data:`fedgov.node.gate.DECLARATION`)."""
     kind = kind_of(msg)
@@ -532,6 +543,7 @@ def _gate_context(msg: Message, context: Context, kind: str) -> Any:
         ctx.secure = task.training.secure_aggregation
         ctx.target_epsilon = task.privacy.target_epsilon
         ctx.round_spent = lambda r: r in admission.spent(home, contract, task, task_id=tid)
+        ctx.released_rows = lambda: released_counts(home, contract)
         ctx.round_evaluated = lambda r: r in admission.evaluated_rounds(home, contract, task, task_id=tid)
     elif P.CONFIG in msg.content and P.QUERY_JSON in msg.content[P.CONFIG]:
         from clients.context import query_of

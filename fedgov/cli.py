@@ -65,12 +65,12 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
 def print_summary(report: Any, run_dir: Path) -> None:
     """The terminal summary of a training report."""
     t = Table(title=f"{report.task}: per node (target epsilon {report.privacy.get('target_epsilon')})")
-    for col in ("node", "name", "epsilon", "federated acc.", "local-only acc.", "gain", "status"):
+    for col in ("node", "name", "rows (noisy)", "epsilon", "federated acc.", "local-only acc.", "gain", "status"):
         t.add_column(col, justify="right" if col not in ("node", "name", "status") else "left")
-    for n in sorted(report.nodes, key=lambda n: n.node):
+    for n in sorted(report.nodes, key=lambda n: -n.train_rows):
         status = n.status if n.status == "accepted" else f"{n.status}: {n.refusal_code or ''} {n.refusal_reason}"
         t.add_row(
-            n.node, n.name, _fmt(n.epsilon),
+            n.node, n.name, str(n.train_rows) if n.train_rows else "-", _fmt(n.epsilon),
             _fmt(n.federated_accuracy), _fmt(n.local_only_accuracy),
             "-" if n.gain is None else f"{100 * n.gain:+.1f} pt", status,
         )

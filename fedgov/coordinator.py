@@ -815,9 +815,13 @@ def run_training(
                     status="accepted" if a.accepted else "refused",
                     refusal_code=a.code,
                     refusal_reason=a.reason,
-                    # the node's planned epsilon (the task's target, which its plan keeps); its
-                    # rows, delta and noise multiplier stay at the node
+                    # the node's planned epsilon (the task's target, which its plan keeps), and its
+                    # released row count (Gaussian noise, in its ledger) with the delta and noise
+                    # multiplier computed from it
                     epsilon=a.planned_epsilon,
+                    train_rows=a.train_rows,
+                    delta=a.delta,
+                    noise_multiplier=a.noise_multiplier,
                 )
             )
         admitted = [nid for nid, a in answers.items() if a.accepted]

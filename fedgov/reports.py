@@ -164,9 +164,9 @@ def plot_report(report: TrainingReport, path: Path) -> Path:
     ax1.grid(alpha=0.3)
 
     nodes = [n for n in report.nodes if n.gain is not None]
-    nodes.sort(key=lambda n: n.node)
+    nodes.sort(key=lambda n: n.train_rows, reverse=True)
     if nodes:
-        labels = [n.name or n.node for n in nodes]
+        labels = [f"{n.name or n.node}\n(~{n.train_rows})" for n in nodes]
         gains = [100 * (n.gain or 0.0) for n in nodes]
         colors = ["tab:green" if g >= 0 else "tab:red" for g in gains]
         ax2.bar(range(len(nodes)), gains, color=colors)

@@ -306,8 +306,8 @@ def _check_plan(X_rows: int, training: TrainingSpec, privacy: PrivacySpec, plan:
     problems = []
     if not privacy.enabled:
         problems.append("privacy.enabled is false: use train_nonprivate_round")
-    if plan.rows != X_rows:
-        problems.append(f"the plan is for {plan.rows} rows, the data has {X_rows}")
+    # plan.rows is the node's released (noisy) row count, not len(X): the plan, the sample
+    # rate and the expected batch size depend on public values only (fedgov.node.hello).
     if plan.batch_size != training.batch_size:
         problems.append(f"the plan is for batch size {plan.batch_size}, training asks {training.batch_size}")
     if plan.local_epochs != training.local_epochs:
@@ -377,7 +377,7 @@ def _train_fused(
     params = list(model.parameters())
     rows = len(yt)
     rate = 1 / plan.loader_batches
-    expected = int(rows * rate)
+    expected = max(1, int(plan.rows * rate))  # from the released row count: no data-dependent scale
     row_sq = torch.linalg.vecdot(Xt, Xt)  # the first layer's input norms, once per round
     clipper = FusedClipper(model)  # one gradient buffer, reused by every step
     dim = clipper.flat.numel()

@@ -125,7 +125,7 @@ def test_every_reply_of_every_kind_passes_the_gate_and_evaluations_are_charged_o
     node 0 to evaluate round 1 a second time: refused, and charged once. Every reply that reached
     the coordinator carries only declared fields; hello carries no row count; train replies
     carry the update and the constant weight only."""
-    from clients.mods import gate_kind
+    from clients.mods import gate_kind, released_counts
     from fedgov.admission import EVALUATION_NOTE
     from fedgov.nodehome import NodeHome
 
@@ -171,13 +171,16 @@ def test_every_reply_of_every_kind_passes_the_gate_and_evaluations_are_charged_o
         for rname, rec in reply.content.items():
             for fname in rec.keys():
                 assert (rname, fname) in declared, (kind, rname, fname)
+        node_home = NodeHome(nodes[ins.metadata.dst_node_id - 1000].train_path.parent)
+        released = released_counts(node_home, load_task(task_path)[1])
         if kind == P.HELLO:
             hello = json.loads(str(reply.content[P.HELLO][P.NODE_JSON]))
-            assert hello["train_rows"] == 0 and hello["test_rows"] == 0
-            assert hello["delta"] is None and hello["noise_multiplier"] is None
+            # the released (noisy) row count, never the test split's
+            assert hello["train_rows"] in released and hello["test_rows"] == 0
             assert hello["planned_epsilon"] == 2.0
         if kind == "train":
-            assert dict(reply.content[P.METRICS]) == {"num-examples": 1.0}
+            m = dict(reply.content[P.METRICS])
+            assert list(m) == ["num-examples"] and int(m["num-examples"]) in released
     assert {P.HELLO, "train", "evaluate", P.END} <= kinds
 
 
@@ -244,3 +247,27 @@ def test_a_reply_with_an_undeclared_field_is_blocked_and_stops_the_task(tmp_path
     # the real ClientApp now refuses the task at this node
     again = grid.app(Message(content=copy.deepcopy(train1.content), metadata=copy.deepcopy(train1.metadata)), ctx)
     assert again.has_error() and parse_error_reason(again.error.reason)[0] == "not-admitted"
+
+
+def test_the_row_count_is_released_once_with_noise_and_every_decision_uses_it(tmp_path: Path) -> None:
+    """The only size that leaves a node is its training row count with Gaussian noise, released
+    once per version of the data file through the ledger: a second hello (another task, other
+    parameters) reads the same value back, so hellos cannot average the noise away or probe the
+    true count through accept/refuse."""
+    from clients.mods import released_counts
+    from fedgov.node import ROW_COUNT_NOISE, ROWS_NOTE
+    from fedgov.nodehome import NodeHome
+
+    fed, task_path = _task(tmp_path, rounds=1)
+    _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
+    task, contract = load_task(task_path)
+    grid = InProcessGrid(manifest, len(nodes), run_id=94)
+    for run in (94, 95):  # two runs of the task: two admissions, one release
+        grid.run_id = run
+        assert _run(grid, task_path, tmp_path / f"run{run}", run).status == "completed"
+    for n in nodes:
+        home = NodeHome(n.train_path.parent)
+        releases = [e for e in home.ledger.events() if e.kind == "spend" and e.note.startswith(ROWS_NOTE)]
+        assert len(releases) == 1
+        assert [tuple(h) for h in releases[0].mechanism.history] == [(ROW_COUNT_NOISE, 1.0, 1)]
+        assert released_counts(home, contract) == {int(releases[0].note[len(ROWS_NOTE):])}

@@ -24,6 +24,7 @@ import functools
 import logging
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import numpy as np
 from fedgov import protocol as P
 from fedgov.config import Contract, Task
 from fedgov.errors import DataFileError, DataValidationError, ModelError, PrivacyError
+from fedgov.ledger import BudgetExceeded
 from fedgov.node.refusals import refusal_text
 
 __all__ = [
@@ -188,15 +190,23 @@ def hello(
     train_path: Path,
     test_path: Path | None,
     workdir: Path | None = None,
+    release_rows: Callable[[int], int] | None = None,
 ) -> tuple[P.NodeHello, DPState]:
     """Check that this node can take part in ``task``; answer with acceptance or a refusal.
 
     Also returns the node's fresh accountant for the task, with the DP plan fixed now.
+
+    Every decision that depends on the data set's size (the minimum rows, whether the privacy
+    target can be met, the DP-SGD plan, delta, the FedAvg weight) is taken on the node's
+    *released* row count, ``release_rows(n)``: the true count with Gaussian noise, released
+    once per version of the data set through the ledger (:func:`released_row_count`). So the
+    answer to any number of hellos, whatever their parameters, says nothing about the data
+    beyond that one noisy count. Without ``release_rows`` (unit tests) the true count is used.
     """
     from fedgov.models import build_model, make_dp_compatible
 
     def refuse(code: P.RefusalCode, reason: str) -> tuple[P.NodeHello, DPState]:
-        log.warning("node %s refuses task %s: %s (%s)", node, task.name, code, reason)
+        log.warning("node %s refuses task %s: %s", node, task.name, code.value)
         return P.NodeHello(node=node, node_name=node_name, accepted=False, code=code, reason=reason), DPState(history=[])
 
     try:
@@ -211,16 +221,19 @@ def hello(
 
             append_private(workdir, f"validation-{task.name}.txt", str(exc) + "\n")
         return refuse(P.RefusalCode.DATA_INVALID, refusal_text("data-invalid", contract=contract.ref))
-    n = len(data.y_train)
+    try:
+        n = release_rows(len(data.y_train)) if release_rows is not None else len(data.y_train)
+    except BudgetExceeded:
+        return refuse(P.RefusalCode.BUDGET_EXHAUSTED, refusal_text("budget-exhausted", setting="datasets.budget"))
     if n < MIN_TRAIN_ROWS:
         return refuse(P.RefusalCode.TOO_FEW_ROWS, refusal_text("too-few-rows", setting="limits.min_rows"))
     try:
         make_dp_compatible(build_model(task.model, n_features=data.n_features, n_classes=data.n_classes, seed=task.training.seed))
-    except ModelError as exc:
-        return refuse(P.RefusalCode.MODEL_REJECTED, str(exc)[:300])
+    except ModelError:
+        return refuse(P.RefusalCode.MODEL_REJECTED, refusal_text("model-rejected", value=task.model.name))
     sigma = planned = None
     delta = task_delta(task, n)
-    dp = DPState(history=[])
+    dp = DPState(history=[], rows=n)
     if task.privacy.enabled:
         try:
             if task.privacy.mode == "distributed":
@@ -228,8 +241,8 @@ def hello(
                 dp.plan_json = plan.model_dump_json()
             else:
                 plan = dp.plan(task, n)
-        except PrivacyError as exc:
-            return refuse(P.RefusalCode.PRIVACY_UNREACHABLE, str(exc)[:300])
+        except PrivacyError:
+            return refuse(P.RefusalCode.PRIVACY_UNREACHABLE, refusal_text("privacy-unreachable"))
         sigma, planned = plan.noise_multiplier, plan.planned_epsilon
     else:
         log.warning("node %s: task %s trains WITHOUT differential privacy (privacy.enabled = false)", node, task.name)
@@ -237,13 +250,68 @@ def hello(
         node=node,
         node_name=node_name,
         accepted=True,
-        train_rows=n,
-        test_rows=len(data.y_test),
+        train_rows=n,  # the released (noisy) count
+        test_rows=0,  # not released: evaluations send noisy counts of their own
         delta=delta,
         noise_multiplier=sigma,
         planned_epsilon=planned,
     )
     return hello_answer, dp
+
+
+ROW_COUNT_NOISE = 20.0
+"""Standard deviation of the Gaussian noise on a data set's released training row count
+(sensitivity 1: one record more or less). Its ledger entry is ``(20, 1, 1)``: alone about
+epsilon 0.24 at delta 1e-5; composed with a task's DP-SGD by the accountant it adds about 0.01."""
+
+ROWS_NOTE = "released-train-rows="
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    key = _file_key(path)
+    hit = _SHA_CACHE.get(key)
+    if hit is None:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        hit = _SHA_CACHE[key] = h.hexdigest()
+    return hit
+
+
+_SHA_CACHE: dict[Any, str] = {}
+
+
+def released_row_count(home: Any, contract: Contract, train_path: Path, n: int) -> int:
+    """The node's released training row count for the data set serving ``contract``: ``n``
+    plus Gaussian noise (standard deviation :data:`ROW_COUNT_NOISE`, the secure generator),
+    rounded and at least 0. Released once per version of the data file (its SHA-256): the
+    ledger records the release (a reservation, its spend with the value in the note, and its
+    close, under the key ``rows-<data set>-<sha>``) before the value is used, and every later
+    hello reads it back from the ledger, so repeating hellos cannot average the noise away.
+    :class:`~fedgov.ledger.BudgetExceeded` when the budget cannot pay for it."""
+    from fedgov.ledger import Mechanism
+    from fedgov.nodehome import budget_of
+    from fedgov.privacy.rng import SecureRNG
+
+    ds = home.policy().dataset_for(contract)
+    if ds is None:
+        raise DataFileError(f"the node's policy serves no data set under {contract.ref}")
+    key = f"rows-{ds.name}-{_file_sha256(train_path)[:16]}"
+    for ev in home.ledger.events(ds.name):
+        if ev.task_id == key and ev.kind == "spend" and ev.note.startswith(ROWS_NOTE):
+            return int(ev.note[len(ROWS_NOTE):])
+    value = max(0, int(round(n + ROW_COUNT_NOISE * float(SecureRNG.fresh().standard_normal(1, np.float64)[0]))))
+    mechanism = Mechanism.dpsgd([(ROW_COUNT_NOISE, 1.0, 1)])
+    home.ledger.reserve(dataset=ds.name, task_id=key, mechanism=mechanism, budget=budget_of(ds))
+    home.ledger.spend(dataset=ds.name, task_id=key, mechanism=mechanism, round=0, note=f"{ROWS_NOTE}{value}")
+    home.ledger.release(dataset=ds.name, task_id=key, note="row count released")
+    if home.path.is_dir():
+        home.audit.append("release", task_id=key, payload={"dataset": ds.name, "released_train_rows": value,
+                                                          "mechanism": [ROW_COUNT_NOISE, 1.0, 1]})
+    return value
 
 
 @dataclass
@@ -254,11 +322,12 @@ class DPState:
     history: list[tuple[float, float, int]]
     epsilon: float = 0.0
     plan_json: str | None = None
+    rows: int | None = None  # the released (noisy) training row count, fixed at hello
 
     def to_json(self) -> str:
         import json
 
-        return json.dumps({"history": self.history, "epsilon": self.epsilon, "plan": self.plan_json})
+        return json.dumps({"history": self.history, "epsilon": self.epsilon, "plan": self.plan_json, "rows": self.rows})
 
     @classmethod
     def from_json(cls, text: str | None) -> DPState:
@@ -271,6 +340,7 @@ class DPState:
             history=[(float(s), float(q), int(k)) for s, q, k in raw["history"]],
             epsilon=float(raw["epsilon"]),
             plan_json=raw.get("plan"),
+            rows=None if raw.get("rows") is None else int(raw["rows"]),
         )
 
     def fixed_plan(self, task: Task) -> Any:
@@ -337,7 +407,8 @@ def train(
     seed = _seed(task, node, server_round) if task.privacy.reproducible_noise else None
     if task.privacy.reproducible_noise:
         log.warning("node %s: reproducible_noise is on: DP noise is derived from the task seed (simulation only)", node)
-    n = len(data.y_train)
+    # the released row count fixed at hello: plan, delta and the FedAvg weight depend on it only
+    n = dp.rows if dp.rows is not None else len(data.y_train)
     delta = task_delta(task, n)
     global_state = state if task.training.strategy == "fedprox" else None
     if task.privacy.enabled and task.privacy.mode == "distributed":
@@ -351,7 +422,7 @@ def train(
         eps = epsilon_from_history(history=history, delta=plan.delta, accountant=plan.accountant)
         if eps > plan.target_epsilon:
             raise PrivacyError(f"refusing to train: this round would take epsilon to {eps:.3f}, beyond the target {plan.target_epsilon}")
-        dp = DPState(history=[tuple(h) for h in history], epsilon=eps, plan_json=dp.plan_json)  # type: ignore[misc]
+        dp = DPState(history=[tuple(h) for h in history], epsilon=eps, plan_json=dp.plan_json, rows=dp.rows)  # type: ignore[misc]
         sigma, q = plan.noise_multiplier, plan.sample_rate
         steps = 1  # one release of the update per round
     elif task.privacy.enabled:
@@ -361,7 +432,7 @@ def train(
             training=task.training, privacy=task.privacy, plan=plan,
             history=dp.history, seed=seed, global_state=global_state,
         )
-        dp = DPState(history=[tuple(h) for h in res.history], epsilon=float(res.epsilon or 0.0), plan_json=dp.plan_json)  # type: ignore[misc]
+        dp = DPState(history=[tuple(h) for h in res.history], epsilon=float(res.epsilon or 0.0), plan_json=dp.plan_json, rows=dp.rows)  # type: ignore[misc]
         sigma, q = plan.noise_multiplier, plan.sample_rate
         steps = res.steps
     else:
@@ -413,7 +484,8 @@ class Baseline:
 
 
 def local_only_baseline(
-    task: Task, contract: Contract, train_path: Path, test_path: Path | None, *, node: str, plan_json: str | None = None
+    task: Task, contract: Contract, train_path: Path, test_path: Path | None, *, node: str, plan_json: str | None = None,
+    rows: int | None = None,
 ) -> Baseline:
     """The same model trained on this node's data alone, with the same DP guarantee and rounds.
 
@@ -429,7 +501,7 @@ def local_only_baseline(
 
     data = prepare(task, contract, train_path, test_path)
     model_state = get_state(_model(task, data, None))
-    dp = DPState(history=[], plan_json=plan_json)
+    dp = DPState(history=[], plan_json=plan_json, rows=rows)
     distributed = task.privacy.enabled and task.privacy.mode == "distributed"
     for r in range(1, task.training.rounds + 1):
         before = model_state

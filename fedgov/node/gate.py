@@ -49,21 +49,26 @@ _MASKED = (
     "secure aggregation: masked, only the round's sum over at least the threshold of nodes is ever unmasked "
     "(under distributed DP the node's noise share is inside)"
 )
-_ONE = "public constant 1: every node weighs the same (under secure aggregation the weight is inside the masked sum)"
+_ONE = "public constant 1"
+_WEIGHT = (
+    "the node's released row count (Gaussian noise, released once per data-set version through the ledger): "
+    "the FedAvg weight; 1 under secure aggregation, where the weight is inside the masked sum"
+)
 
 DECLARATION: dict[str, tuple[Release, ...]] = {
     P.HELLO: (
         Release(
             P.HELLO, "config", P.NODE_JSON,
-            "public: the node's code and name, accepted or not, a refusal code with its fixed template text, and the "
-            "task's own target epsilon as the node's planned epsilon; no row counts, no delta or noise derived from them",
+            "public: the node's code and name, accepted or not, a refusal code with its fixed template text, the task's "
+            "own target epsilon as the node's planned epsilon; the released row count (Gaussian noise, its spend in the "
+            "ledger, once per data-set version) and the delta and noise multiplier computed from it; no test row count",
             "hello",
         ),
     ),
     "train": (
         Release(P.ARRAYS, "array", UPDATE, _SPENT + " (a task without DP, which the node's policy must allow: none)", "train-update"),
         Release(P.ARRAYS, "array", P.MASKED, _MASKED, "masked"),
-        Release(P.METRICS, "metric", "num-examples", _ONE, "one"),
+        Release(P.METRICS, "metric", "num-examples", _WEIGHT, "weight"),
     ),
     "evaluate": (
         Release(P.METRICS, "metric", "num-examples", _ONE, "one"),
@@ -130,6 +135,7 @@ class GateContext:
     secure: bool = False
     simulated: bool = False
     target_epsilon: float | None = None
+    released_rows: Callable[[], set[int]] = field(default=lambda: set())
     round_spent: Callable[[int], bool] = field(default=lambda r: False)
     round_evaluated: Callable[[int], bool] = field(default=lambda r: False)
     query_spent: Callable[[], bool] = field(default=lambda: False)
@@ -151,6 +157,14 @@ def _check_rule(rule: Release, value: Any, ctx: GateContext) -> str | None:
         return None
     if r == "one":
         return None if isinstance(value, (int, float)) and float(value) == 1.0 else f"{rule.field} is not the constant 1"
+    if r == "weight":
+        if not isinstance(value, (int, float)):
+            return f"{rule.field} is not a number"
+        if ctx.secure:
+            return None if float(value) == 1.0 else f"{rule.field} is not 1 under secure aggregation"
+        if float(value) == 1.0 or (float(value).is_integer() and int(value) in ctx.released_rows()):
+            return None
+        return f"{rule.field} is not the node's released row count"
     if r == "masked":
         return None if ctx.secure else f"{rule.field} without secure aggregation"
     if r == "train-update":
@@ -178,7 +192,7 @@ def _check_rule(rule: Release, value: Any, ctx: GateContext) -> str | None:
     return f"{rule.field}: unknown rule"
 
 
-_HELLO_PUBLIC = {"node", "node_name", "accepted", "code", "reason", "planned_epsilon"}
+_HELLO_PUBLIC = {"node", "node_name", "accepted", "code", "reason", "planned_epsilon", "train_rows", "delta", "noise_multiplier"}
 
 
 def _check_hello(text: str, ctx: GateContext) -> str | None:
@@ -196,10 +210,15 @@ def _check_hello(text: str, ctx: GateContext) -> str | None:
     if raw.get("accepted"):
         if raw.get("reason"):
             return "node-json: an acceptance carries a text"
+        rows = raw.get("train_rows")
+        if rows and int(rows) not in ctx.released_rows():
+            return "node-json: train_rows is not the node's released row count"
         pe = raw.get("planned_epsilon")
         if pe is not None and (ctx.target_epsilon is None or float(pe) != float(ctx.target_epsilon)):
             return "node-json: planned_epsilon is not the task's target epsilon"
         return None
+    if any(raw.get(k) not in (None, 0) for k in ("train_rows", "delta", "noise_multiplier", "planned_epsilon")):
+        return "node-json: a refusal carries sizes or a plan"
     if not is_allowed(raw.get("code"), str(raw.get("reason", ""))):
         return "node-json: the refusal text is not a template"
     return None
