@@ -113,7 +113,8 @@ def main() -> None:
                     base, dp, acct = _paired(
                         make,
                         lambda m, r, t=training: train_nonprivate_round(m, X, y, training=t, seed=r),
-                        lambda m, r, t=training, p=privacy, pl=plan: train_dp_round(m, X, y, training=t, privacy=p, plan=pl, history=[], seed=r),
+                        # seed=None: the path a deployed node takes (noise and sampling from the secure generator)
+                        lambda m, r, t=training, p=privacy, pl=plan: train_dp_round(m, X, y, training=t, privacy=p, plan=pl, history=[], seed=None),
                         args.repeats,
                     )
                 except Exception as exc:  # noqa: BLE001 - a mode Opacus refuses for this model

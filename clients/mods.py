@@ -172,6 +172,9 @@ def admission_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
         early = admission.precheck(home, task, contract, node=node, simulated=simulated)
         if early is None and task.privacy.enabled and task.privacy.reproducible_noise and not simulated:
             early = admission._refusal(node, "reproducible-noise", refusal_text("reproducible-noise"))
+        if early is None and task.training.secure_aggregation and home.policy().secure_aggregation is None:
+            # Secure by default: without a pinned roster no peer's keys can be checked.
+            early = admission._refusal(node, "secure-aggregation-no-roster", refusal_text("secure-aggregation-no-roster"))
         if early is not None:
             _audit_decision(home, tid, early)
             return _hello_reply(msg, early)
@@ -337,6 +340,89 @@ def secagg_state(context: Context, key: str, server_round: int) -> NodeSecAgg:
     return st
 
 
+class NoRoster(SecAggError):
+    """This node's policy pins no federation roster: it takes no part in secure aggregation."""
+
+
+def _round_key(msg: Message) -> str:
+    """The key of the task or query of ``msg`` that every signature and record of secure
+    aggregation is bound to (its ledger key)."""
+    qid = _query_id(msg) if P.QUERY_JSON in msg.content[P.CONFIG] else None
+    return qid if qid is not None else task_id(msg)
+
+
+def _secagg_identity(context: Context) -> tuple[str, Any, Any, Any]:
+    """``(roster name, identity private key, checked roster, node home)`` of this node;
+    :class:`NoRoster` when its policy pins none, :class:`SecAggError` when the roster or the
+    identity key cannot be used."""
+    from fedgov.errors import FedgovError
+    from fedgov.roster import IDENTITY_KEY, load_pinned, load_private_key, public_key_of
+
+    _, home, _ = node_of(context)
+    policy = home.policy()
+    spec = policy.secure_aggregation
+    if spec is None:
+        raise NoRoster("this node's policy pins no federation roster")
+    try:
+        roster = load_pinned(spec.roster, spec.authority_key)
+        ident = load_private_key(home.path / IDENTITY_KEY)
+    except FedgovError as exc:
+        raise SecAggError(f"the roster or the identity key cannot be used: {str(exc).splitlines()[0]}") from None
+    own = roster.key_of(policy.node)
+    if own is None or own != public_key_of(ident):
+        raise SecAggError(f"the roster does not hold this node's identity key under its name {policy.node}")
+    return policy.node, ident, roster, home
+
+
+def _verify_round_keys(
+    context: Context, state_key: str, rkey: str, server_round: int, roster: Any,
+    entries: dict[int, tuple[bytes, bytes, str, bytes]],
+) -> dict[int, str]:
+    """Every node's round keys must be signed, for this task or query, round and Flower node
+    id, by the identity key the roster holds for the name it gives; a name twice, a name not in
+    the roster or a node id that was another name before stops the round. The names by node."""
+    import json
+
+    from fedgov.roster import keys_message, verify
+
+    names = [e[2] for e in entries.values()]
+    if len(set(names)) != len(names):
+        raise SecAggError("a roster name is given for two nodes of the round")
+    bind_key = state_key + "-names"
+    bound: dict[str, str] = json.loads(str(context.state[bind_key]["json"])) if bind_key in context.state else {}
+    for nid, (c_pk, s_pk, name, sig) in entries.items():
+        pk = roster.key_of(name)
+        if pk is None:
+            raise SecAggError(f"node {nid} gives the name {name[:40]!r}, which the roster does not hold")
+        if not verify(pk, sig, keys_message(rkey, server_round, nid, name, roster.digest, c_pk, s_pk)):
+            raise SecAggError(f"the round keys of node {nid} ({name}) are not signed by that member's identity key")
+        if bound.get(str(nid), name) != name:
+            raise SecAggError(f"node {nid} was {bound[str(nid)]} in an earlier round of this task, now {name}")
+    bound.update({str(n): e[2] for n, e in entries.items()})
+    context.state[bind_key] = ConfigRecord({"json": json.dumps(bound)})
+    return {nid: e[2] for nid, e in entries.items()}
+
+
+def _check_survivors(st: NodeSecAgg, survivors: list[int]) -> None:
+    """Before signing or revealing: the survivors are nodes this node masked against, itself
+    among them, at least the threshold of its group and, under distributed DP, at least the
+    contributors its noise share was sized for."""
+    if not st.masked:
+        raise SecAggError("this node sent no masked input this round: nothing to sign or unmask")
+    if st.node_id not in survivors:
+        raise SecAggError("this node is not listed as a survivor")
+    stray = [v for v in survivors if v not in set(st.mask_nodes)]
+    if stray:
+        raise SecAggError(f"nodes {stray[:5]} are listed as survivors but this node did not mask against them")
+    alive = [v for v in survivors if v in set(st.group)]
+    if len(alive) < st.threshold:
+        raise SecAggError(f"only {len(alive)} of this node's group survived; revealing needs {st.threshold}")
+    if len(survivors) < st.min_survivors:
+        raise SecAggError(
+            f"{len(survivors)} survivors, this node's noise share was sized for at least {st.min_survivors} contributors"
+        )
+
+
 def secagg_receive(msg: Message, context: Context, server_round: int) -> tuple[NodeSecAgg, list[int]]:
     """The node's keys for this round, with the shares the message routed to it decrypted; and
     the round's nodes. :class:`SecAggError` when the message carries no shares (no downgrade)."""
@@ -356,23 +442,87 @@ def secagg_keep(msg: Message, context: Context, st: NodeSecAgg) -> None:
 
 
 def _secagg_stage(msg: Message, context: Context, params: SecAggParams) -> Message:
+    """One stage of secure aggregation at this node, hardened against a coordinator that
+    deviates (:mod:`fedgov.secagg`, ``docs/threat-model.md``):
+
+    * ``keys``: fresh round keys, signed with the node's identity key over the task or query
+      key, the round, the Flower node id, the roster name, the roster and both keys;
+    * ``shares``: every node's keys checked against the pinned roster before any share is made;
+      the SecAgg+ graph from the roster's digest, the key and the round;
+    * ``consistency``: the survivor list checked and signed, once per round (node state);
+    * ``unmask``: only for the list this node signed, with at least the threshold of valid
+      signatures over it from roster members; each peer's share recorded (self-mask or key,
+      never both, across every message of the round and restarts) before the reply leaves.
+    """
+    from fedgov.nodestate import RevealConflict
+    from fedgov.roster import consistency_message, keys_message, sign, verify
+    from fedgov.secagg import RoundKeys, roster_graph_seed
+
     cfg = msg.content[P.CONFIG]
     server_round = int(cfg["server-round"])  # type: ignore[arg-type]
     key = _secagg_key(msg)
+    rkey = _round_key(msg)
     stage = str(cfg[P.SECAGG_STAGE])
+    name, ident, roster, home = _secagg_identity(context)
+    nid = int(context.node_id)
     out: dict[str, Any] = {}
     if stage == "keys":
-        st, c_pk, s_pk = NodeSecAgg.keys(int(context.node_id), server_round)
-        out = {"c-pk": c_pk, "s-pk": s_pk}
+        if key in context.state:
+            old = NodeSecAgg.from_json(str(context.state[key]["json"]))
+            if old.round == server_round and old.masked:
+                raise SecAggError(f"new keys asked for round {server_round}, in which this node already masked its input")
+        st, c_pk, s_pk = NodeSecAgg.keys(nid, server_round)
+        st.seed = roster_graph_seed(roster.digest, rkey, server_round)
+        sig = sign(ident, keys_message(rkey, server_round, nid, name, roster.digest, c_pk, s_pk))
+        out = {"c-pk": c_pk, "s-pk": s_pk, "name": name, "graph-seed": st.seed, "sig": sig}
     elif stage == "shares":
         st = secagg_state(context, key, server_round)
-        ids = [int(str(x)) for x in cfg["nodes"]]  # type: ignore[union-attr]
-        pks = dict(zip(ids, zip(cfg["c-pks"], cfg["s-pks"], strict=True), strict=True))  # type: ignore[arg-type]
-        cts = st.shares(pks, params)  # type: ignore[arg-type]
+        ids = [int(str(x)) for x in _items(cfg, "nodes")]  # type: ignore[arg-type]
+        entries = dict(zip(ids, zip(
+            [bytes(x) for x in _items(cfg, "c-pks")], [bytes(x) for x in _items(cfg, "s-pks")],  # type: ignore[arg-type]
+            [str(x) for x in _items(cfg, "names")], [bytes(x) for x in _items(cfg, "sigs")],  # type: ignore[arg-type]
+            strict=True,
+        ), strict=True))
+        if len(entries) != len(ids):
+            raise SecAggError("a node id is given twice among the round's keys")
+        names = _verify_round_keys(context, key, rkey, server_round, roster, entries)
+        if names.get(nid) != name:
+            raise SecAggError("this node's own keys are not among the round's keys under its name")
+        pks = RoundKeys({n: (e[0], e[1]) for n, e in entries.items()}, names, st.seed)
+        cts = st.shares(pks, params)
         out = {"dst": [str(d) for d in cts], "ct": list(cts.values())}
+    elif stage == "consistency":
+        st = secagg_state(context, key, server_round)
+        survivors = sorted({int(str(x)) for x in _items(cfg, "survivors")})  # type: ignore[arg-type]
+        _check_survivors(st, survivors)
+        try:
+            home.state.sign_survivors(rkey, server_round, survivors)
+        except RevealConflict as exc:
+            raise SecAggError(str(exc)) from None
+        out = {"sig": sign(ident, consistency_message(rkey, server_round, survivors))}
     elif stage == "unmask":
         st = secagg_state(context, key, server_round)
-        revealed = st.reveal([int(str(x)) for x in cfg["survivors"]], [int(str(x)) for x in cfg.get("dropped", [])])  # type: ignore[union-attr]
+        survivors = sorted({int(str(x)) for x in _items(cfg, "survivors")})  # type: ignore[arg-type]
+        if home.state.signed_survivors(rkey, server_round) != survivors:
+            raise SecAggError("the survivor list to unmask for is not the one this node signed")
+        _check_survivors(st, survivors)
+        signers = [int(str(x)) for x in _items(cfg, "signers")] if "signers" in cfg else []  # type: ignore[arg-type]
+        sigs = [bytes(x) for x in _items(cfg, "sigs")] if "sigs" in cfg else []  # type: ignore[arg-type]
+        text = consistency_message(rkey, server_round, survivors)
+        valid = set()
+        for s_id, sig in zip(signers, sigs, strict=True):
+            pk = roster.key_of(st.names[s_id]) if s_id in st.names and s_id in survivors else None
+            if pk is not None and verify(pk, sig, text):
+                valid.add(st.names[s_id])
+        if len(valid) < st.threshold:
+            raise SecAggError(f"{len(valid)} valid signatures over the survivor list; unmasking needs {st.threshold}")
+        alive = set(survivors)
+        dropped = [v for v in st.mask_nodes if v not in alive]
+        revealed = st.reveal(survivors, dropped)
+        try:  # recorded before the reply leaves: one kind of share per peer and round, ever
+            home.state.record_reveals(rkey, server_round, {v: "self-mask" if v in alive else "key" for v in revealed})
+        except RevealConflict as exc:
+            raise SecAggError(str(exc)) from None
         out = {"owner": [str(o) for o in revealed], "share": list(revealed.values())}
     else:
         raise SecAggError(f"unknown stage {stage!r}")
@@ -402,6 +552,12 @@ def _distributed_check(msg: Message, context: Context, task: Any, survivors: lis
     min_contributors = int(rec["dd-min"])  # type: ignore[arg-type]
     if not 1 <= min_contributors <= len(survivors):
         raise PrivacyError(f"min_contributors {min_contributors} must be between 1 and the round's {len(survivors)} nodes")
+    n = len(survivors)
+    own_min = max(1, n - math.floor(float(getattr(task.privacy, "dropout_tolerance", 0.0)) * n))
+    if min_contributors < own_min:
+        # Sized for fewer contributors than the task allows to drop: each share would be larger,
+        # but the coordinator could then unmask a sum of fewer nodes than the task promises.
+        raise PrivacyError(f"min_contributors {min_contributors} is below the task's own {own_min} for {n} nodes")
     if tau(plan.node_variance(min_contributors), len(survivors)) * plan.dimension > TAU_LIMIT:
         raise PrivacyError("each node's noise share is too small for the distributed discrete Gaussian analysis")
     return plan, min_contributors
@@ -435,6 +591,8 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             return _refused(msg, "secure-aggregation")
         try:
             return _secagg_stage(msg, context, SecAggParams())
+        except NoRoster:
+            return _no_roster(msg, context)
         except (SecAggError, KeyError, ValueError, TypeError) as exc:
             return _secagg_stopped(msg, context, exc)
     if not _has_task(msg):
@@ -455,6 +613,9 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         distributed = None
         if task.privacy.enabled and task.privacy.mode == "distributed":
             distributed = _distributed_check(msg, context, task, survivors)
+            st.min_survivors = distributed[1]  # kept: the survivors at unmask are checked against it
+    except NoRoster:
+        return _no_roster(msg, context)
     except PrivacyError as exc:
         log.warning("node: distributed DP refused: %s", exc)
         return _refused(msg, "distributed-dp")
@@ -495,6 +656,18 @@ def _coin(rate: float) -> bool:
     from fedgov.privacy.rng import SecureRNG
 
     return bool(SecureRNG.fresh().uniform(1)[0] < rate)
+
+
+def _no_roster(msg: Message, context: Context) -> Message:
+    """Secure aggregation refused: this node's policy pins no roster (secure by default)."""
+    try:
+        _, home, _ = node_of(context)
+        if home.path.is_dir():
+            tid = task_id(msg) if _has_task(msg) else _query_id(msg)
+            home.audit.append("refused", task_id=tid, payload={"kind": kind_of(msg), "code": "secure-aggregation-no-roster"})
+    except Exception:  # noqa: BLE001 - no node directory to audit into
+        pass
+    return _refused(msg, "secure-aggregation-no-roster")
 
 
 def _secagg_stopped(msg: Message, context: Context, exc: BaseException) -> Message:

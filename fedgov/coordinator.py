@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -35,7 +36,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, K
 import fedgov
 from fedgov import protocol as P
 from fedgov.aggregation import check_update
-from fedgov.secagg import SecAggError, SecAggParams, decode_sum, neighbourhood_size, threshold_for, unmask_sum
+from fedgov.secagg import RoundKeys, SecAggError, SecAggParams, decode_sum, neighbourhood_size, threshold_for, unmask_sum
 from fedgov.transport import is_encoded, local_model
 from fedgov.privacy.distributed import DistributedPlan, decode_mean
 from fedgov.config import Contract, Task
@@ -424,8 +425,14 @@ def secagg_setup(grid: Grid, ids: list[int], server_round: int, stage_config: di
     if len(pks) < 2:
         return None, failures
     order = sorted(pks)
+    # Each node signed its keys with its identity key (fedgov.roster); the coordinator relays
+    # the names and signatures, which every node checks against the roster it pins.
+    names = {n: str(keys[n]["name"]) for n in order}
+    seeds = Counter(bytes(keys[n]["graph-seed"]) for n in order)  # type: ignore[arg-type]
+    seed = seeds.most_common(1)[0][0]  # the same at every node that pins the same roster
     shares = secagg_stage(grid, order, server_round, "shares", stage_config, {
         "nodes": [str(n) for n in order], "c-pks": [pks[n][0] for n in order], "s-pks": [pks[n][1] for n in order],
+        "names": [names[n] for n in order], "sigs": [bytes(keys[n]["sig"]) for n in order],  # type: ignore[arg-type]
     }, timeout, failures)
     threshold = threshold_for(neighbourhood_size(len(order)) + 1)  # a group's majority (SecAgg+: each node's neighbours)
     if len(shares) < threshold:
@@ -434,7 +441,8 @@ def secagg_setup(grid: Grid, ids: list[int], server_round: int, stage_config: di
     for src, rec in shares.items():
         for dst, ct in zip(_items(rec, "dst"), _items(rec, "ct"), strict=True):
             routed.setdefault(int(str(dst)), {})[src] = bytes(ct)
-    return SecAggRound(pks=pks, survivors=sorted(shares), threshold=threshold, routed=routed, failures=failures), failures
+    return SecAggRound(pks=RoundKeys(pks, names, seed), survivors=sorted(shares), threshold=threshold, routed=routed,
+                       failures=failures), failures
 
 
 def secagg_unmask(
@@ -444,8 +452,17 @@ def secagg_unmask(
     if len(masked) < rnd.threshold:
         raise SecAggError(f"only {len(masked)} masked inputs arrived, secure aggregation needs {rnd.threshold}")
     dropped = [n for n in rnd.survivors if n not in masked]
-    recs = secagg_stage(grid, sorted(masked), server_round, "unmask", stage_config, {
-        "survivors": [str(n) for n in sorted(masked)], "dropped": [str(n) for n in dropped],
+    survivors = [str(n) for n in sorted(masked)]
+    # The consistency stage (Bonawitz et al. 2017, §4): each survivor signs the survivor list
+    # once; the nodes reveal only for a list signed by at least the threshold of them.
+    sigs = secagg_stage(grid, sorted(masked), server_round, "consistency", stage_config, {"survivors": survivors},
+                        timeout, rnd.failures)
+    if len(sigs) < rnd.threshold:
+        raise SecAggError(f"only {len(sigs)} survivors signed the survivor list, secure aggregation needs {rnd.threshold}")
+    signers = sorted(sigs)
+    recs = secagg_stage(grid, signers, server_round, "unmask", stage_config, {
+        "survivors": survivors, "dropped": [str(n) for n in dropped],
+        "signers": [str(n) for n in signers], "sigs": [bytes(sigs[n]["sig"]) for n in signers],  # type: ignore[arg-type]
     }, timeout, rnd.failures)
     revealed = {h: {int(str(o)): bytes(sh) for o, sh in zip(_items(rec, "owner"), _items(rec, "share"), strict=True)}
                 for h, rec in recs.items()}

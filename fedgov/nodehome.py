@@ -5,6 +5,9 @@
     <node-dir>/
       node-key, node-key.pub   the node's key pair (OpenSSH ECDSA P-384, as Flower's SuperNode
                                authentication requires); the private key never leaves the node
+      identity-key, identity-key.pub   the node's Ed25519 identity (mode 0600): it signs the node's
+                               secure-aggregation keys; its fingerprint goes into the federation
+                               roster ('fedgov roster add')
       policy.toml        what the node takes part in, its limits and budgets (the operator edits it)
       contracts/         the data contracts the node holds, pinned by SHA-256 in policy.toml
       reports/           data-check and error reports (mode 0600: they may quote data values)
@@ -127,6 +130,9 @@ def init_node(
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     (home.path / "node-key.pub").write_bytes(public + f" {node}\n".encode())
+    from fedgov.roster import ensure_identity, fingerprint as identity_fingerprint
+
+    identity = ensure_identity(home.path, node)
     from fedgov.node.contracts import pin_new_contract
 
     pinned = pin_new_contract(home.path, contract, contract_path)
@@ -141,5 +147,6 @@ def init_node(
     import hashlib
 
     fingerprint = hashlib.sha256(public).hexdigest()[:16]
-    home.audit.append("initialized", payload={"node": node, "public_key_sha256": fingerprint, "contract": contract.ref})
+    home.audit.append("initialized", payload={"node": node, "public_key_sha256": fingerprint, "contract": contract.ref,
+                                              "identity_key_sha256": identity_fingerprint(identity)})
     return home

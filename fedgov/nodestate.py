@@ -38,6 +38,7 @@ __all__ = [
     "UnknownTask",
     "TaskChanged",
     "DataCheckRecord",
+    "RevealConflict",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,21 @@ CREATE TABLE IF NOT EXISTS data_checks (
     checked_at TEXT NOT NULL,
     PRIMARY KEY (dataset, data_sha256, contract_sha256)
 );
+CREATE TABLE IF NOT EXISTS secagg_reveals (
+    key TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    peer INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('self-mask', 'key')),
+    revealed_at TEXT NOT NULL,
+    PRIMARY KEY (key, round, peer)
+);
+CREATE TABLE IF NOT EXISTS secagg_consistency (
+    key TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    survivors TEXT NOT NULL,
+    signed_at TEXT NOT NULL,
+    PRIMARY KEY (key, round)
+);
 """
 
 
@@ -83,6 +99,11 @@ class NodeStateError(FedgovError):
     """The node state file cannot be used (corrupted, locked, foreign), or a request on it is wrong."""
 
     exit_code = ExitCode.CONFIG
+
+
+class RevealConflict(NodeStateError):
+    """Secure aggregation: revealing this would give the coordinator both secrets of one peer,
+    or sign a second survivor list for one round."""
 
 
 class UnknownTask(NodeStateError):
@@ -231,6 +252,58 @@ class NodeState:
                 conn.execute(statement)
             conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    # --- secure aggregation: what this node revealed and signed, per round ---------------
+
+    def record_reveals(self, key: str, round: int, reveals: dict[int, str]) -> None:
+        """Record, before the shares leave, that this node reveals for round ``round`` of the task
+        or query ``key`` the share of ``kind`` (``self-mask`` or ``key``) of each peer; all or
+        nothing. :class:`RevealConflict` if any peer's other kind was revealed before, by any
+        message of that round (kept across restarts): never both secrets of one peer."""
+        if any(k not in ("self-mask", "key") for k in reveals.values()):
+            raise ValueError("a reveal is of kind 'self-mask' or 'key'")
+        with self._write() as conn:
+            for peer, kind in sorted(reveals.items()):
+                row = conn.execute(
+                    "SELECT kind FROM secagg_reveals WHERE key = ? AND round = ? AND peer = ?", (key, int(round), int(peer))
+                ).fetchone()
+                if row is not None and row[0] != kind:
+                    raise RevealConflict(
+                        f"round {round}: the {row[0]} share of node {peer} was revealed before; revealing its {kind} share "
+                        "too would unmask its input"
+                    )
+            now = _now()
+            conn.executemany(
+                "INSERT OR IGNORE INTO secagg_reveals (key, round, peer, kind, revealed_at) VALUES (?, ?, ?, ?, ?)",
+                [(key, int(round), int(peer), kind, now) for peer, kind in reveals.items()],
+            )
+
+    def reveals(self, key: str, round: int) -> dict[int, str]:
+        """What this node revealed in round ``round`` of ``key``: peer -> kind."""
+        with self._connect() as conn:
+            rows = conn.execute("SELECT peer, kind FROM secagg_reveals WHERE key = ? AND round = ?", (key, int(round))).fetchall()
+        return {int(p): str(k) for p, k in rows}
+
+    def sign_survivors(self, key: str, round: int, survivors: list[int]) -> None:
+        """Record the one survivor list this node signs for round ``round`` of ``key`` (before the
+        signature leaves); the same list again is fine, another one :class:`RevealConflict`."""
+        text = ",".join(str(int(n)) for n in sorted(survivors))
+        with self._write() as conn:
+            row = conn.execute("SELECT survivors FROM secagg_consistency WHERE key = ? AND round = ?", (key, int(round))).fetchone()
+            if row is not None and row[0] != text:
+                raise RevealConflict(f"round {round}: this node signed another survivor list before")
+            conn.execute(
+                "INSERT OR IGNORE INTO secagg_consistency (key, round, survivors, signed_at) VALUES (?, ?, ?, ?)",
+                (key, int(round), text, _now()),
+            )
+
+    def signed_survivors(self, key: str, round: int) -> list[int] | None:
+        """The survivor list this node signed for round ``round`` of ``key``, or None."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT survivors FROM secagg_consistency WHERE key = ? AND round = ?", (key, int(round))).fetchone()
+        if row is None:
+            return None
+        return [int(x) for x in str(row[0]).split(",") if x]
 
     # --- pause switch ---------------------------------------------------------------------
 

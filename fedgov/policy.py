@@ -58,12 +58,14 @@ __all__ = [
     "DatasetSpec",
     "AcceptSpec",
     "LimitsSpec",
+    "SecureAggregationSpec",
     "NodePolicy",
     "Decision",
     "load_policy",
     "check_task",
     "check_query",
     "default_policy_text",
+    "secure_aggregation_text",
     "file_sha256",
     "pin_contract_text",
 ]
@@ -250,6 +252,37 @@ class LimitsSpec(StrictModel):
     )
 
 
+class SecureAggregationSpec(StrictModel):
+    """``[secure_aggregation]``: the federation roster this node pins (:mod:`fedgov.roster`).
+    Without it the node takes no part in secure aggregation (secure by default)."""
+
+    roster: ConfigPath = Field(description="the signed federation roster (JSON), relative to the policy file")
+    authority_key: str = Field(
+        min_length=1,
+        description="the roster authority: the SHA-256 fingerprint (64 hex digits) or the base64 Ed25519 public key",
+    )
+
+    @field_validator("authority_key")
+    @classmethod
+    def _authority(cls, v: str) -> str:
+        import base64
+        import binascii
+
+        v = v.strip()
+        if len(v) == 64 and all(c in "0123456789abcdefABCDEF" for c in v):
+            return v.lower()
+        try:
+            raw = base64.b64decode(v.encode(), validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError(
+                "must be the roster authority's SHA-256 fingerprint (64 hex digits, 'fedgov roster show') or its "
+                "base64 Ed25519 public key (32 bytes)"
+            )
+        return v
+
+
 class NodePolicy(StrictModel):
     """A node's whole policy file."""
 
@@ -261,6 +294,9 @@ class NodePolicy(StrictModel):
     datasets: list[DatasetSpec] = Field(min_length=1)
     accept: AcceptSpec = AcceptSpec()
     limits: LimitsSpec
+    secure_aggregation: SecureAggregationSpec | None = Field(
+        default=None, description="the federation roster for secure aggregation; none: secure aggregation is refused",
+    )
 
     @model_validator(mode="after")
     def _cross_check(self, info: ValidationInfo) -> NodePolicy:
@@ -726,6 +762,25 @@ def pin_contract_text(text: str, *, dataset: str, version: str, path: str | Path
     return new_text
 
 
+def secure_aggregation_text(roster: str | Path | None, authority_key: str | None) -> str:
+    """The policy's ``[secure_aggregation]`` section (commented out without a roster)."""
+    if roster is None or authority_key is None:
+        return """
+# Secure aggregation: the signed federation roster this node pins ('fedgov roster'). Without it
+# the node refuses every task and query under secure aggregation.
+# [secure_aggregation]
+# roster = "roster.json"
+# authority_key = "<the roster authority's SHA-256 fingerprint>"
+"""
+    return f"""
+# Secure aggregation: the signed federation roster this node pins ('fedgov roster'). A peer whose
+# round keys the roster does not vouch for stops the round at this node.
+[secure_aggregation]
+roster = {_s(roster)}
+authority_key = {_s(authority_key)}
+"""
+
+
 def default_policy_text(
     node: str,
     *,
@@ -752,6 +807,8 @@ def default_policy_text(
     submitters: Sequence[str] = ("*",),
     apps: Sequence[str] = ("fedgov",),
     contract_files: Mapping[str, tuple[str | Path, str]] | None = None,
+    roster: str | Path | None = None,
+    authority_key: str | None = None,
 ) -> str:
     """A commented policy file for one data set (``fedgov node init``, simulated nodes).
 
@@ -835,6 +892,7 @@ require_secure_aggregation = false
 # Refuse training tasks that are not privacy.mode = "distributed" (noise once, on the sum).
 require_distributed = false
 """
+    text += secure_aggregation_text(roster, authority_key)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:  # pragma: no cover - the renderer escapes everything

@@ -36,10 +36,15 @@ Per round, four exchanges (the third is the training message itself):
    for dropped nodes, never both for the same node. With ``t`` shares the coordinator
    rebuilds the seeds, removes the masks, and holds ``sum y`` over the survivors, only.
 
-Security (honest-but-curious coordinator, as in the paper): no set of fewer than ``t`` nodes
-with the coordinator learns more than the sum. An actively malicious coordinator can lie
-about who dropped; the paper's consistency round (signatures over the survivor list) is not
-implemented here: see ``docs/threat-model.md``.
+Against a coordinator that deviates (the paper's active model, §4), the node's side
+(``clients/mods.py``) adds: round keys signed with each node's long-term identity key and
+checked against a federation roster signed by a roster authority (:mod:`fedgov.roster`); a
+consistency stage between 3 and 4 (each survivor signs the sorted survivor list once per
+round; unmasking needs ``t`` signatures over exactly the list it signed); a record, in the
+node's SQLite state, of which share of each peer it revealed (never both, across messages and
+restarts); and a SecAgg+ graph seeded by the roster's digest, the task key and the round
+(:func:`roster_graph_seed`), not by anything the coordinator relays. See
+``docs/threat-model.md``.
 
 Everything here is pure: bytes and arrays in, bytes and arrays out; no Flower messages.
 """
@@ -62,6 +67,8 @@ __all__ = [
     "threshold_for",
     "neighbourhood_size",
     "neighbours",
+    "RoundKeys",
+    "roster_graph_seed",
     "prg",
     "encode_update",
     "decode_sum",
@@ -122,17 +129,40 @@ def graph_seed(pks: dict[int, tuple[bytes, bytes]]) -> bytes:
     return h.digest()
 
 
+def roster_graph_seed(roster_digest: bytes, key: str, round: int) -> bytes:
+    """The SecAgg+ graph's seed: the signed roster's digest, the task or query key and the
+    round; nothing the coordinator relays or orders (a round's graph cannot be re-rolled)."""
+    return hashlib.sha256(b"fedgov-secagg-graph-v2|" + roster_digest + b"|" + key.encode() + b"|" + str(round).encode()).digest()
+
+
+class RoundKeys(dict[int, tuple[bytes, bytes]]):
+    """A round's public keys (node id -> (c, s)) with the roster names they were signed under
+    and the graph seed (:func:`roster_graph_seed`): :func:`neighbours` orders its ring by
+    ``H(seed || name)``, so the graph depends on the roster's members, never on the keys."""
+
+    def __init__(self, pks: dict[int, tuple[bytes, bytes]], names: dict[int, str], seed: bytes) -> None:
+        super().__init__(pks)
+        self.names = dict(names)
+        self.seed = seed
+
+
 def neighbours(pks: dict[int, tuple[bytes, bytes]]) -> dict[int, list[int]]:
-    """Each node's neighbours: the nodes in a random ring (order from :func:`graph_seed`), each
-    joined to the ``k/2`` before and after it (``k`` from :func:`neighbourhood_size`): a
-    random ``k``-regular Harary graph, symmetric. The complete graph for small rounds."""
+    """Each node's neighbours: the nodes in a random ring, each joined to the ``k/2`` before and
+    after it (``k`` from :func:`neighbourhood_size`): a random ``k``-regular Harary graph,
+    symmetric. The complete graph for small rounds. The ring's order is ``H(seed || roster
+    name)`` for :class:`RoundKeys`; for a bare dict (tests of the pure protocol) it is
+    :func:`graph_seed` of the keys."""
     nodes = sorted(pks)
     n = len(nodes)
     k = neighbourhood_size(n)
     if k >= n - 1:
         return {v: [u for u in nodes if u != v] for v in nodes}
-    seed = graph_seed(pks)
-    ring = sorted(nodes, key=lambda v: hashlib.sha256(seed + str(v).encode()).digest())
+    if isinstance(pks, RoundKeys):
+        rk = pks
+        ring = sorted(nodes, key=lambda v: (hashlib.sha256(rk.seed + b"|" + rk.names[v].encode()).digest(), v))
+    else:
+        seed = graph_seed(pks)
+        ring = sorted(nodes, key=lambda v: hashlib.sha256(seed + str(v).encode()).digest())
     half = k // 2
     out: dict[int, list[int]] = {}
     for i, v in enumerate(ring):
@@ -198,6 +228,14 @@ class NodeSecAgg:
     threshold: int = 0
     received: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # src -> (b share, sk share)
     masked: bool = False
+    names: dict[int, str] = field(default_factory=dict)  # node id -> roster name (verified at "shares")
+    seed: bytes = b""  # the graph seed (roster_graph_seed)
+    mask_nodes: list[int] = field(default_factory=list)  # the nodes this node masked against, sorted
+    min_survivors: int = 0  # under distributed DP: the contributors its noise share was sized for
+
+    def round_keys(self) -> dict[int, tuple[bytes, bytes]]:
+        """The round's keys, as :class:`RoundKeys` when they came with roster names."""
+        return RoundKeys(self.pks, self.names, self.seed) if self.names else dict(self.pks)
 
     # ---- persistence in the node's Flower state --------------------------------------
     def to_json(self) -> str:
@@ -205,7 +243,8 @@ class NodeSecAgg:
             "node_id": self.node_id, "round": self.round, "c_sk": _b64(self.c_sk), "s_sk": _b64(self.s_sk), "b": _b64(self.b),
             "nodes": self.nodes, "pks": {str(k): [_b64(c), _b64(s)] for k, (c, s) in self.pks.items()},
             "group": self.group, "threshold": self.threshold, "received": {str(k): [_b64(x), _b64(y)] for k, (x, y) in self.received.items()},
-            "masked": self.masked,
+            "masked": self.masked, "names": {str(k): v for k, v in self.names.items()}, "seed": _b64(self.seed),
+            "mask_nodes": self.mask_nodes, "min_survivors": self.min_survivors,
         })
 
     @classmethod
@@ -215,7 +254,9 @@ class NodeSecAgg:
             node_id=int(d["node_id"]), round=int(d["round"]), c_sk=_unb64(d["c_sk"]), s_sk=_unb64(d["s_sk"]), b=_unb64(d["b"]),
             nodes=[int(n) for n in d["nodes"]], pks={int(k): (_unb64(c), _unb64(s)) for k, (c, s) in d["pks"].items()},
             group=[int(n) for n in d.get("group", [])], threshold=int(d["threshold"]), received={int(k): (_unb64(x), _unb64(y)) for k, (x, y) in d["received"].items()},
-            masked=bool(d["masked"]),
+            masked=bool(d["masked"]), names={int(k): str(v) for k, v in d.get("names", {}).items()},
+            seed=_unb64(d.get("seed", "")), mask_nodes=[int(n) for n in d.get("mask_nodes", [])],
+            min_survivors=int(d.get("min_survivors", 0)),
         )
 
     # ---- stage 1: keys ---------------------------------------------------------------
@@ -247,7 +288,9 @@ class NodeSecAgg:
             raise SecAggError("two nodes were given the same public key")
         self.nodes = sorted(pks)
         self.pks = dict(pks)
-        self.group = sorted([self.node_id, *neighbours(self.pks)[self.node_id]])
+        if isinstance(pks, RoundKeys):
+            self.names, self.seed = dict(pks.names), pks.seed
+        self.group = sorted([self.node_id, *neighbours(self.round_keys())[self.node_id]])
         self.threshold = threshold_for(len(self.group))
         self.b = os.urandom(32)
         b_shares = create_shares(self.b, self.threshold, len(self.group))
@@ -290,6 +333,9 @@ class NodeSecAgg:
 
         if self.masked:
             raise SecAggError("this node already sent its masked input for this round")
+        stray = [v for v in survivors if v not in set(self.nodes)]
+        if stray:
+            raise SecAggError(f"nodes {stray[:5]} are not among the round's nodes this node shared with")
         group = set(self.group)
         missing = [v for v in survivors if v != self.node_id and v in group and v not in self.received]
         if missing:
@@ -303,6 +349,7 @@ class NodeSecAgg:
             m = prg(_pair_seed(generate_shared_key(s_sk, bytes_to_public_key(self.pks[v][1]))), n, domain=b"pair")
             out = (out + m) % MODULUS if self.node_id < v else (out - m) % MODULUS
         self.masked = True
+        self.mask_nodes = sorted(set(survivors) | {self.node_id})
         return out
 
     # ---- stage 4: unmask ------------------------------------------------------------
@@ -342,9 +389,10 @@ def unmask_sum(
     Each secret is rebuilt from the shares of its owner's group (:func:`neighbours`), which
     needs :func:`threshold_for` of the group's size; ``threshold`` is the least number of nodes
     that must have revealed at all (a quick refusal)."""
-    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
     from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
     from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+    from fedgov.shamir import ShareError, combine_shares_many, share_index
 
     survivors = sorted(masked)
     if len(revealed) < threshold:
@@ -353,27 +401,41 @@ def unmask_sum(
     n = len(next(iter(masked.values())))
     total = np.zeros(n, dtype=np.int64)
     for v in survivors:
-        total = (total + masked[v]) % MODULUS
+        total += np.asarray(masked[v], dtype=np.int64) % MODULUS  # < 2^32 each: no overflow below 2^31 nodes
 
-    def rebuild(owner: int) -> bytes:
+    # every secret at once: survivors' self-mask seeds, then dropped nodes' secret keys
+    owners = [*survivors, *dropped]
+    share_lists: list[list[bytes]] = []
+    for owner in owners:
         need = threshold_for(len(graph[owner]) + 1)
-        shares = [r[owner] for h, r in revealed.items() if owner in r and (h == owner or h in graph[owner])]
-        if len(shares) < need:
-            raise SecAggError(f"{len(shares)} shares of node {owner}'s secret; {need} are needed")
-        try:
-            return combine_shares(shares[:need])
-        except ValueError as exc:
-            raise SecAggError(f"the shares of node {owner}'s secret do not combine: {exc}") from None
+        held = [r[owner] for r in (revealed.get(h) for h in (owner, *graph[owner])) if r is not None and owner in r]
+        if len(held) < need:
+            raise SecAggError(f"{len(held)} shares of node {owner}'s secret; {need} are needed")
+        held.sort(key=share_index)  # the lowest indices: most secrets then share one index set
+        share_lists.append(held[:need])
+    try:
+        secrets = combine_shares_many(share_lists)
+    except ShareError as exc:
+        raise SecAggError(f"the shares of node {owners[exc.position]}'s secret do not combine: {exc}") from None
 
-    for v in survivors:
-        total = (total - prg(rebuild(v), n, domain=b"self")) % MODULUS
+    total -= _prg_sum(secrets[: len(survivors)], n, domain=b"self")
     alive = set(survivors)
-    for d in dropped:
-        s_sk_d = bytes_to_private_key(rebuild(d))
+    added: list[bytes] = []  # pair seeds of masks a survivor subtracted (u > d): add them back
+    subtracted: list[bytes] = []  # and of those it added (u < d): subtract them
+    for d, sk in zip(dropped, secrets[len(survivors) :]):
+        s_sk_d = bytes_to_private_key(sk)
         for u in graph[d]:
-            if u not in alive:
-                continue
-            m = prg(_pair_seed(generate_shared_key(s_sk_d, bytes_to_public_key(pks[u][1]))), n, domain=b"pair")
-            # u added +m if u < d, else -m: remove it
-            total = (total - m) % MODULUS if u < d else (total + m) % MODULUS
-    return total
+            if u in alive:
+                seed = _pair_seed(generate_shared_key(s_sk_d, bytes_to_public_key(pks[u][1])))
+                (subtracted if u < d else added).append(seed)
+    total += _prg_sum(added, n, domain=b"pair") - _prg_sum(subtracted, n, domain=b"pair")
+    return total % MODULUS
+
+
+def _prg_sum(seeds: list[bytes], n: int, *, domain: bytes) -> np.ndarray:
+    """``sum(prg(s, n, domain=domain) for s in seeds) mod 2^32`` as int64, accumulated in place
+    with one reduction at the end (each term is below ``2^32``: no overflow below ``2^31`` seeds)."""
+    total = np.zeros(n, dtype=np.int64)
+    for seed in seeds:
+        total += prg(seed, n, domain=domain)
+    return total % MODULUS

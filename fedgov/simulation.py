@@ -240,7 +240,13 @@ def prepare_nodes(
     state_dir = (options.state_dir or run_dir / "state").resolve()
     nodes = materialize(federation, contract, state_dir / "nodes")
     from fedgov.node.contracts import pin_new_contract
+    from fedgov.roster import federation_roster, pin_roster_text
 
+    # Secure aggregation needs a roster the nodes pin (fedgov.roster): the simulation is its
+    # own roster authority, kept with the node directories.
+    roster, authority = federation_roster(
+        state_dir / "roster", str(getattr(federation, "name", "federation")), {n.code: n.train_path.parent for n in nodes}
+    )
     for n in nodes:
         # Each node holds the task's contract itself, pinned in its policy (as 'fedgov node init').
         pinned = pin_new_contract(n.train_path.parent, contract)
@@ -252,8 +258,12 @@ def prepare_nodes(
                 approval=options.approval,  # type: ignore[arg-type]
                 max_epsilon_per_task=min(options.node_budget, max(3.0, max_epsilon)),
                 kinds=("training", "statistics"), contract_files={contract.version: pinned},
+                roster=roster, authority_key=authority,
             ),
         )
+        kept = home.policy_path.read_text("utf-8")
+        if pin_roster_text(kept, roster, authority) != kept:  # a policy kept from before rosters: pin this one
+            NodeHome.create(home.path, policy_text=pin_roster_text(kept, roster, authority), overwrite=True)
         ds = next((d for d in home.policy().datasets if d.contract == contract.name), None)
         if ds is not None and contract.version not in ds.contract_files:  # a kept policy: pin this version too
             from fedgov.policy import pin_contract_text

@@ -508,9 +508,12 @@ def train_dp_round(
             sampler=sampler, noise=noise, anchor=anchor, replay_opacus=replay_opacus,
         )
         return _dp_result(model, yt, losses, steps, expected, eps_after, plan, t_accounting)
+    # Exactly plan.loader_batches batches, whatever the true row count: Opacus derives the
+    # sample rate from the loader's length, and the plan's comes from the released row count.
+    chunks = [c.tolist() for c in np.array_split(np.arange(len(yt)), plan.loader_batches)]
     loader = DataLoader(
         _Rows(Xt, yt),
-        batch_size=plan.loader_batch_size,
+        batch_sampler=chunks,  # type: ignore[arg-type]
         collate_fn=_pass_through,  # type: ignore[arg-type]  # batches are whole index sets
         # DPDataLoader samples with a seeded generator; with SecureRNG it only draws the
         # DataLoader's worker base seed from it (no worker here), so the global RNG stays untouched.
@@ -534,6 +537,9 @@ def train_dp_round(
         dp_model, optimizer, criterion, dp_loader = made
     else:
         dp_model, optimizer, dp_loader = made
+    # The noisy sum is divided by the expected batch size of the *released* row count (Opacus
+    # would use len(dataset), a data-dependent scale).
+    optimizer.expected_batch_size = max(1, int(plan.rows * plan.sample_rate))
     try:
         if isinstance(sampler, SecureRNG) and isinstance(noise, SecureRNG):
             _secure_opacus(optimizer, dp_loader, sampler, noise)

@@ -9,6 +9,7 @@ import pytest
 from fedgov import protocol as P
 from fedgov.admission import admit, fingerprint, is_admitted, precheck, record_spend, release, task_id_of
 from fedgov.config import load_task
+from fedgov.node.refusals import is_allowed, refusal_text
 from fedgov.nodehome import NodeHome, budget_of
 from fedgov.policy import default_policy_text
 
@@ -44,7 +45,9 @@ def test_task_above_the_per_task_maximum_is_refused_before_data(tmp_path: Path, 
     home = _home(tmp_path, max_eps=1.5)
     r = precheck(home, task, contract, node="GM0363")
     assert r is not None and r.code == "epsilon-above-max"
-    assert "2.0" in r.reason and "1.5" in r.reason
+    # the public text is the fixed template: the task's stated epsilon and the policy's limit
+    assert is_allowed(r.code, r.reason)
+    assert r.reason == refusal_text("epsilon-above-max", value=2.0, limit=1.5, setting="limits.max_epsilon_per_task")
     assert r.node_name == "Amsterdam"
 
 
@@ -53,7 +56,9 @@ def test_pause_refuses_and_resume_allows(tmp_path: Path, task_contract) -> None:
     home = _home(tmp_path)
     home.state.pause("update")
     r = precheck(home, task, contract, node="GM0363")
-    assert r is not None and r.code == "paused" and "update" in r.reason
+    assert r is not None and r.code == "paused" and not r.accepted
+    # the operator's own reason stays at the node: the reply is the fixed template
+    assert r.reason == refusal_text("paused") and "update" not in r.reason
     home.state.resume()
     assert precheck(home, task, contract, node="GM0363") is None
 
@@ -86,7 +91,7 @@ def test_budget_for_two_tasks_refuses_the_third(tmp_path: Path, task_contract) -
     results = [admit(home, task, contract, _hello(), task_id=task_id_of(task, contract, run), history=HISTORY) for run in (1, 2, 3)]
     assert [r.accepted for r in results] == [True, True, False]
     assert results[2].code == "budget-exhausted"
-    assert "exceeded" in results[2].reason
+    assert is_allowed("budget-exhausted", results[2].reason)
 
 
 def test_manual_approval(tmp_path: Path, task_contract) -> None:  # type: ignore[no-untyped-def]

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from fedgov.node.refusals import refusal_text
 from fedgov.nodehome import NodeHome, budget_of
 from fedgov.reports import load_report
 from fedgov.simulation import SimulationOptions, run_simulation
@@ -61,6 +62,11 @@ def _home(tmp: Path, code: str) -> NodeHome:
     return NodeHome(tmp / "state" / "nodes" / code)
 
 
+def _task_ids(ids: list[str]) -> list[str]:
+    """Ledger task ids of tasks, without the node's row-count releases (``rows-<data set>-<sha>``)."""
+    return [t for t in ids if not t.startswith("rows-")]
+
+
 def _in_process(tmp: Path, task: Path, run_id: int, **opts: Any) -> Any:
     """One run of ``task`` on the state directory's nodes, in process (the nodes' directories,
     policies, ledgers and audit logs persist between calls, as with ``--state-dir``)."""
@@ -83,11 +89,15 @@ def test_a_budget_for_one_task_refuses_the_second(tmp_path: Path) -> None:
     first = _in_process(tmp_path, task, 1, node_budget=1.0)
     assert first.status == "completed"
     assert all(n.status == "accepted" and n.epsilon is not None and n.epsilon <= 1.0 for n in first.nodes)
+    st_first: dict[str, list[str]] = {}
     for code in CODES:
         home = _home(tmp_path, code)
         ds = home.policy().datasets[0]
         st = home.ledger.status(ds.name, budget_of(ds))
-        assert len(st.closed_tasks) == 1 and not st.open_tasks  # released at the end
+        st_first[code] = list(st.closed_tasks)
+        # the task's reservation and the node's one row-count release (``rows-...``), both closed
+        assert len(_task_ids(st.closed_tasks)) == 1 and not st.open_tasks  # released at the end
+        assert len([t for t in st.closed_tasks if t.startswith("rows-")]) == 1
         assert 0 < st.epsilon_committed <= 1.0
         assert home.audit.verify().ok
 
@@ -97,11 +107,12 @@ def test_a_budget_for_one_task_refuses_the_second(tmp_path: Path) -> None:
     for n in second.nodes:
         assert n.status == "refused"
         assert n.refusal_code == "budget-exhausted"
-        assert "budget epsilon 1" in n.refusal_reason
+        assert n.refusal_reason == refusal_text("budget-exhausted", setting="datasets.budget")
     for code in CODES:  # the refusal spent nothing and is in the audit log
         home = _home(tmp_path, code)
         ds = home.policy().datasets[0]
-        assert len(home.ledger.status(ds.name, budget_of(ds)).closed_tasks) == 1
+        # no new task, and no second row-count release (the data file did not change)
+        assert sorted(home.ledger.status(ds.name, budget_of(ds)).closed_tasks) == sorted(st_first[code])
         decisions = [e for e in home.audit.entries() if e.kind == "decision"]
         assert [d.payload["accepted"] for d in decisions] == [True, False]
         assert decisions[-1].payload["code"] == "budget-exhausted"

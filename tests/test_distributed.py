@@ -201,7 +201,7 @@ def test_a_distributed_run_releases_only_noisy_sums_and_every_ledger_holds_its_r
     # epsilon per municipality within the target (a node that trained in round 3 spent for it:
     # its share left the node; the coordinator then discarded the round)
     for i, n in enumerate(nodes):
-        spends = [e for e in NodeHome(n.train_path.parent).ledger.events() if e.kind == "spend"]
+        spends = [e for e in NodeHome(n.train_path.parent).ledger.events() if e.kind == "spend" and not e.task_id.startswith("rows-")]
         assert len(spends) == (3 if i >= 2 else (1 if i == 0 else 2))
         for e in spends:
             assert [tuple(h) for h in e.mechanism.history] == [(pytest.approx(z), 1.0, 1)]
@@ -209,9 +209,15 @@ def test_a_distributed_run_releases_only_noisy_sums_and_every_ledger_holds_its_r
         assert res.epsilon is not None and 0 < res.epsilon <= 8.0
 
 
-def test_a_node_refuses_parameters_that_are_not_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_node_refuses_parameters_that_are_not_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """A coordinator that sizes the shares for more contributors than the round has (round 1),
-    or uses another noise multiplier (round 2), gets no update, and nothing is spent."""
+    or uses another noise multiplier (round 2), gets no update, and nothing is spent. The
+    coordinator gets the fixed ``distributed-dp`` refusal; the details stay in the node's log."""
+    import logging
+
+    from fedgov.node.refusals import error_reason
     import fedgov.coordinator as C
     from fedgov.nodehome import NodeHome
 
@@ -232,15 +238,20 @@ def test_a_node_refuses_parameters_that_are_not_its_own(tmp_path: Path, monkeypa
     monkeypatch.setattr(C, "secagg_setup", setup)
     monkeypatch.setattr(C.SecAggRound, "record_for", lying)
     grid = InProcessGrid(manifest, len(nodes), run_id=62)
-    report = _train(grid, task_path, tmp_path / "run", 62)
+    with caplog.at_level(logging.WARNING, logger="fedgov.node"):
+        report = _train(grid, task_path, tmp_path / "run", 62)
     assert all(r.discarded and not r.nodes_trained for r in report.rounds)
     train = [m for m in grid.received if m.metadata.message_type.startswith("train")]
     assert len(train) == 12 and all(m.has_error() for m in train)
-    reasons = [m.error.reason or "" for m in train]
-    assert sum("min_contributors 1000" in r for r in reasons) == 6
-    assert sum("not this node's" in r for r in reasons) == 6
-    for n in nodes:  # refused before training: nothing spent
-        assert not [e for e in NodeHome(n.train_path.parent).ledger.events() if e.kind == "spend"]
+    # what leaves is the fixed text only: no parameter values of either lie
+    assert {m.error.reason for m in train} == {error_reason("distributed-dp")}
+    # the node's own log has the detail of each lie, once per node
+    logged = [r.getMessage() for r in caplog.records if r.name == "fedgov.node"]
+    assert sum("min_contributors 1000" in r for r in logged) == 6
+    assert sum("not this node's" in r for r in logged) == 6
+    for n in nodes:  # refused before training: nothing spent (but the one row-count release at hello)
+        spends = [e for e in NodeHome(n.train_path.parent).ledger.events() if e.kind == "spend"]
+        assert [e.task_id.startswith("rows-") for e in spends] == [True]
 
 
 def test_distributed_needs_secure_aggregation_and_policy_can_require_it(tmp_path: Path) -> None:
@@ -296,11 +307,14 @@ def test_a_resumed_round_is_not_released_twice(tmp_path: Path) -> None:
     r1, r2, r3 = report.rounds
     assert r1.discarded is None and len(r1.nodes_trained) == 6  # from the checkpoint
     assert r2.discarded is not None and not r2.nodes_trained
-    assert all("not sent twice" in why for why in r2.nodes_failed.values()) and len(r2.nodes_failed) == 6
+    assert len(r2.nodes_failed) == 6
+    assert all(why.startswith("round-spent") for why in r2.nodes_failed.values()), r2.nodes_failed
     assert r3.discarded is None and len(r3.nodes_trained) == 6
     for n in nodes:
-        rounds = [e.round for e in NodeHome(n.train_path.parent).ledger.events() if e.kind == "spend"]
-        assert rounds == [1, 2, 3]
+        spends = [e for e in NodeHome(n.train_path.parent).ledger.events() if e.kind == "spend"]
+        assert [e.round for e in spends if not e.task_id.startswith("rows-")] == [1, 2, 3]
+        # the row count was released once (first hello), not again on the resumed run's hello
+        assert len([e for e in spends if e.task_id.startswith("rows-")]) == 1
 
 
 def test_sampled_municipalities_are_accounted_at_their_rate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -334,7 +348,7 @@ def test_sampled_municipalities_are_accounted_at_their_rate(tmp_path: Path, monk
         assert set(r.nodes_asked) == {n.code for n in nodes} and not r.nodes_absent
     assert len(flips) == 2 * len(nodes)  # one secret coin per node and round, at the node
     for n in nodes:
-        spends = [e for e in NodeHome(n.train_path.parent).ledger.events() if e.kind == "spend"]
+        spends = [e for e in NodeHome(n.train_path.parent).ledger.events() if e.kind == "spend" and not e.task_id.startswith("rows-")]
         assert len(spends) == 2
         for e in spends:
             assert [tuple(h) for h in e.mechanism.history] == [(pytest.approx(z), 0.8, 1)]

@@ -311,6 +311,8 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], PolicyCod
     ("delta", {}, {"privacy": {"delta": 1e-4}}, {}, PolicyCode.DELTA_ABOVE_MAX, ["0.0001", "1e-05", "limits.max_delta_per_task"]),
     ("noise", {}, {}, {"noise_multiplier": 0.2}, PolicyCode.NOISE_BELOW_MIN, ["0.2", "0.3", "limits.min_noise_multiplier"]),
     ("rows", {}, {}, {"rows": 30}, PolicyCode.TOO_FEW_ROWS, ["30", "50", "limits.min_rows"]),
+    ("evaluation-epsilon", {}, {"evaluation": {"epsilon": 0.6}}, {}, PolicyCode.EVALUATION_EPSILON_ABOVE_MAX,
+     ["0.6", "0.5", "limits.max_evaluation_epsilon"]),
 ]
 
 
@@ -400,6 +402,27 @@ def test_distributed_dp_can_be_required(policy: NodePolicy, demo: tuple[Task, Co
         "privacy": {**task.privacy.model_dump(), "mode": "distributed"},
     })
     assert check(strict, distributed, contract).accepted
+
+
+def test_the_evaluation_epsilon_counts_only_where_nodes_evaluate(policy: NodePolicy, demo: tuple[Task, Contract]) -> None:
+    """``limits.max_evaluation_epsilon`` (default 0.5) bounds ``[evaluation] epsilon`` (default
+    0.2) only for a training task with local DP whose nodes evaluate."""
+    task, contract = demo
+    assert policy.limits.max_evaluation_epsilon == 0.5 and task.evaluation.epsilon == 0.2
+    assert check(policy, task, contract).accepted
+    greedy = variant(task, evaluation={"epsilon": 0.6})
+    d = check(policy, greedy, contract)
+    assert d.code is PolicyCode.EVALUATION_EPSILON_ABOVE_MAX
+    assert d.reason == "task spends epsilon 0.6 on evaluations at the node; policy allows at most 0.5 (limits.max_evaluation_epsilon)"
+    # a higher limit accepts it; no evaluations at the nodes, nothing to bound
+    assert check(_policy_with(policy, limits={"max_evaluation_epsilon": 0.6}), greedy, contract).accepted
+    assert check(policy, variant(task, evaluation={"epsilon": 0.6, "at_nodes": "off"}), contract).accepted
+    # under distributed DP the nodes do not evaluate
+    distributed = Task.model_validate({
+        **greedy.model_dump(), "training": {**task.training.model_dump(), "secure_aggregation": True},
+        "privacy": {**task.privacy.model_dump(), "mode": "distributed"},
+    })
+    assert check(policy, distributed, contract).accepted
 
 
 def test_every_code_is_tested() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fedgov.admission import EVALUATION_NOTE
 from fedgov.checkpoint import load_checkpoint
 from fedgov.coordinator import run_training
 from fedgov.errors import ConfigError
@@ -76,8 +77,23 @@ def _train(grid: InProcessGrid, task_path: Path, run_dir: Path, *, run_id: int, 
     )
 
 
-def _ledger(node_dir: Path) -> list[tuple[str, int | None]]:
-    return [(e.kind, e.round) for e in NodeHome(node_dir).ledger.events()]
+CRASH_RUN = 11  # the Flower run id of the interrupted run: its ledger key is task_id_of(..., CRASH_RUN)
+
+
+def _ledger(node_dir: Path, task_path: Path) -> list[tuple[str, int | None, str]]:
+    """The interrupted task's ledger events: (kind, round, note). The node directories also hold the
+    uninterrupted run (another run id) and the node's row-count release (``rows-...``, see
+    :func:`_row_releases`)."""
+    from fedgov.admission import task_id_of
+    from fedgov.config import load_task
+
+    tid = task_id_of(*load_task(task_path), CRASH_RUN)
+    return [(e.kind, e.round, e.note) for e in NodeHome(node_dir).ledger.events() if e.task_id == tid]
+
+
+def _row_releases(node_dir: Path) -> list[tuple[str, int | None]]:
+    """The ledger events of the node's noisy row-count release (once per version of its data file)."""
+    return [(e.kind, e.round) for e in NodeHome(node_dir).ledger.events() if e.task_id.startswith("rows-")]
 
 
 @pytest.fixture(scope="module")
@@ -85,16 +101,20 @@ def clean_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type
     tmp = tmp_path_factory.mktemp("resume")
     fed, task_path = _fed_task(tmp)
     out = {"task": task_path}
+    # Both runs use the SAME node directories (state_dir): a node releases its noisy row count
+    # once per data file and FedAvg weighs by it, so only nodes that released the same counts
+    # give the same model. The uninterrupted run has its own run id (its own ledger key).
+    state = tmp / "state"
     # an uninterrupted run
-    _, _, nodes, manifest = prepare(tmp / "clean", fed, task_path)
-    out["clean"] = _train(InProcessGrid(manifest, len(nodes), run_id=11), task_path, tmp / "clean" / "run", run_id=11)
-    # the same run; the coordinator dies after the nodes trained round 3, before it saved it
-    _, _, nodes, manifest = prepare(tmp / "crash", fed, task_path)
-    grid = InProcessGrid(manifest, len(nodes), run_id=11)
+    _, _, nodes, manifest = prepare(tmp / "clean", fed, task_path, state_dir=state)
+    out["clean"] = _train(InProcessGrid(manifest, len(nodes), run_id=10), task_path, tmp / "clean" / "run", run_id=10)
+    # the same task; the coordinator dies after the nodes trained round 3, before it saved it
+    _, _, nodes, manifest = prepare(tmp / "crash", fed, task_path, state_dir=state)
+    grid = InProcessGrid(manifest, len(nodes), run_id=CRASH_RUN)
     grid.crash_after_train_round = 3
     with pytest.raises(CoordinatorCrash):
-        _train(grid, task_path, tmp / "crash" / "run", run_id=11)
-    out["after_crash"] = {n.code: _ledger(n.train_path.parent) for n in nodes}
+        _train(grid, task_path, tmp / "crash" / "run", run_id=CRASH_RUN)
+    out["after_crash"] = {n.code: _ledger(n.train_path.parent, task_path) for n in nodes}
     out["checkpoint_round"] = load_checkpoint(tmp / "crash" / "run")[0].round
     out["report_after_crash"] = json.loads((tmp / "crash" / "run" / "report.json").read_text())
     # a new coordinator process (a new Flower run) resumes from the checkpoint
@@ -128,11 +148,19 @@ def test_resumed_run_matches_the_uninterrupted_run(clean_and_resumed: dict) -> N
 def test_no_ledger_is_charged_twice(clean_and_resumed: dict) -> None:  # type: ignore[type-arg]
     for code, before in clean_and_resumed["after_crash"].items():
         # the crash left round 3 spent and the reservation open (nobody said "end")
-        assert before == [("reserve", None), ("spend", 1), ("spend", 2), ("spend", 3)], code
+        assert [(k, r) for k, r, _ in before] == [("reserve", None), ("spend", 1), ("spend", 2), ("spend", 3)], code
+        assert EVALUATION_NOTE not in {note for _, _, note in before}  # it died before the final evaluation
     for n in clean_and_resumed["nodes"]:
         home = NodeHome(n.train_path.parent)
-        # resumed: no second reservation, round 3 answered from the copy of the sent update
-        assert _ledger(n.train_path.parent) == [("reserve", None), ("spend", 1), ("spend", 2), ("spend", 3), ("release", None)]
+        # resumed: no second reservation, round 3 answered from the copy of the sent update (no
+        # second spend for it); then the planned final evaluation, charged once, and the release
+        after = _ledger(n.train_path.parent, clean_and_resumed["task"])
+        assert [(k, r) for k, r, note in after if note != EVALUATION_NOTE] == [
+            ("reserve", None), ("spend", 1), ("spend", 2), ("spend", 3), ("release", None)
+        ]
+        assert [(k, r) for k, r, note in after if note == EVALUATION_NOTE] == [("spend", 3)]
+        # the row count was released once (the first run's hello); every later hello read it back
+        assert _row_releases(n.train_path.parent) == [("reserve", None), ("spend", 0), ("release", None)]
         kinds = [e.kind for e in home.audit.entries()]
         assert kinds.count("resume") == 1 and kinds.count("resent") == 1
         assert home.audit.verify().ok

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedgov.admission import task_id_of
 from fedgov.config import load_task
 from fedgov.errors import ConfigError
+from fedgov.node.refusals import error_reason
 from fedgov.policy import check_task, load_policy
 from fedgov.secagg import (
     MODULUS,
@@ -169,21 +171,32 @@ def test_prg_is_uniform_over_the_modulus_and_seeded() -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[type-arg]
+    """The same task, plain and secure, on the SAME node directories: a node releases its noisy
+    row count once per data file, and both FedAvg (by count) and secure aggregation (by
+    ``min(count, cap) / cap`` inside the sum) weigh by that one released count, so both runs
+    weigh alike and give the same model up to quantisation."""
     tmp = tmp_path_factory.mktemp("secagg")
     fed, plain_task = _fed_task(tmp / "plain", rounds=2)
     _, secure_task = _fed_task(tmp / "secure", rounds=2, extra="secure_aggregation = true")
     out: dict = {}  # type: ignore[type-arg]
-    for name, task in (("plain", plain_task), ("secure", secure_task)):
-        _, _, nodes, manifest = prepare(tmp / name / "nodes", fed, task)
-        grid = InProcessGrid(manifest, len(nodes), run_id=31)
-        out[name] = (_train(grid, task, tmp / name / "run", run_id=31), grid, nodes)
+    for name, task, run_id in (("plain", plain_task, 31), ("secure", secure_task, 32)):
+        _, _, nodes, manifest = prepare(tmp / name / "nodes", fed, task, state_dir=tmp / "state")
+        grid = InProcessGrid(manifest, len(nodes), run_id=run_id)
+        out[name] = (_train(grid, task, tmp / name / "run", run_id=run_id), grid, nodes)
+    out["secure-task-id"] = task_id_of(*load_task(secure_task), 32)
     return out
 
 
 def test_secure_run_gives_the_plain_fedavg_model(runs: dict) -> None:  # type: ignore[type-arg]
     plain, _, _ = runs["plain"]
-    secure, _, _ = runs["secure"]
+    secure, _, nodes = runs["secure"]
     assert secure.status == "completed", secure.message
+    from fedgov.node import ROWS_NOTE
+    from fedgov.nodehome import NodeHome
+
+    for n in nodes:  # one row-count release per node, used by both runs
+        ledger = NodeHome(n.train_path.parent).ledger.events()
+        assert len([e for e in ledger if e.kind == "spend" and e.note.startswith(ROWS_NOTE)]) == 1
     assert secure.privacy["secure_aggregation"] is True
     for a, b in zip(plain.rounds, secure.rounds, strict=True):
         assert sorted(b.nodes_trained) == sorted(a.nodes_trained) and b.discarded is None
@@ -208,10 +221,11 @@ def test_the_coordinator_received_only_masked_vectors(runs: dict) -> None:  # ty
     # what did reach the coordinator from the nodes in the other stages: keys and encrypted shares
     kinds = {str(m.content["secagg"].get("ct", "")) != "" for m in grid.received if "secagg" in m.content.config_records}
     assert kinds  # the stages ran through the coordinator
-    for n in nodes:  # every node logged what it sent
+    for n in nodes:  # every node logged what it sent (its directory also holds the plain run)
         from fedgov.nodehome import NodeHome
 
-        sent = [e for e in NodeHome(n.train_path.parent).audit.entries() if e.kind == "sent" and e.payload.get("kind") == "train"]
+        sent = [e for e in NodeHome(n.train_path.parent).audit.entries()
+                if e.kind == "sent" and e.payload.get("kind") == "train" and e.task_id == runs["secure-task-id"]]
         assert sent and all(list(e.payload["arrays"]) == ["masked"] for e in sent)
 
 
@@ -250,7 +264,16 @@ def test_no_downgrade_to_plaintext(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     grid = InProcessGrid(manifest, len(nodes), run_id=51)
     _train(grid, task, tmp_path / "run", run_id=51)
     train_replies = [m for m in grid.received if m.metadata.message_type.startswith("train")]
-    assert train_replies and all(m.has_error() and "carries no shares" in (m.error.reason or "") for m in train_replies)
+    # the coordinator gets the fixed refusal only, no update
+    assert train_replies and all(m.has_error() for m in train_replies)
+    assert {m.error.reason for m in train_replies} == {error_reason("secure-aggregation")}
+    assert all(not m.has_content() for m in train_replies)
+    # the reason stays in each node's audit log
+    from fedgov.nodehome import NodeHome
+
+    for n in nodes:
+        stopped = [e for e in NodeHome(n.train_path.parent).audit.entries() if e.kind == "secagg-stopped"]
+        assert stopped and "carries no shares" in stopped[0].payload["reason"], n.code
 
 
 def test_policy_can_require_secure_aggregation(tmp_path: Path) -> None:

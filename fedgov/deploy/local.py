@@ -93,6 +93,17 @@ def _prepare_nodes(base: Path, n: int, task_path: Path, budget: float) -> list[t
                 test_data=data_dir / m.code / "test.csv", budget_epsilon=budget, approval="auto",
             )
         out.append((m.code, node_dir.resolve()))
+    # The local federation's roster (fedgov.roster): its own authority, kept in the directory.
+    from fedgov.roster import federation_roster, pin_roster_text
+
+    roster, authority = federation_roster(base / "roster", federation.name, {code: d for code, d in out})
+    for _, node_dir in out:
+        home = NodeHome(node_dir)
+        text = home.policy_path.read_text("utf-8")
+        pinned = pin_roster_text(text, roster, authority)
+        if pinned != text:
+            NodeHome.create(node_dir, policy_text=pinned, overwrite=True)
+            home.policy()  # the policy written must load
     return out
 
 

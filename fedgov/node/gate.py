@@ -92,16 +92,37 @@ DECLARATION: dict[str, tuple[Release, ...]] = {
     "secagg-keys": (
         Release(P.SECAGG, "config", "c-pk", "public: the round's public key for encrypting shares", "public"),
         Release(P.SECAGG, "config", "s-pk", "public: the round's public key for pairwise masks", "public"),
+        Release(P.SECAGG, "config", "name", "public: the node's name in the federation roster", "public"),
+        Release(
+            P.SECAGG, "config", "graph-seed",
+            "public: the SecAgg+ graph's seed, a hash of the signed roster's digest, the task key and the round", "public",
+        ),
+        Release(
+            P.SECAGG, "config", "sig",
+            "public: the node's identity-key signature over the task key, round, Flower node id, roster name and both "
+            "public keys (the peers check it against the roster)",
+            "public",
+        ),
     ),
     "secagg-shares": (
         Release(P.SECAGG, "config", "dst", "public: the peers' node ids", "public"),
         Release(P.SECAGG, "config", "ct", "encrypted to each peer (AES-GCM under an ECDH key); the coordinator cannot read them", "public"),
     ),
+    "secagg-consistency": (
+        Release(
+            P.SECAGG, "config", "sig",
+            "public: the node's identity-key signature over the task key, round and sorted survivor list; one list per "
+            "round, recorded in the node's state before it leaves",
+            "public",
+        ),
+    ),
     "secagg-unmask": (
         Release(P.SECAGG, "config", "owner", "public: whose secret each share belongs to", "public"),
         Release(
             P.SECAGG, "config", "share",
-            "Shamir shares the protocol reveals: a survivor's self-mask seed or a dropped node's mask key, never both",
+            "Shamir shares the protocol reveals, only for the survivor list this node signed and at least the threshold "
+            "of roster members signed: a survivor's self-mask seed or a dropped node's mask key, never both for one node "
+            "(recorded per round and peer in the node's state before the reply leaves, kept across restarts)",
             "public",
         ),
     ),

@@ -77,6 +77,9 @@ TEMPLATES: dict[str, str] = {
     "evaluation-not-offered": "this task's evaluation at the nodes is off (evaluation.epsilon = 0)",
     "privacy-cap": "this round would take the task beyond its planned epsilon at this node",
     "secure-aggregation": "secure aggregation stopped at this node; the details are in its audit log",
+    "secure-aggregation-no-roster": (
+        "this node's policy pins no federation roster ([secure_aggregation]): it takes no part in secure aggregation"
+    ),
     "distributed-dp": "the coordinator's distributed-DP parameters are not this node's plan; nothing was trained",
     "spend-not-recorded": "the node could not record this round's privacy spend; nothing was sent",
     "release-blocked": "a reply held a field this node does not release; the task is stopped at this node",
