@@ -347,8 +347,13 @@ class NoRoster(SecAggError):
 def _round_key(msg: Message) -> str:
     """The key of the task or query of ``msg`` that every signature and record of secure
     aggregation is bound to (its ledger key)."""
-    qid = _query_id(msg) if P.QUERY_JSON in msg.content[P.CONFIG] else None
-    return qid if qid is not None else task_id(msg)
+    if P.QUERY_JSON in msg.content[P.CONFIG]:
+        from clients.context import query_of
+        from fedgov.stats import query_id_of
+
+        q, contract = query_of(msg)
+        return query_id_of(q, contract, msg.metadata.run_id)
+    return task_id(msg)
 
 
 def _secagg_identity(context: Context) -> tuple[str, Any, Any, Any]:
@@ -706,8 +711,7 @@ def _gate_context(msg: Message, context: Context, kind: str) -> Any:
     from fedgov.node.gate import GateContext
 
     _, home, simulated = node_of(context)
-    cfg = msg.content[P.CONFIG] if P.CONFIG in msg.content else {}
-    rnd = cfg.get("server-round") if hasattr(cfg, "get") else None
+    rnd = msg.content[P.CONFIG].get("server-round") if P.CONFIG in msg.content else None
     ctx = GateContext(kind=kind, server_round=int(rnd) if rnd is not None else None, simulated=simulated)  # type: ignore[arg-type]
     if _has_task(msg):
         task, contract = task_of(msg)
@@ -761,7 +765,7 @@ def gate_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Me
         tid = task_id(msg) if _has_task(msg) else _query_id(msg)
         if home.path.is_dir():
             home.audit.append("blocked", task_id=tid, payload={"kind": kind, "violations": violations})
-            if _has_task(msg):
+            if _has_task(msg) and tid is not None:
                 task, contract = task_of(msg)
                 admission.release(home, contract, task, task_id=tid, note="stopped by the node's release gate")
     except Exception:  # noqa: BLE001 - blocked all the same

@@ -88,9 +88,15 @@ def print_summary(report: Any, run_dir: Path) -> None:
             f"{_fmt(report.privacy.get('noise_multiplier'), '.2f')}, update clip {report.privacy.get('update_clip')}"
         )
     console.print(
-        f"Max epsilon spent by a node: {_fmt(report.max_epsilon(), '.3f')}; median gain from federating: "
+        f"Largest planned epsilon of a node: {_fmt(report.max_epsilon(), '.3f')}; median gain from federating: "
         f"{'-' if gain is None else f'{100 * gain:+.1f} points'}; wall time {_fmt(report.wall_seconds, '.0f')} s"
     )
+    eval_eps = report.privacy.get("evaluation_epsilon")
+    if any(n.federated_accuracy is not None for n in report.nodes) and eval_eps:
+        console.print(
+            f"[dim]Each node's own test accuracy is a DP release (noisy correct and total counts, epsilon {eval_eps} of the "
+            "task's): a small node's figure, and so its gain, can be far off; rows are noisy counts too.[/]"
+        )
     shown = [f"{label}: {run_dir / name}" for label, name in (("Report", "report.json"), ("Plot", "accuracy.png"), ("Model", "model.pt")) if (run_dir / name).is_file()]
     console.print("   ".join(shown))
 
