@@ -41,7 +41,7 @@ from clients.mods import (
     state_key,
 )
 from fedgov.admission import public_reason
-from fedgov.node.refusals import error_reason
+from fedgov.node.refusals import error_reason, is_allowed
 from fedgov import node as N
 from fedgov.config import Contract, Task
 from fedgov import protocol as P
@@ -122,6 +122,7 @@ def query(msg: Message, context: Context) -> Message:
     answer, dp = N.hello(
         task, contract, node=node, node_name=display_name(node), train_path=train_path, test_path=test_path, workdir=home.path,
         release_rows=lambda n: N.released_row_count(home, contract, train_path, n),
+        min_rows=home.policy().limits.min_rows if home.exists() else 0,
     )
     if answer.accepted:
         context.state[key] = ConfigRecord({"json": dp.to_json()})
@@ -146,7 +147,7 @@ def _stats(msg: Message, context: Context) -> Message:
             log.warning("node: secure aggregation stopped: %s", type(exc).__name__)
             return Message(Error(code=ERROR_REFUSED, reason=error_reason("secure-aggregation")), reply_to=msg)
     answer = answer_query(home, node, q, contract, query_id=query_id_of(q, contract, msg.metadata.run_id))
-    if not answer.accepted:
+    if not answer.accepted and not is_allowed(answer.code, answer.reason):
         # the detailed reason stays at the node (its audit log); a fixed text leaves
         code = answer.code or "internal-error"
         try:

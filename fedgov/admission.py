@@ -196,8 +196,10 @@ def admit(
         return hello
     node = hello.node
     policy = home.policy()
+    # rows=None: the policy's min_rows was checked on the true count at hello (a fixed threshold);
+    # hello.train_rows is the released, noisy count, which decides nothing against it
     decision = check_task(
-        policy, task=task, contract=contract, rows=hello.train_rows, noise_multiplier=hello.noise_multiplier, coordinator=coordinator
+        policy, task=task, contract=contract, rows=None, noise_multiplier=hello.noise_multiplier, coordinator=coordinator
     )
     if not decision.accepted:
         return _policy_refusal(node, decision, task, contract, policy)

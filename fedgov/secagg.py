@@ -422,7 +422,7 @@ def unmask_sum(
     alive = set(survivors)
     added: list[bytes] = []  # pair seeds of masks a survivor subtracted (u > d): add them back
     subtracted: list[bytes] = []  # and of those it added (u < d): subtract them
-    for d, sk in zip(dropped, secrets[len(survivors) :]):
+    for d, sk in zip(dropped, secrets[len(survivors) :], strict=True):
         s_sk_d = bytes_to_private_key(sk)
         for u in graph[d]:
             if u in alive:

@@ -143,7 +143,7 @@ def combine_shares_many(share_lists: Sequence[Sequence[bytes]]) -> list[bytes]:
             raise ShareError(pos, "Failed to combine shares: malformed share lengths")
         order = sorted(range(len(shares)), key=lambda i: share_index(shares[i]))
         idx = tuple(share_index(shares[i]) for i in order)
-        if any(a == b for a, b in zip(idx, idx[1:])):
+        if any(a == b for a, b in zip(idx, idx[1:], strict=False)):
             raise ShareError(pos, "Duplicate share")
         groups.setdefault(idx, []).append((pos, (size - 4) // 16, b"".join(bytes(shares[i][4:]) for i in order)))
     out: list[bytes] = [b""] * len(share_lists)

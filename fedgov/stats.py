@@ -117,7 +117,7 @@ def answer_query(
         return _refuse(node, P.RefusalCode.NO_POLICY.value, "this node has no policy: it takes part in nothing")
     paused, why = home.state.paused()
     if paused:
-        return _refuse(node, P.RefusalCode.PAUSED.value, f"the node is paused by its operator{': ' + why if why else ''}")
+        return _refuse(node, P.RefusalCode.PAUSED.value, refusal_text("paused"))
     policy = home.policy()
     decision = check_query(
         policy, contract=contract, epsilon=query.privacy.epsilon, delta=query.privacy.delta, coordinator=coordinator,
@@ -141,7 +141,8 @@ def answer_query(
             what="query",
         )
         if waiting is not None:
-            return _refuse(node, P.RefusalCode.PENDING_APPROVAL.value, waiting)
+            code = "approval-rejected" if home.state.status(fp) == "rejected" else P.RefusalCode.PENDING_APPROVAL.value
+            return _refuse(node, code, refusal_text(code, key=fp))
     # The data was checked against the node's contract when it was registered (fedgov node data
     # check): the recorded result for the current files says whether it conforms; the details
     # (rows, columns, values) stay in the node-local report, and the answer is a fixed text.

@@ -271,3 +271,29 @@ def test_the_row_count_is_released_once_with_noise_and_every_decision_uses_it(tm
         assert len(releases) == 1
         assert [tuple(h) for h in releases[0].mechanism.history] == [(ROW_COUNT_NOISE, 1.0, 1)]
         assert released_counts(home, contract) == {int(releases[0].note[len(ROWS_NOTE):])}
+
+
+def test_too_few_rows_meets_the_true_count_at_a_fixed_threshold_and_spends_nothing(tmp_path: Path) -> None:
+    """The true row count meets only thresholds the coordinator cannot move (at least 10 and the
+    policy's min_rows): a node under them refuses before any release; above them, the task's own
+    parameters meet only the released count."""
+    from fedgov import node as N
+
+    fed, task_path = _task(tmp_path, rounds=1)
+    _, _, nodes, _ = prepare(tmp_path / "nodes", fed, task_path)
+    task, contract = load_task(task_path)
+    released: list[int] = []
+
+    def release(n: int) -> int:
+        released.append(n)
+        return n + 37  # a released count unlike the true one
+
+    path = nodes[0].train_path
+    refused, _ = N.hello(task, contract, node="GM0363", node_name="x", train_path=path, test_path=None,
+                         release_rows=release, min_rows=10**9)
+    assert refused.code == "too-few-rows" and released == []  # nothing released, nothing spent
+    accepted, dp = N.hello(task, contract, node="GM0363", node_name="x", train_path=path, test_path=None,
+                           release_rows=release, min_rows=10)
+    assert accepted.accepted and len(released) == 1
+    assert accepted.train_rows == released[0] + 37 == dp.rows
+    assert dp.fixed_plan(task).rows == released[0] + 37  # the plan is the released count's

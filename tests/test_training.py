@@ -264,8 +264,11 @@ def test_nonprivate_round(data, training) -> None:
 
 def test_plan_must_fit_the_round(data, training, privacy, plan) -> None:
     X, y = data
-    with pytest.raises(PrivacyError, match="plan is for 2000 rows"):
-        train_dp_round(_model(), X[:1500], y[:1500], training=training, privacy=privacy, plan=plan, history=[], seed=0)
+    # plan.rows is the node's released (noisy) row count, not len(X): a true count that differs
+    # from it trains with the plan's steps and sample rate (nothing scaled by the true count)
+    res = train_dp_round(_model(), X[:1500], y[:1500], training=training, privacy=privacy, plan=plan, history=[], seed=0)
+    assert plan.rows == 2000 and res.steps == plan.steps_per_epoch * plan.local_epochs
+    assert res.history == [(plan.noise_multiplier, plan.sample_rate, res.steps)]
     with pytest.raises(PrivacyError, match="batch size"):
         other = TrainingSpec(batch_size=50)
         train_dp_round(_model(), X, y, training=other, privacy=privacy, plan=plan, history=[], seed=0)

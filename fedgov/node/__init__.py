@@ -191,17 +191,21 @@ def hello(
     test_path: Path | None,
     workdir: Path | None = None,
     release_rows: Callable[[int], int] | None = None,
+    min_rows: int = 0,
 ) -> tuple[P.NodeHello, DPState]:
     """Check that this node can take part in ``task``; answer with acceptance or a refusal.
 
     Also returns the node's fresh accountant for the task, with the DP plan fixed now.
 
-    Every decision that depends on the data set's size (the minimum rows, whether the privacy
-    target can be met, the DP-SGD plan, delta, the FedAvg weight) is taken on the node's
-    *released* row count, ``release_rows(n)``: the true count with Gaussian noise, released
-    once per version of the data set through the ledger (:func:`released_row_count`). So the
-    answer to any number of hellos, whatever their parameters, says nothing about the data
-    beyond that one noisy count. Without ``release_rows`` (unit tests) the true count is used.
+    The true row count meets only fixed thresholds that the coordinator cannot move: at least
+    :data:`MIN_TRAIN_ROWS` and the policy's ``min_rows`` (one bit, the same for every task).
+    Every decision that depends on the size through the task's parameters (whether the privacy
+    target can be met, the DP-SGD plan, delta, the noise minimum, the FedAvg weight) is taken
+    on the node's *released* row count, ``release_rows(n)``: the true count with Gaussian noise,
+    released once per version of the data set through the ledger (:func:`released_row_count`).
+    So the answers to any number of hellos, whatever their parameters, say nothing about the
+    data beyond that one noisy count and that one bit. Without ``release_rows`` (unit tests)
+    the true count is used.
     """
     from fedgov.models import build_model, make_dp_compatible
 
@@ -221,12 +225,13 @@ def hello(
 
             append_private(workdir, f"validation-{task.name}.txt", str(exc) + "\n")
         return refuse(P.RefusalCode.DATA_INVALID, refusal_text("data-invalid", contract=contract.ref))
+    if len(data.y_train) < max(MIN_TRAIN_ROWS, min_rows):  # a fixed threshold: one bit, no budget spent
+        return refuse(P.RefusalCode.TOO_FEW_ROWS, refusal_text("too-few-rows", setting="limits.min_rows"))
     try:
-        n = release_rows(len(data.y_train)) if release_rows is not None else len(data.y_train)
+        # at least 2: the plan's Poisson sampling needs two batches' worth (a public clamp)
+        n = max(2, release_rows(len(data.y_train))) if release_rows is not None else len(data.y_train)
     except BudgetExceeded:
         return refuse(P.RefusalCode.BUDGET_EXHAUSTED, refusal_text("budget-exhausted", setting="datasets.budget"))
-    if n < MIN_TRAIN_ROWS:
-        return refuse(P.RefusalCode.TOO_FEW_ROWS, refusal_text("too-few-rows", setting="limits.min_rows"))
     try:
         make_dp_compatible(build_model(task.model, n_features=data.n_features, n_classes=data.n_classes, seed=task.training.seed))
     except ModelError:
