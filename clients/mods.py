@@ -211,7 +211,7 @@ def _public_hello(hello: P.NodeHello, task: Any) -> P.NodeHello:
     A refusal carries no sizes."""
     if not hello.accepted:
         return hello.model_copy(update={"train_rows": 0, "test_rows": 0, "delta": None, "noise_multiplier": None,
-                                        "planned_epsilon": None})
+                                        "planned_epsilon": None, "evaluation_noise": None})
     planned = task.privacy.target_epsilon if task.privacy.enabled else None
     return hello.model_copy(update={"test_rows": 0, "planned_epsilon": planned, "reason": ""})
 

@@ -37,6 +37,12 @@ def _add_node_app() -> None:
     app.add_typer(node_app, name="node")
 
 
+def _add_roster_app() -> None:
+    from fedgov.cli_roster import roster_app
+
+    app.add_typer(roster_app, name="roster")
+
+
 def _add_deploy_apps() -> None:
     from fedgov.cli_deploy import app_app, coordinator_app, local_app, node_start, task_app
     from fedgov.cli_node import _guard, node_app
@@ -71,7 +77,8 @@ def print_summary(report: Any, run_dir: Path) -> None:
         status = n.status if n.status == "accepted" else f"{n.status}: {n.refusal_code or ''} {n.refusal_reason}"
         t.add_row(
             n.node, n.name, str(n.train_rows) if n.train_rows else "-", _fmt(n.epsilon),
-            _fmt(n.federated_accuracy), _fmt(n.local_only_accuracy),
+            _fmt(n.federated_accuracy) + ("" if n.federated_accuracy_sd is None else f" ± {n.federated_accuracy_sd:.3f}"),
+            _fmt(n.local_only_accuracy),
             "-" if n.gain is None else f"{100 * n.gain:+.1f} pt", status,
         )
     console.print(t)
@@ -411,6 +418,7 @@ def version() -> None:
 
 
 _add_node_app()
+_add_roster_app()
 _add_deploy_apps()
 
 

@@ -839,6 +839,7 @@ def run_training(
                     train_rows=a.train_rows,
                     delta=a.delta,
                     noise_multiplier=a.noise_multiplier,
+                    evaluation_noise=a.evaluation_noise,
                 )
             )
         admitted = [nid for nid, a in answers.items() if a.accepted]
@@ -953,6 +954,10 @@ def _collect(report: TrainingReport, recorder: _Recorder, evaluator: CentralEval
         ev = recorder.node_eval.get(nr.node)
         if ev:
             nr.federated_accuracy = ev.get("accuracy")
+            total = ev.get("total")
+            if nr.evaluation_noise is not None and total and total > 0 and nr.federated_accuracy is not None:
+                # Var(c~/t~) ~ s^2 (1 + acc^2) / t^2 with s = z sqrt(2) the noise sd on each count
+                nr.federated_accuracy_sd = nr.evaluation_noise * math.sqrt(2.0 * (1.0 + nr.federated_accuracy**2)) / total
             auc = ev.get("auc")
             nr.federated_auc = None if auc is None or math.isnan(auc) else auc
         if nr.status == "accepted" and nr.rounds_trained == 0:

@@ -80,7 +80,7 @@ CREATE TABLE IF NOT EXISTS data_checks (
 CREATE TABLE IF NOT EXISTS secagg_reveals (
     key TEXT NOT NULL,
     round INTEGER NOT NULL,
-    peer INTEGER NOT NULL,
+    peer TEXT NOT NULL,  -- a Flower node id: unsigned 64-bit, beyond SQLite's INTEGER
     kind TEXT NOT NULL CHECK (kind IN ('self-mask', 'key')),
     revealed_at TEXT NOT NULL,
     PRIMARY KEY (key, round, peer)
@@ -265,7 +265,7 @@ class NodeState:
         with self._write() as conn:
             for peer, kind in sorted(reveals.items()):
                 row = conn.execute(
-                    "SELECT kind FROM secagg_reveals WHERE key = ? AND round = ? AND peer = ?", (key, int(round), int(peer))
+                    "SELECT kind FROM secagg_reveals WHERE key = ? AND round = ? AND peer = ?", (key, int(round), str(int(peer)))
                 ).fetchone()
                 if row is not None and row[0] != kind:
                     raise RevealConflict(
@@ -275,7 +275,7 @@ class NodeState:
             now = _now()
             conn.executemany(
                 "INSERT OR IGNORE INTO secagg_reveals (key, round, peer, kind, revealed_at) VALUES (?, ?, ?, ?, ?)",
-                [(key, int(round), int(peer), kind, now) for peer, kind in reveals.items()],
+                [(key, int(round), str(int(peer)), kind, now) for peer, kind in reveals.items()],
             )
 
     def reveals(self, key: str, round: int) -> dict[int, str]:

@@ -104,6 +104,9 @@ class NodeHello(BaseModel):
     delta: float | None = None
     noise_multiplier: float | None = None
     planned_epsilon: float | None = None
+    evaluation_noise: float | None = Field(
+        default=None, description="z of the node's evaluations (std z * sqrt 2 per count), from its public plan",
+    )
 
 
 class StatsAnswer(BaseModel):

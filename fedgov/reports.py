@@ -85,6 +85,10 @@ class NodeResult(_Model):
     rounds_trained: int = 0
     federated_accuracy: float | None = None
     federated_auc: float | None = None
+    federated_accuracy_sd: float | None = Field(
+        default=None, description="standard deviation of the DP noise in federated_accuracy (from the node's noisy counts)",
+    )
+    evaluation_noise: float | None = Field(default=None, description="z of the node's evaluations (public, from its plan)")
     local_only_accuracy: float | None = None
     local_only_epsilon: float | None = None
     gain: float | None = Field(default=None, description="federated minus local-only accuracy")
@@ -169,7 +173,9 @@ def plot_report(report: TrainingReport, path: Path) -> Path:
         labels = [f"{n.name or n.node}\n(~{n.train_rows})" for n in nodes]
         gains = [100 * (n.gain or 0.0) for n in nodes]
         colors = ["tab:green" if g >= 0 else "tab:red" for g in gains]
-        ax2.bar(range(len(nodes)), gains, color=colors)
+        # the nodes' own accuracies are DP releases: their noise as error bars (1 sd)
+        errors = [100 * (n.federated_accuracy_sd or 0.0) for n in nodes]
+        ax2.bar(range(len(nodes)), gains, color=colors, yerr=errors, capsize=2, ecolor="dimgray")
         ax2.set_xticks(range(len(nodes)), labels, rotation=60, ha="right", fontsize=7)
         ax2.axhline(0, color="black", lw=0.8)
     ax2.set_ylabel("gain in accuracy (points)")

@@ -392,7 +392,7 @@ def unmask_sum(
     from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
     from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-    from fedgov.shamir import ShareError, combine_shares_many, share_index
+    from fedgov.shamir import ShareError, combine_shares_many
 
     survivors = sorted(masked)
     if len(revealed) < threshold:
@@ -408,10 +408,11 @@ def unmask_sum(
     share_lists: list[list[bytes]] = []
     for owner in owners:
         need = threshold_for(len(graph[owner]) + 1)
-        held = [r[owner] for r in (revealed.get(h) for h in (owner, *graph[owner])) if r is not None and owner in r]
+        # in group order, which is share-index order (Flower's index i went to the i-th member):
+        # the first ``need`` have the lowest indices, one index set for most secrets
+        held = [r[owner] for r in (revealed.get(h) for h in sorted((owner, *graph[owner]))) if r is not None and owner in r]
         if len(held) < need:
             raise SecAggError(f"{len(held)} shares of node {owner}'s secret; {need} are needed")
-        held.sort(key=share_index)  # the lowest indices: most secrets then share one index set
         share_lists.append(held[:need])
     try:
         secrets = combine_shares_many(share_lists)

@@ -10,12 +10,14 @@ pool per secret: about 60 ms a secret, 20 s for the 342 secrets of a 342-node ro
 
 Here, the same reconstruction: a secret chunk is ``sum_j lambda_j * y_j`` (Lagrange at 0,
 ``lambda_j = prod_{m != j} x_m / prod_{m != j} (x_j + x_m)``; addition is XOR), and
-multiplying by the constant ``lambda_j`` is a linear map over GF(2), a 128x128 bit matrix. The
-coefficients and matrices are computed once per distinct set of share indices (there are few:
-a caller that uses the lowest indices it holds gets the same set for most secrets), and the
-chunks of every secret with that index set are rebuilt together as one bit-matrix product
-(``numpy`` float32 matmul, exact: sums of at most ``128 k`` ones). The results are byte-identical
-to Flower's ``combine_shares`` (``tests/test_secagg_speed.py`` checks it against Flower).
+multiplying by the constant ``lambda_j`` is linear over GF(2), so it is a lookup in 16 tables of
+256 entries (one per byte of ``y_j``) XORed together. The coefficients and tables are computed
+once per distinct set of share indices (there are few: a caller that uses the lowest indices it
+holds gets the same set for most secrets), and the chunks of every secret with that index set
+are rebuilt together with one ``numpy`` gather and one XOR reduction (integer operations on one
+thread: no BLAS, whose thread pool was seen to stall a small product for 30 ms on two cores once
+Flower is imported). The results are byte-identical to Flower's ``combine_shares``
+(``tests/test_secagg_speed.py`` checks it against Flower).
 """
 
 from __future__ import annotations
@@ -98,24 +100,28 @@ def lagrange_at_zero(indices: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
-@lru_cache(maxsize=64)
-def _bit_matrix(indices: tuple[int, ...]) -> np.ndarray:
-    """``(128 k, 128)`` uint8 0/1 matrix: row ``128 j + p`` is ``lambda_j * x^(127 - p)``, the
-    bits of each row (and of the input rows) in big-endian byte order, most significant bit
-    first, as ``np.unpackbits`` reads the 16 bytes of an element."""
-    rows = bytearray()
+@lru_cache(maxsize=16)
+def _tables(indices: tuple[int, ...]) -> np.ndarray:
+    """``(k * 16 * 256, 2)`` uint64 lookup tables: row ``(16 j + p) * 256 + v`` is
+    ``lambda_j * (v << 8 (15 - p))`` as (high, low) 64-bit halves, ``p`` the byte's position in
+    an element's 16 big-endian bytes; a chunk is rebuilt as the XOR of ``16 k`` rows."""
+    basis = []
     for lam in lagrange_at_zero(indices):
-        col = []
         v = lam
-        for _ in range(128):
-            col.append(v)
+        for _ in range(128):  # lambda * x^i, i = 0..127
+            basis.append((v >> 64, v & 0xFFFFFFFFFFFFFFFF))
             v <<= 1
             if v >> 128:
                 v ^= _IRR
-        rows += b"".join(c.to_bytes(16, "big") for c in reversed(col))
-    bits = np.unpackbits(np.frombuffer(bytes(rows), dtype=np.uint8).reshape(-1, 16), axis=1)
-    bits.setflags(write=False)
-    return bits
+    k = len(indices)
+    # (k, 16 positions, 8 bits, 2 halves): position p holds the coefficients 8 (15 - p) .. + 7
+    b = np.array(basis, dtype=np.uint64).reshape(k, 16, 8, 2)[:, ::-1]
+    t = np.zeros((k, 16, 256, 2), dtype=np.uint64)
+    for bit in range(8):  # entries v in [2^bit, 2^(bit+1)): the entry v - 2^bit XOR the bit's basis value
+        t[:, :, 1 << bit : 2 << bit] = t[:, :, : 1 << bit] ^ b[:, :, bit, None, :]
+    t = t.reshape(k * 16 * 256, 2)
+    t.setflags(write=False)
+    return t
 
 
 def share_index(share: bytes) -> int:
@@ -153,10 +159,9 @@ def combine_shares_many(share_lists: Sequence[Sequence[bytes]]) -> list[bytes]:
         ys = np.concatenate([
             np.frombuffer(data, dtype=np.uint8).reshape(k, c, 16).transpose(1, 0, 2).reshape(c, 16 * k) for _, c, data in items
         ])
-        exact = np.float32 if 128 * k < (1 << 24) else np.float64  # sums of at most 128 k ones
-        bits = np.unpackbits(ys, axis=1).astype(exact)
-        prod = bits @ _bit_matrix(idx).astype(exact)
-        chunks = np.packbits(prod.astype(np.int64) & 1, axis=1).astype(np.uint8).tobytes()
+        rows = np.arange(16 * k, dtype=np.int64) * 256 + ys  # (chunks, 16 k): the table row of each byte
+        halves = np.bitwise_xor.reduce(_tables(idx)[rows], axis=1)  # (chunks, 2)
+        chunks = halves.astype(">u8").tobytes()
         at = 0
         for pos, c, _ in items:
             padded = chunks[16 * at : 16 * (at + c)]

@@ -352,3 +352,29 @@ def test_sampled_municipalities_are_accounted_at_their_rate(tmp_path: Path, monk
         assert len(spends) == 2
         for e in spends:
             assert [tuple(h) for h in e.mechanism.history] == [(pytest.approx(z), 0.8, 1)]
+
+
+def test_a_coordinator_cannot_unmask_fewer_contributors_than_the_noise_was_sized_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A coordinator that leaves honest nodes out of the survivor list (4 of 6: above the
+    threshold of 4, below the 5 contributors the noise shares were sized for) and skips its own
+    check: every node refuses to sign or reveal, so the under-noised sum is never unmasked."""
+    import fedgov.coordinator as C
+    from fedgov.nodehome import NodeHome
+
+    fed, task_path = _fed_task(tmp_path, rounds=1)
+    _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
+    real_unmask = C.secagg_unmask
+
+    def fewer(grid, rnd, masked, *a, **kw):  # type: ignore[no-untyped-def]
+        kept = dict(sorted(masked.items())[:4])
+        return real_unmask(grid, rnd, kept, *a, **kw)
+
+    monkeypatch.setattr(C, "secagg_unmask", fewer)
+    grid = InProcessGrid(manifest, len(nodes), run_id=77)
+    report = _train(grid, task_path, tmp_path / "run", 77)
+    assert report.rounds[0].discarded is not None and "signed the survivor list" in report.rounds[0].discarded
+    assert not [m for m in grid.received if not m.has_error() and "owner" in m.content.config_records.get("secagg", {})]
+    stopped = [e.payload["reason"] for n in nodes[:4] for e in NodeHome(n.train_path.parent).audit.entries() if e.kind == "secagg-stopped"]
+    assert len(stopped) == 4 and all("sized for at least 5" in r for r in stopped)

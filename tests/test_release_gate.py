@@ -150,6 +150,10 @@ def test_every_reply_of_every_kind_passes_the_gate_and_evaluations_are_charged_o
     assert report.status == "completed", report.message
     assert [r.federated_accuracy is not None for r in report.rounds] == [True, True]
     assert 0.6 < (report.rounds[-1].federated_accuracy or 0) <= 1.0
+    # each node's accuracy comes with the standard deviation of its DP noise (public: its plan's z)
+    for n in report.nodes:
+        assert n.evaluation_noise is not None and n.evaluation_noise > 1
+        assert n.federated_accuracy_sd is not None and 0 < n.federated_accuracy_sd < 0.5
 
     # the second evaluation of round 1 was refused, and the ledger holds one per round
     assert len(second) == 1 and second[0].has_error()

@@ -332,3 +332,36 @@ def test_roster_is_checked(tmp_path: Path) -> None:
         type(r).model_validate(data).check(fp)
     with pytest.raises(RosterError, match="already another member"):
         r.with_member("GM0599", members["GM0363"])
+
+
+def test_simulated_nodes_hold_an_identity_and_pin_the_roster(fed: dict[str, Any]) -> None:
+    from fedgov.roster import IDENTITY_KEY, fingerprint, load_pinned, public_key_of, load_private_key
+
+    for n in fed["nodes"]:
+        home = NodeHome(n.train_path.parent)
+        key = home.path / IDENTITY_KEY
+        assert key.stat().st_mode & 0o777 == 0o600
+        spec = home.policy().secure_aggregation
+        assert spec is not None
+        roster = load_pinned(spec.roster, spec.authority_key)
+        own = roster.key_of(home.policy().node)
+        assert own == public_key_of(load_private_key(key))
+        assert fingerprint(own) in {m.fingerprint for m in roster.members}
+
+
+def test_the_reveal_record_takes_flower_node_ids_and_survives_a_restart(tmp_path: Path) -> None:
+    from fedgov.nodestate import NodeState, RevealConflict
+
+    big = 2**64 - 5  # Flower's node ids are unsigned 64-bit
+    NodeState(tmp_path).record_reveals("task", 1, {big: "self-mask", 7: "key"})
+    st = NodeState(tmp_path)  # a restarted node
+    assert st.reveals("task", 1) == {big: "self-mask", 7: "key"}
+    st.record_reveals("task", 1, {big: "self-mask"})  # the same again: nothing new
+    with pytest.raises(RevealConflict):
+        st.record_reveals("task", 1, {7: "self-mask", 8: "key"})
+    assert 8 not in st.reveals("task", 1)  # all or nothing
+    st.record_reveals("task", 2, {big: "key"})  # another round, another choice
+    st.sign_survivors("task", 1, [big, 7])
+    assert NodeState(tmp_path).signed_survivors("task", 1) == sorted([big, 7])
+    with pytest.raises(RevealConflict):
+        st.sign_survivors("task", 1, [7])

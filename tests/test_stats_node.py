@@ -90,7 +90,7 @@ def test_policy_refusals_come_before_the_data(tmp_path: Path) -> None:
     assert not b.accepted and b.code == "kind-not-allowed"
     no_stats.state.pause("maintenance")
     c = answer_query(no_stats, "GM0363", q1, contract, query_id="z")
-    assert c.code == "paused" and "maintenance" in c.reason
+    assert c.code == "paused" and "maintenance" not in c.reason  # the operator's note stays at the node
 
 
 def test_manual_approval_queues_then_answers(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ node authenticates with its own key, admitted by the coordinator before it start
     <dir>/
       coordinator/        a coordinator directory (:mod:`fedgov.deploy.coordinator`)
       data/<code>/        each node's part of the demo federation (train.csv, test.csv)
-      nodes/<code>/       each node's directory (key pair, policy with approval "auto", ledger, audit)
+      nodes/<code>/       each node's directory (key pair, identity key, policy with approval "auto", ledger, audit)
+      roster/             the federation roster of the nodes and its authority's key (secure aggregation)
       local-federation.json   the processes started (pids), the address, the nodes
 
 :func:`local_federation_down` stops every process in the state file with all its children.

@@ -61,7 +61,8 @@ DECLARATION: dict[str, tuple[Release, ...]] = {
             P.HELLO, "config", P.NODE_JSON,
             "public: the node's code and name, accepted or not, a refusal code with its fixed template text, the task's "
             "own target epsilon as the node's planned epsilon; the released row count (Gaussian noise, its spend in the "
-            "ledger, once per data-set version) and the delta and noise multiplier computed from it; no test row count",
+            "ledger, once per data-set version) and the delta, noise multiplier and evaluation noise computed from it and the "
+            "task; no test row count",
             "hello",
         ),
     ),
@@ -213,7 +214,9 @@ def _check_rule(rule: Release, value: Any, ctx: GateContext) -> str | None:
     return f"{rule.field}: unknown rule"
 
 
-_HELLO_PUBLIC = {"node", "node_name", "accepted", "code", "reason", "planned_epsilon", "train_rows", "delta", "noise_multiplier"}
+_HELLO_PUBLIC = {
+    "node", "node_name", "accepted", "code", "reason", "planned_epsilon", "train_rows", "delta", "noise_multiplier", "evaluation_noise",
+}
 
 
 def _check_hello(text: str, ctx: GateContext) -> str | None:
@@ -238,7 +241,7 @@ def _check_hello(text: str, ctx: GateContext) -> str | None:
         if pe is not None and (ctx.target_epsilon is None or float(pe) != float(ctx.target_epsilon)):
             return "node-json: planned_epsilon is not the task's target epsilon"
         return None
-    if any(raw.get(k) not in (None, 0) for k in ("train_rows", "delta", "noise_multiplier", "planned_epsilon")):
+    if any(raw.get(k) not in (None, 0) for k in ("train_rows", "delta", "noise_multiplier", "planned_epsilon", "evaluation_noise")):
         return "node-json: a refusal carries sizes or a plan"
     if not is_allowed(raw.get("code"), str(raw.get("reason", ""))):
         return "node-json: the refusal text is not a template"
