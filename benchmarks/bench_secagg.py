@@ -6,9 +6,11 @@ For each n: every node runs the keys, shares, mask (decrypting the shares it was
 masking) and reveal steps, timed per node (median over the nodes); the coordinator's work per
 stage is timed too: gathering the public keys (keys), routing the encrypted shares (shares),
 collecting the masked vectors (mask) and unmasking the sum with ``--drop`` nodes dropped after
-the shares stage (unmask: ``fedgov.secagg.unmask_sum``). A consistency stage is timed only if
-``fedgov.secagg.NodeSecAgg`` has one (the signatures over the survivor list live in the
-ClientApp mods, ``fedgov.roster``, not in this module). Bytes per node: public keys, encrypted
+the shares stage (unmask: ``fedgov.secagg.unmask_sum``). The hardened protocol's
+authentication (``fedgov.roster``, as the ClientApp's mods do it) is timed in the stages it
+belongs to: signing the round keys (keys), checking every peer's signature (shares), signing
+the survivor list (consistency) and checking the other survivors' signatures before revealing
+(reveal). Bytes per node: public keys, encrypted
 shares sent, masked vector (as sent: uint32), against the model's size in float32. The sum is
 checked against the plain sum of the quantised vectors (exactly).
 
@@ -102,14 +104,26 @@ def one(n: int, size: int, drop: int, reference: bool = False) -> dict[str, Any]
 
     p = SecAggParams()
     ids = list(range(1, n + 1))
-    has_consistency = callable(getattr(NodeSecAgg, "consistency", None))
-    stages = ["keys", "shares", "mask", *(["consistency"] if has_consistency else []), "reveal"]
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedgov.roster import consistency_message, keys_message, public_key_of, sign, verify
+
+    # The hardened protocol's authentication (clients.mods, fedgov.roster): each node signs its
+    # round keys with its Ed25519 identity key and checks every peer's signature (shares stage);
+    # each survivor signs the survivor list (consistency stage) and checks the others' before it
+    # reveals. Timed inside the stages they belong to.
+    ident = {i: Ed25519PrivateKey.generate() for i in ids}
+    ident_pub = {i: public_key_of(ident[i]) for i in ids}
+    digest, key = b"\x00" * 32, "bench-task"
+    stages = ["keys", "shares", "mask", "consistency", "reveal"]
     t: dict[str, list[float]] = {k: [] for k in stages}
     coord: dict[str, float] = {}
     states, keys = {}, {}
+    sigs: dict[int, bytes] = {}
     for i in ids:
         t0 = time.perf_counter()
         states[i], c, s = NodeSecAgg.keys(i, 1)
+        sigs[i] = sign(ident[i], keys_message(key, 1, i, f"GM{i:04d}", digest, c, s))
         t["keys"].append(time.perf_counter() - t0)
         keys[i] = (c, s)
     t0 = time.perf_counter()  # the coordinator gathers the keys, sorted, and the round's threshold
@@ -119,6 +133,9 @@ def one(n: int, size: int, drop: int, reference: bool = False) -> dict[str, Any]
     cts = {}
     for i in ids:
         t0 = time.perf_counter()
+        for j in ids:
+            if j != i and not verify(ident_pub[j], sigs[j], keys_message(key, 1, j, f"GM{j:04d}", digest, *pks[j])):
+                raise RuntimeError("a peer's signature does not verify")
         cts[i] = states[i].shares(pks, p)
         t["shares"].append(time.perf_counter() - t0)
     t0 = time.perf_counter()  # the coordinator routes each ciphertext to its addressee
@@ -143,14 +160,17 @@ def one(n: int, size: int, drop: int, reference: bool = False) -> dict[str, Any]
     survivors = sorted(received)
     gone = [i for i in ids if i not in received]
     coord["mask"] = time.perf_counter() - t0
-    if has_consistency:  # pragma: no cover - only once fedgov.secagg grows such a stage
-        for i in survivors:
-            t0 = time.perf_counter()
-            states[i].consistency(survivors)
-            t["consistency"].append(time.perf_counter() - t0)
+    csig: dict[int, bytes] = {}
+    cmsg = consistency_message(key, 1, survivors)
+    for i in survivors:
+        t0 = time.perf_counter()
+        csig[i] = sign(ident[i], cmsg)
+        t["consistency"].append(time.perf_counter() - t0)
     revealed = {}
     for i in survivors:
         t0 = time.perf_counter()
+        if not all(verify(ident_pub[j], csig[j], cmsg) for j in survivors if j != i):
+            raise RuntimeError("a survivor's consistency signature does not verify")
         revealed[i] = states[i].reveal(survivors, gone)
         t["reveal"].append(time.perf_counter() - t0)
     t0 = time.perf_counter()

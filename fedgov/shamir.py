@@ -119,9 +119,9 @@ def _tables(indices: tuple[int, ...]) -> np.ndarray:
     t = np.zeros((k, 16, 256, 2), dtype=np.uint64)
     for bit in range(8):  # entries v in [2^bit, 2^(bit+1)): the entry v - 2^bit XOR the bit's basis value
         t[:, :, 1 << bit : 2 << bit] = t[:, :, : 1 << bit] ^ b[:, :, bit, None, :]
-    t = t.reshape(k * 16 * 256, 2)
-    t.setflags(write=False)
-    return t
+    flat = t.reshape(k * 16 * 256, 2)
+    flat.setflags(write=False)
+    return flat
 
 
 def share_index(share: bytes) -> int:
