@@ -31,7 +31,7 @@ ERROR_REFUSED = 403  # the code of a node's error reply that is a refusal, not a
 
 def state_key(msg: Message) -> str:
     """Where the node keeps its accountant for this task in its Flower state."""
-    return "fedgov-dp-" + hashlib.sha256(task_id(msg).encode()).hexdigest()[:16]
+    return "fedgov-dp-" + hashlib.sha256(task_id(msg).encode()).hexdigest()  # all 256 bits: no collisions to search
 
 
 def _has_task(msg: Message) -> bool:
@@ -322,8 +322,9 @@ def _secagg_key(msg: Message) -> str:
         from fedgov.stats import query_id_of
 
         q, contract = query_of(msg)
-        return "fedgov-secagg-" + hashlib.sha256(query_id_of(q, contract, msg.metadata.run_id).encode()).hexdigest()[:16]
-    return "fedgov-secagg-" + hashlib.sha256(task_id(msg).encode()).hexdigest()[:16]
+        return "fedgov-secagg-" + hashlib.sha256(query_id_of(q, contract, msg.metadata.run_id).encode()).hexdigest()
+    # all 256 bits: two task ids that shared a state would share one round's secrets
+    return "fedgov-secagg-" + hashlib.sha256(task_id(msg).encode()).hexdigest()
 
 
 def _items(rec: ConfigRecord, key: str) -> list[Any]:
@@ -342,6 +343,24 @@ def secagg_state(context: Context, key: str, server_round: int) -> NodeSecAgg:
 
 class NoRoster(SecAggError):
     """This node's policy pins no federation roster: it takes no part in secure aggregation."""
+
+
+def _graph_key(msg: Message, server_round: int) -> str:
+    """What seeds the SecAgg+ graph besides the roster and the round: the task's or query's
+    fingerprint (what it asks), never a value the coordinator can vary freely (the Flower run
+    id, ``task-run``); a round outside the task's rounds is refused."""
+    if P.QUERY_JSON in msg.content[P.CONFIG]:
+        from clients.context import query_of
+        from fedgov.stats import query_fingerprint
+
+        q, contract = query_of(msg)
+        if server_round != 1:
+            raise SecAggError(f"a statistics query has one round, not round {server_round}")
+        return "query-" + query_fingerprint(q, contract)
+    task, contract = task_of(msg)
+    if not 1 <= server_round <= task.training.rounds:
+        raise SecAggError(f"round {server_round} is not one of the task's {task.training.rounds} rounds")
+    return "task-" + admission.fingerprint(task, contract)
 
 
 def _round_key(msg: Message) -> str:
@@ -477,7 +496,10 @@ def _secagg_stage(msg: Message, context: Context, params: SecAggParams) -> Messa
             if old.round == server_round and old.masked:
                 raise SecAggError(f"new keys asked for round {server_round}, in which this node already masked its input")
         st, c_pk, s_pk = NodeSecAgg.keys(nid, server_round)
-        st.seed = roster_graph_seed(roster.digest, rkey, server_round)
+        # the graph: the roster, what the task asks (its fingerprint, not the coordinator's run id)
+        # and the round, which must be one of the task's: a coordinator re-rolls it only by
+        # submitting another task, which the node admits (and its operator approves) anew
+        st.seed = roster_graph_seed(roster.digest, _graph_key(msg, server_round), server_round)
         sig = sign(ident, keys_message(rkey, server_round, nid, name, roster.digest, c_pk, s_pk))
         out = {"c-pk": c_pk, "s-pk": s_pk, "name": name, "graph-seed": st.seed, "sig": sig}
     elif stage == "shares":

@@ -103,8 +103,16 @@ class SecAggParams:
 
 
 def threshold_for(n: int) -> int:
-    """Shares needed to rebuild a secret: a strict majority of the ``n`` holders, at least 2."""
-    return max(2, n // 2 + 1)
+    """Shares needed to rebuild a secret held by ``n`` holders: more than two thirds of them
+    (``floor(2n/3) + 1``), at least 2.
+
+    Against a coordinator that tells some holders a node survived and others that it dropped,
+    each honest holder reveals one kind of share only, so getting both of a node's secrets
+    needs ``t`` holders on each side: ``2t - c <= n - 1`` with ``c`` colluding holders (who
+    reveal both). With a strict majority one colluder sufficed (the consistency round does not
+    stop it: colluders sign both lists); with ``t > 2n/3`` it takes ``c > n/3 - 1``: the bound of
+    Bonawitz et al. 2017 for the active model. The price: at most a third of a group may drop."""
+    return max(2, (2 * n) // 3 + 1)
 
 
 COMPLETE_UP_TO = 40

@@ -357,9 +357,11 @@ def test_sampled_municipalities_are_accounted_at_their_rate(tmp_path: Path, monk
 def test_a_coordinator_cannot_unmask_fewer_contributors_than_the_noise_was_sized_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A coordinator that leaves honest nodes out of the survivor list (4 of 6: above the
-    threshold of 4, below the 5 contributors the noise shares were sized for) and skips its own
-    check: every node refuses to sign or reveal, so the under-noised sum is never unmasked."""
+    """A coordinator that leaves honest nodes out of the survivor list (4 of 6: below the 5
+    contributors the noise shares were sized for, and below the threshold of 5) and skips its
+    own checks: every node refuses to sign or reveal, so the under-noised sum is never unmasked."""
+    import dataclasses
+
     import fedgov.coordinator as C
     from fedgov.nodehome import NodeHome
 
@@ -369,7 +371,7 @@ def test_a_coordinator_cannot_unmask_fewer_contributors_than_the_noise_was_sized
 
     def fewer(grid, rnd, masked, *a, **kw):  # type: ignore[no-untyped-def]
         kept = dict(sorted(masked.items())[:4])
-        return real_unmask(grid, rnd, kept, *a, **kw)
+        return real_unmask(grid, dataclasses.replace(rnd, threshold=1), kept, *a, **kw)  # its own check skipped
 
     monkeypatch.setattr(C, "secagg_unmask", fewer)
     grid = InProcessGrid(manifest, len(nodes), run_id=77)
@@ -377,4 +379,4 @@ def test_a_coordinator_cannot_unmask_fewer_contributors_than_the_noise_was_sized
     assert report.rounds[0].discarded is not None and "signed the survivor list" in report.rounds[0].discarded
     assert not [m for m in grid.received if not m.has_error() and "owner" in m.content.config_records.get("secagg", {})]
     stopped = [e.payload["reason"] for n in nodes[:4] for e in NodeHome(n.train_path.parent).audit.entries() if e.kind == "secagg-stopped"]
-    assert len(stopped) == 4 and all("sized for at least 5" in r for r in stopped)
+    assert len(stopped) == 4 and all("revealing needs 5" in r or "sized for at least 5" in r for r in stopped)

@@ -122,5 +122,5 @@ def test_unmask_sum_is_the_exact_plain_sum_under_secagg_plus_with_dropouts() -> 
     broken = {h: {o: (s[:-1] if o == owner else s) for o, s in r.items()} for h, r in revealed.items()}
     with pytest.raises(SecAggError, match=rf"node {owner}'s secret do not combine"):
         unmask_sum(masked, broken, pks=pks, dropped=dropped)
-    with pytest.raises(SecAggError, match=r"shares of node \d+'s secret; 13 are needed"):
+    with pytest.raises(SecAggError, match=rf"shares of node \d+'s secret; {threshold_for(k + 1)} are needed"):
         unmask_sum(masked, {h: r for h, r in revealed.items() if h not in graph[dropped[1]]}, pks=pks, dropped=dropped)

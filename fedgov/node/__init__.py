@@ -580,7 +580,7 @@ class SentUpdates:
     def _path(self, task_id: str) -> Path:
         import hashlib
 
-        return self.dir / (hashlib.sha256(task_id.encode()).hexdigest()[:24] + ".npz")
+        return self.dir / (hashlib.sha256(task_id.encode()).hexdigest() + ".npz")
 
     def save(self, task_id: str, server_round: int, global_digest: str, arrays: dict[str, np.ndarray], metrics: dict[str, float]) -> None:
         import io
