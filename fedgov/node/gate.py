@@ -96,7 +96,7 @@ DECLARATION: dict[str, tuple[Release, ...]] = {
         Release(P.SECAGG, "config", "name", "public: the node's name in the federation roster", "public"),
         Release(
             P.SECAGG, "config", "graph-seed",
-            "public: the SecAgg+ graph's seed, a hash of the signed roster's digest, the task key and the round", "public",
+            "public: the SecAgg+ graph's seed, a hash of the signed roster's digest, the task's fingerprint and the round", "public",
         ),
         Release(
             P.SECAGG, "config", "sig",
@@ -107,7 +107,7 @@ DECLARATION: dict[str, tuple[Release, ...]] = {
     ),
     "secagg-shares": (
         Release(P.SECAGG, "config", "dst", "public: the peers' node ids", "public"),
-        Release(P.SECAGG, "config", "ct", "encrypted to each peer (AES-GCM under an ECDH key); the coordinator cannot read them", "public"),
+        Release(P.SECAGG, "config", "ct", "encrypted to each peer (Fernet: AES-128-CBC with HMAC-SHA256, under an ECDH + HKDF key); the coordinator cannot read them", "public"),
     ),
     "secagg-consistency": (
         Release(
