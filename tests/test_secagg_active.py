@@ -31,22 +31,27 @@ REPO = Path(__file__).resolve().parent.parent
 T = 5.0
 
 
-@pytest.fixture(scope="module")
-def fed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def _secure_query_federation(tmp: Path, extra_members: list[str], first_run: int) -> dict[str, Any]:
+    """Nodes made as ``fedgov run`` makes them (each with an identity key and the roster pinned)
+    and a secure statistics query over them."""
     from fedgov.analytics import load_query
 
     from _helpers import write
 
-    tmp = tmp_path_factory.mktemp("active")
     fed_path, task = _fed_task(tmp, rounds=1)
-    fed_path.write_text(fed_path.read_text() + '\n[[members]]\ncode = "GM0599"\n')
+    fed_path.write_text(fed_path.read_text() + "".join(f'\n[[members]]\ncode = "{c}"\n' for c in extra_members))
     _, _, nodes, manifest = prepare(tmp / "nodes", fed_path, task)
     base = (REPO / "configs" / "queries" / "adult-overview.toml").read_text()
     base = base.replace('contract = "../contracts/adult-income.toml"', f'contract = "{REPO / "configs/contracts/adult-income.toml"}"')
     base = base.replace('federation = "../federations/demo-12.toml"\n', "")
     base = base.replace("description =", "secure_aggregation = true\ndescription =", 1)
     q, contract = load_query(write(tmp / "q.toml", base))
-    return {"nodes": nodes, "manifest": manifest, "query": q, "contract": contract, "run": [100]}
+    return {"nodes": nodes, "manifest": manifest, "query": q, "contract": contract, "run": [first_run]}
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _secure_query_federation(tmp_path_factory.mktemp("active"), ["GM0599"], 100)
 
 
 class Run:
@@ -370,20 +375,7 @@ def test_the_reveal_record_takes_flower_node_ids_and_survives_a_restart(tmp_path
 @pytest.fixture(scope="module")
 def fed5(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Five nodes: an odd group, where a strict-majority threshold fell to one colluder."""
-    from fedgov.analytics import load_query
-
-    from _helpers import write
-
-    tmp = tmp_path_factory.mktemp("active5")
-    fed_path, task = _fed_task(tmp, rounds=1)
-    fed_path.write_text(fed_path.read_text() + '\n[[members]]\ncode = "GM0599"\n\n[[members]]\ncode = "GM0014"\n')
-    _, _, nodes, manifest = prepare(tmp / "nodes", fed_path, task)
-    base = (REPO / "configs" / "queries" / "adult-overview.toml").read_text()
-    base = base.replace('contract = "../contracts/adult-income.toml"', f'contract = "{REPO / "configs/contracts/adult-income.toml"}"')
-    base = base.replace('federation = "../federations/demo-12.toml"\n', "")
-    base = base.replace("description =", "secure_aggregation = true\ndescription =", 1)
-    q, contract = load_query(write(tmp / "q.toml", base))
-    return {"nodes": nodes, "manifest": manifest, "query": q, "contract": contract, "run": [700]}
+    return _secure_query_federation(tmp_path_factory.mktemp("active5"), ["GM0599", "GM0014"], 700)
 
 
 @pytest.mark.parametrize("colluders", [1, 2])
