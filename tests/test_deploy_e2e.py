@@ -139,6 +139,14 @@ def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Pa
         coord = Path(state["coordinator"])
         ids = {code: str(n["node_id"]) for code, n in state["nodes"].items()}
         assert set(ids) == set(MEMBERS)
+        # the local federation made a signed roster of its nodes' identity keys, and each node pins it
+        from fedgov.roster import load_pinned
+
+        for code, n in state["nodes"].items():
+            sa = NodeHome(n["node_dir"]).policy().secure_aggregation
+            assert sa is not None
+            roster = load_pinned(sa.roster, sa.authority_key)
+            assert sorted(m.name for m in roster.members) == sorted(MEMBERS) and roster.key_of(code) is not None
         _wait_online(coord, set(ids.values()), left(30))
         _, cfg = load_coordinator(coord)
         assert cfg.address != cfg.control_address
