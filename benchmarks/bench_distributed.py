@@ -4,7 +4,7 @@ test accuracy against epsilon per municipality, at 12 and at 342 municipalities.
 Each run is the demo task's data and model (Adult, logistic regression) on a federation split
 by population: ``configs/federations/demo-12.toml`` or ``nl-342.toml``, through fedgov's
 coordinator (``run_training``) and fedgov's ClientApp with all its mods (admission, ledger,
-audit, secure aggregation), in one process (``tests/inprocess.py``: the transport is the
+audit, secure aggregation), in one process (``fedgov/testing.py``: the transport is the
 only part of a real run left out; Flower's simulation of 342 nodes x 4 secure-aggregation
 stages x the rounds would take hours on 2 cores). Every node's policy is the simulation
 default with ``min_rows = 10`` (the default 50 would leave 198 of the 342 out of both modes).
@@ -76,10 +76,10 @@ centralized = "{ROOT}/data/adult/adult_test.csv"
 
 
 def run(scale: int, mode: str, eps: float, rounds: int, clip: float) -> dict[str, Any]:
-    from inprocess import InProcessGrid, prepare
+    from fedgov.testing import InProcessGrid, prepare
 
     from fedgov.config import load_task
-    from fedgov.coordinator import run_training
+    from fedgov.coordinator.run import run_training
 
     with tempfile.TemporaryDirectory(prefix="fedgov-dd-") as tmp_s:
         tmp = Path(tmp_s)

@@ -1,7 +1,7 @@
 """What DP-SGD costs a node: one local epoch of DP-SGD against one of ordinary training, for
 fedgov's tabular models, over Opacus' grad-sample modes and batch sizes.
 
-The node's own code path is timed (``fedgov.training.train_dp_round`` with the node's plan,
+The node's own code path is timed (``fedgov.node.training.train_dp_round`` with the node's plan,
 against ``train_nonprivate_round``) on Adult's training rows (all 32,561 unless ``--rows``),
 encoded as the demo task encodes them, with one torch thread (one node's share of a small
 server). Each figure is the median of ``--repeats`` interleaved pairs of epochs; each ratio
@@ -86,7 +86,7 @@ def main() -> None:
     from fedgov.data import Encoder, read_table, validate_frame
     from fedgov.models import build_model, make_dp_compatible
     from fedgov.privacy import plan_node_dp
-    from fedgov.training import train_dp_round, train_nonprivate_round
+    from fedgov.node.training import train_dp_round, train_nonprivate_round
 
     torch.set_num_threads(1)
     task, contract = load_task(ROOT / "configs" / "tasks" / "adult-income.toml")
@@ -120,7 +120,7 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001 - a mode Opacus refuses for this model
                     rows.append({"model": model_name, "batch": batch, "mode": mode, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
                     continue
-                from fedgov.training import _grad_sample_mode
+                from fedgov.node.training import _grad_sample_mode
 
                 rows.append({
                     "model": model_name, "batch": batch, "mode": mode, "resolved": _grad_sample_mode(make(), mode),

@@ -28,8 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import fedgov.ledger as ledger_module
-from fedgov.ledger import Budget, BudgetExceeded, Mechanism, PrivacyLedger, compose
+import fedgov.node.ledger as ledger_module
+from fedgov.node.ledger import Budget, Mechanism, PrivacyLedger, compose
+from fedgov.errors import BudgetExceeded
 from fedgov.privacy.accounting import epsilon_from_history
 
 SIGMA, Q, STEPS, DELTA = 1.38, 1 / 34, 340, 1e-5

@@ -98,7 +98,7 @@ def _encode_nodes(task_path: Path, out: Path) -> int:
 
 
 def _bare(data_dir: Path, n_nodes: int, run_dir: Path, values: dict[str, Any]) -> dict[str, Any]:
-    from fedgov.simulation import SimulationOptions, simulate
+    from fedgov.launch.simulation import SimulationOptions, simulate
 
     run_dir.mkdir(parents=True)
     out = run_dir / "bare.json"
@@ -118,7 +118,7 @@ def _bare_reply_bytes(model: str, n_features: int) -> int:
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedgov.config.task import ModelSpec
-    from fedgov.coordinator import message_bytes
+    from fedgov.coordinator.run import message_bytes
     from fedgov.models import build_model
 
     net = build_model(ModelSpec(name=model), n_features=n_features, n_classes=2, seed=0)

@@ -1,4 +1,4 @@
-"""Secure aggregation (``fedgov.secagg``), measured at the protocol level (Flower's transport left
+"""Secure aggregation (``fedgov.privacy.secagg``), measured at the protocol level (Flower's transport left
 out): what one round costs each node and the coordinator, and what a node sends, for n nodes
 and the models fedgov trains.
 
@@ -6,8 +6,8 @@ For each n: every node runs the keys, shares, mask (decrypting the shares it was
 masking) and reveal steps, timed per node (median over the nodes); the coordinator's work per
 stage is timed too: gathering the public keys (keys), routing the encrypted shares (shares),
 collecting the masked vectors (mask) and unmasking the sum with ``--drop`` nodes dropped after
-the shares stage (unmask: ``fedgov.secagg.unmask_sum``). The hardened protocol's
-authentication (``fedgov.roster``, as the ClientApp's mods do it) is timed in the stages it
+the shares stage (unmask: ``fedgov.privacy.secagg.unmask_sum``). The hardened protocol's
+authentication (``fedgov.privacy.roster``, as the ClientApp's mods do it) is timed in the stages it
 belongs to: signing the round keys (keys), checking every peer's signature (shares), signing
 the survivor list (consistency) and checking the other survivors' signatures before revealing
 (reveal). Bytes per node: public keys, encrypted
@@ -15,14 +15,14 @@ shares sent, masked vector (as sent: uint32), against the model's size in float3
 checked against the plain sum of the quantised vectors (exactly).
 
 ``--reference`` also unmasks the same inputs with the reconstruction fedgov used before
-``fedgov.shamir`` (Flower's ``combine_shares``, one secret at a time, each expanded mask
+``fedgov.privacy.shamir`` (Flower's ``combine_shares``, one secret at a time, each expanded mask
 reduced at once: :func:`reference_unmask_sum`), checks that both give the same vector, and
 reports the ratio.
 
     .venv/bin/python benchmarks/bench_secagg.py [--nodes 12 100 342] [--drop 1] [--reference] [--models logreg mlp]
 
 Up to 40 nodes every node shares with every other (SecAgg); above, with its neighbours in a
-random regular graph only (SecAgg+, ``fedgov.secagg.neighbourhood_size``).
+random regular graph only (SecAgg+, ``fedgov.privacy.secagg.neighbourhood_size``).
 
 Prints a markdown table and writes ``benchmarks/results/secagg.json``.
 """
@@ -62,14 +62,15 @@ def model_sizes() -> dict[str, int]:
 def reference_unmask_sum(
     masked: dict[int, np.ndarray], revealed: dict[int, dict[int, bytes]], *, pks: dict[int, tuple[bytes, bytes]], dropped: list[int], threshold: int = 0
 ) -> np.ndarray:
-    """``fedgov.secagg.unmask_sum`` as it was before ``fedgov.shamir``: Flower's ``combine_shares``
+    """``fedgov.privacy.secagg.unmask_sum`` as it was before ``fedgov.privacy.shamir``: Flower's ``combine_shares``
     per secret (pycryptodome's pure-Python GF(2^128), a thread pool per call), one PRG expansion
     and one reduction mod 2^32 per mask, the shares of each owner found by scanning every holder."""
     from flwr.common.secure_aggregation.crypto.shamir import combine_shares
     from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
     from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-    from fedgov.secagg import MODULUS, SecAggError, _pair_seed, neighbours, prg, threshold_for
+    from fedgov.privacy.secagg import MODULUS, _pair_seed, neighbours, prg, threshold_for
+    from fedgov.errors import SecAggError
 
     survivors = sorted(masked)
     if len(revealed) < threshold:
@@ -100,15 +101,15 @@ def reference_unmask_sum(
 
 
 def one(n: int, size: int, drop: int, reference: bool = False) -> dict[str, Any]:
-    from fedgov.secagg import MODULUS, NodeSecAgg, SecAggParams, decode_sum, encode_update, neighbourhood_size, threshold_for, unmask_sum
+    from fedgov.privacy.secagg import MODULUS, NodeSecAgg, SecAggParams, decode_sum, encode_update, neighbourhood_size, threshold_for, unmask_sum
 
     p = SecAggParams()
     ids = list(range(1, n + 1))
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from fedgov.roster import consistency_message, keys_message, public_key_of, sign, verify
+    from fedgov.privacy.roster import consistency_message, keys_message, public_key_of, sign, verify
 
-    # The hardened protocol's authentication (clients.mods, fedgov.roster): each node signs its
+    # The hardened protocol's authentication (clients.mods, fedgov.privacy.roster): each node signs its
     # round keys with its Ed25519 identity key and checks every peer's signature (shares stage);
     # each survivor signs the survivor list (consistency stage) and checks the others' before it
     # reveals. Timed inside the stages they belong to.
@@ -211,10 +212,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, nargs="+", default=[12, 100, 342])
     ap.add_argument("--drop", type=int, default=1, help="nodes that drop after the shares stage (default 1)")
-    ap.add_argument("--reference", action="store_true", help="also unmask with the reconstruction used before fedgov.shamir (Flower's combine_shares), for a before/after ratio")
+    ap.add_argument("--reference", action="store_true", help="also unmask with the reconstruction used before fedgov.privacy.shamir (Flower's combine_shares), for a before/after ratio")
     ap.add_argument("--models", nargs="+", choices=["logreg", "mlp"], default=["logreg", "mlp"], help="which of the demo task's models (default both)")
     args = ap.parse_args()
-    import fedgov.shamir  # noqa: F401 - imports are not unmasking: load them before any timing
+    import fedgov.privacy.shamir  # noqa: F401 - imports are not unmasking: load them before any timing
     from flwr.common.secure_aggregation.crypto import shamir, symmetric_encryption  # noqa: F401
 
     rows = []
@@ -241,7 +242,7 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / "secagg.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine(),
-            "consistency_stage": "timed" if "consistency" in stages else "none in fedgov.secagg: skipped"}
+            "consistency_stage": "timed" if "consistency" in stages else "none in fedgov.privacy.secagg: skipped"}
     command = "benchmarks/bench_secagg.py " + " ".join(sys.argv[1:])
     out.write_text(json.dumps({"command": command.strip(), "environment": meta, "rows": rows}, indent=2), encoding="utf-8")
     print(f"\nwrote {out}")

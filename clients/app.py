@@ -1,5 +1,5 @@
 """The Flower ClientApp of a fedgov node (Message API). All logic lives in :mod:`fedgov.node`
-and :mod:`fedgov.admission`; the mods in :mod:`clients.mods` run around every handler, in
+and :mod:`fedgov.node.admission`; the mods in :mod:`clients.mods` run around every handler, in
 this order (outermost first):
 
 1. ``audit_mod``: every message received and every reply sent goes into the node's
@@ -9,7 +9,7 @@ this order (outermost first):
    then (after the handler read the data and planned DP-SGD) approval and the ledger
    reservation; ``train`` and ``evaluate`` run only for an admitted task;
 4. ``secagg_mod``: for a task under secure aggregation, the protocol's stages, and the train
-   reply masked so that the coordinator learns only the round's sum (:mod:`fedgov.secagg`);
+   reply masked so that the coordinator learns only the round's sum (:mod:`fedgov.privacy.secagg`);
 5. ``budget_mod``: a ``train`` reply leaves only after its spend is in the ledger; ``end``
    releases what the task reserved but did not use.
 """
@@ -25,7 +25,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.context import data_of, node_of, query_of, task_of
+from fedgov.node.context import data_of, node_of, query_of, task_of
 from clients.mods import (
     ERROR_REFUSED,
     admission_mod,
@@ -40,20 +40,16 @@ from clients.mods import (
     stash,
     state_key,
 )
-from fedgov.admission import public_reason
+from fedgov.node.admission import public_reason
 from fedgov.node.refusals import error_reason, is_allowed
-from fedgov import node as N
+from fedgov.node import rounds as N
 from fedgov.config import Contract, Task
 from fedgov import protocol as P
-from fedgov.municipalities import display_name
+from fedgov.config.municipalities import display_name
 from fedgov.transport import UPDATE, encode_update
 
 app = ClientApp(mods=[audit_mod, gate_mod, pause_mod, contract_mod, admission_mod, secagg_mod, budget_mod])
 log = logging.getLogger("fedgov.node")
-
-
-class NodeError(RuntimeError):
-    """What goes back to the coordinator when a handler fails: a text without data values."""
 
 
 def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
@@ -101,7 +97,7 @@ def _dp(context: Context, key: str) -> N.DPState:
 @_safe
 def query(msg: Message, context: Context) -> Message:
     """``hello`` (may this node take part?), ``baseline`` (local-only model), ``end``, and
-    ``stats`` (a statistics query: :func:`fedgov.stats.answer_query`)."""
+    ``stats`` (a statistics query: :func:`fedgov.launch.query.answer_query`)."""
     kind = str(msg.content[P.CONFIG].get(P.KIND, P.HELLO))
     if kind == P.STATS:
         return _stats(msg, context)
@@ -134,8 +130,8 @@ def _stats(msg: Message, context: Context) -> Message:
     layout (parts, cells, noise) in plaintext (:mod:`fedgov.analytics.secure`)."""
     from fedgov.analytics import LocalRelease
     from fedgov.analytics.secure import secure_vector, skeleton_of
-    from fedgov.secagg import SecAggError
-    from fedgov.stats import answer_query, query_id_of
+    from fedgov.errors import SecAggError
+    from fedgov.launch.query import answer_query, query_id_of
 
     q, contract = query_of(msg)
     node, home, _ = node_of(context)

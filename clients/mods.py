@@ -1,6 +1,6 @@
 """The node's Flower mods (one signature: ``mod(msg, context, call_next) -> Message``).
 
-Thin glue over :mod:`fedgov.admission` and :mod:`fedgov.audit`; their order is documented in
+Thin glue over :mod:`fedgov.node.admission` and :mod:`fedgov.node.audit`; their order is documented in
 ``clients/app.py``. A mod that refuses answers itself and never calls the handler.
 """
 
@@ -15,13 +15,14 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from clients.context import kind_of, node_of, task_id, task_of
-from fedgov import admission
+from fedgov.node.context import kind_of, node_of, task_id, task_of
+from fedgov.node import admission
 from fedgov import protocol as P
 from fedgov.errors import PrivacyError
 from fedgov.node.refusals import error_reason, refusal_text
-from fedgov.node import DPState, SentUpdates, model_digest
-from fedgov.secagg import NodeSecAgg, SecAggError, SecAggParams, encode_update
+from fedgov.node.rounds import DPState, SentUpdates, model_digest
+from fedgov.privacy.secagg import NodeSecAgg, SecAggParams, encode_update
+from fedgov.errors import SecAggError
 from fedgov.transport import local_model, pack, unpack
 
 log = logging.getLogger("fedgov.node")
@@ -42,8 +43,8 @@ def _query_id(msg: Message) -> str | None:
     """The ledger key of a statistics query message, or None for any other message."""
     if kind_of(msg) != P.STATS:
         return None
-    from clients.context import query_of
-    from fedgov.stats import query_id_of
+    from fedgov.node.context import query_of
+    from fedgov.launch.query import query_id_of
 
     q, contract = query_of(msg)
     return query_id_of(q, contract, msg.metadata.run_id)
@@ -318,8 +319,8 @@ def _evaluation(
 def _secagg_key(msg: Message) -> str:
     """Where a node keeps its secure-aggregation keys for the task or query of ``msg``."""
     if P.QUERY_JSON in msg.content[P.CONFIG]:
-        from clients.context import query_of
-        from fedgov.stats import query_id_of
+        from fedgov.node.context import query_of
+        from fedgov.launch.query import query_id_of
 
         q, contract = query_of(msg)
         return "fedgov-secagg-" + hashlib.sha256(query_id_of(q, contract, msg.metadata.run_id).encode()).hexdigest()
@@ -350,8 +351,8 @@ def _graph_key(msg: Message, server_round: int) -> str:
     fingerprint (what it asks), never a value the coordinator can vary freely (the Flower run
     id, ``task-run``); a round outside the task's rounds is refused."""
     if P.QUERY_JSON in msg.content[P.CONFIG]:
-        from clients.context import query_of
-        from fedgov.stats import query_fingerprint
+        from fedgov.node.context import query_of
+        from fedgov.launch.query import query_fingerprint
 
         q, contract = query_of(msg)
         if server_round != 1:
@@ -367,8 +368,8 @@ def _round_key(msg: Message) -> str:
     """The key of the task or query of ``msg`` that every signature and record of secure
     aggregation is bound to (its ledger key)."""
     if P.QUERY_JSON in msg.content[P.CONFIG]:
-        from clients.context import query_of
-        from fedgov.stats import query_id_of
+        from fedgov.node.context import query_of
+        from fedgov.launch.query import query_id_of
 
         q, contract = query_of(msg)
         return query_id_of(q, contract, msg.metadata.run_id)
@@ -380,7 +381,7 @@ def _secagg_identity(context: Context) -> tuple[str, Any, Any, Any]:
     :class:`NoRoster` when its policy pins none, :class:`SecAggError` when the roster or the
     identity key cannot be used."""
     from fedgov.errors import FedgovError
-    from fedgov.roster import IDENTITY_KEY, load_pinned, load_private_key, public_key_of
+    from fedgov.privacy.roster import IDENTITY_KEY, load_pinned, load_private_key, public_key_of
 
     _, home, _ = node_of(context)
     policy = home.policy()
@@ -407,7 +408,7 @@ def _verify_round_keys(
     the roster or a node id that was another name before stops the round. The names by node."""
     import json
 
-    from fedgov.roster import keys_message, verify
+    from fedgov.privacy.roster import keys_message, verify
 
     names = [e[2] for e in entries.values()]
     if len(set(names)) != len(names):
@@ -467,7 +468,7 @@ def secagg_keep(msg: Message, context: Context, st: NodeSecAgg) -> None:
 
 def _secagg_stage(msg: Message, context: Context, params: SecAggParams) -> Message:
     """One stage of secure aggregation at this node, hardened against a coordinator that
-    deviates (:mod:`fedgov.secagg`, ``docs/threat-model.md``):
+    deviates (:mod:`fedgov.privacy.secagg`, ``docs/threat-model.md``):
 
     * ``keys``: fresh round keys, signed with the node's identity key over the task or query
       key, the round, the Flower node id, the roster name, the roster and both keys;
@@ -478,9 +479,9 @@ def _secagg_stage(msg: Message, context: Context, params: SecAggParams) -> Messa
       signatures over it from roster members; each peer's share recorded (self-mask or key,
       never both, across every message of the round and restarts) before the reply leaves.
     """
-    from fedgov.nodestate import RevealConflict
-    from fedgov.roster import consistency_message, keys_message, sign, verify
-    from fedgov.secagg import RoundKeys, roster_graph_seed
+    from fedgov.errors import RevealConflict
+    from fedgov.privacy.roster import consistency_message, keys_message, sign, verify
+    from fedgov.privacy.secagg import RoundKeys, roster_graph_seed
 
     cfg = msg.content[P.CONFIG]
     server_round = int(cfg["server-round"])  # type: ignore[arg-type]
@@ -591,7 +592,7 @@ def _distributed_check(msg: Message, context: Context, task: Any, survivors: lis
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """3b. Secure aggregation (:mod:`fedgov.secagg`): the protocol's stages (``secagg`` query
+    """3b. Secure aggregation (:mod:`fedgov.privacy.secagg`): the protocol's stages (``secagg`` query
     messages, for training tasks and statistics queries), and a training task's train reply
     masked so that the coordinator learns only the round's sum (a query's release is masked in
     its handler, ``clients/app.py``).
@@ -611,7 +612,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         return call_next(msg, context)
     cfg = msg.content[P.CONFIG]
     if kind == P.SECAGG and P.QUERY_JSON in cfg:
-        from clients.context import query_of
+        from fedgov.node.context import query_of
 
         q, _ = query_of(msg)
         if not q.secure_aggregation:
@@ -712,7 +713,7 @@ def _secagg_stopped(msg: Message, context: Context, exc: BaseException) -> Messa
 
 def released_counts(home: Any, contract: Any) -> set[int]:
     """The row counts this node has released for the data set serving ``contract`` (ledger)."""
-    from fedgov.node import ROWS_NOTE
+    from fedgov.node.rounds import ROWS_NOTE
 
     ds = admission.dataset_name(home, contract)
     if ds is None:
@@ -745,7 +746,7 @@ def _gate_context(msg: Message, context: Context, kind: str) -> Any:
         ctx.released_rows = lambda: released_counts(home, contract)
         ctx.round_evaluated = lambda r: r in admission.evaluated_rounds(home, contract, task, task_id=tid)
     elif P.CONFIG in msg.content and P.QUERY_JSON in msg.content[P.CONFIG]:
-        from clients.context import query_of
+        from fedgov.node.context import query_of
 
         q, contract = query_of(msg)
         qid = _query_id(msg)

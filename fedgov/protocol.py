@@ -60,7 +60,7 @@ ANSWER_JSON = "answer-json"
 # A resumed run (fedgov run --resume, fedgov task resume) names the Flower run the nodes admitted
 # the task in, so that each node continues that reservation in its ledger instead of reserving anew.
 TASK_RUN = "task-run"
-# Secure aggregation (fedgov.secagg): query messages of kind "secagg" carry a stage (keys, shares,
+# Secure aggregation (fedgov.privacy.secagg): query messages of kind "secagg" carry a stage (keys, shares,
 # unmask); the train message of a secure task carries a "secagg" ConfigRecord (the routed shares);
 # the node's reply carries its masked vector as the array MASKED, instead of its model.
 SECAGG = "secagg"
@@ -86,7 +86,7 @@ class RefusalCode(str, Enum):
     TASK_ENDED = "task-ended"
     REPRODUCIBLE_NOISE = "reproducible-noise"
     INTERNAL = "internal-error"
-    # A policy rule (fedgov.policy.PolicyCode) refuses with its own code, e.g. epsilon-above-max.
+    # A policy rule (fedgov.node.policy.PolicyCode) refuses with its own code, e.g. epsilon-above-max.
 
 
 class NodeHello(BaseModel):
@@ -97,7 +97,7 @@ class NodeHello(BaseModel):
     node: str = Field(description="the node's name, e.g. the CBS code GM0363")
     node_name: str = ""
     accepted: bool
-    code: str | None = Field(default=None, description="a RefusalCode or a fedgov.policy.PolicyCode value")
+    code: str | None = Field(default=None, description="a RefusalCode or a fedgov.node.policy.PolicyCode value")
     reason: str = ""
     train_rows: int = 0
     test_rows: int = 0

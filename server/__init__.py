@@ -1,1 +1,1 @@
-"""fedgov's coordinator: the Flower ServerApp (thin glue over :mod:`fedgov.coordinator`)."""
+"""fedgov's coordinator: the Flower ServerApp (thin glue over :mod:`fedgov.coordinator.run`)."""

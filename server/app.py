@@ -1,4 +1,4 @@
-"""The Flower ServerApp of fedgov (Message API). All logic lives in :mod:`fedgov.coordinator`."""
+"""The Flower ServerApp of fedgov (Message API). All logic lives in :mod:`fedgov.coordinator.run`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedgov.config import load_task
-from fedgov.coordinator import run_training
+from fedgov.coordinator.run import run_training
 from fedgov.data import read_manifest
 
 app = ServerApp()
@@ -51,9 +51,9 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _query(grid: Grid, context: Context) -> None:
-    """A statistics query (``query-path``): :func:`fedgov.stats.run_query`."""
+    """A statistics query (``query-path``): :func:`fedgov.launch.query.run_query`."""
     from fedgov.analytics import load_query
-    from fedgov.stats import run_query
+    from fedgov.launch.query import run_query
 
     cfg = context.run_config
     query_path = Path(str(cfg["query-path"]))

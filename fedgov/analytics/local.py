@@ -82,7 +82,7 @@ from fedgov.analytics.query import (
     ensure_valid,
 )
 from fedgov.config.contract import Column, ColumnType, Contract
-from fedgov.ledger import Mechanism
+from fedgov.node.ledger import Mechanism
 
 __all__ = [
     "SmallCells",

@@ -69,7 +69,7 @@ from fedgov.config.contract import ColumnType, Contract, load_contract
 from fedgov.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
-    from fedgov.ledger import Mechanism
+    from fedgov.node.ledger import Mechanism
 
 __all__ = [
     "FilterOp",
@@ -339,7 +339,7 @@ class Query(StrictModel):
 
     def mechanism(self) -> Mechanism:
         """What the node's privacy ledger records for this query: one mechanism, the whole budget."""
-        from fedgov.ledger import Mechanism
+        from fedgov.node.ledger import Mechanism
 
         return Mechanism(kind=self.privacy.mechanism, epsilon=self.privacy.epsilon, delta=self.privacy.delta)
 

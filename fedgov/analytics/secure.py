@@ -1,5 +1,5 @@
 """Statistics under secure aggregation: a node's noisy release as one integer vector to be
-summed under masks (:mod:`fedgov.secagg`), and the national figures from the sum.
+summed under masks (:mod:`fedgov.privacy.secagg`), and the national figures from the sum.
 
 Under secure aggregation the coordinator learns the national totals only: no node's figures,
 no region's (a query with ``secure_aggregation`` may not ask for regions), and no node's
@@ -21,13 +21,10 @@ from fedgov.analytics.combine import LAPLACE_Z, Figure, QueryResult, _Builder  #
 from fedgov.analytics.local import LocalRelease, PartRelease
 from fedgov.analytics.query import Query, cell_grid, ensure_valid
 from fedgov.config.contract import Contract
-from fedgov.secagg import MODULUS
+from fedgov.privacy.secagg import MODULUS
+from fedgov.errors import SecureLayoutError
 
 __all__ = ["resolution", "secure_vector", "skeleton_of", "combine_secure", "SecureLayoutError"]
-
-
-class SecureLayoutError(ValueError):
-    """A node's release does not have the layout the query fixes."""
 
 
 def resolution(part: PartRelease) -> float:

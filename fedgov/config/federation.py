@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from fedgov.config._base import ConfigPath, StrictModel, validate_file
-from fedgov.municipalities import all_municipalities
+from fedgov.config.municipalities import all_municipalities
 
 __all__ = ["Member", "PartitionSpec", "Federation", "load_federation"]
 

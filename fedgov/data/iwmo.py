@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from fedgov.data.io import atomic_write_bytes
-from fedgov.municipalities import all_municipalities
+from fedgov.config.municipalities import all_municipalities
 
 __all__ = [
     "AGE_GROUPS",

@@ -29,7 +29,7 @@ from fedgov.config.federation import Federation
 from fedgov.data.io import atomic_write_bytes, read_table, write_csv
 from fedgov.data.validate import validate_frame
 from fedgov.errors import ConfigError, DataFileError, DataValidationError, Problem
-from fedgov.municipalities import all_municipalities
+from fedgov.config.municipalities import all_municipalities
 
 __all__ = [
     "NodeData",

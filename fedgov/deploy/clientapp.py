@@ -44,7 +44,7 @@ def _node_dir(context: Any) -> Path | None:
 
 def _task_id(message: Any) -> str | None:
     try:  # fedgov's own (installed) copy, imported only to label the refusal
-        from clients.context import task_id
+        from fedgov.node.context import task_id
 
         return task_id(message)
     except Exception:  # noqa: BLE001 - a hello without a task, or a foreign bundle's message
@@ -54,7 +54,7 @@ def _task_id(message: Any) -> str | None:
 def check_pulled(message: Any, context: Any, run: Any, fab_content: bytes) -> None:
     """Refuse (audit and raise :class:`UntrustedApp`) unless the node's policy trusts the bundle."""
     from fedgov.deploy.trust import check_bundle
-    from fedgov.nodehome import NodeHome
+    from fedgov.node.home import NodeHome
 
     fab_hash = hashlib.sha256(fab_content).hexdigest()
     node_dir = _node_dir(context)

@@ -6,7 +6,7 @@ node authenticates with its own key, admitted by the coordinator before it start
 ::
 
     <dir>/
-      coordinator/        a coordinator directory (:mod:`fedgov.deploy.coordinator`)
+      coordinator/        a coordinator directory (:mod:`fedgov.deploy.superlink`)
       data/<code>/        each node's part of the demo federation (train.csv, test.csv)
       nodes/<code>/       each node's directory (key pair, identity key, policy with approval "auto", ledger, audit)
       roster/             the federation roster of the nodes and its authority's key (secure aggregation)
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedgov.errors import ConfigError, FederationError, Problem
-from fedgov.runtime import ManagedProcess, free_port, kill_tree
+from fedgov.launch.processes import ManagedProcess, free_port, kill_tree
 
 __all__ = [
     "STATE_FILE",
@@ -40,7 +40,7 @@ STATE_FILE = "local-federation.json"
 
 
 def _default_task() -> Path:
-    from fedgov.simulation import app_dir
+    from fedgov.launch.simulation import app_dir
 
     return app_dir() / "configs" / "tasks" / "adult-income.toml"
 
@@ -71,7 +71,7 @@ def _prepare_nodes(base: Path, n: int, task_path: Path, budget: float) -> list[t
     """Materialize the task's federation and create the first ``n`` members' node directories."""
     from fedgov.config import load_federation, load_task
     from fedgov.data import materialize
-    from fedgov.nodehome import NodeHome, init_node
+    from fedgov.node.home import NodeHome, init_node
 
     task, contract = load_task(task_path)
     if task.federation is None:
@@ -94,8 +94,8 @@ def _prepare_nodes(base: Path, n: int, task_path: Path, budget: float) -> list[t
                 test_data=data_dir / m.code / "test.csv", budget_epsilon=budget, approval="auto",
             )
         out.append((m.code, node_dir.resolve()))
-    # The local federation's roster (fedgov.roster): its own authority, kept in the directory.
-    from fedgov.roster import federation_roster, pin_roster_text
+    # The local federation's roster (fedgov.privacy.roster): its own authority, kept in the directory.
+    from fedgov.privacy.roster import federation_roster, pin_roster_text
 
     roster, authority = federation_roster(base / "roster", federation.name, {code: d for code, d in out})
     for _, node_dir in out:
@@ -121,13 +121,13 @@ def local_federation_up(
     Waits until every node is online at the SuperLink. On any failure, everything started
     is stopped again.
     """
-    from fedgov.deploy.coordinator import (
+    from fedgov.deploy.superlink import (
         admit,
         init_coordinator,
         load_coordinator,
         start_coordinator,
     )
-    from fedgov.deploy.node import start_node
+    from fedgov.deploy.supernode import start_node
 
     base = Path(directory).resolve()
     base.mkdir(parents=True, exist_ok=True)
@@ -184,7 +184,7 @@ def local_federation_up(
 
 
 def _wait_online(coord_dir: Path, ids: set[str], procs: list[ManagedProcess], timeout: float) -> None:
-    from fedgov.deploy.coordinator import nodes as list_nodes
+    from fedgov.deploy.superlink import nodes as list_nodes
 
     deadline = time.monotonic() + timeout
     online: set[str] = set()
@@ -205,7 +205,7 @@ def restart_coordinator(directory: Path | str, *, grace: float = 10.0) -> dict[s
     The nodes keep running: they retry until the SuperLink is back and reconnect with the node
     ids their keys were registered under (the SuperLink's state database keeps them).
     """
-    from fedgov.deploy.coordinator import start_coordinator
+    from fedgov.deploy.superlink import start_coordinator
 
     base = Path(directory).resolve()
     state = read_state(base)
@@ -244,7 +244,7 @@ def stop_local_node(directory: Path | str, code: str, *, grace: float = 10.0) ->
 
 def start_local_node(directory: Path | str, code: str) -> dict[str, Any]:
     """(Re)start one node of the local federation; it keeps its node id (its key is registered)."""
-    from fedgov.deploy.node import start_node
+    from fedgov.deploy.supernode import start_node
 
     base = Path(directory).resolve()
     state = read_state(base)

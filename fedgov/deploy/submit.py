@@ -13,11 +13,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fedgov.config import load_task
-from fedgov.deploy.coordinator import CONNECTION, load_coordinator
+from fedgov.deploy.superlink import CONNECTION, load_coordinator
 from fedgov.errors import FederationError
 from fedgov.reports import load_report, plot_report, write_json_atomic
-from fedgov.runtime import flower_env
-from fedgov.simulation import EventCallback, follow_run, new_run_dir, write_run_config
+from fedgov.launch.processes import flower_env
+from fedgov.launch.simulation import EventCallback, follow_run, new_run_dir, write_run_config
 
 __all__ = ["run_at_coordinator", "submit_task", "resume_task"]
 
@@ -75,7 +75,7 @@ def resume_task(run_dir: Path, coordinator_dir: Path, *, on_event: EventCallback
     """Continue the deployed run in ``run_dir`` from its last checkpoint (``fedgov task resume``),
     after the coordinator crashed or the run was stopped: the remaining rounds, on the same
     nodes, which continue their reservation (no ledger is charged twice)."""
-    from fedgov.checkpoint import load_checkpoint
+    from fedgov.coordinator.checkpoint import load_checkpoint
 
     run_dir = Path(run_dir).resolve()
     ckpt, _ = load_checkpoint(run_dir)

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from fedgov.deploy.coordinator import CONNECTION, _json_out, run_flwr
+from fedgov.deploy.superlink import CONNECTION, _json_out, run_flwr
 from fedgov.errors import FederationError
 
 __all__ = ["RunInfo", "list_runs", "run_status", "stop_run", "run_dirs"]

@@ -28,7 +28,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from fedgov.errors import ConfigError, Problem
-from fedgov.policy import NodePolicy
+from fedgov.node.policy import NodePolicy
 from fedgov.protocol import RefusalCode
 
 __all__ = ["BundleVerdict", "build_bundle", "bundle_hash", "local_bundle_hash", "check_bundle"]
@@ -39,7 +39,7 @@ def build_bundle(app: Path | None = None) -> bytes:
     from flwr.cli.build import build_fab_from_disk
 
     if app is None:
-        from fedgov.simulation import app_dir
+        from fedgov.launch.simulation import app_dir
 
         app = app_dir()
     app = Path(app)

@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Literal
 
 from fedgov.config import Contract
 from fedgov.errors import ConfigError, DataFileError, DataValidationError, FedgovError, Problem
-from fedgov.policy import DatasetSpec, NodePolicy, file_sha256, pin_contract_text, read_contract_file
+from fedgov.node.policy import DatasetSpec, NodePolicy, file_sha256, pin_contract_text, read_contract_file
 
 if TYPE_CHECKING:
-    from fedgov.nodehome import NodeHome
+    from fedgov.node.home import NodeHome
 
 __all__ = [
     "CONTRACTS_DIR",
@@ -141,7 +141,7 @@ def add_contract(home: NodeHome, source: Path, *, dataset: str | None = None) ->
     """``fedgov node contract add``: copy a contract file into the node directory and pin it
     (a new version) for the data set serving that contract name, or ``dataset``.
     Returns (data set, contract, the file's SHA-256)."""
-    from fedgov.policy import load_policy
+    from fedgov.node.policy import load_policy
 
     contract = read_contract_file(source)
     policy = home.policy()

@@ -15,12 +15,9 @@ from __future__ import annotations
 import re
 import string
 from functools import lru_cache
+from fedgov.errors import RefusalTextError
 
 __all__ = ["TEMPLATES", "PARAMS", "refusal_text", "error_reason", "parse_error_reason", "is_allowed", "RefusalTextError"]
-
-
-class RefusalTextError(ValueError):
-    """A refusal text that is not one of the templates (or a placeholder with a bad value)."""
 
 
 # What each placeholder may hold. Names: identifiers, contract refs, setting names. Numbers:

@@ -7,7 +7,7 @@ Noise at the sum is what lets 342 small nodes learn together: with local DP-SGD 
 node's own noise drowns its signal.
 
 No one adds the whole noise: each node adds a *share* of it, and the shares are summed under
-secure aggregation (:mod:`fedgov.secagg`), so the coordinator sees the noisy sum only. The
+secure aggregation (:mod:`fedgov.privacy.secagg`), so the coordinator sees the noisy sum only. The
 mechanism is the distributed discrete Gaussian of Kairouz, Liu and Steinke 2021
 ("The Distributed Discrete Gaussian Mechanism for Federated Learning with Secure
 Aggregation", arXiv:2102.06387), which TensorFlow Federated's ``DistributedDpSumFactory``

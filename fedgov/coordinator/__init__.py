@@ -1,0 +1,1 @@
+"""The coordinator: the grid, the rounds, aggregation and secure-aggregation stages."""

@@ -1,0 +1,395 @@
+"""``fedgov run``: a task on a simulated federation, on Flower's own simulation engine.
+
+What happens, in order:
+
+1. The task, its contract and the federation are loaded and checked (every problem at once).
+2. Each municipality's data is written to its own node directory in the run directory
+   (``nodes/<CBS code>/train.csv`` and ``test.csv``), as it would lie next to a real node.
+3. A SuperLink in simulation mode is started on free loopback ports, with its own
+   ``FLWR_HOME`` inside the run directory, telemetry, update checks and runtime dependency
+   installation off; Flower's simulation engine (Ray) runs one virtual SuperNode per
+   municipality. The run is submitted with ``flwr run`` (Message API ServerApp/ClientApp).
+4. Progress is followed in ``events.jsonl``; when the run ends, the SuperLink and every
+   process it started are stopped, also on error or Ctrl-C.
+5. The report (with each node's local-only baseline, trained at the node on request of
+   the coordinator), the final model and a plot are written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+
+from fedgov.config import load_federation, load_task
+from fedgov.errors import ConfigError, FederationError, Problem
+from fedgov.coordinator.events import EventReader
+from fedgov.reports import load_report, plot_report, write_json_atomic
+from fedgov.node.home import NodeHome
+from fedgov.node.policy import default_policy_text
+from fedgov.launch.processes import ManagedProcess, flower_bin, flower_env, free_port, wait_healthy
+
+__all__ = ["SimulationOptions", "run_simulation", "resume_simulation", "simulate", "app_dir", "new_run_dir", "follow_run", "write_run_config"]
+
+log = logging.getLogger(__name__)
+
+EventCallback = Callable[[dict[str, Any]], None]
+CONNECTION = "fedgov-sim"
+
+
+@dataclass(frozen=True)
+class SimulationOptions:
+    runs_dir: Path = Path("runs")
+    num_cpus: int | None = None
+    timeout: float = 3600.0
+    local_baseline: bool = True
+    keep_flower_home: bool = False
+    state_dir: Path | None = None
+    node_budget: float = 10.0
+    approval: str = "auto"
+    # Fault injection for tests of resume: the ServerApp ends abruptly after this round (0: never).
+    crash_after_round: int = 0
+
+
+def app_dir() -> Path:
+    """The Flower app directory: the project root holding ``[tool.flwr.app]``."""
+    import server
+
+    root = Path(server.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise FederationError(
+            f"Flower app not found: {root / 'pyproject.toml'} is missing. fedgov's simulation "
+            "runs from a source checkout (pip install -e .)."
+        )
+    return root
+
+
+def new_run_dir(runs_dir: Path, name: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for i in range(100):
+        d = runs_dir / (f"{stamp}-{name}" if i == 0 else f"{stamp}-{name}-{i}")
+        try:
+            d.mkdir(parents=True, exist_ok=False)
+            return d
+        except FileExistsError:
+            continue
+    raise FederationError(f"cannot create a run directory under {runs_dir}")
+
+
+def _run_cli(args: list[str], env: dict[str, str], log_path: Path, timeout: float = 60.0) -> None:
+    with ManagedProcess(args, env=env, log_path=log_path) as proc:
+        try:
+            rc = proc.proc.wait(timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - TimeoutExpired
+            raise FederationError(f"{' '.join(args[:3])} did not finish within {timeout:.0f} s") from exc
+        if rc != 0:
+            raise FederationError(f"{' '.join(args[:3])} failed (exit {rc}):\n{proc.tail()}")
+
+
+def follow_run(
+    connection: str,
+    run_config: Path,
+    *,
+    env: dict[str, str],
+    run_dir: Path,
+    emit: EventCallback,
+    timeout: float,
+    tick: Callable[[], None] | None = None,
+    app: Path | None = None,
+) -> None:
+    """Submit the fedgov Flower app with ``flwr run`` and follow its ``events.jsonl`` until it ends.
+
+    Shared by simulation and deployment: the ServerApp writes the events and the report into
+    ``run_dir``; ``flwr run`` is stopped (with everything it started) on timeout or error.
+    ``app``: another Flower app directory instead of fedgov's (the benchmarks' baseline).
+    """
+    run = ManagedProcess(
+        [flower_bin("flwr"), "run", str(app or app_dir()), connection, "--stream", "--run-config", str(run_config)],
+        env=env,
+        log_path=run_dir / "logs" / "flower.log",
+        name="flwr run",
+    )
+    reader = EventReader(run_dir / "events.jsonl")
+    deadline = time.monotonic() + timeout
+    try:
+        while run.running():
+            for ev in reader.read_new():
+                emit(ev)
+            if tick is not None:
+                tick()
+            if time.monotonic() > deadline:
+                raise FederationError(f"the run did not finish within {timeout:.0f} s")
+            time.sleep(0.25)
+        for ev in reader.read_new():
+            emit(ev)
+    finally:
+        run.stop()
+
+
+def _toml_scalar(v: str | bool | int | float) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(float(v)) if isinstance(v, float) else str(v)
+    return json.dumps(str(v))
+
+
+def write_run_config(run_dir: Path, values: dict[str, str | bool | int | float]) -> Path:
+    """The run config ``flwr run`` passes to the ServerApp, as a TOML file in the run directory."""
+    path = run_dir / "run-config.toml"
+    path.write_text(
+        "".join(f"{k} = {_toml_scalar(v)}\n" for k, v in values.items()),
+        encoding="utf-8",
+    )
+    return path
+
+
+def simulate(
+    run_dir: Path,
+    *,
+    n_nodes: int,
+    run_config_values: dict[str, str | bool | int | float],
+    options: SimulationOptions,
+    emit: EventCallback,
+    app: Path | None = None,
+) -> None:
+    """Start a simulation SuperLink for ``n_nodes`` virtual SuperNodes, submit fedgov's app (or
+    the Flower app in ``app``) with ``run_config_values`` and follow it until it ends; stop
+    everything it started.
+
+    Shared by training (:func:`run_simulation`) and statistics queries
+    (:func:`fedgov.launch.query.run_query_simulation`).
+    """
+    flwr_home = run_dir / ".flower"
+    flwr_home.mkdir()
+    port, control_port = free_port(), free_port()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n',
+        encoding="utf-8",
+    )
+    run_config = write_run_config(run_dir, run_config_values)
+    env = flower_env(flwr_home)
+    logs = run_dir / "logs"
+    num_cpus = options.num_cpus or os.cpu_count() or 1
+    started = time.time()
+    superlink = ManagedProcess(
+        [
+            flower_bin("flower-superlink"),
+            "--simulation",
+            # Simulation only: bound to loopback, no Fleet API, no node ever connects.
+            "--insecure",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--control-api-address", f"127.0.0.1:{control_port}",
+            "--disable-runtime-dependency-installation",
+        ],
+        env=env,
+        log_path=logs / "superlink.log",
+        name="flower-superlink",
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", superlink)
+        _run_cli(
+            [
+                flower_bin("flwr"), "federation", "simulation-config",
+                "--num-supernodes", str(n_nodes),
+                "--client-resources-num-cpus", "1",
+                "--init-args-num-cpus", str(num_cpus),
+                "--init-args-logging-level", "error",
+                "--init-args-log-to-driver", "true",
+            ],
+            env,
+            logs / "flwr-cli.log",
+        )
+        emit({"event": "flower-started", "seconds": time.time() - started})
+        follow_run(
+            CONNECTION, run_config, env=env, run_dir=run_dir, emit=emit, timeout=options.timeout,
+            tick=superlink.remember_descendants, app=app,
+        )
+    finally:
+        superlink.stop()
+        if not options.keep_flower_home:
+            shutil.rmtree(flwr_home / "apps", ignore_errors=True)
+
+
+def prepare_nodes(
+    run_dir: Path,
+    federation: Any,
+    contract: Any,
+    options: SimulationOptions,
+    emit: EventCallback,
+    *,
+    max_epsilon: float,
+) -> tuple[list[Any], Path]:
+    """Give each simulated municipality a node directory (its data, policy, ledger and audit
+    log) and write the run's manifest; with ``options.state_dir`` the directories persist
+    between runs (a policy is written once and then left to its operator)."""
+    from fedgov.data import materialize, write_manifest
+
+    emit({"event": "run-dir", "path": str(run_dir)})
+    emit({"event": "partition", "nodes": len(federation.members)})
+    state_dir = (options.state_dir or run_dir / "state").resolve()
+    nodes = materialize(federation, contract, state_dir / "nodes")
+    from fedgov.node.contracts import pin_new_contract
+    from fedgov.privacy.roster import federation_roster, pin_roster_text
+
+    # Secure aggregation needs a roster the nodes pin (fedgov.privacy.roster): the simulation is its
+    # own roster authority, kept with the node directories.
+    roster, authority = federation_roster(
+        state_dir / "roster", str(getattr(federation, "name", "federation")), {n.code: n.train_path.parent for n in nodes}
+    )
+    for n in nodes:
+        # Each node holds the task's contract itself, pinned in its policy (as 'fedgov node init').
+        pinned = pin_new_contract(n.train_path.parent, contract)
+        home = NodeHome.create(
+            n.train_path.parent,
+            policy_text=default_policy_text(
+                n.code, dataset=contract.name, contract=contract.name, version=contract.version,
+                path=n.train_path.name, test_path=n.test_path.name, budget_epsilon=options.node_budget,
+                approval=options.approval,  # type: ignore[arg-type]
+                max_epsilon_per_task=min(options.node_budget, max(3.0, max_epsilon)),
+                kinds=("training", "statistics"), contract_files={contract.version: pinned},
+                roster=roster, authority_key=authority,
+            ),
+        )
+        kept = home.policy_path.read_text("utf-8")
+        if pin_roster_text(kept, roster, authority) != kept:  # a policy kept from before rosters: pin this one
+            NodeHome.create(home.path, policy_text=pin_roster_text(kept, roster, authority), overwrite=True)
+        ds = next((d for d in home.policy().datasets if d.contract == contract.name), None)
+        if ds is not None and contract.version not in ds.contract_files:  # a kept policy: pin this version too
+            from fedgov.node.policy import pin_contract_text
+
+            text = pin_contract_text(home.policy_path.read_text("utf-8"), dataset=ds.name, version=contract.version,
+                                     path=pinned[0], sha256=pinned[1])
+            NodeHome.create(home.path, policy_text=text, overwrite=True)
+    manifest = run_dir / "manifest.json"
+    write_manifest(nodes, manifest)
+    emit({"event": "partitioned", "nodes": [n.model_dump(mode="json") for n in nodes]})
+    return nodes, manifest
+
+
+def run_simulation(
+    task_path: Path,
+    federation_path: Path | None = None,
+    options: SimulationOptions = SimulationOptions(),
+    on_event: EventCallback | None = None,
+) -> Path:
+    """Run ``task_path`` on the simulated federation; return the run directory."""
+    emit = on_event or (lambda e: None)
+    task, contract = load_task(task_path)
+    fed_path = federation_path or task.federation
+    if fed_path is None:
+        raise ConfigError(
+            f"No federation for task {task_path}",
+            [Problem(str(task_path), "federation", "name a federation in the task file or with --federation")],
+        )
+    federation = load_federation(fed_path)
+    if len(federation.members) < task.training.min_nodes:
+        raise ConfigError(
+            "Federation too small for the task",
+            [Problem(str(fed_path), "members", f"{len(federation.members)} members, the task needs at least {task.training.min_nodes} (training.min_nodes)")],
+        )
+
+    if not task.privacy.enabled:
+        msg = (
+            f"task {task.name}: privacy.enabled = false: nodes train WITHOUT differential privacy. "
+            "Use this only for comparisons on data that is not personal."
+        )
+        log.warning(msg)
+        emit({"event": "warning", "message": msg})
+    if task.privacy.enabled and task.privacy.reproducible_noise:
+        msg = (
+            f"task {task.name}: privacy.reproducible_noise = true: each node's DP noise is derived from "
+            "the task seed, so whoever knows the seed can remove it. For tests and simulations only."
+        )
+        log.warning(msg)
+        emit({"event": "warning", "message": msg})
+    run_dir = new_run_dir(options.runs_dir, task.name).resolve()
+    nodes, manifest = prepare_nodes(run_dir, federation, contract, options, emit, max_epsilon=task.privacy.target_epsilon)
+
+    values: dict[str, str | bool | int | float] = {
+        "task-path": str(Path(task_path).resolve()),
+        "federation-path": str(Path(fed_path).resolve()),
+        "manifest-path": str(manifest),
+        "run-dir": str(run_dir),
+        "local-baseline": options.local_baseline,
+    }
+    if options.crash_after_round:
+        values["crash-after-round"] = options.crash_after_round
+    return _finish(run_dir, len(nodes), values, options, emit)
+
+
+def resume_simulation(run_dir: Path, options: SimulationOptions = SimulationOptions(), on_event: EventCallback | None = None) -> Path:
+    """Continue the simulated training run in ``run_dir`` from its last checkpoint
+    (``fedgov run --resume``): same node directories and ledgers, the remaining rounds."""
+    from fedgov.coordinator.checkpoint import load_checkpoint
+    from fedgov.data import read_manifest
+
+    emit = on_event or (lambda e: None)
+    run_dir = Path(run_dir).resolve()
+    ckpt, _ = load_checkpoint(run_dir)
+    manifest = run_dir / "manifest.json"
+    if ckpt.mode != "simulation" or not manifest.is_file():
+        raise ConfigError(
+            f"{run_dir} is not a simulated run", [Problem(str(manifest), "", "the manifest of a run made by fedgov run (deployment: fedgov task resume)")]
+        )
+    if ckpt.round >= ckpt.rounds_planned:
+        raise FederationError(f"the run in {run_dir} completed all {ckpt.rounds_planned} rounds; there is nothing to resume")
+    load_task(Path(ckpt.task_file))  # a task file that no longer loads is reported here, with its location
+    nodes = read_manifest(manifest)
+    emit({"event": "run-dir", "path": str(run_dir)})
+    shutil.rmtree(run_dir / ".flower", ignore_errors=True)
+    values: dict[str, str | bool | int | float] = {
+        "task-path": ckpt.task_file,
+        "federation-path": ckpt.federation,
+        "manifest-path": str(manifest),
+        "run-dir": str(run_dir),
+        "local-baseline": options.local_baseline,
+        "resume": True,
+    }
+    if options.crash_after_round:
+        values["crash-after-round"] = options.crash_after_round
+    return _finish(run_dir, len(nodes), values, options, emit)
+
+
+def _finish(
+    run_dir: Path, n_nodes: int, values: dict[str, str | bool | int | float], options: SimulationOptions, emit: EventCallback
+) -> Path:
+    """Run the simulation and check, complete and plot its report."""
+    started = time.time()
+    simulate(run_dir, n_nodes=n_nodes, run_config_values=values, options=options, emit=emit)
+    logs = run_dir / "logs"
+
+    report_path = run_dir / "report.json"
+    if not report_path.is_file():
+        hint = ""
+        if (run_dir / "checkpoint" / "state.json").is_file():
+            hint = f"\nThe rounds completed so far are saved: continue with  fedgov run --resume {run_dir}"
+        err = FederationError(
+            f"the run ended without a report; see {logs / 'flower.log'}:\n"
+            + "\n".join((logs / "flower.log").read_text("utf-8", errors="replace").splitlines()[-25:])
+            + hint
+        )
+        err.run_dir = run_dir  # type: ignore[attr-defined]
+        raise err
+    report = load_report(report_path)
+    if report.status != "completed":
+        err = FederationError(f"the run failed: {report.message} (report: {report_path})")
+        err.run_dir = run_dir  # type: ignore[attr-defined]
+        raise err
+
+    report.wall_seconds = time.time() - started
+    plot = plot_report(report, run_dir / "accuracy.png")
+    report.artifacts["plot"] = plot.name
+    write_json_atomic(report_path, report.model_dump_json(indent=2))
+    emit({"event": "done", "report": str(report_path)})
+    return run_dir

@@ -1,0 +1,901 @@
+"""The node policy: what a municipality's node takes part in, decided by the municipality.
+
+A municipality's IT staff and its privacy officer write one TOML file next to their node. It
+names the data sets the node serves (each under a data contract, with a privacy budget for a
+period, all tasks together), which kinds of task, models, strategies, coordinators and
+submitters it accepts, and the minimums every task must meet (at most this much epsilon and
+delta per task, at least this much noise, enough rows). The coordinator cannot change any of
+it: the node checks every task against its own policy before it touches data, and refuses
+with a stable, machine-readable code (:class:`PolicyCode`) and a text that names the rule,
+the task's value and the policy's limit.
+
+Example (``configs/policies/GM0363.toml`` is a complete one)::
+
+    node = "GM0363"
+    approval = "auto"                 # auto | manual | deny
+    [[datasets]]
+    name = "adult"
+    contract = "adult-income"
+    versions = ["1.0"]
+    path = "data/train.csv"           # relative to this file
+    [datasets.budget]
+    epsilon = 10.0
+    delta = 1e-5
+    period = "year"
+    [accept]
+    kinds = ["training"]
+    [limits]
+    max_epsilon_per_task = 3.0
+
+:func:`check_task` is a pure function of the policy and the task: it does not look at the
+remaining budget, which the ledger checks and reserves atomically when the task starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from fedgov.config._base import ConfigPath, StrictModel, load_toml, problems_from_validation
+from fedgov.config.contract import Contract
+from fedgov.config.task import MODEL_NAMES, Task
+from fedgov.errors import ConfigError, Problem
+
+__all__ = [
+    "KINDS",
+    "STRATEGIES",
+    "PolicyCode",
+    "BudgetSpec",
+    "ContractPin",
+    "DatasetSpec",
+    "AcceptSpec",
+    "LimitsSpec",
+    "SecureAggregationSpec",
+    "NodePolicy",
+    "Decision",
+    "load_policy",
+    "check_task",
+    "check_query",
+    "default_policy_text",
+    "secure_aggregation_text",
+    "file_sha256",
+    "pin_contract_text",
+]
+
+KINDS = ("training", "statistics")
+"""Kinds of task a node can take part in: model training, or a statistics query."""
+
+STRATEGIES = ("fedavg", "fedprox")
+"""Flower strategies a training task can name (``training.strategy``)."""
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_VERSION = r"^\d+\.\d+(\.\d+)?$"
+_CONTEXT_SINK = "policy_problems"
+
+
+class PolicyCode(str, Enum):
+    """Why a policy refuses a task: stable codes, checked in this order (first failure wins)."""
+
+    APPROVAL_DENY = "approval-deny"
+    KIND_NOT_ALLOWED = "kind-not-allowed"
+    COORDINATOR_NOT_ALLOWED = "coordinator-not-allowed"
+    SUBMITTER_NOT_ALLOWED = "submitter-not-allowed"
+    CONTRACT_NOT_SERVED = "contract-not-served"
+    MODEL_NOT_ALLOWED = "model-not-allowed"
+    STRATEGY_NOT_ALLOWED = "strategy-not-allowed"
+    PRIVACY_REQUIRED = "privacy-required"
+    EPSILON_ABOVE_MAX = "epsilon-above-max"
+    DELTA_ABOVE_MAX = "delta-above-max"
+    NOISE_BELOW_MIN = "noise-below-min"
+    TOO_FEW_ROWS = "too-few-rows"
+    SECURE_AGGREGATION_REQUIRED = "secure-aggregation-required"
+    DISTRIBUTED_REQUIRED = "distributed-dp-required"
+    EVALUATION_EPSILON_ABOVE_MAX = "evaluation-epsilon-above-max"
+
+
+# --- the file ------------------------------------------------------------------------------
+
+
+class BudgetSpec(StrictModel):
+    """The privacy budget of one data set: all tasks of a period together may spend this much."""
+
+    epsilon: float = Field(gt=0, allow_inf_nan=False, description="total epsilon for the period")
+    delta: float = Field(gt=0, lt=1, description="total delta for the period")
+    period: Literal["year", "forever"] = Field(
+        default="year",
+        description="year: the budget renews every year; forever: it never renews",
+    )
+
+
+class ContractPin(StrictModel):
+    """A contract file the node holds for one version, pinned by the SHA-256 of its bytes."""
+
+    path: ConfigPath = Field(description="the contract file (TOML, or canonical JSON), relative to the policy file")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the file's bytes (64 lower-case hex digits)")
+
+
+class DatasetSpec(StrictModel):
+    """One data set the node serves, under one contract, with its own budget.
+
+    ``contract_files`` pins, per served version, the contract file the node holds itself: a
+    task's contract must be byte for byte that file's canonical JSON, or the node refuses it
+    (``contract-mismatch``) before its data is touched. A version listed in ``versions``
+    without a pinned file is not served.
+    """
+
+    name: str = Field(min_length=1, pattern=_NAME, description="the data set id (the ledger's key)")
+    contract: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="contract name")
+    versions: list[str] = Field(min_length=1, description="contract versions served")
+    path: ConfigPath = Field(description="training data (CSV or Parquet), relative to the policy file")
+    test_path: ConfigPath | None = Field(default=None, description="optional held-out test data")
+    contract_files: dict[str, ContractPin] = Field(
+        default_factory=dict, description="per served version: the contract file this node holds, pinned by SHA-256"
+    )
+    budget: BudgetSpec
+
+    @model_validator(mode="after")
+    def _pins_are_served(self) -> DatasetSpec:
+        extra = [v for v in self.contract_files if v not in self.versions]
+        if extra:
+            raise ValueError(
+                f"contract_files pins version(s) {', '.join(extra)}, which versions does not list; "
+                "add them to versions or remove the pin"
+            )
+        return self
+
+    @property
+    def unpinned(self) -> list[str]:
+        """Versions listed but without a pinned contract file: not served."""
+        return [v for v in self.versions if v not in self.contract_files]
+
+    @field_validator("versions")
+    @classmethod
+    def _versions(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if not re.match(_VERSION, v)]
+        if bad:
+            raise ValueError(
+                f"versions must look like '1.0' or '1.0.2'; not {', '.join(repr(v) for v in bad)}"
+            )
+        dupes = sorted({v for v in value if value.count(v) > 1})
+        if dupes:
+            raise ValueError(f"versions lists {', '.join(dupes)} twice")
+        return value
+
+    def serves(self, contract: Contract) -> bool:
+        """Whether this data set is served under ``contract`` (same name, a listed version)."""
+        return contract.name == self.contract and contract.version in self.versions
+
+    @property
+    def refs(self) -> list[str]:
+        """The contract refs served, ``name@version``."""
+        return [f"{self.contract}@{v}" for v in self.versions]
+
+
+class AcceptSpec(StrictModel):
+    """Which tasks the node takes part in. ``"*"`` in coordinators or submitters: anyone."""
+
+    kinds: list[Literal["training", "statistics"]] = Field(default=["training"])
+    models: list[Literal["logreg", "mlp"]] = Field(default=["logreg", "mlp"])
+    strategies: list[Literal["fedavg", "fedprox"]] = Field(default=["fedavg", "fedprox"])
+    coordinators: list[str] = Field(default_factory=lambda: ["*"])
+    submitters: list[str] = Field(default_factory=lambda: ["*"])
+    apps: list[str] = Field(
+        default_factory=lambda: ["fedgov"],
+        description=(
+            "app bundles (Flower FABs) whose code this node runs: 'fedgov' (the bundle this "
+            "node's own fedgov installation builds), a bundle's sha256, or '*' (any: warned)"
+        ),
+    )
+
+    @field_validator("apps")
+    @classmethod
+    def _apps(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if v not in ("fedgov", "*") and not re.fullmatch(r"[0-9a-f]{64}", v)]
+        if bad:
+            raise ValueError(
+                "each entry must be 'fedgov', '*' or a bundle's sha256 (64 lower-case hex digits); "
+                f"not {', '.join(repr(v) for v in bad)}"
+            )
+        return value
+
+    @field_validator("kinds", "models", "strategies", "coordinators", "submitters", "apps")
+    @classmethod
+    def _not_empty(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if not value:
+            raise ValueError(
+                f"an empty list accepts no {info.field_name} at all; "
+                "to refuse every task write approval = \"deny\""
+            )
+        if any(not str(v).strip() for v in value):
+            raise ValueError("names must not be empty")
+        return value
+
+
+class LimitsSpec(StrictModel):
+    """The minimums every task must meet at this node, whatever the coordinator asks."""
+
+    max_epsilon_per_task: float = Field(gt=0, allow_inf_nan=False)
+    max_delta_per_task: float = Field(default=1e-5, gt=0, lt=1)
+    min_noise_multiplier: float = Field(default=0.3, ge=0, allow_inf_nan=False)
+    max_evaluation_epsilon: float = Field(
+        default=0.5, ge=0, allow_inf_nan=False,
+        description="most of a task's epsilon that evaluations of the global model at this node may take "
+        "(evaluation.epsilon; each evaluation releases noisy correct and total counts through the ledger)",
+    )
+    min_rows: int = Field(default=50, ge=1)
+    min_cohort: int = Field(default=10, ge=2, description="smallest cell a statistics query may release")
+    small_cells: Literal["publish-suppressed", "withhold"] = Field(
+        default="publish-suppressed",
+        description=(
+            "statistics cells whose noisy count is under min_cohort: publish-suppressed sends them "
+            "(they count in national and regional totals) but they are never published for this "
+            "node alone; withhold does not send them at all (totals are then marked incomplete)"
+        ),
+    )
+    require_privacy: bool = Field(default=True, description="refuse tasks with privacy.enabled = false")
+    require_secure_aggregation: bool = Field(
+        default=False,
+        description="refuse training tasks without training.secure_aggregation: the coordinator may see only sums of updates",
+    )
+    require_distributed: bool = Field(
+        default=False,
+        description="refuse training tasks whose privacy.mode is not \"distributed\" (municipality-level DP, noise "
+        "added once to the securely aggregated sum); min_noise_multiplier then bounds the sum's noise multiplier z",
+    )
+
+
+class SecureAggregationSpec(StrictModel):
+    """``[secure_aggregation]``: the federation roster this node pins (:mod:`fedgov.privacy.roster`).
+    Without it the node takes no part in secure aggregation (secure by default)."""
+
+    roster: ConfigPath = Field(description="the signed federation roster (JSON), relative to the policy file")
+    authority_key: str = Field(
+        min_length=1,
+        description="the roster authority: the SHA-256 fingerprint (64 hex digits) or the base64 Ed25519 public key",
+    )
+
+    @field_validator("authority_key")
+    @classmethod
+    def _authority(cls, v: str) -> str:
+        import base64
+        import binascii
+
+        v = v.strip()
+        if len(v) == 64 and all(c in "0123456789abcdefABCDEF" for c in v):
+            return v.lower()
+        try:
+            raw = base64.b64decode(v.encode(), validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError(
+                "must be the roster authority's SHA-256 fingerprint (64 hex digits, 'fedgov roster show') or its "
+                "base64 Ed25519 public key (32 bytes)"
+            )
+        return v
+
+
+class NodePolicy(StrictModel):
+    """A node's whole policy file."""
+
+    node: str = Field(min_length=1, pattern=_NAME, description="the node's name, e.g. CBS code GM0363")
+    approval: Literal["auto", "manual", "deny"] = Field(
+        default="manual",
+        description="auto: accept conforming tasks; manual: queue them for an operator; deny: refuse all",
+    )
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    accept: AcceptSpec = AcceptSpec()
+    limits: LimitsSpec
+    secure_aggregation: SecureAggregationSpec | None = Field(
+        default=None, description="the federation roster for secure aggregation; none: secure aggregation is refused",
+    )
+
+    @model_validator(mode="after")
+    def _cross_check(self, info: ValidationInfo) -> NodePolicy:
+        problems = self._cross_problems()
+        if not problems:
+            return self
+        sink = (info.context or {}).get(_CONTEXT_SINK)
+        if isinstance(sink, list):  # load_policy: report each at its own location
+            sink.extend(problems)
+            return self
+        raise ValueError("; ".join(f"{loc}: {msg}" for loc, msg in problems))
+
+    def _cross_problems(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        seen_names: dict[str, int] = {}
+        seen_refs: dict[str, int] = {}
+        for i, ds in enumerate(self.datasets):
+            if ds.name in seen_names:
+                problems.append(
+                    (f"datasets[{i}].name", f"data set name '{ds.name}' is already used by datasets[{seen_names[ds.name]}]; names must be unique")
+                )
+            else:
+                seen_names[ds.name] = i
+            for ref in ds.refs:
+                if ref in seen_refs:
+                    problems.append(
+                        (f"datasets[{i}].versions", f"contract {ref} is also served by datasets[{seen_refs[ref]}]; a task could not tell which data set to use")
+                    )
+                else:
+                    seen_refs[ref] = i
+            if self.limits.max_epsilon_per_task > ds.budget.epsilon:
+                problems.append(
+                    (
+                        "limits.max_epsilon_per_task",
+                        f"{self.limits.max_epsilon_per_task} is above the whole budget of data set '{ds.name}' "
+                        f"(datasets[{i}].budget.epsilon = {ds.budget.epsilon}); no task could ever be afforded at that "
+                        "maximum: lower max_epsilon_per_task or raise the budget",
+                    )
+                )
+            if self.limits.max_delta_per_task > ds.budget.delta:
+                problems.append(
+                    (
+                        "limits.max_delta_per_task",
+                        f"{self.limits.max_delta_per_task} is above the whole budget of data set '{ds.name}' "
+                        f"(datasets[{i}].budget.delta = {ds.budget.delta}): lower max_delta_per_task or raise the budget",
+                    )
+                )
+        return problems
+
+    def dataset_for(self, contract: Contract) -> DatasetSpec | None:
+        """The data set served under ``contract`` (same name, a listed version), or None."""
+        for ds in self.datasets:
+            if ds.serves(contract):
+                return ds
+        return None
+
+    def dataset(self, name: str) -> DatasetSpec:
+        """The data set called ``name``; KeyError if there is none."""
+        for ds in self.datasets:
+            if ds.name == name:
+                return ds
+        raise KeyError(name)
+
+
+def _validate(data: dict[str, Any], file: str, base_dir: Path | None) -> NodePolicy:
+    sink: list[tuple[str, str]] = []
+    try:
+        policy = NodePolicy.model_validate(data, context={"base_dir": base_dir, _CONTEXT_SINK: sink})
+    except ValidationError as exc:
+        problems = problems_from_validation(exc, file)
+        raise ConfigError(f"Invalid policy file {file} ({len(problems)} problem(s)):", problems) from exc
+    if sink:
+        problems = [Problem(file, loc, msg) for loc, msg in sink]
+        raise ConfigError(f"Invalid policy file {file} ({len(problems)} problem(s)):", problems)
+    if base_dir is not None:
+        problems = _pin_problems(policy, file)
+        if problems:
+            raise ConfigError(f"Invalid policy file {file} ({len(problems)} problem(s)):", problems)
+    return policy
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, as 64 lower-case hex digits."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_contract_file(path: Path) -> Contract:
+    """A contract file the node holds: TOML (as ``configs/contracts``) or canonical JSON."""
+    from fedgov.config.contract import load_contract
+
+    p = Path(path)
+    if p.suffix.lower() == ".json":
+        try:
+            return Contract.model_validate_json(p.read_bytes())
+        except ValidationError as exc:
+            problems = problems_from_validation(exc, str(p))
+            raise ConfigError(f"Invalid contract file {p} ({len(problems)} problem(s)):", problems) from exc
+    return load_contract(p)
+
+
+def _pin_problems(policy: NodePolicy, file: str) -> list[Problem]:
+    """Each pinned contract file exists, has the pinned SHA-256, and is the contract and
+    version it is pinned for."""
+    problems: list[Problem] = []
+    for i, ds in enumerate(policy.datasets):
+        for version, pin in ds.contract_files.items():
+            where = f"datasets[{i}].contract_files.{json.dumps(version)}"
+            if not pin.path.is_file():
+                problems.append(Problem(file, f"{where}.path", f"contract file {pin.path} not found"))
+                continue
+            actual = file_sha256(pin.path)
+            if actual != pin.sha256:
+                problems.append(
+                    Problem(
+                        file, f"{where}.sha256",
+                        f"contract file {pin.path} has SHA-256 {actual}, the policy pins {pin.sha256}: the file "
+                        "changed since it was pinned; check it and pin it again (fedgov node contract add)",
+                    )
+                )
+                continue
+            try:
+                c = read_contract_file(pin.path)
+            except ConfigError as exc:
+                problems.append(Problem(file, f"{where}.path", f"contract file {pin.path} is invalid: {str(exc).splitlines()[0]}"))
+                continue
+            if c.name != ds.contract or c.version != version:
+                problems.append(
+                    Problem(
+                        file, f"{where}.path",
+                        f"contract file {pin.path} is contract {c.ref}, not {ds.contract}@{version}",
+                    )
+                )
+    return problems
+
+
+def load_policy(path: Path | str) -> NodePolicy:
+    """Load and validate a node policy file; every problem is listed with its location.
+
+    Relative data paths are taken from the policy file's directory. The data files need not
+    exist yet: the node checks them (against their contract) when it starts.
+    """
+    p = Path(path)
+    return _validate(load_toml(p), str(p), p.resolve().parent)
+
+
+# --- the decision ----------------------------------------------------------------------------
+
+
+class Decision(BaseModel):
+    """The policy's answer to one task. ``code`` is None when accepted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    accepted: bool
+    code: PolicyCode | None = None
+    reason: str
+    dataset: str | None = Field(default=None, description="the data set the task would use, when known")
+
+
+def _num(x: float) -> str:
+    """A number as a person reads it: 5.0, 1e-05, 0.213457 (6 significant digits)."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        return str(x)
+    return repr(float(f"{float(x):.6g}"))
+
+
+def _names(values: Sequence[str]) -> str:
+    return ", ".join(values)
+
+
+def _allowed(value: str | None, allowed: Sequence[str]) -> bool:
+    return "*" in allowed or (value is not None and value in allowed)
+
+
+def _refuse(code: PolicyCode, reason: str, dataset: str | None = None) -> Decision:
+    return Decision(accepted=False, code=code, reason=reason, dataset=dataset)
+
+
+def _check_parties(acc: AcceptSpec, coordinator: str | None, submitter: str | None) -> Decision | None:
+    """The coordinator and submitter rules, shared by tasks and queries; None when both pass."""
+    for who, value, allowed, code in (
+        ("coordinator", coordinator, acc.coordinators, PolicyCode.COORDINATOR_NOT_ALLOWED),
+        ("submitter", submitter, acc.submitters, PolicyCode.SUBMITTER_NOT_ALLOWED),
+    ):
+        if not _allowed(value, allowed):
+            shown = f"{who} '{value}' is not accepted" if value is not None else f"the {who} did not identify itself"
+            return _refuse(code, f"{shown}; policy accepts only {_names(allowed)} (accept.{who}s)")
+    return None
+
+
+def check_task(
+    policy: NodePolicy,
+    *,
+    task: Task,
+    contract: Contract,
+    rows: int | None,
+    noise_multiplier: float | None,
+    coordinator: str | None = None,
+    submitter: str | None = None,
+    kind: str = "training",
+) -> Decision:
+    """Check one task against the node's policy; the first rule it breaks decides.
+
+    Rules, in order: approval is not ``deny``; the kind, coordinator and submitter are
+    accepted; the contract is served by a data set; the model and strategy are accepted
+    (training only); privacy is enabled if required; epsilon and delta per node are at most
+    the policy's maximums; the noise multiplier is at least its minimum; the data set has
+    enough rows. ``rows`` and ``noise_multiplier`` may be None while unknown (before the data
+    is read, before calibration): their rules are then skipped, so call again once they are
+    known. The delta compared is the one the node will use: ``task.privacy.delta_for(rows)``,
+    or while ``rows`` is unknown the largest it can be. A task without differential privacy
+    (allowed only with ``require_privacy = false``) has no epsilon, delta or noise to check.
+
+    The remaining budget is not checked here: the ledger checks and reserves it atomically.
+    A coordinator or submitter that did not identify itself (None) passes only ``"*"``.
+    """
+    if policy.approval == "deny":
+        return _refuse(PolicyCode.APPROVAL_DENY, 'this node refuses every task (approval = "deny")')
+
+    acc = policy.accept
+    if kind not in acc.kinds:
+        return _refuse(
+            PolicyCode.KIND_NOT_ALLOWED,
+            f"task kind '{kind}' is not accepted; policy accepts {_names(acc.kinds)} (accept.kinds)",
+        )
+    party = _check_parties(acc, coordinator, submitter)
+    if party is not None:
+        return party
+
+    ds = policy.dataset_for(contract)
+    if ds is None:
+        same_name = [d for d in policy.datasets if d.contract == contract.name]
+        if same_name:
+            served = _names([r for d in same_name for r in d.refs])
+            text = f"task uses contract {contract.ref}; this node serves only {served} (datasets.versions)"
+        else:
+            text = f"task uses contract {contract.ref}; this node serves no version of '{contract.name}' (datasets.contract)"
+        return _refuse(PolicyCode.CONTRACT_NOT_SERVED, text)
+    name = ds.name
+
+    if kind == "training":
+        if task.model.name not in acc.models:
+            return _refuse(
+                PolicyCode.MODEL_NOT_ALLOWED,
+                f"task uses model '{task.model.name}'; policy accepts {_names(acc.models)} (accept.models)",
+                name,
+            )
+        if task.training.strategy not in acc.strategies:
+            return _refuse(
+                PolicyCode.STRATEGY_NOT_ALLOWED,
+                f"task uses strategy '{task.training.strategy}'; policy accepts {_names(acc.strategies)} "
+                "(accept.strategies)",
+                name,
+            )
+
+    lim = policy.limits
+    priv = task.privacy
+    if lim.require_secure_aggregation and not task.training.secure_aggregation:
+        return _refuse(
+            PolicyCode.SECURE_AGGREGATION_REQUIRED,
+            "task has training.secure_aggregation = false; policy requires secure aggregation (limits.require_secure_aggregation)",
+            name,
+        )
+    if not priv.enabled and lim.require_privacy:
+        return _refuse(
+            PolicyCode.PRIVACY_REQUIRED,
+            "task has privacy.enabled = false; policy requires differential privacy (limits.require_privacy)",
+            name,
+        )
+    if lim.require_distributed and not (priv.enabled and priv.mode == "distributed"):
+        return _refuse(
+            PolicyCode.DISTRIBUTED_REQUIRED,
+            f"task has privacy.mode = \"{priv.mode}\"{'' if priv.enabled else ' and no privacy'}; policy requires "
+            "distributed DP (limits.require_distributed)",
+            name,
+        )
+    if priv.enabled:
+        if priv.target_epsilon > lim.max_epsilon_per_task:
+            return _refuse(
+                PolicyCode.EPSILON_ABOVE_MAX,
+                f"task asks epsilon {_num(priv.target_epsilon)} per node; policy allows at most "
+                f"{_num(lim.max_epsilon_per_task)} (limits.max_epsilon_per_task)",
+                name,
+            )
+        if kind == "training" and priv.mode == "local" and task.evaluation.node_evaluations(task.training.rounds) > 0 \
+                and task.evaluation.epsilon > lim.max_evaluation_epsilon:
+            return _refuse(
+                PolicyCode.EVALUATION_EPSILON_ABOVE_MAX,
+                f"task spends epsilon {_num(task.evaluation.epsilon)} on evaluations at the node; policy allows at most "
+                f"{_num(lim.max_evaluation_epsilon)} (limits.max_evaluation_epsilon)",
+                name,
+            )
+        if priv.mode == "distributed":
+            delta = priv.delta if priv.delta is not None else 1e-5  # per municipality
+        else:
+            delta = priv.delta_for(rows) if rows is not None else priv.delta_for(1)  # the largest possible
+        if delta > lim.max_delta_per_task:
+            return _refuse(
+                PolicyCode.DELTA_ABOVE_MAX,
+                f"task asks delta {_num(delta)} per node; policy allows at most "
+                f"{_num(lim.max_delta_per_task)} (limits.max_delta_per_task)",
+                name,
+            )
+        if noise_multiplier is not None and not (
+            math.isfinite(noise_multiplier) and noise_multiplier >= lim.min_noise_multiplier
+        ):
+            return _refuse(
+                PolicyCode.NOISE_BELOW_MIN,
+                f"task needs noise multiplier {_num(noise_multiplier)} at this node; policy requires at least "
+                f"{_num(lim.min_noise_multiplier)} (limits.min_noise_multiplier)",
+                name,
+            )
+    if rows is not None and rows < lim.min_rows:
+        return _refuse(
+            PolicyCode.TOO_FEW_ROWS,
+            f"data set '{name}' has {rows} training rows; policy requires at least {lim.min_rows} (limits.min_rows)",
+            name,
+        )
+
+    reason = f"task conforms to the node policy; it would use data set '{name}'"
+    if not priv.enabled:
+        reason += " without differential privacy (limits.require_privacy = false)"
+    if policy.approval == "manual":
+        reason += '; approval = "manual": it waits for an operator\'s approval'
+    return Decision(accepted=True, code=None, reason=reason, dataset=name)
+
+
+def check_query(
+    policy: NodePolicy,
+    *,
+    contract: Contract,
+    epsilon: float,
+    delta: float,
+    coordinator: str | None = None,
+    submitter: str | None = None,
+    secure_aggregation: bool = False,
+) -> Decision:
+    """Check a statistics query against the node's policy (the rules of :func:`check_task` that
+    apply to a query: approval, kind ``statistics``, coordinator and submitter, the contract
+    served, epsilon and delta per node, secure aggregation). Rows and the budget are checked
+    when the data is read and when the ledger reserves."""
+    if policy.approval == "deny":
+        return _refuse(PolicyCode.APPROVAL_DENY, 'this node refuses every task (approval = "deny")')
+    if policy.limits.require_secure_aggregation and not secure_aggregation:
+        return _refuse(
+            PolicyCode.SECURE_AGGREGATION_REQUIRED,
+            "query has secure_aggregation = false; policy requires secure aggregation (limits.require_secure_aggregation)",
+        )
+    acc = policy.accept
+    if "statistics" not in acc.kinds:
+        return _refuse(
+            PolicyCode.KIND_NOT_ALLOWED,
+            f"task kind 'statistics' is not accepted; policy accepts {_names(acc.kinds)} (accept.kinds)",
+        )
+    party = _check_parties(acc, coordinator, submitter)
+    if party is not None:
+        return party
+    ds = policy.dataset_for(contract)
+    if ds is None:
+        return _refuse(
+            PolicyCode.CONTRACT_NOT_SERVED,
+            f"query uses contract {contract.ref}; this node serves {_names([r for d in policy.datasets for r in d.refs])} "
+            "(datasets.contract, datasets.versions)",
+        )
+    lim = policy.limits
+    if epsilon > lim.max_epsilon_per_task:
+        return _refuse(
+            PolicyCode.EPSILON_ABOVE_MAX,
+            f"query asks epsilon {_num(epsilon)} per node; policy allows at most {_num(lim.max_epsilon_per_task)} "
+            "(limits.max_epsilon_per_task)",
+            ds.name,
+        )
+    if delta > lim.max_delta_per_task:
+        return _refuse(
+            PolicyCode.DELTA_ABOVE_MAX,
+            f"query asks delta {_num(delta)} per node; policy allows at most {_num(lim.max_delta_per_task)} "
+            "(limits.max_delta_per_task)",
+            ds.name,
+        )
+    reason = f"query conforms to the node policy; it would use data set '{ds.name}'"
+    if policy.approval == "manual":
+        reason += '; approval = "manual": it waits for an operator\'s approval'
+    return Decision(accepted=True, code=None, reason=reason, dataset=ds.name)
+
+
+# --- a starting policy -----------------------------------------------------------------------
+
+
+def _s(value: str | Path) -> str:
+    """A TOML basic string (JSON's escapes are a subset of TOML's)."""
+    text = value.as_posix() if isinstance(value, Path) else str(value)
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _f(value: float) -> str:
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"not a finite number: {value}")
+    return repr(x)
+
+
+def _list(values: Sequence[str]) -> str:
+    return "[" + ", ".join(_s(v) for v in values) + "]"
+
+
+def _pins_line(pins: Mapping[str, tuple[str | Path, str]]) -> str:
+    """The ``contract_files`` line of a data set (one inline table, versions in order)."""
+    items = ", ".join(
+        f"{_s(v)} = {{ path = {_s(path)}, sha256 = {_s(sha)} }}" for v, (path, sha) in sorted(pins.items())
+    )
+    return f"contract_files = {{ {items} }}"
+
+
+def pin_contract_text(text: str, *, dataset: str, version: str, path: str | Path, sha256: str) -> str:
+    """The policy ``text`` with ``version`` of data set ``dataset`` served and pinned to the
+    contract file ``path`` (``fedgov node contract add``); comments and layout are kept.
+
+    Only the data set's ``versions`` and ``contract_files`` lines change (a ``contract_files``
+    line is added after ``versions`` when there is none). Both must be one line each; if not,
+    a :class:`ConfigError` asks the operator to edit the file by hand.
+    """
+    data = tomllib.loads(text)
+    sets = data.get("datasets") or []
+    index = next((i for i, d in enumerate(sets) if d.get("name") == dataset), None)
+    if index is None:
+        raise ConfigError(f"the policy has no data set '{dataset}'", [Problem("<policy>", "datasets", f"no data set named {dataset!r}")])
+    ds = sets[index]
+    versions = sorted({*ds.get("versions", []), version})
+    pins: dict[str, tuple[str | Path, str]] = {
+        str(v): (str(p["path"]), str(p["sha256"])) for v, p in (ds.get("contract_files") or {}).items()
+    }
+    pins[version] = (Path(path).as_posix() if isinstance(path, Path) else path, sha256)
+    lines = text.splitlines(keepends=True)
+    headers = [i for i, line in enumerate(lines) if line.strip() == "[[datasets]]"]
+    start = headers[index]
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+    key = re.compile(r"^\s*(versions|contract_files)\s*=")
+    found = {m.group(1): i for i in range(start + 1, end) if (m := key.match(lines[i]))}
+    if "versions" not in found:
+        raise ConfigError(
+            f"cannot find the versions line of data set '{dataset}'",
+            [Problem("<policy>", f"datasets[{index}].versions", "edit the policy by hand")],
+        )
+    nl = "\n"
+    lines[found["versions"]] = f"versions = {_list(versions)}{nl}"
+    if "contract_files" in found:
+        lines[found["contract_files"]] = _pins_line(pins) + nl
+    else:
+        lines.insert(found["versions"] + 1, _pins_line(pins) + nl)
+    new_text = "".join(lines)
+    check = tomllib.loads(new_text)["datasets"][index]
+    if check.get("versions") != versions or set(check.get("contract_files", {})) != set(pins):
+        raise ConfigError(
+            f"the versions or contract_files of data set '{dataset}' span several lines",
+            [Problem("<policy>", f"datasets[{index}].contract_files", "write each on one line, or pin the contract by hand")],
+        )
+    return new_text
+
+
+def secure_aggregation_text(roster: str | Path | None, authority_key: str | None) -> str:
+    """The policy's ``[secure_aggregation]`` section (commented out without a roster)."""
+    if roster is None or authority_key is None:
+        return """
+# Secure aggregation: the signed federation roster this node pins ('fedgov roster'). Without it
+# the node refuses every task and query under secure aggregation.
+# [secure_aggregation]
+# roster = "roster.json"
+# authority_key = "<the roster authority's SHA-256 fingerprint>"
+"""
+    return f"""
+# Secure aggregation: the signed federation roster this node pins ('fedgov roster'). A peer whose
+# round keys the roster does not vouch for stops the round at this node.
+[secure_aggregation]
+roster = {_s(roster)}
+authority_key = {_s(authority_key)}
+"""
+
+
+def default_policy_text(
+    node: str,
+    *,
+    dataset: str,
+    contract: str,
+    version: str,
+    path: str | Path,
+    test_path: str | Path | None = None,
+    budget_epsilon: float,
+    budget_delta: float = 1e-5,
+    period: Literal["year", "forever"] = "year",
+    approval: Literal["auto", "manual", "deny"] = "manual",
+    max_epsilon_per_task: float | None = None,
+    max_delta_per_task: float | None = None,
+    min_noise_multiplier: float = 0.3,
+    min_rows: int = 50,
+    min_cohort: int = 10,
+    small_cells: Literal["publish-suppressed", "withhold"] = "publish-suppressed",
+    require_privacy: bool = True,
+    kinds: Sequence[str] = ("training",),
+    models: Sequence[str] = MODEL_NAMES,
+    strategies: Sequence[str] = STRATEGIES,
+    coordinators: Sequence[str] = ("*",),
+    submitters: Sequence[str] = ("*",),
+    apps: Sequence[str] = ("fedgov",),
+    contract_files: Mapping[str, tuple[str | Path, str]] | None = None,
+    roster: str | Path | None = None,
+    authority_key: str | None = None,
+) -> str:
+    """A commented policy file for one data set (``fedgov node init``, simulated nodes).
+
+    ``max_epsilon_per_task`` defaults to the smaller of 3.0 and the budget, and
+    ``max_delta_per_task`` to the smaller of 1e-5 and the budget's delta. ``contract_files``
+    pins, per version, the contract file the node holds: ``{version: (path, sha256)}``. The
+    text is validated before it is returned: bad arguments raise a :class:`ConfigError`.
+    """
+    max_eps = min(3.0, budget_epsilon) if max_epsilon_per_task is None else max_epsilon_per_task
+    max_delta = min(1e-5, budget_delta) if max_delta_per_task is None else max_delta_per_task
+    test_line = (
+        f"test_path = {_s(test_path)}"
+        if test_path is not None
+        else '# test_path = "test.csv"'
+    )
+    text = f"""\
+# fedgov node policy: what this node takes part in. The municipality owns this file;
+# the coordinator cannot change it. Relative paths are taken from this file's directory.
+
+# This node's name (its CBS code).
+node = {_s(node)}
+# auto: accept every task that fits this policy; manual: queue each task until an
+# operator approves it; deny: refuse every task (e.g. while on hold).
+approval = {_s(approval)}
+
+# One [[datasets]] block per data set this node serves. Each has its own privacy budget,
+# shared by all tasks on it, and is kept in the node's ledger under its name.
+[[datasets]]
+# The data set id (the ledger's key): never rename it, or its spent budget is forgotten.
+name = {_s(dataset)}
+# The data contract the data conforms to, and the contract versions served.
+contract = {_s(contract)}
+versions = {_list(sorted({version, *(contract_files or {})}))}
+# The contract files this node holds, one per version, pinned by SHA-256: a task whose
+# contract is not byte for byte one of them is refused before the data is read, and a version
+# without a pinned file is not served. 'fedgov node contract add FILE' pins another version.
+{_pins_line(contract_files) if contract_files else f'# contract_files = {{ "{version}" = {{ path = "contracts/{contract}-{version}.toml", sha256 = "..." }} }}'}
+# Training data (CSV or Parquet), and optional held-out test data.
+path = {_s(path)}
+{test_line}
+
+# The privacy budget of this data set: all tasks of the period together.
+# period: "year" renews it every year, "forever" never does.
+[datasets.budget]
+epsilon = {_f(budget_epsilon)}
+delta = {_f(budget_delta)}
+period = {_s(period)}
+
+# What this node takes part in. kinds: training | statistics.
+# coordinators and submitters: names, or "*" for any.
+[accept]
+kinds = {_list(kinds)}
+models = {_list(models)}
+strategies = {_list(strategies)}
+coordinators = {_list(coordinators)}
+submitters = {_list(submitters)}
+# Task code this node runs (deployment): "fedgov" is the app bundle built by this node's
+# own fedgov installation; add a bundle's sha256 ('fedgov app hash') to trust another.
+# "*" runs any bundle the coordinator sends, and warns every time.
+apps = {_list(apps)}
+
+# Minimums every task must meet at this node, whatever the coordinator asks.
+[limits]
+# No task may ask more epsilon or delta of this node than these.
+max_epsilon_per_task = {_f(max_eps)}
+max_delta_per_task = {_f(max_delta)}
+# DP-SGD noise must be at least this (noise multiplier, sigma).
+min_noise_multiplier = {_f(min_noise_multiplier)}
+# Refuse tasks on fewer training rows than this.
+min_rows = {int(min_rows)}
+# Statistics: the smallest cell published for this node alone, and what happens to smaller
+# ones: "publish-suppressed" sends them with their noise (they count in national and
+# regional totals, never shown for this node alone); "withhold" does not send them.
+min_cohort = {int(min_cohort)}
+small_cells = {_s(small_cells)}
+# Refuse tasks with privacy.enabled = false.
+require_privacy = {"true" if require_privacy else "false"}
+# Refuse training tasks whose updates the coordinator would see one by one
+# (true: only tasks with training.secure_aggregation = true).
+require_secure_aggregation = false
+# Refuse training tasks that are not privacy.mode = "distributed" (noise once, on the sum).
+require_distributed = false
+"""
+    text += secure_aggregation_text(roster, authority_key)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # pragma: no cover - the renderer escapes everything
+        raise ConfigError("default policy is not valid TOML", [Problem("<default policy>", "", str(exc))]) from exc
+    _validate(data, "<default policy>", None)
+    return text

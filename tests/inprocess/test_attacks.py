@@ -1,0 +1,144 @@
+"""Poisoned updates: one municipality of 12 sends its update scaled by 100, or with its sign
+flipped. With robust aggregation (trimmed mean, median) or the update-norm bound the final
+accuracy stays within 1 point of the clean run; with plain FedAvg the report shows the damage.
+
+Every run is a federation of the 12 largest cities (Adult split by population) through fedgov's coordinator and fedgov's ClientApp (in process: ``fedgov/testing.py``),
+DP-SGD at every node with reproducible noise, so that runs differ only by the attack and the
+aggregation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedgov.coordinator.run import run_training
+from fedgov.reports import TrainingReport
+
+from _helpers import ADULT, ADULT_TEST, CONTRACT, write
+from fedgov.testing import InProcessGrid, prepare, tamper_update
+
+ROOT = Path(__file__).resolve().parents[2]
+ATTACKER = 9  # Nijmegen, a mid-sized city
+
+ATTACKS = {
+    "scaled-100": lambda local, glob: glob + 100.0 * (local - glob),
+    "sign-flipped": lambda local, glob: glob - (local - glob),
+}
+
+
+def _task(tmp: Path, name: str, training: str) -> Path:
+    return write(
+        tmp / f"{name}.toml",
+        f"""
+        name = "{name}"
+        contract = "{CONTRACT}"
+        [model]
+        name = "logreg"
+        [training]
+        rounds = 5
+        batch_size = 64
+        learning_rate = 0.5
+        min_nodes = 2
+        seed = 3
+        fraction_evaluate = 0.0
+        {training}
+        [privacy]
+        target_epsilon = 4.0
+        delta = 1e-5
+        reproducible_noise = true
+        [evaluation]
+        centralized = "{ADULT_TEST}"
+        """,
+    )
+
+
+CITIES = ["GM0363", "GM0599", "GM0518", "GM0344", "GM0772", "GM0014", "GM0855", "GM0034", "GM0758", "GM0268", "GM0200", "GM0392"]
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """The 12 largest cities (Adult split by population, no skew). On demo-12, whose smallest
+    members hold 100 rows, the unweighted robust rules learn nothing even without an attacker
+    (the noisy updates of the small nodes count as much as Rotterdam's): see the threat model."""
+    tmp = tmp_path_factory.mktemp("attacks")
+    members = "".join(f'[[members]]\ncode = "{c}"\n' for c in CITIES)
+    fed = write(
+        tmp / "cities-12.toml",
+        f'name = "cities-12"\nseed = 4\nsource = "{ADULT}"\n[partition]\nkind = "population"\nskew = "none"\nmin_rows = 500\n' + members,
+    )
+    return tmp, fed
+
+
+_RUNS: dict[str, TrainingReport] = {}
+
+
+def _run(federation: tuple[Path, Any], name: str, training: str = "", attack: str | None = None) -> TrainingReport:
+    key = f"{name}|{training}|{attack}"
+    if key in _RUNS:
+        return _RUNS[key]
+    tmp, fed = federation
+    task_path = _task(tmp, name, training)
+    from fedgov.config import load_task
+
+    task, contract = load_task(task_path)
+    nodes_dir = tmp / f"nodes-{len(_RUNS)}"
+    _, _, nodes, manifest = prepare(nodes_dir, fed, task_path)
+    faults = {ATTACKER: tamper_update(ATTACKS[attack])} if attack else {}
+    grid = InProcessGrid(manifest, len(nodes), run_id=100 + len(_RUNS), faults=faults)
+    report = run_training(
+        grid, task, contract, run_dir=nodes_dir / "run", expected_nodes=len(nodes), task_file=str(task_path),
+        federation="cities-12", local_baseline=False, flower_run_id=100 + len(_RUNS), connect_timeout=5,
+    )
+    assert report.status == "completed", report.message
+    _RUNS[key] = report
+    return report
+
+
+def _acc(r: TrainingReport) -> float:
+    assert r.final is not None
+    return r.final.accuracy
+
+
+TRIMMED = 'aggregation = "trimmed-mean"\ntrim_fraction = 0.1'
+
+
+def test_scaled_update_damages_fedavg_and_robust_aggregation_holds(federation: tuple[Path, Any]) -> None:
+    clean = _run(federation, "clean")
+    attacked = _run(federation, "fedavg", attack="scaled-100")
+    trimmed_clean = _run(federation, "trimmed", TRIMMED)
+    trimmed = _run(federation, "trimmed", TRIMMED, attack="scaled-100")
+    bounded = _run(federation, "bounded", "max_update_norm = 5.0", attack="scaled-100")
+    print(
+        f"\nfinal accuracy: FedAvg clean {_acc(clean):.4f}, attacker x100 {_acc(attacked):.4f}; "
+        f"trimmed mean clean {_acc(trimmed_clean):.4f}, attacker x100 {_acc(trimmed):.4f}; "
+        f"FedAvg with the norm bound, attacker x100 {_acc(bounded):.4f}"
+    )
+    assert _acc(clean) > 0.80
+    assert all(len(r.nodes_trained) == 12 for r in clean.rounds)
+    # without a defence the damage shows in the report
+    assert _acc(attacked) < _acc(clean) - 0.05
+    # with robust aggregation: within 1 point of the clean run (FedAvg, and the same rule without attacker)
+    assert abs(_acc(trimmed) - _acc(clean)) <= 0.01
+    assert abs(_acc(trimmed) - _acc(trimmed_clean)) <= 0.01
+    # with the norm bound the update is left out every round, the report names the node and why
+    assert abs(_acc(bounded) - _acc(clean)) <= 0.01
+    rejected = [r.nodes_rejected for r in bounded.rounds]
+    assert all(len(r) == 1 for r in rejected) and len({k for r in rejected for k in r}) == 1
+    why = next(iter(rejected[0].values()))
+    assert "update norm" in why and "bound of 5 (training.max_update_norm)" in why
+
+
+def test_sign_flipped_update_and_robust_aggregation(federation: tuple[Path, Any]) -> None:
+    """One sign-flipped update of 12 barely moves FedAvg (measured: 0.8296 against 0.8307, and
+    0.8312 against 0.8314 in another configuration), so no damage is asserted for it; the
+    robust rule must hold against it all the same."""
+    trimmed_clean = _run(federation, "trimmed", TRIMMED)
+    trimmed = _run(federation, "trimmed", TRIMMED, attack="sign-flipped")
+    print(f"\nfinal accuracy: trimmed mean clean {_acc(trimmed_clean):.4f}, sign-flipped {_acc(trimmed):.4f}")
+    # within 1 point of the clean run with the same rule (against clean FedAvg it was 1.4 points
+    # below in the measured run: trimming itself costs a little on these nodes)
+    assert abs(_acc(trimmed) - _acc(trimmed_clean)) <= 0.01
+    assert all(len(r.nodes_trained) == 12 and not r.nodes_rejected for r in trimmed.rounds)

@@ -1,0 +1,97 @@
+"""Updates the coordinator leaves out, and robust aggregation, on real Flower messages (no processes)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedgov.coordinator.aggregation import check_update, update_norm
+from fedgov.config import load_task
+from fedgov.coordinator.run import _Recorder, build_strategy, screen_updates
+from fedgov.coordinator.events import EventWriter
+
+ROOT = Path(__file__).resolve().parents[2]
+GLOBAL = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> Iterator[None]:
+    """Flower stamps messages with the running task's identity; give it one, then take it back."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _reply(node_id: int, arrays: dict[str, np.ndarray], n: int = 100) -> Message:
+    TaskIdentity.node_id = 0
+    ins = Message(RecordDict({}), dst_node_id=node_id, message_type=MessageType.TRAIN)
+    TaskIdentity.node_id = node_id
+    content = RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+                          "metrics": MetricRecord({"num-examples": n, "epsilon": 1.0})})
+    return Message(content, reply_to=ins)
+
+
+def test_check_update_names_what_is_wrong() -> None:
+    ok = {"w": np.ones((2, 3)), "b": np.ones(2)}
+    assert check_update(ok, GLOBAL) is None
+    assert "NaN" in (check_update({**ok, "w": np.full((2, 3), np.nan)}, GLOBAL) or "")
+    assert "infinite" in (check_update({**ok, "b": np.array([1.0, np.inf])}, GLOBAL) or "")
+    assert "missing b" in (check_update({"w": ok["w"]}, GLOBAL) or "")
+    assert "unexpected x" in (check_update({**ok, "x": np.ones(1)}, GLOBAL) or "")
+    assert "shape (3, 2)" in (check_update({**ok, "w": np.ones((3, 2))}, GLOBAL) or "")
+    assert update_norm(ok, GLOBAL) == pytest.approx(np.sqrt(8))
+    assert "above the task's bound" in (check_update(ok, GLOBAL, max_norm=2.0) or "")
+    assert check_update(ok, GLOBAL, max_norm=3.0) is None
+
+
+def test_screen_leaves_out_bad_updates_and_names_the_node() -> None:
+    rng = np.random.default_rng(0)
+    good = [_reply(i, {k: v + rng.normal(0, 0.1, v.shape) for k, v in GLOBAL.items()}) for i in (1, 2, 3)]
+    nan = _reply(4, {"w": np.full((2, 3), np.nan), "b": np.zeros(2)})
+    scaled = _reply(5, {k: v + 100.0 for k, v in GLOBAL.items()})
+    names = {1: "GM0363", 2: "GM0344", 3: "GM0150", 4: "GM0599", 5: "GM0014"}
+    kept, rejected = screen_updates(good + [nan, scaled], GLOBAL, max_norm=5.0, name=lambda m: names[m.metadata.src_node_id])
+    assert [m.metadata.src_node_id for m in kept] == [1, 2, 3]
+    assert set(rejected) == {"GM0599", "GM0014"}
+    assert "NaN" in rejected["GM0599"] and "bound" in rejected["GM0014"]
+
+
+def _aggregate(aggregation: str, replies: list[Message], tmp: Path) -> dict[str, np.ndarray]:
+    task, _ = load_task(ROOT / "configs" / "tasks" / "adult-income.toml")
+    task = task.model_copy(update={"training": task.training.model_copy(update={"aggregation": aggregation})})
+    recorder = _Recorder({}, EventWriter(tmp / f"{aggregation}.jsonl"))
+    strategy = build_strategy(task, len(replies), recorder)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+@pytest.mark.parametrize("attack", ["scaled-by-100", "flipped-sign"])
+def test_robust_aggregation_resists_one_bad_node_of_twelve(tmp_path: Path, attack: str) -> None:
+    rng = np.random.default_rng(1)
+    target = {"w": np.full((2, 3), 0.5), "b": np.full(2, -0.3)}
+    honest = [{k: v + rng.normal(0, 0.05, v.shape) for k, v in target.items()} for _ in range(11)]
+    bad = {k: v * 100 for k, v in target.items()} if attack == "scaled-by-100" else {k: -v for k, v in target.items()}
+    updates = [*honest, bad]
+    # Fresh messages for each strategy: Flower's FedMedian takes the arrays out of the replies.
+    dist = {
+        a: update_norm(_aggregate(a, [_reply(i + 1, u) for i, u in enumerate(updates)], tmp_path), target)
+        for a in ("mean", "median", "trimmed-mean", "krum")
+    }
+    for robust in ("median", "trimmed-mean", "krum"):
+        assert dist[robust] < 0.1, dist
+    assert dist["mean"] > 3 * max(dist["median"], dist["trimmed-mean"], dist["krum"]), dist
+
+
+def test_strategy_follows_the_task(tmp_path: Path) -> None:
+    task, _ = load_task(ROOT / "configs" / "tasks" / "adult-income.toml")
+    names = {}
+    for agg in ("mean", "median", "trimmed-mean", "krum"):
+        t = task.model_copy(update={"training": task.training.model_copy(update={"aggregation": agg})})
+        names[agg] = type(build_strategy(t, 12, _Recorder({}, EventWriter(tmp_path / "e.jsonl")))).__name__
+    assert names == {"mean": "RecordingFedAvg", "median": "RecordingFedMedian", "trimmed-mean": "RecordingFedTrimmedAvg", "krum": "RecordingKrum"}
