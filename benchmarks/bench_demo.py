@@ -31,7 +31,8 @@ def centralized_nonprivate(task_path: Path, epochs: int = 20) -> float:
     from fedgov.config import TrainingSpec, load_task
     from fedgov.data import Encoder, read_table, validate_frame
     from fedgov.models import build_model
-    from fedgov.node.training import evaluate, train_nonprivate_round
+    from fedgov.models import evaluate
+    from fedgov.node.training import train_nonprivate_round
 
     task, contract = load_task(task_path)
     enc = Encoder.from_contract(contract, task.features)

@@ -361,7 +361,7 @@ def _graph_key(msg: Message, server_round: int) -> str:
     task, contract = task_of(msg)
     if not 1 <= server_round <= task.training.rounds:
         raise SecAggError(f"round {server_round} is not one of the task's {task.training.rounds} rounds")
-    return "task-" + admission.fingerprint(task, contract)
+    return "task-" + P.fingerprint(task, contract)
 
 
 def _round_key(msg: Message) -> str:

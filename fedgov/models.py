@@ -13,7 +13,9 @@ other records into each gradient) and replaces the ones it can (BatchNorm -> Gro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -34,6 +36,11 @@ __all__ = [
     "dp_problems",
     "get_state",
     "set_state",
+    "EvalMetrics",
+    "as_tensors",
+    "check_labels",
+    "eval_mode",
+    "evaluate",
 ]
 
 
@@ -217,3 +224,94 @@ def set_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
     if problems:
         raise ModelError("cannot load weights into the model:\n" + "\n".join(f"  - {p}" for p in problems))
     model.load_state_dict(new, strict=True)
+
+
+# --------------------------------------------------------------------------- evaluation
+# Shared by the node (its DP evaluation) and the coordinator (central evaluation on public rows).
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    """Metrics of a model on labelled rows. ``auc`` is None when only one class is present."""
+
+    accuracy: float
+    loss: float
+    auc: float | None
+    n: int
+
+    def to_metrics(self, prefix: str = "") -> dict[str, float]:
+        """Numbers only (as a Flower ``MetricRecord`` wants): a missing AUC is left out."""
+        out = {f"{prefix}accuracy": self.accuracy, f"{prefix}loss": self.loss, f"{prefix}n": float(self.n)}
+        if self.auc is not None:
+            out[f"{prefix}auc"] = self.auc
+        return out
+
+
+
+def as_tensors(X: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim != 2:
+        raise ModelError(f"X must be a 2-d array (rows, features), got shape {X.shape}")
+    if y.shape != (X.shape[0],):
+        raise ModelError(f"y must have one label per row of X: X has {X.shape[0]} rows, y has shape {y.shape}")
+    return torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64)
+
+
+
+def check_labels(y: torch.Tensor, n_classes: int) -> None:
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        raise ModelError(
+            f"labels must be in 0..{n_classes - 1} for a model with {n_classes} outputs, "
+            f"found {int(y.min())}..{int(y.max())}"
+        )
+
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+
+def _macro_ovr_auc(y: np.ndarray, proba: np.ndarray) -> float | None:
+    """ROC AUC: binary on class 1's probability; else the mean one-vs-rest AUC over the classes
+    present in ``y`` (scikit-learn's ``multi_class="ovr", average="macro"``, restricted to
+    present classes so an absent class does not make it fail). None with fewer than 2 classes.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    present = np.unique(y)
+    if len(present) < 2:
+        return None
+    if proba.shape[1] == 2:
+        return float(roc_auc_score(y, proba[:, 1]))
+    return float(np.mean([roc_auc_score(y == c, proba[:, c]) for c in present]))
+
+
+
+def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray, *, batch_size: int = 4096) -> EvalMetrics:
+    """Accuracy, mean cross-entropy and ROC AUC of ``model`` on ``(X, y)``.
+
+    The model is put in eval mode for the pass and returned to the mode it was in.
+    """
+    Xt, yt = as_tensors(X, y)
+    n = len(yt)
+    if n == 0:
+        raise ModelError("cannot evaluate on 0 rows")
+    logits_parts = []
+    with eval_mode(model):
+        for start in range(0, n, batch_size):
+            logits_parts.append(model(Xt[start : start + batch_size]))
+    logits = torch.cat(logits_parts)
+    check_labels(yt, logits.shape[1])
+    loss = float(nn.functional.cross_entropy(logits, yt, reduction="mean"))
+    accuracy = float((logits.argmax(dim=1) == yt).float().mean())
+    proba = torch.softmax(logits, dim=1).numpy().astype(np.float64)
+    return EvalMetrics(accuracy=accuracy, loss=loss, auc=_macro_ovr_auc(yt.numpy(), proba), n=n)

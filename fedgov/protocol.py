@@ -15,11 +15,18 @@ names the keys and turns them into typed values, so that ``server/`` and ``clien
 
 from __future__ import annotations
 
+import hashlib
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
+if TYPE_CHECKING:
+    from fedgov.config import Contract, Task
+
 __all__ = [
+    "fingerprint",
+    "task_id_of",
     "ARRAYS",
     "CONFIG",
     "METRICS",
@@ -127,3 +134,16 @@ class StatsAnswer(BaseModel):
     delta: float | None = None
     release_json: str | None = None
 
+
+# --------------------------------------------------------------------------- task identity
+# Node and coordinator compute these the same way: the fingerprint is what an operator approves.
+
+
+def fingerprint(task: Task, contract: Contract) -> str:
+    """What a task asks, as a short hash: the key an operator approves (``fedgov node approve``)."""
+    return hashlib.sha256((task.model_dump_json() + contract.model_dump_json()).encode()).hexdigest()[:16]
+
+
+def task_id_of(task: Task, contract: Contract, run_id: int | str) -> str:
+    """The ledger's key for one run of a task: its name, its fingerprint and the run id."""
+    return f"{task.name}-{fingerprint(task, contract)}-{run_id}"

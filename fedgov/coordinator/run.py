@@ -698,7 +698,7 @@ class CentralEvaluator:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         from fedgov.models import set_state
-        from fedgov.node.training import evaluate
+        from fedgov.models import evaluate
 
         if server_round == 0 and self.round_offset > 0:
             return None  # a resumed run: the model it starts from was evaluated before the crash
@@ -748,7 +748,7 @@ def run_training(
     """
     import torch
 
-    from fedgov.node.admission import fingerprint
+    from fedgov.protocol import fingerprint
     from fedgov.coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from fedgov.models import build_model, get_state
 
@@ -871,7 +871,7 @@ def run_training(
         report.model_parameters = int(sum(np.asarray(v).size for v in initial_state.values()))
         dplan = None
         if task.privacy.enabled and task.privacy.mode == "distributed":
-            from fedgov.node.rounds import distributed_plan
+            from fedgov.privacy.plans import distributed_plan
 
             dplan = distributed_plan(task, report.model_parameters)
             report.privacy.update({

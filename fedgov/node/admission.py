@@ -19,12 +19,12 @@ Refusals carry a machine-readable code and a text, never a data value. The Flowe
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from fedgov import protocol as P
+from fedgov.protocol import fingerprint, task_id_of
 from fedgov.config import Contract, Task
 from fedgov.node.ledger import Mechanism
 from fedgov.errors import BudgetExceeded
@@ -32,8 +32,6 @@ from fedgov.node.home import NodeHome, budget_of
 from fedgov.node.policy import check_task
 
 __all__ = [
-    "fingerprint",
-    "task_id_of",
     "precheck",
     "admit",
     "dataset_name",
@@ -48,16 +46,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def fingerprint(task: Task, contract: Contract) -> str:
-    """What a task asks, as a short hash: the key an operator approves (``fedgov node approve``)."""
-    return hashlib.sha256((task.model_dump_json() + contract.model_dump_json()).encode()).hexdigest()[:16]
-
-
-def task_id_of(task: Task, contract: Contract, run_id: int | str) -> str:
-    """The ledger's key for one run of a task: its name, its fingerprint and the run id."""
-    return f"{task.name}-{fingerprint(task, contract)}-{run_id}"
 
 
 def _refusal(node: str, code: str, reason: str) -> P.NodeHello:
@@ -166,7 +154,7 @@ def _summary(task: Task, contract: Contract, dataset: str, hello: P.NodeHello) -
 
 def _sends(task: Task) -> str:
     """What the task makes this node send, in words (the release gate's rules)."""
-    from fedgov.node.rounds import node_evaluations
+    from fedgov.privacy.plans import node_evaluations
 
     rounds = task.training.rounds
     update = "its masked update (secure aggregation)" if task.training.secure_aggregation else "its DP-SGD model update"

@@ -8,7 +8,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 
 from fedgov import protocol as P
-from fedgov.node.admission import task_id_of
+from fedgov.protocol import task_id_of
 from fedgov.analytics import Query
 from fedgov.config import Contract, Task
 from fedgov.errors import DataFileError

@@ -20,7 +20,6 @@ node does not re-read and re-validate its export every round.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import zlib
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from fedgov import protocol as P
+from fedgov.privacy.plans import distributed_plan, node_evaluations, node_plan, task_delta
 from fedgov.config import Contract, Task
 from fedgov.errors import DataFileError, DataValidationError, ModelError, PrivacyError
 from fedgov.errors import BudgetExceeded
@@ -113,72 +113,12 @@ def _seed(task: Task, node: str, server_round: int, salt: int = 0) -> int:
     return (task.training.seed * 1_000_003 + zlib.crc32(node.encode()) + 7919 * server_round + salt) % (2**31 - 1)
 
 
-def node_evaluations(task: Task) -> int:
-    """How many DP evaluations of the global model this node plans for ``task`` (local DP-SGD
-    only: under distributed DP the guarantee is per municipality, which a per-record count
-    release would not keep, so the nodes do not evaluate)."""
-    p = task.privacy
-    return task.evaluation.node_evaluations(task.training.rounds, enabled=p.enabled and p.mode == "local")
-
-
-def _plan(task: Task, rows: int) -> Any:
-    p = task.privacy
-    return _plan_cached(
-        rows, task.training.batch_size, task.training.local_epochs, task.training.rounds,
-        p.target_epsilon, p.delta_for(rows), p.accountant, p.margin, node_evaluations(task), task.evaluation.epsilon,
-    )
-
-
-@functools.lru_cache(maxsize=256)
-def _plan_cached(
-    rows: int, batch_size: int, local_epochs: int, rounds: int,
-    target_epsilon: float, delta: float, accountant: str, margin: float, evaluations: int = 0, evaluation_epsilon: float = 0.0,
-) -> Any:
-    """Calibrating sigma takes seconds (a search over the PRV accountant): do it once."""
-    from fedgov.privacy import plan_node_dp
-
-    return plan_node_dp(
-        rows=rows, batch_size=batch_size, local_epochs=local_epochs, rounds=rounds,
-        target_epsilon=target_epsilon, delta=delta, accountant=accountant, margin=margin,
-        evaluations=evaluations, evaluation_epsilon=evaluation_epsilon,
-    )
-
-
-def task_delta(task: Task, rows: int) -> float:
-    """The task's delta at a node: per record for local DP-SGD (``delta_for``), per municipality
-    (``privacy.delta``, default 1e-5) for distributed DP."""
-    if task.privacy.mode == "distributed":
-        return task.privacy.delta if task.privacy.delta is not None else 1e-5
-    return task.privacy.delta_for(rows)
-
-
 def model_dimension(task: Task, n_features: int, n_classes: int) -> int:
     """Numbers in the task's model (the length of an update)."""
     from fedgov.models import build_model
 
     model = build_model(task.model, n_features=n_features, n_classes=n_classes, seed=0)
     return int(sum(p.numel() for p in model.state_dict().values()))
-
-
-def distributed_plan(task: Task, dimension: int) -> Any:
-    """The task's distributed-DP plan (the same at every node and the coordinator)."""
-    p = task.privacy
-    return _dplan_cached(
-        dimension, p.update_clip, task.training.rounds, task.training.fraction_train, p.target_epsilon,
-        task_delta(task, 0), p.accountant, p.margin,
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _dplan_cached(
-    dimension: int, clip: float, rounds: int, sample_rate: float, target_epsilon: float, delta: float, accountant: str, margin: float,
-) -> Any:
-    from fedgov.privacy.distributed import plan_distributed
-
-    return plan_distributed(
-        dimension=dimension, clip=clip, rounds=rounds, sample_rate=sample_rate, target_epsilon=target_epsilon,
-        delta=delta, accountant=accountant, margin=margin,
-    )
 
 
 def hello(
@@ -379,7 +319,7 @@ class DPState:
             if (plan.rows == rows and plan.rounds == task.training.rounds and plan.target_epsilon == task.privacy.target_epsilon
                     and plan.evaluations == node_evaluations(task)):
                 return plan
-        plan = _plan(task, rows)
+        plan = node_plan(task, rows)
         self.plan_json = plan.model_dump_json()
         return plan
 
@@ -468,7 +408,7 @@ def evaluate_global(
     cryptographically secure generator. The spend, ``(evaluation_noise, 1, 1)``, is recorded in
     the ledger before this runs (``clients.mods.budget_mod``). Exact counts only for a task
     without DP (which the node's policy must allow). Accuracy is their ratio, at the coordinator."""
-    from fedgov.node.training import evaluate
+    from fedgov.models import evaluate
 
     data = prepare(task, contract, train_path, test_path)
     m = evaluate(_model(task, data, state), data.X_test, data.y_test)
@@ -504,7 +444,7 @@ def local_only_baseline(
     as a municipality alone would need for the same guarantee.
     """
     from fedgov.models import get_state
-    from fedgov.node.training import evaluate
+    from fedgov.models import evaluate
 
     data = prepare(task, contract, train_path, test_path)
     model_state = get_state(_model(task, data, None))

@@ -32,7 +32,6 @@ import secrets
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,37 +42,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedgov.config.task import PrivacySpec, TrainingSpec
 from fedgov.errors import ModelError, PrivacyError
-from fedgov.models import dp_problems, get_state
+from fedgov.models import as_tensors, check_labels, dp_problems, eval_mode, get_state
 from fedgov.privacy.accounting import DPPlan, HistoryEntry, epsilon_from_history, merge_history
 from fedgov.privacy.dpsgd import FusedClipper, fused_supported, noised_mean_grad, poisson_batches, poisson_indices
 from fedgov.privacy.rng import RandomSource, SecureRNG, draw_normal
 
 __all__ = [
-    "EvalMetrics",
     "RoundResult",
-    "evaluate",
     "train_dp_round",
     "train_nonprivate_round",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EvalMetrics:
-    """Metrics of a model on labelled rows. ``auc`` is None when only one class is present."""
-
-    accuracy: float
-    loss: float
-    auc: float | None
-    n: int
-
-    def to_metrics(self, prefix: str = "") -> dict[str, float]:
-        """Numbers only (as a Flower ``MetricRecord`` wants): a missing AUC is left out."""
-        out = {f"{prefix}accuracy": self.accuracy, f"{prefix}loss": self.loss, f"{prefix}n": float(self.n)}
-        if self.auc is not None:
-            out[f"{prefix}auc"] = self.auc
-        return out
 
 
 @dataclass(frozen=True)
@@ -101,24 +81,6 @@ class RoundResult:
         return self.train_loss
 
 
-def _as_tensors(X: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    X = np.asarray(X)
-    y = np.asarray(y)
-    if X.ndim != 2:
-        raise ModelError(f"X must be a 2-d array (rows, features), got shape {X.shape}")
-    if y.shape != (X.shape[0],):
-        raise ModelError(f"y must have one label per row of X: X has {X.shape[0]} rows, y has shape {y.shape}")
-    return torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64)
-
-
-def _check_labels(y: torch.Tensor, n_classes: int) -> None:
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-        raise ModelError(
-            f"labels must be in 0..{n_classes - 1} for a model with {n_classes} outputs, "
-            f"found {int(y.min())}..{int(y.max())}"
-        )
-
-
 class _Rows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """In-memory rows that a DataLoader fetches a whole batch at a time.
 
@@ -144,53 +106,6 @@ class _Rows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 def _pass_through(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Collate function for :class:`_Rows`: the batch is already stacked (empty included)."""
     return batch
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _macro_ovr_auc(y: np.ndarray, proba: np.ndarray) -> float | None:
-    """ROC AUC: binary on class 1's probability; else the mean one-vs-rest AUC over the classes
-    present in ``y`` (scikit-learn's ``multi_class="ovr", average="macro"``, restricted to
-    present classes so an absent class does not make it fail). None with fewer than 2 classes.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    present = np.unique(y)
-    if len(present) < 2:
-        return None
-    if proba.shape[1] == 2:
-        return float(roc_auc_score(y, proba[:, 1]))
-    return float(np.mean([roc_auc_score(y == c, proba[:, c]) for c in present]))
-
-
-def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray, *, batch_size: int = 4096) -> EvalMetrics:
-    """Accuracy, mean cross-entropy and ROC AUC of ``model`` on ``(X, y)``.
-
-    The model is put in eval mode for the pass and returned to the mode it was in.
-    """
-    Xt, yt = _as_tensors(X, y)
-    n = len(yt)
-    if n == 0:
-        raise ModelError("cannot evaluate on 0 rows")
-    logits_parts = []
-    with _eval_mode(model):
-        for start in range(0, n, batch_size):
-            logits_parts.append(model(Xt[start : start + batch_size]))
-    logits = torch.cat(logits_parts)
-    _check_labels(yt, logits.shape[1])
-    loss = float(nn.functional.cross_entropy(logits, yt, reduction="mean"))
-    accuracy = float((logits.argmax(dim=1) == yt).float().mean())
-    proba = torch.softmax(logits, dim=1).numpy().astype(np.float64)
-    return EvalMetrics(accuracy=accuracy, loss=loss, auc=_macro_ovr_auc(yt.numpy(), proba), n=n)
 
 
 def _seeds(seed: int | None) -> tuple[int, int]:
@@ -475,7 +390,7 @@ def train_dp_round(
     Returns the new plain-model weights, the merged ledger, its epsilon, the number of steps,
     the mean training loss over non-empty batches, and ``num_examples = rows``.
     """
-    Xt, yt = _as_tensors(X, y)
+    Xt, yt = as_tensors(X, y)
     _check_plan(len(yt), training, privacy, plan)
     prior = merge_history(list(history))
     expected = merge_history(prior + [plan.round_entry()])
@@ -495,9 +410,9 @@ def train_dp_round(
             "Opacus rejects this model; pass it through make_dp_compatible first:\n"
             + "\n".join(f"  - {p}" for p in problems)
         )
-    with _eval_mode(model):
+    with eval_mode(model):
         n_classes = model(Xt[:1]).shape[1]
-    _check_labels(yt, n_classes)
+    check_labels(yt, n_classes)
     anchor = _proximal_anchor(model, training, global_state)
 
     mode = _grad_sample_mode(model, privacy.grad_sample_mode)
@@ -616,12 +531,12 @@ def train_nonprivate_round(
     For ``privacy.enabled = false`` and for baselines. No guarantee: ``epsilon`` is None.
     FedProx adds ``mu/2 * ||w - w_global||^2`` to the loss.
     """
-    Xt, yt = _as_tensors(X, y)
+    Xt, yt = as_tensors(X, y)
     if len(yt) == 0:
         raise ModelError("cannot train on 0 rows")
-    with _eval_mode(model):
+    with eval_mode(model):
         n_classes = model(Xt[:1]).shape[1]
-    _check_labels(yt, n_classes)
+    check_labels(yt, n_classes)
     anchor = _proximal_anchor(model, training, global_state)
     sample_seed, _ = _seeds(seed)
     loader = DataLoader(

@@ -84,7 +84,7 @@ def _ledger(node_dir: Path, task_path: Path) -> list[tuple[str, int | None, str]
     """The interrupted task's ledger events: (kind, round, note). The node directories also hold the
     uninterrupted run (another run id) and the node's row-count release (``rows-...``, see
     :func:`_row_releases`)."""
-    from fedgov.node.admission import task_id_of
+    from fedgov.protocol import task_id_of
     from fedgov.config import load_task
 
     tid = task_id_of(*load_task(task_path), CRASH_RUN)

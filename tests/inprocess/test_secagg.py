@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedgov.node.admission import task_id_of
+from fedgov.protocol import task_id_of
 from fedgov.config import load_task
 from fedgov.errors import ConfigError
 from fedgov.node.refusals import error_reason

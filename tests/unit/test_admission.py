@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from fedgov import protocol as P
-from fedgov.node.admission import admit, fingerprint, is_admitted, precheck, record_spend, release, task_id_of
+from fedgov.node.admission import admit, is_admitted, precheck, record_spend, release
+from fedgov.protocol import fingerprint, task_id_of
 from fedgov.config import load_task
 from fedgov.node.refusals import is_allowed, refusal_text
 from fedgov.node.home import NodeHome, budget_of

@@ -14,7 +14,8 @@ from fedgov.config.task import ModelSpec, PrivacySpec, TrainingSpec
 from fedgov.errors import ModelError, PrivacyError
 from fedgov.models import build_model, get_state, set_state
 from fedgov.privacy import DPPlan, epsilon_for, epsilon_from_history, plan_node_dp, poisson_batches
-from fedgov.node.training import evaluate, train_dp_round, train_nonprivate_round
+from fedgov.models import evaluate
+from fedgov.node.training import train_dp_round, train_nonprivate_round
 
 ROWS, FEATURES, BATCH, ROUNDS, TARGET, DELTA = 2000, 10, 100, 3, 3.0, 1e-5
 
