@@ -29,6 +29,7 @@ test: lint
 lint: $(STAMP)
 	$(BIN)/ruff check fedgov server clients tests benchmarks scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 # The benchmark suite (not part of `make test`; about 30 minutes on 2 cores): JSON in
 # benchmarks/results/, and the table benchmarks/results/summary.md.

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
 FEDERATIONS = {12: ROOT / "configs" / "federations" / "demo-12.toml", 342: ROOT / "configs" / "federations" / "nl-342.toml"}
 

@@ -118,7 +118,7 @@ def _bare_reply_bytes(model: str, n_features: int) -> int:
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedgov.config.task import ModelSpec
-    from fedgov.coordinator.run import message_bytes
+    from fedgov.coordinator.grid import message_bytes
     from fedgov.models import build_model
 
     net = build_model(ModelSpec(name=model), n_features=n_features, n_classes=2, seed=0)

@@ -1,33 +1,42 @@
-"""The Flower ClientApp of a fedgov node (Message API). All logic lives in :mod:`fedgov.node`
-and :mod:`fedgov.node.admission`; the mods in :mod:`clients.mods` run around every handler, in
-this order (outermost first):
+"""The Flower ClientApp of a fedgov node (Message API): thin glue over :mod:`fedgov.node`.
+
+Each handler parses the message (:mod:`fedgov.node.context`), calls one function of
+:mod:`fedgov.node` and builds the reply. The mods in :mod:`clients.mods` run around every
+handler, in this order (outermost first):
 
 1. ``audit_mod``: every message received and every reply sent goes into the node's
    hash-chained audit log (kinds, sizes, array shapes, metric names and values; no rows);
-2. ``pause_mod``: a paused node refuses at the next message, without a restart;
-3. ``admission_mod``: ``hello`` is checked against the policy before the data is touched,
+2. ``gate_mod``: the release gate; every reply is checked against the declaration of what may
+   leave the node (:mod:`fedgov.node.gate`), and one with anything else is not sent;
+3. ``pause_mod``: a paused node refuses at the next message, without a restart;
+4. ``contract_mod``: a message's contract must be the one this node holds and pins;
+5. ``admission_mod``: ``hello`` is checked against the policy before the data is touched,
    then (after the handler read the data and planned DP-SGD) approval and the ledger
    reservation; ``train`` and ``evaluate`` run only for an admitted task;
-4. ``secagg_mod``: for a task under secure aggregation, the protocol's stages, and the train
-   reply masked so that the coordinator learns only the round's sum (:mod:`fedgov.privacy.secagg`);
-5. ``budget_mod``: a ``train`` reply leaves only after its spend is in the ledger; ``end``
-   releases what the task reserved but did not use.
+6. ``secagg_mod``: for a task under secure aggregation, the protocol's stages, and the train
+   reply masked so that the coordinator learns only the round's sum (:mod:`fedgov.node.secure`);
+7. ``budget_mod``: a ``train`` reply leaves only after its spend is in the ledger; an
+   evaluation is charged before it is computed; ``end`` releases what the task reserved but
+   did not use (:mod:`fedgov.node.spend`).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import traceback
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedgov.node.context import data_of, node_of, query_of, task_of
+import fedgov.node as N
 from clients.mods import (
     ERROR_REFUSED,
+    FlowerState,
     admission_mod,
     audit_mod,
     budget_mod,
@@ -40,13 +49,16 @@ from clients.mods import (
     stash,
     state_key,
 )
-from fedgov.node.admission import public_reason
-from fedgov.node.refusals import error_reason, is_allowed
-from fedgov.node import rounds as N
-from fedgov.config import Contract, Task
 from fedgov import protocol as P
+from fedgov.config import Contract, Task
 from fedgov.config.municipalities import display_name
+from fedgov.errors import SecAggError
+from fedgov.node.context import config_int, data_of, node_of, query_of, task_of
+from fedgov.node.contracts import append_private
+from fedgov.node.refusals import Refusal, error_reason
 from fedgov.transport import UPDATE, encode_update
+
+__all__ = ["app"]
 
 app = ClientApp(mods=[audit_mod, gate_mod, pause_mod, contract_mod, admission_mod, secagg_mod, budget_mod])
 log = logging.getLogger("fedgov.node")
@@ -62,18 +74,12 @@ def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, 
         try:
             return handler(msg, context)
         except Exception as exc:
-            import traceback
-            from datetime import datetime, timezone
-
-            from fedgov.node.contracts import append_private
-            from fedgov.node.refusals import error_reason
-
             tb = traceback.extract_tb(exc.__traceback__)
             where = f"{Path(tb[-1].filename).name}:{tb[-1].lineno} in {tb[-1].name}" if tb else "?"
             report = None
             try:
                 _, home, _ = node_of(context)
-                stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                stamp = datetime.now(UTC).isoformat(timespec="seconds")
                 report = append_private(
                     home.path, "errors.log",
                     f"--- {stamp} handler {handler.__name__}\n{''.join(traceback.format_exception(exc))}\n",
@@ -90,15 +96,20 @@ def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, 
 
 
 def _dp(context: Context, key: str) -> N.DPState:
-    return N.DPState.from_json(str(context.state[key]["json"]) if key in context.state else None)
+    """The node's accountant for the task, as the hello handler fixed it."""
+    return N.DPState.from_json(FlowerState(context).get(key))
+
+
+def _server_round(msg: Message) -> int:
+    return config_int(msg.content.config_records[P.CONFIG], "server-round")
 
 
 @app.query()
 @_safe
 def query(msg: Message, context: Context) -> Message:
     """``hello`` (may this node take part?), ``baseline`` (local-only model), ``end``, and
-    ``stats`` (a statistics query: :func:`fedgov.launch.query.answer_query`)."""
-    kind = str(msg.content[P.CONFIG].get(P.KIND, P.HELLO))
+    ``stats`` (a statistics query: :func:`fedgov.node.statistics.answer_query`)."""
+    kind = str(msg.content.config_records[P.CONFIG].get(P.KIND, P.HELLO))
     if kind == P.STATS:
         return _stats(msg, context)
     task, contract = task_of(msg)
@@ -108,55 +119,41 @@ def query(msg: Message, context: Context) -> Message:
         return Message(RecordDict({P.METRICS: MetricRecord({"ok": 1})}), reply_to=msg)
     train_path, test_path = data_of(home, contract)
     if kind == P.BASELINE:
-        if not simulated:  # a second release of the node's data: simulations only
-            return Message(Error(code=ERROR_REFUSED, reason=error_reason("baseline-not-offered")), reply_to=msg)
-        dp_state = _dp(context, key)
-        base = N.local_only_baseline(task, contract, train_path, test_path, node=node, plan_json=dp_state.plan_json, rows=dp_state.rows)
-        # computed apart from the node's budget; its epsilon is the task's own target (what it would cost)
-        epsilon = task.privacy.target_epsilon if task.privacy.enabled else float("inf")
-        return Message(RecordDict({P.METRICS: MetricRecord({"accuracy": base.accuracy, "epsilon": epsilon})}), reply_to=msg)
+        base = N.baseline(task, contract, train_path, test_path, node=node, simulated=simulated, dp=_dp(context, key))
+        if isinstance(base, Refusal):
+            return Message(Error(code=ERROR_REFUSED, reason=base.reason()), reply_to=msg)
+        return Message(RecordDict({P.METRICS: MetricRecord({"accuracy": base.accuracy, "epsilon": base.epsilon})}), reply_to=msg)
     answer, dp = N.hello(
         task, contract, node=node, node_name=display_name(node), train_path=train_path, test_path=test_path, workdir=home.path,
         release_rows=lambda n: N.released_row_count(home, contract, train_path, n),
         min_rows=home.policy().limits.min_rows if home.exists() else 0,
     )
     if answer.accepted:
-        context.state[key] = ConfigRecord({"json": dp.to_json()})
+        FlowerState(context).put(key, dp.to_json())
     return Message(RecordDict({P.HELLO: ConfigRecord({P.NODE_JSON: answer.model_dump_json()})}), reply_to=msg)
 
 
 def _stats(msg: Message, context: Context) -> Message:
     """A statistics query; under secure aggregation the release leaves masked, with only its
-    layout (parts, cells, noise) in plaintext (:mod:`fedgov.analytics.secure`)."""
-    from fedgov.analytics import LocalRelease
-    from fedgov.analytics.secure import secure_vector, skeleton_of
-    from fedgov.errors import SecAggError
-    from fedgov.launch.query import answer_query, query_id_of
-
+    layout (parts, cells, noise) in plaintext (:func:`fedgov.node.secure.mask_release`)."""
     q, contract = query_of(msg)
     node, home, _ = node_of(context)
-    st = None
+    secure = None
     if q.secure_aggregation:
         try:  # before any data is read or budget spent: no shares, no answer
-            st, survivors = secagg_receive(msg, context, int(msg.content[P.CONFIG].get("server-round", 1)))  # type: ignore[arg-type]
+            cfg = msg.content.config_records[P.CONFIG]
+            secure = secagg_receive(msg, context, config_int(cfg, "server-round") if "server-round" in cfg else 1)
         except (SecAggError, KeyError, ValueError, TypeError) as exc:
             log.warning("node: secure aggregation stopped: %s", type(exc).__name__)
             return Message(Error(code=ERROR_REFUSED, reason=error_reason("secure-aggregation")), reply_to=msg)
-    answer = answer_query(home, node, q, contract, query_id=query_id_of(q, contract, msg.metadata.run_id))
-    if not answer.accepted and not is_allowed(answer.code, answer.reason):
-        # the detailed reason stays at the node (its audit log); a fixed text leaves
-        code = answer.code or "internal-error"
-        try:
-            reason = public_reason(code, task=q, contract=contract, policy=home.policy(), kind="statistics")
-        except Exception:  # noqa: BLE001 - a code without a template: the fixed internal text
-            code, reason = "internal-error", error_reason("internal-error").partition(": ")[2]
-        answer = answer.model_copy(update={"code": code, "reason": reason})
-    if st is None or not answer.accepted or not answer.release_json:
+    answer = N.answer_query(home, node, q, contract, query_id=N.query_id_of(q, contract, msg.metadata.run_id))
+    # the detailed reason of a refusal stays at the node (its audit log); a fixed text leaves
+    answer = N.public_answer(answer, q, contract, home)
+    if secure is None or not answer.accepted or not answer.release_json:
         return Message(RecordDict({P.STATS: ConfigRecord({P.ANSWER_JSON: answer.model_dump_json()})}), reply_to=msg)
-    release = LocalRelease.model_validate_json(answer.release_json)
-    masked = st.mask(secure_vector(release, q), survivors)
+    st, survivors = secure
+    answer, masked = N.mask_release(st, answer, q, survivors)
     secagg_keep(msg, context, st)
-    answer = answer.model_copy(update={"release_json": skeleton_of(release).model_dump_json()})
     return Message(
         RecordDict({P.STATS: ConfigRecord({P.ANSWER_JSON: answer.model_dump_json()}), P.ARRAYS: ArrayRecord({P.MASKED: Array(masked.astype(np.uint32))})}),
         reply_to=msg,
@@ -178,10 +175,9 @@ def train(msg: Message, context: Context) -> Message:
     key = state_key(msg)
     new_state, metrics, dp = N.train(
         task, contract, node=node, train_path=train_path, test_path=test_path,
-        state=state, server_round=int(msg.content.config_records[P.CONFIG]["server-round"]),  # type: ignore[arg-type]
-        dp=_dp(context, key),
+        state=state, server_round=_server_round(msg), dp=_dp(context, key),
     )
-    context.state[key] = ConfigRecord({"json": dp.to_json()})
+    FlowerState(context).put(key, dp.to_json())
     # Rows, loss, epsilon and the round's DP-SGD steps stay at the node: the mods record the
     # spend from them (budget_mod) and weigh a masked update (secagg_mod); only the update leaves.
     stash(context, metrics)
@@ -197,9 +193,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Noisy correct and total counts of the global model on the node's test split; the spend
     is already in the ledger (``budget_mod``), which refuses a second evaluation of a round."""
     task, contract, _, train_path, test_path, state = _incoming(msg, context)
-    z = None
-    if task.privacy.enabled:
-        plan = _dp(context, state_key(msg)).fixed_plan(task)
-        z = plan.evaluation_noise
+    z = _dp(context, state_key(msg)).fixed_plan(task).evaluation_noise if task.privacy.enabled else None
     metrics = N.evaluate_global(task, contract, train_path=train_path, test_path=test_path, state=state, evaluation_noise=z)
     return Message(RecordDict({P.METRICS: MetricRecord(dict(metrics))}), reply_to=msg)

@@ -1,20 +1,21 @@
 """fedgov's exceptions and the exit codes of its commands: the whole tree in one module.
 
 Every error fedgov raises on purpose derives from :class:`FedgovError`, so that the CLI (one
-handler, :func:`fedgov.cli.console.guard`) turns it into a clear message and its documented
-exit code (:class:`ExitCode`, :data:`EXIT_HELP`) instead of a traceback::
+handler, :func:`fedgov.cli.console.run_command`) turns it into a clear message and its
+documented exit code (:class:`ExitCode`, :data:`EXIT_HELP`) instead of a traceback::
 
     FedgovError                      exit code
     ├── ConfigError                  10  a task, federation, contract, policy or query file is malformed
     │   └── RosterError              10  a roster is unsigned, signed by another authority, malformed
     ├── DataFileError                11  a data file cannot be read at all (missing, empty, not CSV/Parquet)
     ├── DataValidationError          12  a data file does not conform to its data contract
+    │   └── DataNotConforming        12  a node's recorded data check says its data set does not conform
     ├── ModelError                   13  a model is unknown, or Opacus rejects it and it cannot be fixed
     ├── PrivacyError                 14  a privacy target cannot be met (no noise multiplier reaches it)
     │   └── LedgerError              14  the privacy ledger refuses an operation; nothing was recorded
     │       └── BudgetExceeded       14  a reservation would overspend a data set's budget
     ├── FederationError              20  the federation cannot run (too few nodes, a failed Flower process)
-    ├── ReportError                  10  a run's report or checkpoint file is missing or damaged
+    ├── ReportError                  10  a run's report file is missing, not JSON, or not a fedgov report
     ├── LedgerCorrupted              31  the ledger file is not fedgov's, or SQLite reports it damaged
     ├── AuditError                    1  the audit log refuses an entry (payload too large, not JSON)
     │   └── AuditCorrupted           31  the file is not a fedgov audit log, or SQLite reports it damaged
@@ -24,6 +25,7 @@ exit code (:class:`ExitCode`, :data:`EXIT_HELP`) instead of a traceback::
     │   │   └── TaskChanged           2  a queued task id with a different summary
     │   └── RevealConflict            1  secure aggregation: a reveal the node must refuse
     ├── SecAggError                   1  a secure-aggregation step that must not go on (also a RuntimeError)
+    │   └── NoRoster                  1  the node's policy pins no federation roster: no secure aggregation
     ├── ShareError                    1  Shamir shares that do not combine (also a ValueError)
     ├── SecureLayoutError             1  a node's secure release has not the query's layout (also a ValueError)
     ├── RefusalTextError              1  a refusal text that is not one of the templates (also a ValueError)
@@ -41,7 +43,40 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fedgov.node.ledger import BudgetStatus, Mechanism
+    from fedgov.node.budget import BudgetStatus
+    from fedgov.privacy.events import Mechanism
+
+__all__ = [
+    "EXIT_HELP",
+    "AuditCorrupted",
+    "AuditError",
+    "BudgetExceeded",
+    "ConfigError",
+    "DataFileError",
+    "DataNotConforming",
+    "DataValidationError",
+    "ExitCode",
+    "FederationError",
+    "FedgovError",
+    "LedgerCorrupted",
+    "LedgerError",
+    "ModelError",
+    "NoRoster",
+    "NodeError",
+    "NodeStateError",
+    "NodeStateRequestError",
+    "PrivacyError",
+    "Problem",
+    "RefusalTextError",
+    "ReportError",
+    "RevealConflict",
+    "RosterError",
+    "SecAggError",
+    "SecureLayoutError",
+    "ShareError",
+    "TaskChanged",
+    "UnknownTask",
+]
 
 
 class ExitCode(IntEnum):
@@ -129,6 +164,10 @@ class DataValidationError(_ProblemsError):
     exit_code = ExitCode.DATA_VALIDATION
 
 
+class DataNotConforming(DataValidationError):
+    """The node's data set does not conform to the contract (the details are in its report)."""
+
+
 class ModelError(FedgovError):
     """A model is unknown or cannot be made private."""
 
@@ -142,13 +181,19 @@ class PrivacyError(FedgovError):
 
 
 class FederationError(FedgovError):
-    """The federation cannot run or a Flower process failed."""
+    """The federation cannot run or a Flower process failed.
+
+    ``run_dir`` is the run directory the failed run left (its logs and report), when a
+    launcher knows it: the CLI points the user there.
+    """
 
     exit_code = ExitCode.FEDERATION
+    run_dir: Path | None = None
 
 
-class ReportError(FedgovError):
-    """A run's report or checkpoint file is missing, not JSON, or not a fedgov report."""
+class ReportError(_ProblemsError):
+    """A run's report file is missing, not JSON, or not a fedgov report. ``problems`` lists the
+    fields at fault when the file is JSON of another shape."""
 
     exit_code = ExitCode.CONFIG
 
@@ -210,7 +255,6 @@ class NodeStateError(FedgovError):
     exit_code = ExitCode.STATE_CORRUPTED
 
 
-
 class NodeStateRequestError(NodeStateError):
     """A request on the node state is wrong (a bad task summary, an empty task id); the file is fine."""
 
@@ -255,6 +299,10 @@ class RefusalTextError(FedgovError, ValueError):
 
 class SecAggError(FedgovError, RuntimeError):
     """A protocol step that must not go on (a node refuses, too few survivors, bad shares)."""
+
+
+class NoRoster(SecAggError):
+    """This node's policy pins no federation roster: it takes no part in secure aggregation."""
 
 
 class RosterError(ConfigError):

@@ -169,7 +169,7 @@ def make_dp_compatible(model: nn.Module) -> nn.Module:
 
     if not dp_problems(model):
         return model
-    fixed = ModuleValidator.fix(model)
+    fixed: nn.Module = ModuleValidator.fix(model)  # Opacus is untyped
     remaining = dp_problems(fixed)
     if remaining:
         raise ModelError(

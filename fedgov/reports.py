@@ -13,7 +13,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedgov.errors import Problem, ReportError
 
 __all__ = [
     "RoundMetrics",
@@ -141,8 +143,37 @@ def write_json_atomic(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+_EXPECTED = "expected a fedgov training report (the report.json of a run directory)"
+
+
 def load_report(path: Path) -> TrainingReport:
-    return TrainingReport.model_validate(json.loads(Path(path).read_text("utf-8")))
+    """Read a run's ``report.json``.
+
+    A file that is missing, unreadable, not JSON (cut short by a crash or a full disk) or JSON
+    of another shape raises :class:`~fedgov.errors.ReportError`, which names the file and what
+    was expected (with every field at fault), so that ``fedgov report`` prints a message, not a
+    traceback.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text("utf-8")
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such file; {_EXPECTED}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path}: cannot be read ({exc}); {_EXPECTED}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ReportError(
+            f"{path}: not JSON, or cut short (line {exc.lineno}, column {exc.colno}: {exc.msg}); {_EXPECTED}"
+        ) from exc
+    try:
+        return TrainingReport.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            Problem(str(path), ".".join(str(part) for part in err["loc"]), err["msg"]) for err in exc.errors()
+        ]
+        raise ReportError(f"{path}: not a fedgov training report (report.json of a run directory)", problems) from exc
 
 
 def plot_report(report: TrainingReport, path: Path) -> Path:

@@ -1,11 +1,11 @@
 """An in-process federation for tests: fedgov's real coordinator logic (``run_training``,
 ``run_query``) against fedgov's real ClientApp (with all its mods), without Flower's runtime.
 
-The grid calls ``clients.app.app(message, context)`` directly, one node after the other, with a
-Flower ``Context`` per node that lives as long as the grid (as a SuperNode's does). It saves
-the 20 s of Ray start-up per run that Flower's simulation costs, so that tests can run a
-federation several times (clean, attacked, crashed and resumed). What it does not test,
-Flower's transport, the real-process tests cover (``test_simulation*``, ``test_deploy_e2e``).
+The grid calls a ClientApp (by default fedgov's own, ``clients.app.app``) directly, one node
+after the other, with a Flower ``Context`` per node that lives as long as the grid (as a
+SuperNode's does). It saves the 20 s of Ray start-up per run that Flower's simulation costs, so
+that tests can run a federation several times (clean, attacked, crashed and resumed). What it
+does not test, Flower's transport, the real-process tests cover (``tests/e2e``).
 
 Faults are injected per node with ``faults``: a callable ``(message) -> action`` where the
 action is ``None`` (answer), ``"drop"`` (no reply: a node that went away or a straggler past
@@ -21,9 +21,14 @@ from typing import Any
 from uuid import uuid4
 
 import numpy as np
-from fedgov.transport import local_model
 from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app.message import make_message
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
+
+from fedgov.transport import local_model
+
+__all__ = ["CoordinatorCrash", "Fault", "InProcessGrid", "prepare", "tamper_update"]
 
 Fault = Callable[[Message], Any]
 
@@ -33,16 +38,30 @@ class CoordinatorCrash(BaseException):
 
 
 class InProcessGrid(Grid):
-    """A Flower Grid whose nodes are fedgov's ClientApp called in this process."""
+    """A Flower Grid whose nodes are a ClientApp called in this process (``app``: fedgov's own
+    by default)."""
 
-    def __init__(self, manifest: Path, n_nodes: int, *, run_id: int = 1, faults: dict[int, Fault] | None = None) -> None:
-        from clients.app import app
-
+    def __init__(
+        self,
+        manifest: Path,
+        n_nodes: int,
+        *,
+        run_id: int = 1,
+        faults: dict[int, Fault] | None = None,
+        app: ClientApp | None = None,
+    ) -> None:
         from flwr.supercore.task_identity import TaskIdentity
 
+        if app is None:
+            # The one import of the Flower glue in the library, on purpose: these tests drive
+            # the real ClientApp, with all its mods. Imported here, so that importing
+            # fedgov.testing does not import the glue.
+            from clients.app import app as fedgov_app
+
+            app = fedgov_app
         # What Flower's ServerApp process sets for the messages it creates.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
-        self.app = app
+        self.app: ClientApp = app
         self.run_id = run_id
         self.faults = faults or {}
         self.offline: set[int] = set()
@@ -102,7 +121,7 @@ class InProcessGrid(Grid):
         if action == "drop":
             return None
         # A real node receives a copy, never the coordinator's own objects.
-        incoming = Message(content=copy.deepcopy(msg.content), metadata=copy.deepcopy(msg.metadata))
+        incoming = make_message(copy.deepcopy(msg.metadata), copy.deepcopy(msg.content))
         try:
             reply = self.app(incoming, self.contexts[nid])
         except Exception as exc:  # noqa: BLE001 - what Flower's runtime turns into an error reply
@@ -115,13 +134,19 @@ class InProcessGrid(Grid):
         messages = list(messages)
         replies = list(self.pull_messages(self.push_messages(messages)))
         crash = self.crash_after_train_round
-        if crash is not None and any(
-            m.metadata.message_type.startswith("train") and int(m.content["config"]["server-round"]) == crash for m in messages  # type: ignore[arg-type]
-        ):
+        if crash is not None and any(_trains_in_round(m, crash) for m in messages):
             # The nodes trained (and spent) this round; the coordinator dies before it saves it.
             self.dead = True
             raise CoordinatorCrash()
         return replies
+
+
+def _trains_in_round(msg: Message, server_round: int) -> bool:
+    """Whether ``msg`` asks its node to train in ``server_round`` (Flower's strategies send the
+    round as an int in the ``config`` record)."""
+    if not msg.metadata.message_type.startswith("train"):
+        return False
+    return msg.content.config_records["config"]["server-round"] == server_round
 
 
 def tamper_update(transform: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Fault:

@@ -1,12 +1,75 @@
-"""Shared fixtures: paths into the repository."""
+"""Shared fixtures and factories of the whole suite.
+
+Paths into the repository, the Hypothesis profile, and one factory for each file or directory
+the tests keep making: a text file (``write_file``), a federation (``write_federation``), a
+training task (``write_task``) and a node's home with its policy (``node_home``). A factory is
+a plain function handed out by a fixture, so that module-scoped fixtures can use it too.
+
+Layer-specific fixtures live beside their tests: ``tests/inprocess/conftest.py`` (running a
+task on an in-process federation), ``tests/e2e/conftest.py`` (real Flower processes).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import settings
+
+from fedgov.node.home import NodeHome
+from fedgov.node.policy import default_policy_text
 
 ROOT = Path(__file__).resolve().parent.parent
+ADULT = ROOT / "data" / "adult" / "adult.csv"
+ADULT_TEST = ROOT / "data" / "adult" / "adult_test.csv"
+CONTRACT = ROOT / "configs" / "contracts" / "adult-income.toml"
+
+# Property tests must not fail by chance in CI: there Hypothesis runs derandomized (the same
+# examples every run, derived from each test's source). Elsewhere it explores new examples on
+# every run, and a failure it finds is a real counterexample (it prints how to reproduce it).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+# --------------------------------------------------------------------------- repetition
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--repeat-statistical", type=int, default=1, metavar="N",
+        help="run every test marked statistical N times (fresh randomness each time): scripts/repeat_statistical.sh",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    n = metafunc.config.getoption("--repeat-statistical")
+    if n > 1 and metafunc.definition.get_closest_marker("statistical") is not None:
+        metafunc.fixturenames.append("statistical_run")
+        metafunc.parametrize("statistical_run", range(1, n + 1), ids=lambda i: f"run{i}")
+
+
+# --------------------------------------------------------------------------- parallel runs
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``pytest -n 2 --dist loadgroup`` (``make test``): the end-to-end tests, which start
+    Flower and Ray processes, run one after the other on one worker; any other module runs whole
+    on one worker, so that its module-scoped set-up (a prepared federation, its runs) is made once."""
+    if config.getoption("dist", "no") != "loadgroup":
+        return
+    for item in items:
+        parts = item.nodeid.split("::")[0].split("/")
+        item.add_marker(pytest.mark.xdist_group("flower" if "e2e" in parts else parts[-1]))
+
+
+# --------------------------------------------------------------------------- paths
 
 
 @pytest.fixture(scope="session")
@@ -16,9 +79,139 @@ def root() -> Path:
 
 @pytest.fixture(scope="session")
 def adult_contract_path() -> Path:
-    return ROOT / "configs" / "contracts" / "adult-income.toml"
+    return CONTRACT
+
+
+@pytest.fixture(scope="session")
+def adult_csv() -> Path:
+    """The Adult training data (the source that federations split among municipalities)."""
+    return ADULT
+
+
+@pytest.fixture(scope="session")
+def adult_test_csv() -> Path:
+    """The Adult test data (a task's centralized evaluation)."""
+    return ADULT_TEST
 
 
 @pytest.fixture(scope="session")
 def demo_task_path() -> Path:
     return ROOT / "configs" / "tasks" / "adult-income.toml"
+
+
+# --------------------------------------------------------------------------- factories
+
+
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML literal: strings and paths quoted, booleans lower case, lists inline."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, Sequence):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML literal for {value!r}")
+
+
+def toml_table(header: str | None, values: Mapping[str, Any]) -> str:
+    """``[header]`` (none for the top level) and one ``key = value`` line per entry; None values are left out."""
+    lines = [f"[{header}]"] if header else []
+    lines += [f"{k} = {toml_value(v)}" for k, v in values.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def write_file_(path: Path, text: str | bytes) -> Path:
+    """Write ``text`` (dedented: tests indent their inline files) or ``bytes`` to ``path``, making its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def write_federation_(
+    path: Path,
+    *,
+    name: str,
+    members: Sequence[str],
+    seed: int,
+    min_rows: int,
+    skew: str | None = None,
+    dirichlet_alpha: float | None = None,
+    source: Path = ADULT,
+) -> Path:
+    """A federation of ``members`` (municipality codes) that splits ``source`` by population."""
+    partition = {"kind": "population", "skew": skew, "dirichlet_alpha": dirichlet_alpha, "min_rows": min_rows}
+    text = toml_table(None, {"name": name, "seed": seed, "source": source}) + toml_table("partition", partition)
+    text += "".join("\n" + toml_table("[members]", {"code": code}) for code in members)
+    return write_file_(path, text)
+
+
+def write_task_(
+    path: Path,
+    *,
+    name: str,
+    training: Mapping[str, Any],
+    privacy: Mapping[str, Any],
+    evaluation: Mapping[str, Any] | None = None,
+    federation: Path | None = None,
+    contract: Path = CONTRACT,
+    model: str | Mapping[str, Any] | None = "logreg",
+) -> Path:
+    """A training task on the Adult contract: the sections as given (``model``: the model's name or
+    its whole section, None for no ``[model]`` section; ``evaluation=None``: no ``[evaluation]``
+    section); a None value leaves its key out."""
+    text = toml_table(None, {"name": name, "contract": contract, "federation": federation})
+    if model is not None:
+        text += toml_table("model", {"name": model} if isinstance(model, str) else model)
+    text += toml_table("training", training) + toml_table("privacy", privacy)
+    if evaluation is not None:
+        text += toml_table("evaluation", evaluation)
+    return write_file_(path, text)
+
+
+def make_node_home(
+    path: Path,
+    code: str = "GM0363",
+    *,
+    budget: float = 10.0,
+    dataset: str = "adult",
+    contract: str = "adult-income",
+    data: str | Path = "train.csv",
+    **policy: Any,
+) -> NodeHome:
+    """A node directory at ``path`` with the default policy of ``code`` (``fedgov node init``'s
+    template) for one data set; ``policy`` passes further template options (approval, kinds ...)."""
+    text = default_policy_text(code, dataset=dataset, contract=contract, version="1.0", path=data, budget_epsilon=budget, **policy)
+    return NodeHome.create(path, policy_text=text)
+
+
+@pytest.fixture(scope="session")
+def write_file() -> Callable[[Path, str | bytes], Path]:
+    """``write_file(path, text)``: the file, dedented, its folder made."""
+    return write_file_
+
+
+@pytest.fixture(scope="session")
+def write_federation() -> Callable[..., Path]:
+    """``write_federation(path, name=, members=, seed=, min_rows=, skew=, dirichlet_alpha=, source=)``."""
+    return write_federation_
+
+
+@pytest.fixture(scope="session")
+def write_task() -> Callable[..., Path]:
+    """``write_task(path, name=, training={...}, privacy={...}, evaluation={...}, federation=, model=)``."""
+    return write_task_
+
+
+@pytest.fixture
+def node_home(tmp_path: Path) -> Callable[..., NodeHome]:
+    """``node_home(path=tmp_path / "node", code="GM0363", budget=10.0, **policy)``: a node's home."""
+
+    def make(path: Path | None = None, code: str = "GM0363", **kw: Any) -> NodeHome:
+        return make_node_home(path or tmp_path / "node", code, **kw)
+
+    return make

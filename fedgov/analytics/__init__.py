@@ -5,7 +5,9 @@ A query file (:mod:`fedgov.analytics.query`) says what to compute and with which
 node computes its local aggregates and adds OpenDP noise (:mod:`fedgov.analytics.local`); the
 coordinator adds the noisy parts up nationally, per region and per node and derives means,
 ratios and quantiles with their errors (:mod:`fedgov.analytics.combine`); the report and its
-files are in :mod:`fedgov.analytics.report`.
+files are in :mod:`fedgov.analytics.report`. Under secure aggregation a node's release travels
+as one masked integer vector, and only national figures come back
+(:mod:`fedgov.analytics.secure`).
 """
 
 from fedgov.analytics.combine import (
@@ -60,6 +62,7 @@ from fedgov.analytics.report import (
     write_csv,
     write_outputs,
 )
+from fedgov.analytics.secure import combine_secure, resolution, secure_vector, skeleton_of
 
 __all__ = [
     "CSV_COLUMNS",
@@ -94,6 +97,7 @@ __all__ = [
     "cell_grid",
     "check_query",
     "combine",
+    "combine_secure",
     "compare",
     "ensure_valid",
     "load_query",
@@ -102,6 +106,9 @@ __all__ = [
     "part_sensitivity",
     "plot_query",
     "prepare",
+    "resolution",
+    "secure_vector",
+    "skeleton_of",
     "true_parts",
     "true_result",
     "write_csv",

@@ -270,8 +270,16 @@ class _Builder:
             assert col.min is not None and col.max is not None
             self.lo, self.hi = float(col.min), float(col.max)
 
-    def _fig(self, scope: Scope, value: str, cell: str, **kw: object) -> Figure:
-        return Figure(measure=self.m.name, kind=self.m.kind, scope=scope, scope_value=value, cell=cell, **kw)  # type: ignore[arg-type]
+    def _fig(
+        self, scope: Scope, value: str, cell: str, *, estimate: float | None, std_error: float | None = None,
+        ci_low: float | None = None, ci_high: float | None = None, nodes: int = 0, withheld: int = 0,
+        incomplete: bool = False, suppressed: bool = False,
+    ) -> Figure:
+        return Figure(
+            measure=self.m.name, kind=self.m.kind, scope=scope, scope_value=value, cell=cell, estimate=estimate,
+            std_error=std_error, ci_low=ci_low, ci_high=ci_high, nodes=nodes, withheld=withheld,
+            incomplete=incomplete, suppressed=suppressed,
+        )
 
     def suppressed(self, scope: Scope, value: str, cell: str, nodes: int, withheld: int) -> Figure:
         return self._fig(scope, value, cell, estimate=None, nodes=nodes, withheld=withheld, incomplete=withheld > 0, suppressed=True)

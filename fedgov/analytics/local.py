@@ -63,7 +63,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -82,7 +82,7 @@ from fedgov.analytics.query import (
     ensure_valid,
 )
 from fedgov.config.contract import Column, ColumnType, Contract
-from fedgov.node.ledger import Mechanism
+from fedgov.privacy.events import Mechanism
 
 __all__ = [
     "SmallCells",
@@ -178,9 +178,9 @@ class _Columns:
     def __init__(self, frame: pd.DataFrame, contract: Contract) -> None:
         self.frame = frame
         self.contract = contract
-        self._cache: dict[tuple[str, str], Any] = {}
+        self._cache: dict[tuple[str, str], np.ndarray] = {}
 
-    def _get(self, key: tuple[str, str], make: Any) -> Any:
+    def _get(self, key: tuple[str, str], make: Callable[[], np.ndarray]) -> np.ndarray:
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
@@ -188,12 +188,12 @@ class _Columns:
     def missing(self, name: str) -> np.ndarray:
         def make() -> np.ndarray:
             s = self.frame[name]
-            miss = s.isna().to_numpy(dtype=bool, copy=True)
+            miss: np.ndarray = s.isna().to_numpy(dtype=bool, copy=True)
             if s.dtype == object or isinstance(s.dtype, pd.StringDtype):
                 miss |= (s.astype(object) == "").to_numpy(dtype=bool)
             return miss
 
-        return self._get((name, "missing"), make)  # type: ignore[no-any-return]
+        return self._get((name, "missing"), make)
 
     def numeric(self, name: str) -> np.ndarray:
         """float64, NaN where missing or not a number."""
@@ -202,9 +202,10 @@ class _Columns:
             s = self.frame[name]
             if pd.api.types.is_bool_dtype(s.dtype):
                 s = s.astype(np.float64)
-            return pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            x: np.ndarray = pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            return x
 
-        return self._get((name, "numeric"), make)  # type: ignore[no-any-return]
+        return self._get((name, "numeric"), make)
 
     def boolean(self, name: str) -> np.ndarray:
         """int64 codes: 1 true, 0 false, -1 missing or not a boolean."""
@@ -212,7 +213,8 @@ class _Columns:
         def make() -> np.ndarray:
             s = self.frame[name]
             if pd.api.types.is_bool_dtype(s.dtype) and not s.isna().any():
-                return s.to_numpy(dtype=bool).astype(np.int64)
+                flags: np.ndarray = s.to_numpy(dtype=bool)
+                return flags.astype(np.int64)
             if pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_bool_dtype(s.dtype):
                 x = s.to_numpy(dtype=np.float64, na_value=np.nan)
                 return np.where(x == 1.0, 1, np.where(x == 0.0, 0, -1)).astype(np.int64)
@@ -223,7 +225,7 @@ class _Columns:
             out[pd.Series(arr).isin(_FALSE).to_numpy()] = 0
             return out
 
-        return self._get((name, "boolean"), make)  # type: ignore[no-any-return]
+        return self._get((name, "boolean"), make)
 
     def codes(self, name: str) -> np.ndarray:
         """Category index per row for a categorical column; -1 for missing or unknown."""
@@ -232,17 +234,17 @@ class _Columns:
             col = self.contract.column(name)
             cats = list(col.categories or [])
             s = self.frame[name]
-            codes = pd.Categorical(s.astype(object), categories=cats).codes.astype(np.int64)
+            codes: np.ndarray = pd.Categorical(s.astype(object), categories=cats).codes.astype(np.int64)
             retry = (codes < 0) & ~self.missing(name)
             if retry.any():  # values stored as numbers or with spaces: compare their text
                 text = s[retry].astype(object).map(lambda v: str(v).strip())
                 codes[retry] = pd.Categorical(text, categories=cats).codes.astype(np.int64)
             return codes
 
-        return self._get((name, "codes"), make)  # type: ignore[no-any-return]
+        return self._get((name, "codes"), make)
 
     def text(self, name: str) -> np.ndarray:
-        return self._get((name, "text"), lambda: self.frame[name].astype(object).to_numpy(dtype=object))  # type: ignore[no-any-return]
+        return self._get((name, "text"), lambda: self.frame[name].astype(object).to_numpy(dtype=object))
 
     def levels(self, col: Column) -> tuple[np.ndarray, int]:
         """Cell index of a ``by`` column (-1: left out) and its number of levels."""
@@ -268,7 +270,7 @@ def _filter_mask(cols: _Columns, filters: Sequence[Filter]) -> np.ndarray:
         if col.is_numeric:
             x = cols.numeric(f.column)
             ok = ~np.isnan(x)
-            v = [float(val) for val in values]  # type: ignore[arg-type]
+            v = [float(val) for val in values]
             with np.errstate(invalid="ignore"):
                 if f.op == "eq":
                     hit = x == v[0]
@@ -412,7 +414,7 @@ def _bin_index(m: Measure, grid: CellGrid, values: np.ndarray, contract: Contrac
     n = grid.n_bins
     if m.kind == "histogram":
         edges = np.asarray(grid.edges, dtype=np.float64)
-        x = np.clip(values, edges[0], edges[-1])
+        x: np.ndarray = np.clip(values, edges[0], edges[-1])
         return np.clip(np.searchsorted(edges, x, side="right") - 1, 0, n - 1).astype(np.int64)
     assert m.column is not None
     col = contract.column(m.column)

@@ -64,12 +64,11 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import model_validator, Field, ValidationInfo, field_validator
 
-from fedgov.config._base import ConfigPath, StrictModel, load_referenced, validate_file
-from fedgov.config.contract import ColumnType, Contract, load_contract
+from fedgov.config import ColumnType, ConfigPath, Contract, StrictModel, load_contract, load_referenced, validate_file
 from fedgov.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
-    from fedgov.node.ledger import Mechanism
+    from fedgov.privacy.events import Mechanism
 
 __all__ = [
     "FilterOp",
@@ -339,7 +338,7 @@ class Query(StrictModel):
 
     def mechanism(self) -> Mechanism:
         """What the node's privacy ledger records for this query: one mechanism, the whole budget."""
-        from fedgov.node.ledger import Mechanism
+        from fedgov.privacy.events import Mechanism
 
         return Mechanism(kind=self.privacy.mechanism, epsilon=self.privacy.epsilon, delta=self.privacy.delta)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedgov.analytics.combine import LAPLACE_Z, Figure, QueryResult, _Builder  # noqa: F401
+from fedgov.analytics.combine import Figure, QueryResult, _Builder
 from fedgov.analytics.local import LocalRelease, PartRelease
 from fedgov.analytics.query import Query, cell_grid, ensure_valid
 from fedgov.config.contract import Contract

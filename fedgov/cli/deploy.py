@@ -1,55 +1,53 @@
-"""``fedgov coordinator ...`` and ``fedgov local-federation ...``: deployment as real processes.
+"""``fedgov coordinator|task|local-federation|app ...``: deployment as real processes.
 
 The coordinator is a Flower SuperLink with TLS and SuperNode authentication; only nodes
 whose public key it admitted can connect. ``local-federation`` runs a coordinator and N
 nodes on this machine, each a process of its own, for trying out and testing deployment.
+(``fedgov node start``, a node's side, is in :mod:`fedgov.cli.node`.)
 """
 
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from fedgov.cli.node import _guard
-from fedgov.launch.processes import ManagedProcess
+from fedgov.cli.console import console, new_typer
+from fedgov.cli.daemon import foreground
+from fedgov.cli.summary import print_summary, run_with_progress
+from fedgov.deploy.local import local_federation_down, local_federation_up
 
-coordinator_app = typer.Typer(
-    help="Run the coordinator: a SuperLink with TLS that admits nodes by their public key.", no_args_is_help=True
-)
-local_app = typer.Typer(
-    help="A coordinator and N nodes as separate processes on this machine (TLS, node keys).", no_args_is_help=True
-)
+if TYPE_CHECKING:
+    from fedgov.deploy.tasks import RunInfo
 
-task_app = typer.Typer(help="Run tasks on the real federation of a coordinator.", no_args_is_help=True)
+__all__ = ["app_app", "coordinator_app", "local_app", "task_app"]
 
-app_app = typer.Typer(help="The app bundle (Flower FAB) that nodes run, and its hash.", no_args_is_help=True)
+coordinator_app = new_typer("Run the coordinator: a SuperLink with TLS that admits nodes by their public key.")
+local_app = new_typer("A coordinator and N nodes as separate processes on this machine (TLS, node keys).")
+task_app = new_typer("Run tasks on the real federation of a coordinator.")
+app_app = new_typer("The app bundle (Flower FAB) that nodes run, and its hash.")
+
+CoordDir = Annotated[Path, typer.Option("--coordinator-dir", "-C", help="The coordinator directory")]
+RunsDir = Annotated[Path, typer.Option(help="Where 'fedgov task submit' created run directories")]
 
 
 @app_app.command("hash")
-@_guard
 def app_hash(
     directory: Annotated[
         Path | None, typer.Argument(help="A Flower app directory (default: this fedgov installation's app)")
     ] = None,
 ) -> None:
     """Print the SHA-256 of the app bundle built from DIR: what a node's accept.apps lists."""
-    from fedgov.deploy.trust import build_bundle, bundle_hash
+    from fedgov.deploy.trust import build_bundle, bundle_hash  # lazy: pydantic models (fedgov --help)
 
     fab = build_bundle(directory)
     print(bundle_hash(fab))
 
 
-CoordDir = Annotated[Path, typer.Option("--coordinator-dir", "-C", help="The coordinator directory")]
-
-
 @task_app.command("submit")
-@_guard
 def task_submit(
     task: Annotated[Path, typer.Argument(help="Task file, e.g. configs/tasks/adult-income.toml")],
     coordinator_dir: CoordDir,
@@ -58,9 +56,8 @@ def task_submit(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON at the end")] = False,
 ) -> None:
     """Run a task on the coordinator's nodes (run it on the coordinator's host); same report as a simulation."""
-    from fedgov.cli.commands import print_summary, run_with_progress
-    from fedgov.deploy.submit import submit_task
-    from fedgov.reports import load_report
+    from fedgov.deploy.submit import submit_task  # lazy: numpy, cryptography (fedgov --help)
+    from fedgov.reports import load_report  # lazy: pydantic models (fedgov --help)
 
     run_dir = run_with_progress(lambda on_event: submit_task(task, coordinator_dir, runs_dir=runs_dir, on_event=on_event, timeout=timeout))
     report = load_report(run_dir / "report.json")
@@ -70,7 +67,6 @@ def task_submit(
 
 
 @task_app.command("resume")
-@_guard
 def task_resume(
     run_dir: Annotated[Path, typer.Argument(help="The run directory of the interrupted run ('fedgov task list')")],
     coordinator_dir: CoordDir,
@@ -78,9 +74,8 @@ def task_resume(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON at the end")] = False,
 ) -> None:
     """Continue an interrupted run (coordinator crash, 'fedgov task stop') from its last checkpoint."""
-    from fedgov.cli.commands import print_summary, run_with_progress
-    from fedgov.deploy.submit import resume_task
-    from fedgov.reports import load_report
+    from fedgov.deploy.submit import resume_task  # lazy: numpy, cryptography (fedgov --help)
+    from fedgov.reports import load_report  # lazy: pydantic models (fedgov --help)
 
     done = run_with_progress(lambda on_event: resume_task(run_dir, coordinator_dir, on_event=on_event, timeout=timeout))
     report = load_report(done / "report.json")
@@ -89,7 +84,7 @@ def task_resume(
         print(report.model_dump_json(indent=2))
 
 
-def _runs_table(infos: list) -> Table:  # type: ignore[type-arg]
+def _runs_table(infos: list[RunInfo]) -> Table:
     table = Table(title="runs at the coordinator")
     for col in ("run id", "status", "task", "rounds", "elapsed", "run directory"):
         table.add_column(col)
@@ -100,19 +95,14 @@ def _runs_table(infos: list) -> Table:  # type: ignore[type-arg]
     return table
 
 
-RunsDir = Annotated[Path, typer.Option(help="Where 'fedgov task submit' created run directories")]
-
-
 @task_app.command("list")
-@_guard
 def task_list(
     coordinator_dir: CoordDir,
     runs_dir: RunsDir = Path("runs"),
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
     """List the runs at the coordinator (run it on the coordinator's host), newest first."""
-    from fedgov.cli.commands import console
-    from fedgov.deploy.tasks import list_runs
+    from fedgov.deploy.tasks import list_runs  # lazy: cryptography (fedgov --help)
 
     infos = list_runs(coordinator_dir, runs_dir)
     if json_out:
@@ -122,7 +112,6 @@ def task_list(
 
 
 @task_app.command("status")
-@_guard
 def task_status(
     run_id: Annotated[int, typer.Argument(help="The run id ('fedgov task list')")],
     coordinator_dir: CoordDir,
@@ -130,8 +119,7 @@ def task_status(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
     """One run: Flower's status and timings, and fedgov's rounds, run directory and report."""
-    from fedgov.cli.commands import console
-    from fedgov.deploy.tasks import run_status
+    from fedgov.deploy.tasks import run_status  # lazy: cryptography (fedgov --help)
 
     info = run_status(coordinator_dir, run_id, runs_dir)
     if json_out:
@@ -143,41 +131,18 @@ def task_status(
 
 
 @task_app.command("stop")
-@_guard
 def task_stop(
     run_id: Annotated[int, typer.Argument(help="The run id ('fedgov task list')")],
     coordinator_dir: CoordDir,
 ) -> None:
     """Stop a running task; the nodes' ledgers keep what was spent, and release the rest."""
-    from fedgov.cli.commands import console
-    from fedgov.deploy.tasks import stop_run
+    from fedgov.deploy.tasks import stop_run  # lazy: cryptography (fedgov --help)
 
     info = stop_run(coordinator_dir, run_id)
     console.print(f"run {run_id}: {info.status}")
 
 
-def node_start(
-    node_dir: Annotated[Path, typer.Argument(help="The node directory ('fedgov node init')")],
-    coordinator: Annotated[str, typer.Option("--coordinator", help="The coordinator's address, host:port")],
-    ca: Annotated[Path, typer.Option("--ca", help="The coordinator's CA certificate (ca.crt)")],
-    port: Annotated[int, typer.Option(help="Local port of the node's ClientApp API (127.0.0.1 only)")] = 9094,
-) -> None:
-    """Run the node's SuperNode in the foreground until Ctrl-C (TLS, authenticated with node-key)."""
-    from fedgov.cli.commands import console, err_console
-    from fedgov.deploy.supernode import check_before_start, start_node
-    from fedgov.node.home import NodeHome
-
-    home = NodeHome(node_dir)
-    if home.exists():  # the data against the pinned contracts: a policy or contract error stops here
-        for warning in check_before_start(home):
-            err_console.print(f"[bold yellow]warning:[/] {warning}")
-    proc = start_node(node_dir, coordinator, ca, port, check=False)
-    console.print(f"SuperNode running for {node_dir} (pid {proc.pid}), coordinator {coordinator}; log: {proc.log_path}. Ctrl-C stops it.")
-    _foreground(proc, "SuperNode")
-
-
 @coordinator_app.command("init")
-@_guard
 def coordinator_init(
     directory: Annotated[Path, typer.Argument(help="The new coordinator directory")],
     host: Annotated[str, typer.Option(help="Address the nodes connect to (the gateway listens here), e.g. 0.0.0.0")] = "127.0.0.1",
@@ -186,8 +151,7 @@ def coordinator_init(
     san: Annotated[list[str] | None, typer.Option("--san", help="Extra host name or IP for the server certificate")] = None,
 ) -> None:
     """Create a coordinator directory: development CA and server certificate, coordinator.toml."""
-    from fedgov.cli.commands import console
-    from fedgov.deploy.superlink import init_coordinator
+    from fedgov.deploy.superlink import init_coordinator  # lazy: cryptography (fedgov --help)
 
     cfg = init_coordinator(directory, host=host, port=port, superlink_port=superlink_port, hosts=tuple(san or ()))
     base = directory.resolve()
@@ -198,38 +162,10 @@ def coordinator_init(
     console.print(f"  give the nodes the CA certificate: {cfg.path(base, cfg.ca_cert)}")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def _foreground(procs: ManagedProcess | list[ManagedProcess], what: str) -> None:
-    """Keep a daemon (one or more processes) in the foreground until Ctrl-C or SIGTERM; stop it
-    with all it started. If one of its processes exits, the others are stopped too."""
-    from fedgov.cli.commands import console
-
-    group = procs if isinstance(procs, list) else [procs]
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        while all(p.running() for p in group):
-            for p in group:
-                p.remember_descendants()
-            time.sleep(1.0)
-        dead = next(p for p in group if not p.running())
-        console.print(f"[red]the {what} ({dead.name}) exited (exit {dead.proc.returncode})[/]:\n{dead.tail()}")
-        raise typer.Exit(1)
-    except KeyboardInterrupt:
-        console.print(f"stopping the {what}")
-    finally:
-        for p in reversed(group):
-            p.stop()
-
-
 @coordinator_app.command("start")
-@_guard
 def coordinator_start(directory: Annotated[Path, typer.Argument(help="The coordinator directory")]) -> None:
     """Run the SuperLink in the foreground until Ctrl-C."""
-    from fedgov.cli.commands import console
-    from fedgov.deploy.superlink import load_coordinator, start_coordinator
+    from fedgov.deploy.superlink import load_coordinator, start_coordinator  # lazy: cryptography (fedgov --help)
 
     _, cfg = load_coordinator(directory)
     coordinator = start_coordinator(directory)
@@ -238,30 +174,26 @@ def coordinator_start(directory: Annotated[Path, typer.Argument(help="The coordi
         f"{coordinator.gateway.pid}); SuperLink on {cfg.control_address} (this host only, pid "
         f"{coordinator.superlink.pid}); logs in {coordinator.superlink.log_path.parent}. Ctrl-C stops it."
     )
-    _foreground(coordinator.procs, "coordinator")
+    foreground(coordinator.procs, "coordinator")
 
 
 @coordinator_app.command("admit")
-@_guard
 def coordinator_admit(
     pubkey: Annotated[Path, typer.Argument(help="The node's public key (node-key.pub)")],
     name: Annotated[str, typer.Option("--name", help="The node's name, e.g. GM0363")],
     coordinator_dir: CoordDir,
 ) -> None:
     """Register a node's public key with the running coordinator."""
-    from fedgov.cli.commands import console
-    from fedgov.deploy.superlink import admit
+    from fedgov.deploy.superlink import admit  # lazy: cryptography (fedgov --help)
 
     res = admit(coordinator_dir, pubkey, name)
     console.print(f"admitted {name}: node id {res.get('node-id')}")
 
 
 @coordinator_app.command("nodes")
-@_guard
 def coordinator_nodes(coordinator_dir: CoordDir) -> None:
     """List the nodes the running coordinator knows, with their status."""
-    from fedgov.cli.commands import console
-    from fedgov.deploy.superlink import nodes
+    from fedgov.deploy.superlink import nodes  # lazy: cryptography (fedgov --help)
 
     t = Table()
     for col in ("node id", "status", "created", "online since"):
@@ -272,16 +204,12 @@ def coordinator_nodes(coordinator_dir: CoordDir) -> None:
 
 
 @local_app.command("up")
-@_guard
 def local_up(
     directory: Annotated[Path, typer.Option("--dir", "-d", help="Directory for the coordinator, the nodes and their data")],
     nodes: Annotated[int, typer.Option("--nodes", "-n", help="Number of nodes (the first members of the task's federation)")] = 3,
     task: Annotated[Path | None, typer.Option("--task", help="Task whose federation and contract give the nodes' data (default: the demo task)")] = None,
 ) -> None:
     """Start a coordinator and N nodes in the background; wait until all nodes are online."""
-    from fedgov.cli.commands import console
-    from fedgov.deploy.local import local_federation_up
-
     state = local_federation_up(directory, nodes=nodes, task_path=task)
     console.print(
         f"coordinator on {state['address']} (gateway pid {state['gateway']}, SuperLink pid {state['superlink']} "
@@ -294,13 +222,9 @@ def local_up(
 
 
 @local_app.command("down")
-@_guard
 def local_down(
     directory: Annotated[Path, typer.Option("--dir", "-d", help="The local federation's directory")],
 ) -> None:
     """Stop the coordinator and every node of a local federation."""
-    from fedgov.cli.commands import console
-    from fedgov.deploy.local import local_federation_down
-
     stopped = local_federation_down(directory)
     console.print(f"stopped {len(stopped)} process(es)")

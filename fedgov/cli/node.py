@@ -9,56 +9,46 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from fedgov.errors import ExitCode, FedgovError
+from fedgov.cli.console import console, err_console, new_typer, usage_error
+from fedgov.cli.daemon import foreground
+from fedgov.config import load_contract
+from fedgov.errors import ExitCode
 
-node_app = typer.Typer(help="Operate a municipality's node: budget, audit log, approvals, pause.", no_args_is_help=True)
-audit_app = typer.Typer(help="The node's hash-chained audit log.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from fedgov.node.contracts import DataCheck
+    from fedgov.node.home import NodeHome
+
+__all__ = ["node_app"]
+
+node_app = new_typer("Operate a municipality's node: budget, audit log, approvals, pause.")
+audit_app = new_typer("The node's hash-chained audit log.")
+contract_app = new_typer("The data contracts the node holds, pinned in its policy.")
+data_app = new_typer("The node's data, checked against the contracts it holds.")
 node_app.add_typer(audit_app, name="audit")
+node_app.add_typer(contract_app, name="contract")
+node_app.add_typer(data_app, name="data")
 
 NodeDir = Annotated[
-    Path,
+    Path | None,
     typer.Option("--node-dir", "-n", help="The node directory (default: $FEDGOV_NODE_DIR or the current directory)"),
 ]
 
 
-def _default_dir() -> Path:
-    return Path(os.environ.get("FEDGOV_NODE_DIR", "."))
+def _home(node_dir: Path | None) -> NodeHome:
+    from fedgov.node.home import NodeHome  # lazy: numpy, through the ledger's accounting (fedgov --help)
 
-
-def _home(node_dir: Path | None):  # type: ignore[no-untyped-def]
-    from fedgov.cli.commands import err_console
-    from fedgov.node.home import NodeHome
-
-    home = NodeHome(node_dir or _default_dir())
+    home = NodeHome(node_dir or Path(os.environ.get("FEDGOV_NODE_DIR", ".")))
     if not home.exists():
-        err_console.print(f"[bold red]error:[/] {home.path} is not a node directory (no {NodeHome.POLICY})")
-        raise typer.Exit(int(ExitCode.USAGE))
+        usage_error(f"{home.path} is not a node directory (no {NodeHome.POLICY})")
     return home
 
 
-def _guard(fn):  # type: ignore[no-untyped-def]
-    """FedgovErrors end in a message and their exit code."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
-        from fedgov.cli.commands import _fail
-
-        try:
-            return fn(*args, **kwargs)
-        except FedgovError as exc:
-            _fail(exc)
-
-    return wrapped
-
-
 @node_app.command()
-@_guard
 def init(
     node_dir: Annotated[Path, typer.Argument(help="The new node directory")],
     name: Annotated[str, typer.Option("--name", help="The node's name: the municipality's CBS code, e.g. GM0363")],
@@ -69,10 +59,9 @@ def init(
     approval: Annotated[str, typer.Option(help="auto, manual or deny")] = "manual",
 ) -> None:
     """Create a node directory: key pair, policy to edit, privacy ledger and audit log."""
-    from fedgov.cli.commands import console
-    from fedgov.config import load_contract
-    from fedgov.data import read_table, validate_frame
-    from fedgov.node.home import init_node
+    from fedgov.data import read_table, validate_frame  # lazy: pandas (fedgov --help)
+    from fedgov.node.contracts import check_all  # lazy: pydantic models (fedgov --help)
+    from fedgov.node.home import init_node  # lazy: numpy, through the ledger's accounting (fedgov --help)
 
     if approval not in ("auto", "manual", "deny"):
         raise typer.BadParameter("must be auto, manual or deny", param_hint="--approval")
@@ -85,8 +74,6 @@ def init(
         node_dir, node=name, contract=c, data=data, test_data=test_data, budget_epsilon=budget_epsilon,
         approval=approval, contract_path=contract,
     )
-    from fedgov.node.contracts import check_all
-
     check_all(home)  # the data is registered: its check is recorded for task time
     console.print(f"node directory {home.path} created for {name}:")
     console.print(f"  contract {c.ref} held and pinned: {home.path / 'contracts'}")
@@ -95,14 +82,12 @@ def init(
 
 
 @node_app.command()
-@_guard
 def budget(
-    node_dir: NodeDir = None,  # type: ignore[assignment]
+    node_dir: NodeDir = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
     """Privacy budget per data set: composed spend (PRV), naive sum, remainder, tasks."""
-    from fedgov.cli.commands import console
-    from fedgov.node.home import budget_of
+    from fedgov.node.home import budget_of  # lazy: numpy, through the ledger's accounting (fedgov --help)
 
     home = _home(node_dir)
     policy = home.policy()
@@ -123,11 +108,8 @@ def budget(
 
 
 @audit_app.command("verify")
-@_guard
-def audit_verify(node_dir: NodeDir = None) -> None:  # type: ignore[assignment]
+def audit_verify(node_dir: NodeDir = None) -> None:
     """Check the hash chain; exit non-zero naming the first bad entry."""
-    from fedgov.cli.commands import console, err_console
-
     home = _home(node_dir)
     v = home.audit.verify()
     if v.ok:
@@ -139,16 +121,13 @@ def audit_verify(node_dir: NodeDir = None) -> None:  # type: ignore[assignment]
 
 
 @audit_app.command("show")
-@_guard
 def audit_show(
-    node_dir: NodeDir = None,  # type: ignore[assignment]
+    node_dir: NodeDir = None,
     task: Annotated[str | None, typer.Option("--task", help="Only this task id")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
     last: Annotated[int, typer.Option(help="Only the last N entries (0: all)")] = 0,
 ) -> None:
     """Print the audit log for a privacy officer: what came in, what was decided, what left."""
-    from fedgov.cli.commands import console
-
     home = _home(node_dir)
     entries = home.audit.entries(task_id=task)
     if last:
@@ -167,11 +146,8 @@ def audit_show(
 
 
 @node_app.command()
-@_guard
-def pending(node_dir: NodeDir = None) -> None:  # type: ignore[assignment]
+def pending(node_dir: NodeDir = None) -> None:
     """Tasks waiting for an operator's approval, with what they would spend and send."""
-    from fedgov.cli.commands import console
-
     home = _home(node_dir)
     items = home.state.pending()
     if not items:
@@ -186,15 +162,12 @@ def pending(node_dir: NodeDir = None) -> None:  # type: ignore[assignment]
 
 
 @node_app.command()
-@_guard
 def approve(
     task_id: Annotated[str, typer.Argument(help="The id `fedgov node pending` shows")],
-    node_dir: NodeDir = None,  # type: ignore[assignment]
+    node_dir: NodeDir = None,
     by: Annotated[str, typer.Option(help="Who approves (recorded)")] = "",
 ) -> None:
     """Approve a queued task: the next time the coordinator asks, the node takes part."""
-    from fedgov.cli.commands import console
-
     home = _home(node_dir)
     p = home.state.approve(task_id, by=by or os.environ.get("USER", ""))
     home.audit.append("approved", task_id=task_id, payload={"by": p.decided_by, "summary": p.summary})
@@ -202,15 +175,12 @@ def approve(
 
 
 @node_app.command()
-@_guard
 def reject(
     task_id: Annotated[str, typer.Argument(help="The id `fedgov node pending` shows")],
     reason: Annotated[str, typer.Option(help="Why (recorded)")] = "",
-    node_dir: NodeDir = None,  # type: ignore[assignment]
+    node_dir: NodeDir = None,
 ) -> None:
     """Reject a queued task."""
-    from fedgov.cli.commands import console
-
     home = _home(node_dir)
     home.state.reject(task_id, reason, by=os.environ.get("USER", ""))
     home.audit.append("rejected", task_id=task_id, payload={"reason": reason})
@@ -218,14 +188,11 @@ def reject(
 
 
 @node_app.command()
-@_guard
 def pause(
-    node_dir: NodeDir = None,  # type: ignore[assignment]
+    node_dir: NodeDir = None,
     reason: Annotated[str, typer.Option(help="Why (shown to the coordinator)")] = "",
 ) -> None:
     """Stop taking part from the next message on (no restart needed)."""
-    from fedgov.cli.commands import console
-
     home = _home(node_dir)
     home.state.pause(reason)
     home.audit.append("paused", payload={"reason": reason})
@@ -233,33 +200,42 @@ def pause(
 
 
 @node_app.command()
-@_guard
-def resume(node_dir: NodeDir = None) -> None:  # type: ignore[assignment]
+def resume(node_dir: NodeDir = None) -> None:
     """Take part again."""
-    from fedgov.cli.commands import console
-
     home = _home(node_dir)
     home.state.resume()
     home.audit.append("resumed", payload={})
     console.print(f"node {home.path.name} resumed")
 
 
-contract_app = typer.Typer(help="The data contracts the node holds, pinned in its policy.", no_args_is_help=True)
-data_app = typer.Typer(help="The node's data, checked against the contracts it holds.", no_args_is_help=True)
-node_app.add_typer(contract_app, name="contract")
-node_app.add_typer(data_app, name="data")
+@node_app.command("start")
+def start(
+    node_dir: Annotated[Path, typer.Argument(help="The node directory ('fedgov node init')")],
+    coordinator: Annotated[str, typer.Option("--coordinator", help="The coordinator's address, host:port")],
+    ca: Annotated[Path, typer.Option("--ca", help="The coordinator's CA certificate (ca.crt)")],
+    port: Annotated[int, typer.Option(help="Local port of the node's ClientApp API (127.0.0.1 only)")] = 9094,
+) -> None:
+    """Run the node's SuperNode in the foreground until Ctrl-C (TLS, authenticated with node-key)."""
+    from fedgov.deploy.supernode import check_before_start, start_node  # lazy: numpy, Flower (fedgov --help)
+    from fedgov.node.home import NodeHome  # lazy: numpy, through the ledger's accounting (fedgov --help)
+
+    home = NodeHome(node_dir)
+    if home.exists():  # the data against the pinned contracts: a policy or contract error stops here
+        for warning in check_before_start(home):
+            err_console.print(f"[bold yellow]warning:[/] {warning}")
+    proc = start_node(node_dir, coordinator, ca, port, check=False)
+    console.print(f"SuperNode running for {node_dir} (pid {proc.pid}), coordinator {coordinator}; log: {proc.log_path}. Ctrl-C stops it.")
+    foreground(proc, "SuperNode")
 
 
 @contract_app.command("add")
-@_guard
 def contract_add(
     contract_file: Annotated[Path, typer.Argument(help="The contract file (TOML) to hold and pin")],
-    node_dir: NodeDir = None,  # type: ignore[assignment]
+    node_dir: NodeDir = None,
     dataset: Annotated[str | None, typer.Option("--dataset", help="The data set to serve it for (default: the one under its name)")] = None,
 ) -> None:
     """Copy a contract (a new version) into the node directory and pin it in the policy by SHA-256."""
-    from fedgov.cli.commands import console
-    from fedgov.node.contracts import add_contract
+    from fedgov.node.contracts import add_contract  # lazy: pydantic models (fedgov --help)
 
     home = _home(node_dir)
     ds, contract, sha = add_contract(home, contract_file, dataset=dataset)
@@ -267,10 +243,8 @@ def contract_add(
     console.print(f"  check the data against it: fedgov node data check --node-dir {home.path}")
 
 
-def _print_checks(checks) -> bool:  # type: ignore[no-untyped-def]
+def _print_checks(checks: list[tuple[DataCheck, Path]]) -> bool:
     """A per-data-set summary on the operator's own terminal; True when everything conforms."""
-    from fedgov.cli.commands import console
-
     t = Table(title="data checked against the contracts this node holds")
     for col in ("data set", "contract", "conforms", "problems", "columns", "report"):
         t.add_column(col, overflow="fold")
@@ -285,11 +259,9 @@ def _print_checks(checks) -> bool:  # type: ignore[no-untyped-def]
 
 
 @data_app.command("check")
-@_guard
-def data_check(node_dir: NodeDir = None) -> None:  # type: ignore[assignment]
+def data_check(node_dir: NodeDir = None) -> None:
     """Check every data set against the contracts it is pinned to; details in reports/ (mode 0600)."""
-    from fedgov.cli.commands import err_console
-    from fedgov.node.contracts import check_all
+    from fedgov.node.contracts import check_all  # lazy: pydantic models (fedgov --help)
 
     home = _home(node_dir)
     if not _print_checks(check_all(home)):

@@ -13,22 +13,24 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fedgov.cli.node import _guard
+from fedgov.cli.console import console, new_typer
+from fedgov.errors import RosterError
 
-roster_app = typer.Typer(help="The federation roster for secure aggregation: init, add, sign, show.", no_args_is_help=True)
+__all__ = ["roster_app"]
+
+roster_app = new_typer("The federation roster for secure aggregation: init, add, sign, show.")
 
 
 @roster_app.command("init")
-@_guard
 def roster_init(
     roster: Annotated[Path, typer.Argument(help="The roster file to create, e.g. roster.json")],
     federation: Annotated[str, typer.Option("--federation", help="The federation's name")],
     key: Annotated[Path | None, typer.Option("--key", help="The authority's key (default: roster-authority.key beside the roster); created when missing")] = None,
 ) -> None:
     """Create an empty roster and, when missing, the roster authority's key (mode 0600)."""
-    from fedgov.cli.commands import console
-    from fedgov.privacy.roster import AUTHORITY_KEY, Roster, _b64, fingerprint, load_private_key, new_authority, public_key_of, save_roster_file
-    from fedgov.errors import RosterError
+    from fedgov.privacy.roster import (  # lazy: the fedgov.privacy package loads numpy (fedgov --help)
+        AUTHORITY_KEY, Roster, _b64, fingerprint, load_private_key, new_authority, public_key_of, save_roster_file,
+    )
 
     if roster.exists():
         raise RosterError(f"{roster} exists; a roster is never overwritten", str(roster))
@@ -40,15 +42,13 @@ def roster_init(
 
 
 @roster_app.command("add")
-@_guard
 def roster_add(
     roster: Annotated[Path, typer.Argument(help="The roster file")],
     name: Annotated[str, typer.Argument(help="The member's name (its policy's node name), e.g. GM0363")],
     public_key: Annotated[Path, typer.Argument(help="The member's identity-key.pub (from its node directory)")],
 ) -> None:
     """Add a member (or replace its key); the roster must be signed again."""
-    from fedgov.cli.commands import console
-    from fedgov.privacy.roster import fingerprint, load_roster_file, read_public_key, save_roster_file
+    from fedgov.privacy.roster import fingerprint, load_roster_file, read_public_key, save_roster_file  # lazy: the fedgov.privacy package loads numpy (fedgov --help)
 
     pk = read_public_key(public_key)
     save_roster_file(load_roster_file(roster).with_member(name, pk), roster)
@@ -56,14 +56,12 @@ def roster_add(
 
 
 @roster_app.command("sign")
-@_guard
 def roster_sign(
     roster: Annotated[Path, typer.Argument(help="The roster file")],
     key: Annotated[Path, typer.Option("--key", help="The roster authority's private key")],
 ) -> None:
     """Sign the roster with the authority's key."""
-    from fedgov.cli.commands import console
-    from fedgov.privacy.roster import load_private_key, load_roster_file, save_roster_file
+    from fedgov.privacy.roster import load_private_key, load_roster_file, save_roster_file  # lazy: the fedgov.privacy package loads numpy (fedgov --help)
 
     r = load_roster_file(roster).signed(load_private_key(key))
     save_roster_file(r, roster)
@@ -71,14 +69,12 @@ def roster_sign(
 
 
 @roster_app.command("show")
-@_guard
 def roster_show(
     roster: Annotated[Path, typer.Argument(help="The roster file")],
     authority: Annotated[str | None, typer.Option("--authority", help="Check it against this authority (fingerprint or base64 key)")] = None,
 ) -> None:
     """The members and their fingerprints; with ``--authority``, whether the roster checks out."""
-    from fedgov.cli.commands import console
-    from fedgov.privacy.roster import _unb64, fingerprint, load_roster_file
+    from fedgov.privacy.roster import _unb64, fingerprint, load_roster_file  # lazy: the fedgov.privacy package loads numpy (fedgov --help)
 
     r = load_roster_file(roster)
     t = Table(title=f"Roster of {r.federation}")

@@ -13,7 +13,7 @@ the model file of its round, so a crash at any moment leaves the previous checkp
 
 Flower has no resume (``Strategy.start`` has no start round): fedgov saves from the
 strategy's ``evaluate_fn``, which Flower calls after every round, and on resume runs the
-remaining rounds with the round numbers offset (:mod:`fedgov.coordinator.run`). The strategies
+remaining rounds with the round numbers offset (:class:`fedgov.coordinator.recording.Recording`). The strategies
 fedgov offers (FedAvg, FedProx, FedMedian, FedTrimmedAvg, Krum) keep no state between rounds
 besides the global model, so the model is the whole strategy state.
 
@@ -72,7 +72,7 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})  # type: ignore[arg-type]  # numpy's stub: a **dict might hold allow_pickle (a bool)
     return buf.getvalue()
 
 

@@ -5,6 +5,10 @@
 * :class:`Encoder` turns a typed frame into model inputs with parameters from the contract only;
 * :func:`split_federation` and :func:`materialize` build simulated federations of
   municipalities from one data set (or one file per member).
+
+The synthetic iWmo (social support) data set is a module of its own, used as one
+(``from fedgov.data import iwmo``; ``iwmo.generate``, ``iwmo.write``): its names are too
+general to stand in this package.
 """
 
 from fedgov.data.io import ACCEPTED_KINDS, atomic_write_bytes, read_table, write_csv

@@ -195,7 +195,8 @@ def _draw_rows(probs: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Per row an index drawn from that row's (unnormalised) probabilities."""
     cum = np.cumsum(probs, axis=1)
     cum /= cum[:, -1:]
-    return np.minimum((u[:, None] >= cum).sum(axis=1), probs.shape[1] - 1)
+    drawn: np.ndarray = np.minimum((u[:, None] >= cum).sum(axis=1), probs.shape[1] - 1)
+    return drawn
 
 
 def _urbanisation(population: int) -> float:

@@ -109,7 +109,7 @@ def population_sizes(weights: Sequence[int], total: int, min_rows: int) -> list[
 def _largest_remainder(p: np.ndarray, total: int) -> np.ndarray:
     """Integers proportional to ``p`` (non-negative, summing to 1) that sum to ``total``."""
     raw = p * total
-    out = np.floor(raw).astype(np.int64)
+    out: np.ndarray = np.floor(raw).astype(np.int64)
     left = total - int(out.sum())
     if left > 0:
         order = np.argsort(-(raw - out), kind="stable")

@@ -81,13 +81,13 @@ class _Feature:
     def _scale(self, x: np.ndarray, missing: np.ndarray) -> np.ndarray:
         assert self.min is not None and self.max is not None  # the contract guarantees both
         lo, hi = self.min, self.max
-        clipped = np.clip(np.where(missing, lo, x), lo, hi)
+        clipped: np.ndarray = np.clip(np.where(missing, lo, x), lo, hi)
         if hi == lo:
             return np.zeros_like(clipped)
         if self.scale == "log":
             # log1p(x - min) rather than log(x): defined at x = min (0 for amounts of money)
             # and maps [min, max] onto [0, 1] exactly like the linear case does.
-            out = np.log1p(clipped - lo) / np.log1p(hi - lo)
+            out: np.ndarray = np.log1p(clipped - lo) / np.log1p(hi - lo)
         else:
             out = (clipped - lo) / (hi - lo)
         out = np.clip(out, 0.0, 1.0)  # rounding must not step outside [0, 1]
@@ -246,7 +246,7 @@ class Encoder:
         if self.target not in df.columns:
             raise ValueError(f"frame lacks the target column '{self.target}'")
         values = df[self.target].to_numpy(dtype=object)
-        codes = pd.Categorical(values, categories=list(self.classes)).codes.astype(np.int64)
+        codes: np.ndarray = pd.Categorical(values, categories=list(self.classes)).codes.astype(np.int64)
         bad = codes < 0
         if bad.any():
             raise ValueError(

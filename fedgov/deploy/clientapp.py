@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UntrustedApp", "install_hooks", "main", "write_shim", "SHIM_NAME"]
+__all__ = ["SHIM_NAME", "UntrustedApp", "check_pulled", "install_hooks", "main", "write_shim"]
 
 SHIM_NAME = "flwr-clientapp"
 log = logging.getLogger("fedgov.node")
@@ -93,9 +93,12 @@ def install_hooks() -> None:
                 f"flwr.supernode.runtime.run_clientapp.{name} is missing: this Flower is not the 1.42 that "
                 "fedgov's bundle check is built on; refusing to run ClientApps unchecked"
             )
-    if getattr(rc, "_fedgov_hooked", False):
+    # The hooks replace names in the namespace of Flower's module, where run_clientapp looks
+    # them up at call time; install_from_fab is only imported there, not re-exported.
+    namespace = vars(rc)
+    if namespace.get("_fedgov_hooked", False):
         return
-    pull, install = rc.pull_task_input, rc.install_from_fab
+    pull, install = namespace["pull_task_input"], namespace["install_from_fab"]
     pulled: dict[str, Any] = {}
 
     def pull_task_input(client: Any) -> Any:
@@ -107,9 +110,9 @@ def install_hooks() -> None:
         check_pulled(pulled.get("message"), pulled.get("context"), pulled.get("run"), fab_content)
         return install(fab_content, *args, **kwargs)
 
-    rc.pull_task_input = pull_task_input
-    rc.install_from_fab = install_from_fab  # type: ignore[assignment]
-    rc._fedgov_hooked = True  # type: ignore[attr-defined]
+    namespace["pull_task_input"] = pull_task_input
+    namespace["install_from_fab"] = install_from_fab
+    namespace["_fedgov_hooked"] = True
 
 
 def write_shim(bindir: Path) -> Path:

@@ -98,7 +98,8 @@ def is_allowed_path(raw_path: str) -> bool:
 def _raw_path(request: Request) -> str:
     raw = request.scope.get("raw_path")
     if not isinstance(raw, bytes | bytearray):
-        return request.scope["path"]  # type: ignore[no-any-return]
+        path: str = request.scope["path"]  # an ASGI scope's "path" is a str
+        return path
     return bytes(raw).split(b"?", 1)[0].decode("latin-1")
 
 

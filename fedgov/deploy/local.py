@@ -95,7 +95,8 @@ def _prepare_nodes(base: Path, n: int, task_path: Path, budget: float) -> list[t
             )
         out.append((m.code, node_dir.resolve()))
     # The local federation's roster (fedgov.privacy.roster): its own authority, kept in the directory.
-    from fedgov.privacy.roster import federation_roster, pin_roster_text
+    from fedgov.launch.simulation import pin_roster_text
+    from fedgov.privacy.roster import federation_roster
 
     roster, authority = federation_roster(base / "roster", federation.name, {code: d for code, d in out})
     for _, node_dir in out:

@@ -19,7 +19,7 @@ from fedgov.reports import load_report, plot_report, write_json_atomic
 from fedgov.launch.processes import flower_env
 from fedgov.launch.simulation import EventCallback, follow_run, new_run_dir, write_run_config
 
-__all__ = ["run_at_coordinator", "submit_task", "resume_task"]
+__all__ = ["resume_task", "run_at_coordinator", "submit_query", "submit_task"]
 
 
 def _stopped_note(coordinator_dir: Path, run_dir: Path) -> str | None:
@@ -107,7 +107,7 @@ def _submit(
                 report.finished = report.finished or datetime.now(timezone.utc)
                 write_json_atomic(report_path, report.model_dump_json(indent=2))
             err = FederationError(f"{stopped} (run directory: {run_dir}){hint}")
-            err.run_dir = run_dir  # type: ignore[attr-defined]
+            err.run_dir = run_dir
             raise err
     if report is None or report.status == "running":
         if report is not None:
@@ -117,14 +117,42 @@ def _submit(
         log = run_dir / "logs" / "flower.log"
         tail = "\n".join(log.read_text("utf-8", errors="replace").splitlines()[-25:]) if log.is_file() else ""
         err = FederationError(f"the run ended without a report; see {log}:\n{tail}{hint}")
-        err.run_dir = run_dir  # type: ignore[attr-defined]
+        err.run_dir = run_dir
         raise err
     if report.status != "completed":
         err = FederationError(f"the run failed: {report.message} (report: {report_path})")
-        err.run_dir = run_dir  # type: ignore[attr-defined]
+        err.run_dir = run_dir
         raise err
     report.wall_seconds = time.time() - started
     report.artifacts["plot"] = plot_report(report, run_dir / "accuracy.png").name
     write_json_atomic(report_path, report.model_dump_json(indent=2))
     emit({"event": "done", "report": str(report_path)})
+    return run_dir
+
+
+def submit_query(
+    query_path: Path,
+    coordinator_dir: Path,
+    *,
+    runs_dir: Path = Path("runs"),
+    expected_nodes: int = 1,
+    node_wait: float = 120.0,
+    on_event: EventCallback | None = None,
+    timeout: float = 3600.0,
+) -> Path:
+    """Answer a query on the coordinator's real nodes (run it on the coordinator's host)."""
+    from fedgov.analytics import load_query  # lazy: pandas
+    from fedgov.launch.query import finish_query
+
+    emit: EventCallback = on_event or (lambda e: None)
+    query, _ = load_query(query_path)
+    run_dir = new_run_dir(runs_dir, query.name).resolve()
+    started = time.time()
+    run_at_coordinator(
+        coordinator_dir, run_dir,
+        {"query-path": str(Path(query_path).resolve()), "expected-nodes": int(expected_nodes), "node-wait": float(node_wait)},
+        emit=emit, timeout=timeout,
+    )
+    finish_query(run_dir, started)
+    emit({"event": "done", "report": str(run_dir / "query.json")})
     return run_dir

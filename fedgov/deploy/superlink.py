@@ -43,11 +43,13 @@ __all__ = [
     "CoordinatorConfig",
     "admit",
     "flwr_bin",
+    "gateway_args",
     "init_coordinator",
     "load_coordinator",
     "nodes",
     "run_flwr",
     "start_coordinator",
+    "superlink_args",
     "wait_healthy",
 ]
 

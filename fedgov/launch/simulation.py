@@ -26,18 +26,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-
+from typing import Any, Literal
 
 from fedgov.config import load_federation, load_task
 from fedgov.errors import ConfigError, FederationError, Problem
 from fedgov.coordinator.events import EventReader
 from fedgov.reports import load_report, plot_report, write_json_atomic
 from fedgov.node.home import NodeHome
-from fedgov.node.policy import default_policy_text
+from fedgov.node.policy import default_policy_text, secure_aggregation_text
 from fedgov.launch.processes import ManagedProcess, flower_bin, flower_env, free_port, wait_healthy
 
-__all__ = ["SimulationOptions", "run_simulation", "resume_simulation", "simulate", "app_dir", "new_run_dir", "follow_run", "write_run_config"]
+__all__ = [
+    "SimulationOptions",
+    "app_dir",
+    "follow_run",
+    "new_run_dir",
+    "pin_roster_text",
+    "prepare_nodes",
+    "resume_simulation",
+    "run_simulation",
+    "simulate",
+    "write_run_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +64,17 @@ class SimulationOptions:
     keep_flower_home: bool = False
     state_dir: Path | None = None
     node_budget: float = 10.0
-    approval: str = "auto"
-    # Fault injection for tests of resume: the ServerApp ends abruptly after this round (0: never).
-    crash_after_round: int = 0
+    approval: Literal["auto", "manual", "deny"] = "auto"
 
 
 def app_dir() -> Path:
-    """The Flower app directory: the project root holding ``[tool.flwr.app]``."""
-    import server
+    """The Flower app directory: the project root holding ``[tool.flwr.app]``.
 
-    root = Path(server.__file__).resolve().parent.parent
+    The app's glue packages (``server``, ``clients``) lie beside ``fedgov`` in that root, in a
+    checkout as in an editable install, so the root is found from this package's own location,
+    without importing the glue (the library never imports it).
+    """
+    root = Path(__file__).resolve().parents[2]  # <root>/fedgov/launch/simulation.py
     if not (root / "pyproject.toml").is_file():
         raise FederationError(
             f"Flower app not found: {root / 'pyproject.toml'} is missing. fedgov's simulation "
@@ -221,6 +232,14 @@ def simulate(
             shutil.rmtree(flwr_home / "apps", ignore_errors=True)
 
 
+def pin_roster_text(policy_text: str, roster: Path | str, authority_key: str) -> str:
+    """A policy text with its ``[secure_aggregation]`` section set to ``roster`` (appended when
+    the policy has none; an existing section is left as its operator wrote it)."""
+    if "\n[secure_aggregation]" in "\n" + policy_text:
+        return policy_text
+    return policy_text.rstrip("\n") + "\n" + secure_aggregation_text(roster, authority_key)
+
+
 def prepare_nodes(
     run_dir: Path,
     federation: Any,
@@ -240,7 +259,7 @@ def prepare_nodes(
     state_dir = (options.state_dir or run_dir / "state").resolve()
     nodes = materialize(federation, contract, state_dir / "nodes")
     from fedgov.node.contracts import pin_new_contract
-    from fedgov.privacy.roster import federation_roster, pin_roster_text
+    from fedgov.privacy.roster import federation_roster
 
     # Secure aggregation needs a roster the nodes pin (fedgov.privacy.roster): the simulation is its
     # own roster authority, kept with the node directories.
@@ -255,7 +274,7 @@ def prepare_nodes(
             policy_text=default_policy_text(
                 n.code, dataset=contract.name, contract=contract.name, version=contract.version,
                 path=n.train_path.name, test_path=n.test_path.name, budget_epsilon=options.node_budget,
-                approval=options.approval,  # type: ignore[arg-type]
+                approval=options.approval,
                 max_epsilon_per_task=min(options.node_budget, max(3.0, max_epsilon)),
                 kinds=("training", "statistics"), contract_files={contract.version: pinned},
                 roster=roster, authority_key=authority,
@@ -323,8 +342,6 @@ def run_simulation(
         "run-dir": str(run_dir),
         "local-baseline": options.local_baseline,
     }
-    if options.crash_after_round:
-        values["crash-after-round"] = options.crash_after_round
     return _finish(run_dir, len(nodes), values, options, emit)
 
 
@@ -356,8 +373,6 @@ def resume_simulation(run_dir: Path, options: SimulationOptions = SimulationOpti
         "local-baseline": options.local_baseline,
         "resume": True,
     }
-    if options.crash_after_round:
-        values["crash-after-round"] = options.crash_after_round
     return _finish(run_dir, len(nodes), values, options, emit)
 
 
@@ -379,12 +394,12 @@ def _finish(
             + "\n".join((logs / "flower.log").read_text("utf-8", errors="replace").splitlines()[-25:])
             + hint
         )
-        err.run_dir = run_dir  # type: ignore[attr-defined]
+        err.run_dir = run_dir
         raise err
     report = load_report(report_path)
     if report.status != "completed":
         err = FederationError(f"the run failed: {report.message} (report: {report_path})")
-        err.run_dir = run_dir  # type: ignore[attr-defined]
+        err.run_dir = run_dir
         raise err
 
     report.wall_seconds = time.time() - started

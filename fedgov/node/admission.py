@@ -24,15 +24,30 @@ from collections.abc import Callable
 from typing import Any
 
 from fedgov import protocol as P
-from fedgov.protocol import fingerprint, task_id_of
+from fedgov.protocol import fingerprint
 from fedgov.config import Contract, Task
-from fedgov.node.ledger import Mechanism
+from fedgov.privacy.events import Mechanism
 from fedgov.errors import BudgetExceeded
 from fedgov.node.home import NodeHome, budget_of
+from fedgov.node.gate import GateContext
 from fedgov.node.policy import check_task
+from fedgov.node.refusals import Refusal, error_reason, is_allowed, refusal_text
 
 __all__ = [
+    "EVALUATION_NOTE",
+    "after_hello",
+    "audit_decision",
+    "awaiting_approval",
+    "before_hello",
+    "check_admitted",
+    "hello_refusal",
     "precheck",
+    "public_answer",
+    "public_hello",
+    "query_gate_context",
+    "released_counts",
+    "stop_blocked",
+    "task_gate_context",
     "admit",
     "dataset_name",
     "record_spend",
@@ -48,7 +63,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def _refusal(node: str, code: str, reason: str) -> P.NodeHello:
+def hello_refusal(node: str, code: str, reason: str) -> P.NodeHello:
     """A refusal to send; ``reason`` must be a text of :mod:`fedgov.node.refusals` (the release
     gate refuses any other)."""
     from fedgov.config.municipalities import display_name
@@ -79,8 +94,6 @@ def public_reason(code: str, *, task: Any = None, contract: Contract | None = No
     """The text that leaves the node for a refusal of ``code`` (:mod:`fedgov.node.refusals`):
     only the task's own values, the contract's name and the policy's limits; the detailed
     reason stays at the node."""
-    from fedgov.node.refusals import refusal_text
-
     lim = getattr(policy, "limits", None)
     values: dict[str, Any] = {"setting": _RULE_SETTING.get(code, "policy"), "contract": contract.ref if contract else "-"}
     if code == "kind-not-allowed":
@@ -103,7 +116,7 @@ def public_reason(code: str, *, task: Any = None, contract: Contract | None = No
 
 def _policy_refusal(node: str, decision: Any, task: Any, contract: Contract, policy: Any, kind: str = "training") -> P.NodeHello:
     code = str(decision.code.value if decision.code else "policy")
-    return _refusal(node, code, public_reason(code, task=task, contract=contract, policy=policy, kind=kind))
+    return hello_refusal(node, code, public_reason(code, task=task, contract=contract, policy=policy, kind=kind))
 
 
 def dataset_name(home: NodeHome, contract: Contract) -> str | None:
@@ -116,23 +129,28 @@ def precheck(
 ) -> P.NodeHello | None:
     """The checks that need no data. None: go on; else the refusal to send.
 
+    In order: a policy, not paused, no reproducible noise outside a simulation, the policy's
+    rules (:data:`fedgov.node.policy.RULES`), and a pinned roster for a task under secure
+    aggregation.
+
     ``simulated``: the node is a virtual node of a simulation. Only there may a task ask for
     ``privacy.reproducible_noise`` (noise derived from the task's seed, which whoever knows the
     seed can subtract); a deployed node refuses it and draws its noise from its own generator.
     """
-    from fedgov.node.refusals import refusal_text
-
     if not home.exists():
-        return _refusal(node, P.RefusalCode.NO_POLICY.value, refusal_text("no-policy"))
+        return hello_refusal(node, P.RefusalCode.NO_POLICY.value, refusal_text("no-policy"))
     paused, _ = home.state.paused()
     if paused:
-        return _refusal(node, P.RefusalCode.PAUSED.value, refusal_text("paused"))
+        return hello_refusal(node, P.RefusalCode.PAUSED.value, refusal_text("paused"))
     if task.privacy.enabled and task.privacy.reproducible_noise and not simulated:
-        return _refusal(node, P.RefusalCode.REPRODUCIBLE_NOISE.value, refusal_text("reproducible-noise"))
+        return hello_refusal(node, P.RefusalCode.REPRODUCIBLE_NOISE.value, refusal_text("reproducible-noise"))
     policy = home.policy()
     decision = check_task(policy, task=task, contract=contract, rows=None, noise_multiplier=None, coordinator=coordinator)
     if not decision.accepted:
         return _policy_refusal(node, decision, task, contract, policy)
+    if task.training.secure_aggregation and policy.secure_aggregation is None:
+        # Secure by default: without a pinned roster no peer's keys can be checked.
+        return hello_refusal(node, "secure-aggregation-no-roster", refusal_text("secure-aggregation-no-roster"))
     return None
 
 
@@ -198,11 +216,9 @@ def admit(
         fp = fingerprint(task, contract)
         waiting = awaiting_approval(home, fp, lambda: _summary(task, contract, ds.name, hello), what="task")
         if waiting is not None:
-            from fedgov.node.refusals import refusal_text
-
             rejected = home.state.status(fp) == "rejected"
             code = "approval-rejected" if rejected else P.RefusalCode.PENDING_APPROVAL.value
-            return _refusal(node, code, refusal_text(code, key=fp))
+            return hello_refusal(node, code, refusal_text(code, key=fp))
     if task.privacy.enabled:
         state = home.ledger.task_state(task_id, dataset=ds.name)
         if state == "open":
@@ -211,14 +227,12 @@ def admit(
             log.info("node %s: task %s resumes its open reservation", node, task_id)
             return hello
         if state == "closed":
-            from fedgov.node.refusals import refusal_text
-
-            return _refusal(node, P.RefusalCode.TASK_ENDED.value, refusal_text("task-ended", task_id=task_id))
+            return hello_refusal(node, P.RefusalCode.TASK_ENDED.value, refusal_text("task-ended", task_id=task_id))
         mechanism = Mechanism.dpsgd(history, accountant=task.privacy.accountant)
         try:
             home.ledger.reserve(dataset=ds.name, task_id=task_id, mechanism=mechanism, budget=budget_of(ds))
         except BudgetExceeded:
-            return _refusal(node, P.RefusalCode.BUDGET_EXHAUSTED.value, public_reason("budget-exhausted"))
+            return hello_refusal(node, P.RefusalCode.BUDGET_EXHAUSTED.value, public_reason("budget-exhausted"))
     return hello
 
 
@@ -315,3 +329,149 @@ def record_evaluation(
         dataset=ds, task_id=task_id, mechanism=Mechanism.dpsgd([entry], accountant=task.privacy.accountant),
         round=server_round, note=EVALUATION_NOTE,
     )
+
+
+# --- around the node's handlers (the ClientApp's mods call these) ----------------------------
+
+
+def public_hello(hello: P.NodeHello, task: Task) -> P.NodeHello:
+    """What of a hello may leave the node: who, whether, a refusal's code and fixed text; for an
+    acceptance the released (noisy) row count with the delta and noise multiplier computed
+    from it, and as the planned epsilon the task's own target (which the node's plan keeps).
+    A refusal carries no sizes."""
+    if not hello.accepted:
+        return hello.model_copy(update={"train_rows": 0, "test_rows": 0, "delta": None, "noise_multiplier": None,
+                                        "planned_epsilon": None, "evaluation_noise": None})
+    planned = task.privacy.target_epsilon if task.privacy.enabled else None
+    return hello.model_copy(update={"test_rows": 0, "planned_epsilon": planned, "reason": ""})
+
+
+def audit_decision(home: NodeHome, task_id: str, hello: P.NodeHello, history: list[tuple[float, float, int]] | None = None) -> None:
+    """The node's decision in its audit log: the code and fixed text, and for an acceptance the
+    mechanism reserved in the ledger (its own record); no row counts."""
+    if not home.path.is_dir():
+        return
+    payload: dict[str, Any] = {"accepted": hello.accepted, "code": hello.code, "reason": hello.reason}
+    if hello.accepted:
+        payload.update(epsilon_reserved=hello.planned_epsilon, mechanism=[list(h) for h in history or []])
+    home.audit.append("decision", task_id=task_id, payload=payload)
+
+
+def before_hello(
+    home: NodeHome, task: Task, contract: Contract, *, node: str, task_id: str, simulated: bool = False
+) -> P.NodeHello | None:
+    """Before the hello handler touches the data: :func:`precheck`, a refusal in the audit log."""
+    early = precheck(home, task, contract, node=node, simulated=simulated)
+    if early is not None:
+        audit_decision(home, task_id, early)
+    return early
+
+
+def after_hello(
+    home: NodeHome, task: Task, contract: Contract, hello: P.NodeHello, *, task_id: str, accountant: str | None
+) -> tuple[P.NodeHello, str | None]:
+    """After the hello handler read the data and planned DP-SGD (``hello``; ``accountant``, the
+    :class:`~fedgov.node.rounds.DPState` it kept, as JSON): the remaining rules, approval and
+    the reservation of the task's whole planned spend (:func:`admit`), the decision in the
+    audit log. A resumed task's accountant continues from this node's own ledger, never the
+    coordinator's word. Returns the hello that may leave (:func:`public_hello`) and, for a
+    resumed task, the accountant to keep instead (JSON), else None."""
+    from fedgov.node.rounds import DPState  # with the DP-SGD planning (torch): only where the node trains
+
+    def kept() -> DPState:
+        if accountant is None:
+            raise KeyError("the hello handler kept no accountant for an accepted task")
+        return DPState.from_json(accountant)
+
+    history: list[tuple[float, float, int]] = []
+    if hello.accepted and task.privacy.enabled:
+        plan = kept().plan(task, hello.train_rows)
+        history = plan.planned_history() if hasattr(plan, "planned_history") else plan.history_after(task.training.rounds)
+    final = admit(home, task, contract, hello, task_id=task_id, history=history)
+    resumed = None
+    if final.accepted and task.privacy.enabled:
+        done = spent(home, contract, task, task_id=task_id)
+        if done:
+            dp = kept()
+            dp.history = spent_history(home, contract, task, task_id=task_id)
+            resumed = dp.to_json()
+            home.audit.append("resume", task_id=task_id, payload={"rounds_spent": sorted(done)})
+    audit_decision(home, task_id, final, history)
+    return public_hello(final, task), resumed
+
+
+def check_admitted(home: NodeHome, contract: Contract, task: Task, *, task_id: str) -> Refusal | None:
+    """A train or evaluate message runs only for a task this node admitted and has not closed."""
+    if is_admitted(home, contract, task_id, task):
+        return None
+    return Refusal(P.RefusalCode.NOT_ADMITTED.value, {"task_id": task_id})
+
+
+def released_counts(home: NodeHome, contract: Contract) -> set[int]:
+    """The row counts this node has released for the data set serving ``contract`` (ledger)."""
+    from fedgov.node.rounds import ROWS_NOTE
+
+    ds = dataset_name(home, contract)
+    if ds is None:
+        return set()
+    return {int(ev.note[len(ROWS_NOTE):]) for ev in home.ledger.events(ds) if ev.kind == "spend" and ev.note.startswith(ROWS_NOTE)}
+
+
+def task_gate_context(
+    home: NodeHome, task: Task, contract: Contract, *, task_id: str, kind: str, server_round: int | None, simulated: bool
+) -> GateContext:
+    """The node's own facts the release gate checks a reply of a task against: its ledger,
+    never the message's word."""
+    return GateContext(
+        kind=kind,
+        server_round=server_round,
+        simulated=simulated,
+        privacy_enabled=task.privacy.enabled,
+        secure=task.training.secure_aggregation,
+        target_epsilon=task.privacy.target_epsilon,
+        round_spent=lambda r: r in spent(home, contract, task, task_id=task_id),
+        released_rows=lambda: released_counts(home, contract),
+        round_evaluated=lambda r: r in evaluated_rounds(home, contract, task, task_id=task_id),
+    )
+
+
+def query_gate_context(
+    home: NodeHome, contract: Contract, *, query_id: str | None, secure: bool, kind: str, server_round: int | None,
+    simulated: bool,
+) -> GateContext:
+    """The facts the release gate checks a reply to a statistics query against: is the
+    query's spend in this node's ledger?"""
+    ds = dataset_name(home, contract)
+
+    def query_spent() -> bool:
+        return ds is not None and any(ev.task_id == query_id and ev.kind == "spend" for ev in home.ledger.events(ds))
+
+    return GateContext(kind=kind, server_round=server_round, simulated=simulated, secure=secure, query_spent=query_spent)
+
+
+def stop_blocked(
+    home: NodeHome, *, kind: str, task_id: str | None, violations: list[str], task: Task | None = None,
+    contract: Contract | None = None,
+) -> None:
+    """The release gate blocked a reply: the violations (field names, never values) in the
+    audit log, and the task stopped at this node (its reservation closed, so every later
+    message of it is refused)."""
+    if not home.path.is_dir():
+        return
+    home.audit.append("blocked", task_id=task_id, payload={"kind": kind, "violations": violations})
+    if task is not None and contract is not None and task_id is not None:
+        release(home, contract, task, task_id=task_id, note="stopped by the node's release gate")
+
+
+def public_answer(answer: P.StatsAnswer, query: Any, contract: Contract, home: NodeHome) -> P.StatsAnswer:
+    """What of a statistics answer may leave: a refusal whose text is not a fixed template gets
+    the fixed text of its code (the detailed reason stays at the node, in its audit log), or
+    the fixed internal-error text for a code without a template."""
+    if answer.accepted or is_allowed(answer.code, answer.reason):
+        return answer
+    code = answer.code or "internal-error"
+    try:
+        reason = public_reason(code, task=query, contract=contract, policy=home.policy(), kind="statistics")
+    except Exception:  # noqa: BLE001 - a code without a template: the fixed internal text
+        code, reason = "internal-error", error_reason("internal-error").partition(": ")[2]
+    return answer.model_copy(update={"code": code, "reason": reason})

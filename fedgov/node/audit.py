@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import sqlite3
 import uuid
@@ -51,7 +52,7 @@ from fedgov.errors import AuditError, AuditCorrupted
 try:  # POSIX: appends and verification serialize with the anchor file through flock
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # no flock on Windows: the anchor is then not locked
 
 __all__ = [
     "APPLICATION",
@@ -62,6 +63,7 @@ __all__ = [
     "AuditError",
     "AuditLog",
     "AuditVerification",
+    "as_finite",
     "canonical_json",
     "entry_hash",
 ]
@@ -98,6 +100,16 @@ class AuditVerification(BaseModel):
     entries: int
     first_bad_seq: int | None
     reason: str
+
+
+def as_finite(value: Any) -> Any:
+    """``value`` as a payload may hold it: a non-finite float (NaN, infinity), alone or in a
+    list, becomes its text (canonical JSON has no spelling for it)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [as_finite(x) for x in value]
+    return value
 
 
 def canonical_json(value: Any) -> str:

@@ -1,11 +1,16 @@
-"""What every handler and mod of the node needs: the task of a message, the node's directory."""
+"""What every handler and mod of the node needs: the task of a message, the node's directory.
+
+The one module of :mod:`fedgov.node` that reads Flower messages: the ClientApp's handlers and
+mods (``clients/``) parse with it, and hand the parsed values to the rest of the package.
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 
 from fedgov import protocol as P
 from fedgov.protocol import task_id_of
@@ -13,6 +18,20 @@ from fedgov.analytics import Query
 from fedgov.config import Contract, Task
 from fedgov.errors import DataFileError
 from fedgov.node.home import NodeHome
+
+if TYPE_CHECKING:
+    from fedgov.data import NodeData
+
+__all__ = [
+    "config_float",
+    "config_int",
+    "data_of",
+    "kind_of",
+    "node_of",
+    "query_of",
+    "task_id",
+    "task_of",
+]
 
 
 @lru_cache(maxsize=16)
@@ -53,7 +72,7 @@ def kind_of(msg: Message) -> str:
 
 
 @lru_cache(maxsize=8)
-def _manifest(path: str) -> list:  # type: ignore[type-arg]
+def _manifest(path: str) -> list[NodeData]:
     from fedgov.data import read_manifest
 
     return read_manifest(Path(path))
@@ -82,3 +101,20 @@ def data_of(home: NodeHome, contract: Contract) -> tuple[Path, Path | None]:
     if ds is None:
         raise DataFileError(f"the node's policy serves no data set under {contract.ref}")
     return ds.path, ds.test_path
+
+
+def _number(cfg: ConfigRecord, key: str) -> int | float | str | bytes:
+    value = cfg[key]
+    if isinstance(value, list):
+        raise TypeError(f"{key} holds a list, not a number")
+    return value
+
+
+def config_int(cfg: ConfigRecord, key: str) -> int:
+    """``int(cfg[key])``: KeyError when it is missing, ValueError or TypeError when it is no number."""
+    return int(_number(cfg, key))
+
+
+def config_float(cfg: ConfigRecord, key: str) -> float:
+    """``float(cfg[key])``: KeyError when it is missing, ValueError or TypeError when it is no number."""
+    return float(_number(cfg, key))

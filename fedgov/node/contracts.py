@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from fedgov.config import Contract
-from fedgov.errors import ConfigError, DataFileError, DataValidationError, FedgovError, Problem
+from fedgov.errors import ConfigError, DataFileError, DataNotConforming, DataValidationError, FedgovError, Problem
 from fedgov.node.policy import DatasetSpec, NodePolicy, file_sha256, pin_contract_text, read_contract_file
 
 if TYPE_CHECKING:
@@ -384,10 +384,6 @@ def serving(home: NodeHome) -> Iterator[None]:
 
 def current_home() -> NodeHome | None:
     return _HOME.get()
-
-
-class DataNotConforming(DataValidationError):
-    """The node's data set does not conform to the contract (the details are in its report)."""
 
 
 def require_conforming(contract: Contract, train_path: Path) -> None:

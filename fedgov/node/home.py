@@ -23,12 +23,14 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal, cast
 
-from fedgov.node.audit import AuditLog
 from fedgov.config import Contract
-from fedgov.node.ledger import Budget, PrivacyLedger
-from fedgov.node.state import NodeState
+from fedgov.node.audit import AuditLog
+from fedgov.node.budget import Budget
+from fedgov.node.ledger import PrivacyLedger
 from fedgov.node.policy import DatasetSpec, NodePolicy, load_policy
+from fedgov.node.state import NodeState
 
 __all__ = ["NodeHome", "budget_of", "init_node"]
 
@@ -139,7 +141,7 @@ def init_node(
     text = default_policy_text(
         node, dataset=contract.name, contract=contract.name, version=contract.version,
         path=data.resolve(), test_path=test_data.resolve() if test_data else None,
-        budget_epsilon=budget_epsilon, approval=approval,  # type: ignore[arg-type]
+        budget_epsilon=budget_epsilon, approval=cast(Literal["auto", "manual", "deny"], approval),  # the policy checks it
         kinds=("training", "statistics"), contract_files={contract.version: pinned},
     )
     NodeHome.create(home.path, policy_text=text)

@@ -4,6 +4,9 @@ Each municipal node keeps, per data set it serves, a total privacy budget ``(eps
 for a period (a calendar year in UTC, or forever). The budget is a *ledger*, not a variable
 (dp_accounting's ``PrivacyAccountant.compose`` and ``ledger``): every change is an immutable
 event, the balance is always recomputed from the events, and nothing is ever overwritten.
+This module is the SQLite store; the values it stores (:class:`Mechanism`, :class:`Budget`,
+:class:`LedgerEvent`), their composition and the rules a reservation or a spend must meet are
+pure functions in :mod:`fedgov.node.budget`, which the store asks before it commits.
 
 The protocol of a task on a node::
 
@@ -52,17 +55,25 @@ import math
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
+from fedgov.errors import BudgetExceeded, LedgerCorrupted, LedgerError, PrivacyError
 from fedgov.node import _sqlite
-from fedgov.errors import PrivacyError
-from fedgov.privacy.accounting import HistoryEntry, epsilon_from_history, merge_history
-from fedgov.errors import LedgerError, BudgetExceeded, LedgerCorrupted
+from fedgov.node.budget import (
+    Budget,
+    BudgetStatus,
+    LedgerEvent,
+    Mechanism,
+    TaskState,
+    check_spend,
+    check_within_reservation,
+    compose,
+)
 
 __all__ = [
     "APPLICATION",
@@ -86,219 +97,7 @@ SCHEMA_VERSION = 1
 _APPLICATION_ID = 0x46474C47  # "FGLG", in the SQLite header (PRAGMA application_id)
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # fixed width: string order == time order
 
-TaskState = Literal["none", "open", "closed"]
 _INHERITED: list[sqlite3.Connection] = []  # connections a forked child inherited: never used, never closed
-
-
-# --------------------------------------------------------------------------- errors
-
-
-# --------------------------------------------------------------------------- models
-
-
-class Mechanism(BaseModel):
-    """What a task reserves, or a round spends: a frozen value object (dp_accounting's DpEvent).
-
-    - ``dpsgd``: ``history`` of ``(noise_multiplier, sample_rate, steps)`` entries, Opacus'
-      ``accountant.history`` (Poisson-subsampled Gaussian, Abadi et al. 2016,
-      arXiv:1607.00133), evaluated by ``accountant``; ``epsilon`` stays None, ``delta`` 0
-      (its delta is whatever the budget leaves after the other mechanisms).
-    - ``gaussian``, ``laplace``, ``other``: an already calibrated ``(epsilon, delta)``
-      guarantee (``delta`` 0 for pure DP), composed with the rest by basic composition.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["dpsgd", "gaussian", "laplace", "other"]
-    history: list[tuple[float, float, int]] = Field(default_factory=list)
-    epsilon: float | None = None
-    delta: float = 0.0
-    accountant: Literal["prv", "rdp"] = "prv"
-
-    @model_validator(mode="after")
-    def _check(self) -> Mechanism:
-        if self.kind == "dpsgd":
-            if self.epsilon is not None or self.delta != 0:
-                raise ValueError("a dpsgd mechanism is given by its history; leave epsilon and delta unset")
-            for sigma, q, steps in self.history:
-                if not (math.isfinite(sigma) and sigma > 0):
-                    raise ValueError(f"history entry {(sigma, q, steps)}: noise multiplier must be > 0")
-                if not 0 < q <= 1:
-                    raise ValueError(f"history entry {(sigma, q, steps)}: sample rate must be in (0, 1]")
-                if steps < 0:
-                    raise ValueError(f"history entry {(sigma, q, steps)}: steps must be >= 0")
-        else:
-            if self.history:
-                raise ValueError(f"a {self.kind} mechanism has no history; give epsilon (and delta)")
-            if self.epsilon is None or not (math.isfinite(self.epsilon) and self.epsilon >= 0):
-                raise ValueError(f"a {self.kind} mechanism needs a finite epsilon >= 0")
-            if not 0 <= self.delta < 1:
-                raise ValueError(f"delta must be in [0, 1), got {self.delta}")
-        return self
-
-    @classmethod
-    def dpsgd(cls, history: list[HistoryEntry], *, accountant: Literal["prv", "rdp"] = "prv") -> Mechanism:
-        return cls(kind="dpsgd", history=list(history), accountant=accountant)
-
-    def steps_by_key(self) -> dict[tuple[float, float], int]:
-        """DP-SGD steps per ``(noise_multiplier, sample_rate)`` (empty for other kinds)."""
-        out: dict[tuple[float, float], int] = {}
-        for sigma, q, steps in self.history:
-            out[(sigma, q)] = out.get((sigma, q), 0) + steps
-        return out
-
-
-class Budget(BaseModel):
-    """A data set's total privacy budget for a period (``year``: a calendar year in UTC)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    epsilon: float = Field(gt=0, allow_inf_nan=False)
-    delta: float = Field(gt=0, lt=1)
-    period: Literal["year", "forever"] = "year"
-
-
-class LedgerEvent(BaseModel):
-    """One immutable row of the ledger.
-
-    ``mechanism`` is None for ``release``; ``round`` is set for ``spend``; ``budget`` is the
-    budget a ``reserve`` was checked against (kept for audit).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    id: int
-    time: datetime
-    dataset: str
-    task_id: str
-    kind: Literal["reserve", "spend", "release"]
-    mechanism: Mechanism | None
-    round: int | None = None
-    note: str = ""
-    budget: Budget | None = None
-
-
-class BudgetStatus(BaseModel):
-    """A data set's balance in the budget period of some moment.
-
-    ``epsilon_committed`` is the composition (:func:`compose`) of every open task's
-    reservation and every closed task's spends, at the budget's delta: this is what is
-    checked against the budget. ``epsilon_naive`` is, for comparison, the plain sum of each
-    task's epsilon alone at the budget's delta (what summing per-task reports would give; it
-    is not a guarantee at that delta). ``remaining = budget.epsilon - epsilon_committed``.
-    ``events`` counts the events of the tasks in the period; ``year`` is None for ``forever``.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    dataset: str
-    budget: Budget
-    year: int | None
-    epsilon_committed: float
-    epsilon_naive: float
-    remaining: float
-    open_tasks: list[str]
-    closed_tasks: list[str]
-    events: int
-
-
-# --------------------------------------------------------------------------- composition
-
-
-@functools.lru_cache(maxsize=4096)
-def _dpsgd_epsilon(history: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
-    """Epsilon of one merged DP-SGD history (cached: it runs under the ledger's write lock)."""
-    return epsilon_from_history(history=list(history), delta=delta, accountant=accountant)
-
-
-def _parts(mechanisms: list[Mechanism], delta: float) -> tuple[tuple[HistoryEntry, ...], float, str, float, float]:
-    """``(merged dpsgd history, delta left for it, accountant, epsilon of the rest, delta of the rest)``."""
-    if not 0 < delta < 1:
-        raise PrivacyError(f"delta must be in (0, 1), got {delta}")
-    history: list[HistoryEntry] = []
-    accountant = "prv"
-    eps_other = 0.0
-    delta_other = 0.0
-    for m in mechanisms:
-        if m.kind == "dpsgd":
-            history.extend(m.history)
-            if m.accountant == "rdp":
-                accountant = "rdp"
-        else:
-            eps_other += float(m.epsilon or 0.0)
-            delta_other += m.delta
-    merged = tuple(sorted(merge_history(history)))  # sorted: one cache key per multiset
-    return merged, delta - delta_other, accountant, eps_other, delta_other
-
-
-def _check_delta(merged: tuple[HistoryEntry, ...], delta_dpsgd: float, delta: float, delta_other: float) -> None:
-    if delta_dpsgd < 0 or (merged and delta_dpsgd <= 0):
-        raise PrivacyError(
-            f"the non-DP-SGD mechanisms use delta {delta_other:g}, which leaves "
-            f"{'nothing' if delta_dpsgd <= 0 else f'{delta_dpsgd:g}'} of the total delta {delta:g}"
-            + (" for the DP-SGD steps" if merged else "")
-        )
-
-
-def _dpsgd_bound(merged: tuple[HistoryEntry, ...], delta_dpsgd: float, accountant: str, *, cheap: bool) -> float:
-    """Epsilon of the merged DP-SGD history. ``cheap``: the RDP bound only (milliseconds)."""
-    if not merged:
-        return 0.0
-    rdp = _dpsgd_epsilon(merged, delta_dpsgd, "rdp")
-    if accountant == "rdp" or cheap:
-        return rdp
-    return min(_dpsgd_epsilon(merged, delta_dpsgd, "prv"), rdp)
-
-
-def compose(mechanisms: list[Mechanism], *, delta: float) -> float:
-    """Epsilon at ``delta`` of all ``mechanisms`` run on the same data, in any adaptive order.
-
-    How:
-
-    1. Every DP-SGD history is merged into ONE accountant history (equal
-       ``(noise_multiplier, sample_rate)`` entries summed; order does not matter to
-       composition). Each entry is a Poisson-subsampled Gaussian mechanism; the PRV
-       accountant (Gopi, Lee and Wutschitz 2021, arXiv:2106.02848) composes their
-       privacy-loss random variables numerically, which is valid for adaptive composition:
-       the same theorem that lets one accountant cover all steps of one training run covers
-       the steps of several tasks on the same data. That is why ``k`` identical tasks cost
-       much less than ``k`` times one.
-    2. The other mechanisms (``gaussian``, ``laplace``, ``other``, each an ``(eps_i,
-       delta_i)`` guarantee) are added by basic composition (Dwork and Roth 2014, Thm. 3.16,
-       which also holds adaptively): the result is ``(eps_dpsgd + sum eps_i, delta)``-DP with
-       the DP-SGD part evaluated at ``delta_dpsgd = delta - sum delta_i``. If nothing is
-       left for DP-SGD (``delta_dpsgd <= 0``) this raises :class:`PrivacyError`.
-    3. If any DP-SGD mechanism asks for ``rdp``, the whole history is evaluated with RDP
-       (Mironov et al. 2019, arXiv:1908.10530): the looser of the two, so every task's own
-       choice is honoured. With ``prv`` the result is ``min(PRV, RDP)``: both are valid
-       upper bounds at the same delta, so their minimum is too. In practice PRV is always
-       the smaller (RDP is 9 to 16% looser; FLOWER-NOTES); taking the minimum makes the cheap
-       RDP pre-check of :meth:`PrivacyLedger.reserve` exact rather than approximately right.
-
-    Pure: no I/O. DP-SGD evaluations are cached per (merged history, delta, accountant).
-    """
-    merged, delta_dpsgd, accountant, eps_other, delta_other = _parts(mechanisms, delta)
-    _check_delta(merged, delta_dpsgd, delta, delta_other)
-    return eps_other + _dpsgd_bound(merged, delta_dpsgd, accountant, cheap=False)
-
-
-def _fits(mechanisms: list[Mechanism], budget: Budget) -> tuple[bool, float | None, str]:
-    """Whether ``compose(mechanisms) <= budget``: ``(fits, epsilon or None, why not)``.
-
-    Runs under the write lock, so it tries the cheap RDP bound first: if that fits, so does
-    ``compose`` (which is at most the RDP bound), and the expensive PRV evaluation is left
-    for after the commit. Only near the edge of the budget is PRV evaluated under the lock.
-    """
-    merged, delta_dpsgd, accountant, eps_other, delta_other = _parts(mechanisms, budget.delta)
-    if delta_other > budget.delta or (merged and delta_dpsgd <= 0):
-        return False, None, (
-            f"the (epsilon, delta) mechanisms would use delta {delta_other:g} of the budget's {budget.delta:g}"
-            + (", leaving nothing for DP-SGD" if merged else "")
-        )
-    if eps_other + _dpsgd_bound(merged, delta_dpsgd, accountant, cheap=True) <= budget.epsilon:
-        return True, None, ""
-    eps = eps_other + _dpsgd_bound(merged, delta_dpsgd, accountant, cheap=False)
-    return eps <= budget.epsilon, eps, ""
 
 
 # --------------------------------------------------------------------------- storage
@@ -371,6 +170,11 @@ class _Task:
         if self.closed:
             return list(self.spends)
         return [self.reserved] if self.reserved is not None else []
+
+
+def _committed(tasks: Sequence[_Task]) -> list[Mechanism]:
+    """What the ``tasks`` have committed against the budget, together."""
+    return [m for t in tasks for m in t.committed()]
 
 
 class PrivacyLedger:
@@ -497,7 +301,7 @@ class PrivacyLedger:
         time: datetime,
         dataset: str,
         task_id: str,
-        kind: str,
+        kind: Literal["reserve", "spend", "release"],
         mechanism: Mechanism | None,
         round: int | None = None,
         note: str = "",
@@ -522,7 +326,7 @@ class PrivacyLedger:
             time=_parse_time(_fmt(time)),
             dataset=dataset,
             task_id=task_id,
-            kind=kind,  # type: ignore[arg-type]
+            kind=kind,
             mechanism=mechanism,
             round=round,
             note=note,
@@ -530,7 +334,7 @@ class PrivacyLedger:
         )
 
     @staticmethod
-    def _row_event(row: tuple) -> LedgerEvent:  # type: ignore[type-arg]
+    def _row_event(row: tuple[Any, ...]) -> LedgerEvent:
         id_, time, dataset, task_id, kind, mech, rnd, note, budget = row
         return LedgerEvent(
             id=id_,
@@ -544,7 +348,7 @@ class PrivacyLedger:
             budget=Budget.model_validate_json(budget) if budget is not None else None,
         )
 
-    def _select(self, con: sqlite3.Connection, where: str = "", args: tuple = ()) -> list[LedgerEvent]:  # type: ignore[type-arg]
+    def _select(self, con: sqlite3.Connection, where: str = "", args: tuple[str, ...] = ()) -> list[LedgerEvent]:
         rows = con.execute(
             f"SELECT id, time, dataset, task_id, kind, mechanism, round, note, budget FROM events {where} ORDER BY id", args
         ).fetchall()
@@ -594,7 +398,7 @@ class PrivacyLedger:
 
     @staticmethod
     def _status(dataset: str, budget: Budget, now: datetime, tasks: list[_Task]) -> BudgetStatus:
-        committed = compose([m for t in tasks for m in t.committed()], delta=budget.delta)
+        committed = compose(_committed(tasks), delta=budget.delta)
         naive = sum(compose(t.committed(), delta=budget.delta) for t in tasks)
         return BudgetStatus(
             dataset=dataset,
@@ -606,6 +410,33 @@ class PrivacyLedger:
             open_tasks=[t.task_id for t in tasks if not t.closed],
             closed_tasks=[t.task_id for t in tasks if t.closed],
             events=sum(t.events for t in tasks),
+        )
+
+    @classmethod
+    def _exceeded(
+        cls, dataset: str, task_id: str, mechanism: Mechanism, budget: Budget, now: datetime, counted: list[_Task], why: str
+    ) -> BudgetExceeded:
+        """The error for a reservation :func:`~fedgov.node.budget.check_spend` refused, with the balance."""
+        status = cls._status(dataset, budget, now, counted)
+        try:
+            task_eps = compose([mechanism], delta=budget.delta)
+        except PrivacyError:
+            task_eps = math.inf
+        try:
+            after = compose([*_committed(counted), mechanism], delta=budget.delta)
+        except PrivacyError:
+            after = math.inf
+        period = f"year {now.year}" if budget.period == "year" else "all time"
+        return BudgetExceeded(
+            f"privacy budget of data set '{dataset}' exceeded: budget epsilon {budget.epsilon:g} at delta "
+            f"{budget.delta:g} ({period}); committed epsilon {status.epsilon_committed:.4f} by "
+            f"{len(status.open_tasks)} open and {len(status.closed_tasks)} closed task(s); task '{task_id}' asks "
+            f"for epsilon {task_eps:.4f} alone, which would make the composed total {after:.4f}"
+            + (f" ({why})" if why else ""),
+            status=status,
+            requested=mechanism,
+            task_epsilon=task_eps,
+            epsilon_after=after,
         )
 
     # ------------------------------------------------------------------ public API
@@ -631,6 +462,7 @@ class PrivacyLedger:
         closed task, it raises :class:`LedgerError`. Returns the status after the reservation.
         """
         t = _utc(now)
+        refused: tuple[list[_Task], str] | None = None
         with self._transaction() as con:
             existing = self._tasks(con, dataset, task_id=task_id).get(task_id)
             if existing is not None and existing.reserved is not None:
@@ -640,38 +472,19 @@ class PrivacyLedger:
                     raise LedgerError(
                         f"task '{task_id}' on data set '{dataset}' is already reserved with a different mechanism"
                     )
-                fits = True
             else:
                 counted = self._in_period(self._tasks(con, dataset, year=self._year(budget, t)), budget, t)
-                fits, _, why = _fits([m for x in counted for m in x.committed()] + [mechanism], budget)
-                if fits:
+                check = check_spend(committed=_committed(counted), mechanism=mechanism, budget=budget)
+                if check.fits:
                     self._insert(
                         con, time=t, dataset=dataset, task_id=task_id, kind="reserve", mechanism=mechanism,
                         note=note, budget=budget,
                     )
-        if not fits:
+                else:
+                    refused = (counted, check.why)
+        if refused is not None:
             # Rolled back; the details are computed outside the write lock.
-            status = self._status(dataset, budget, t, counted)
-            try:
-                task_eps = compose([mechanism], delta=budget.delta)
-            except PrivacyError:
-                task_eps = math.inf
-            try:
-                after = compose([m for x in counted for m in x.committed()] + [mechanism], delta=budget.delta)
-            except PrivacyError:
-                after = math.inf
-            period = f"year {t.year}" if budget.period == "year" else "all time"
-            raise BudgetExceeded(
-                f"privacy budget of data set '{dataset}' exceeded: budget epsilon {budget.epsilon:g} at delta "
-                f"{budget.delta:g} ({period}); committed epsilon {status.epsilon_committed:.4f} by "
-                f"{len(status.open_tasks)} open and {len(status.closed_tasks)} closed task(s); task '{task_id}' asks "
-                f"for epsilon {task_eps:.4f} alone, which would make the composed total {after:.4f}"
-                + (f" ({why})" if why else ""),
-                status=status,
-                requested=mechanism,
-                task_epsilon=task_eps,
-                epsilon_after=after,
-            )
+            raise self._exceeded(dataset, task_id, mechanism, budget, t, *refused)
         logger.info("reserved privacy budget: dataset=%s task=%s", dataset, task_id)
         return self.status(dataset, budget, now=t)
 
@@ -704,33 +517,11 @@ class PrivacyLedger:
                 raise LedgerError(f"task '{task_id}' has no reservation on data set '{dataset}': reserve before spending")
             if task.closed:
                 raise LedgerError(f"task '{task_id}' on data set '{dataset}' is released: it can spend no more")
-            res = task.reserved
-            if mechanism.kind != res.kind or mechanism.accountant != res.accountant:
-                raise LedgerError(
-                    f"task '{task_id}' reserved a {res.kind}/{res.accountant} mechanism; "
-                    f"a {mechanism.kind}/{mechanism.accountant} spend does not match it"
-                )
-            spends = task.spends + [mechanism]
-            if res.kind == "dpsgd":
-                reserved = res.steps_by_key()
-                used: dict[tuple[float, float], int] = {}
-                for m in spends:
-                    for key, n in m.steps_by_key().items():
-                        used[key] = used.get(key, 0) + n
-                for (sigma, q), n in used.items():
-                    if n > reserved.get((sigma, q), 0):
-                        raise LedgerError(
-                            f"task '{task_id}' on data set '{dataset}' would take {n} DP-SGD steps at noise "
-                            f"multiplier {sigma:g} and sample rate {q:g}; it reserved {reserved.get((sigma, q), 0)}"
-                        )
-            else:
-                eps = sum(float(m.epsilon or 0.0) for m in spends)
-                dlt = sum(m.delta for m in spends)
-                if eps > float(res.epsilon or 0.0) * (1 + 1e-12) or dlt > res.delta * (1 + 1e-12):
-                    raise LedgerError(
-                        f"task '{task_id}' on data set '{dataset}' would spend epsilon {eps:g}, delta {dlt:g}; "
-                        f"it reserved epsilon {res.epsilon:g}, delta {res.delta:g}"
-                    )
+            problem = check_within_reservation(
+                reserved=task.reserved, spent=task.spends, mechanism=mechanism, task_id=task_id, dataset=dataset
+            )
+            if problem is not None:
+                raise LedgerError(problem)
             return self._insert(
                 con, time=t, dataset=dataset, task_id=task_id, kind="spend", mechanism=mechanism, round=round, note=note
             )

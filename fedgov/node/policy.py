@@ -27,8 +27,11 @@ Example (``configs/policies/GM0363.toml`` is a complete one)::
     [limits]
     max_epsilon_per_task = 3.0
 
-:func:`check_task` is a pure function of the policy and the task: it does not look at the
-remaining budget, which the ledger checks and reserves atomically when the task starts.
+:func:`check_task` (a training task) and :func:`check_query` (a statistics query) are pure
+functions of the policy and what is asked: both run the same ordered rules (:data:`RULES`, one
+signature, ``rule(policy, proposal) -> Decision | None``), and the first rule broken decides.
+They do not look at the remaining budget, which the ledger checks and reserves atomically when
+the task starts.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ import json
 import math
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
@@ -61,6 +65,10 @@ __all__ = [
     "SecureAggregationSpec",
     "NodePolicy",
     "Decision",
+    "Proposal",
+    "Rule",
+    "RULES",
+    "decide",
     "load_policy",
     "check_task",
     "check_query",
@@ -82,7 +90,8 @@ _CONTEXT_SINK = "policy_problems"
 
 
 class PolicyCode(str, Enum):
-    """Why a policy refuses a task: stable codes, checked in this order (first failure wins)."""
+    """Why a policy refuses a task: stable codes. Their rules are checked in the order of
+    :data:`RULES` (the first failure wins)."""
 
     APPROVAL_DENY = "approval-deny"
     KIND_NOT_ALLOWED = "kind-not-allowed"
@@ -481,16 +490,256 @@ def _refuse(code: PolicyCode, reason: str, dataset: str | None = None) -> Decisi
     return Decision(accepted=False, code=code, reason=reason, dataset=dataset)
 
 
-def _check_parties(acc: AcceptSpec, coordinator: str | None, submitter: str | None) -> Decision | None:
-    """The coordinator and submitter rules, shared by tasks and queries; None when both pass."""
-    for who, value, allowed, code in (
-        ("coordinator", coordinator, acc.coordinators, PolicyCode.COORDINATOR_NOT_ALLOWED),
-        ("submitter", submitter, acc.submitters, PolicyCode.SUBMITTER_NOT_ALLOWED),
-    ):
-        if not _allowed(value, allowed):
-            shown = f"{who} '{value}' is not accepted" if value is not None else f"the {who} did not identify itself"
-            return _refuse(code, f"{shown}; policy accepts only {_names(allowed)} (accept.{who}s)")
+@dataclass(frozen=True)
+class Proposal:
+    """What the rules look at: a training task or a statistics query, as this node sees it.
+
+    ``task`` is the training task (None for a query): the training-only rules (model,
+    strategy, distributed DP, evaluation epsilon) look at it and pass when it is None.
+    ``epsilon`` and ``delta`` are what the proposal asks of this node (for a task, the delta
+    the node will use: :func:`_task_delta`); ``privacy`` is False only for a task without
+    differential privacy. ``rows`` and ``noise_multiplier`` are None while unknown (before
+    the data is read, before calibration): their rules then pass.
+    """
+
+    noun: Literal["task", "query"]
+    kind: str
+    contract: Contract
+    coordinator: str | None
+    submitter: str | None
+    secure_aggregation: bool
+    privacy: bool
+    epsilon: float
+    delta: float
+    task: Task | None = None
+    rows: int | None = None
+    noise_multiplier: float | None = None
+
+
+Rule = Callable[[NodePolicy, Proposal], Decision | None]
+"""A policy rule: the refusal when ``proposal`` breaks it, else None."""
+
+
+def _served(policy: NodePolicy, p: Proposal) -> str | None:
+    """The name of the data set serving the proposal's contract (None: not served)."""
+    ds = policy.dataset_for(p.contract)
+    return ds.name if ds is not None else None
+
+
+def _approval(policy: NodePolicy, p: Proposal) -> Decision | None:
+    if policy.approval == "deny":
+        return _refuse(PolicyCode.APPROVAL_DENY, 'this node refuses every task (approval = "deny")')
     return None
+
+
+def _kind(policy: NodePolicy, p: Proposal) -> Decision | None:
+    kinds = policy.accept.kinds
+    if p.kind in kinds:
+        return None
+    return _refuse(
+        PolicyCode.KIND_NOT_ALLOWED, f"task kind '{p.kind}' is not accepted; policy accepts {_names(kinds)} (accept.kinds)"
+    )
+
+
+def _party(who: str, value: str | None, allowed: Sequence[str], code: PolicyCode) -> Decision | None:
+    """A coordinator or submitter that did not identify itself (None) passes only ``"*"``."""
+    if _allowed(value, allowed):
+        return None
+    shown = f"{who} '{value}' is not accepted" if value is not None else f"the {who} did not identify itself"
+    return _refuse(code, f"{shown}; policy accepts only {_names(allowed)} (accept.{who}s)")
+
+
+def _coordinator(policy: NodePolicy, p: Proposal) -> Decision | None:
+    return _party("coordinator", p.coordinator, policy.accept.coordinators, PolicyCode.COORDINATOR_NOT_ALLOWED)
+
+
+def _submitter(policy: NodePolicy, p: Proposal) -> Decision | None:
+    return _party("submitter", p.submitter, policy.accept.submitters, PolicyCode.SUBMITTER_NOT_ALLOWED)
+
+
+def _contract(policy: NodePolicy, p: Proposal) -> Decision | None:
+    if policy.dataset_for(p.contract) is not None:
+        return None
+    c = p.contract
+    if p.noun == "query":
+        text = (
+            f"query uses contract {c.ref}; this node serves {_names([r for d in policy.datasets for r in d.refs])} "
+            "(datasets.contract, datasets.versions)"
+        )
+    elif same_name := [d for d in policy.datasets if d.contract == c.name]:
+        text = f"task uses contract {c.ref}; this node serves only {_names([r for d in same_name for r in d.refs])} (datasets.versions)"
+    else:
+        text = f"task uses contract {c.ref}; this node serves no version of '{c.name}' (datasets.contract)"
+    return _refuse(PolicyCode.CONTRACT_NOT_SERVED, text)
+
+
+def _model(policy: NodePolicy, p: Proposal) -> Decision | None:
+    models = policy.accept.models
+    if p.task is None or p.kind != "training" or p.task.model.name in models:
+        return None
+    return _refuse(
+        PolicyCode.MODEL_NOT_ALLOWED,
+        f"task uses model '{p.task.model.name}'; policy accepts {_names(models)} (accept.models)",
+        _served(policy, p),
+    )
+
+
+def _strategy(policy: NodePolicy, p: Proposal) -> Decision | None:
+    strategies = policy.accept.strategies
+    if p.task is None or p.kind != "training" or p.task.training.strategy in strategies:
+        return None
+    return _refuse(
+        PolicyCode.STRATEGY_NOT_ALLOWED,
+        f"task uses strategy '{p.task.training.strategy}'; policy accepts {_names(strategies)} (accept.strategies)",
+        _served(policy, p),
+    )
+
+
+def _secure_aggregation(policy: NodePolicy, p: Proposal) -> Decision | None:
+    if p.secure_aggregation or not policy.limits.require_secure_aggregation:
+        return None
+    setting = "training.secure_aggregation" if p.noun == "task" else "secure_aggregation"
+    return _refuse(
+        PolicyCode.SECURE_AGGREGATION_REQUIRED,
+        f"{p.noun} has {setting} = false; policy requires secure aggregation (limits.require_secure_aggregation)",
+        _served(policy, p),
+    )
+
+
+def _privacy(policy: NodePolicy, p: Proposal) -> Decision | None:
+    if p.privacy or not policy.limits.require_privacy:
+        return None
+    return _refuse(
+        PolicyCode.PRIVACY_REQUIRED,
+        f"{p.noun} has privacy.enabled = false; policy requires differential privacy (limits.require_privacy)",
+        _served(policy, p),
+    )
+
+
+def _distributed(policy: NodePolicy, p: Proposal) -> Decision | None:
+    if p.task is None or not policy.limits.require_distributed:
+        return None
+    priv = p.task.privacy
+    if priv.enabled and priv.mode == "distributed":
+        return None
+    return _refuse(
+        PolicyCode.DISTRIBUTED_REQUIRED,
+        f"task has privacy.mode = \"{priv.mode}\"{'' if priv.enabled else ' and no privacy'}; policy requires "
+        "distributed DP (limits.require_distributed)",
+        _served(policy, p),
+    )
+
+
+def _epsilon(policy: NodePolicy, p: Proposal) -> Decision | None:
+    limit = policy.limits.max_epsilon_per_task
+    if not p.privacy or p.epsilon <= limit:
+        return None
+    return _refuse(
+        PolicyCode.EPSILON_ABOVE_MAX,
+        f"{p.noun} asks epsilon {_num(p.epsilon)} per node; policy allows at most {_num(limit)} "
+        "(limits.max_epsilon_per_task)",
+        _served(policy, p),
+    )
+
+
+def _evaluation_epsilon(policy: NodePolicy, p: Proposal) -> Decision | None:
+    """Evaluations at the node spend part of a local-DP training task's epsilon."""
+    task, limit = p.task, policy.limits.max_evaluation_epsilon
+    if task is None or p.kind != "training" or not p.privacy or task.privacy.mode != "local":
+        return None
+    if task.evaluation.node_evaluations(task.training.rounds) == 0 or task.evaluation.epsilon <= limit:
+        return None
+    return _refuse(
+        PolicyCode.EVALUATION_EPSILON_ABOVE_MAX,
+        f"task spends epsilon {_num(task.evaluation.epsilon)} on evaluations at the node; policy allows at most "
+        f"{_num(limit)} (limits.max_evaluation_epsilon)",
+        _served(policy, p),
+    )
+
+
+def _delta(policy: NodePolicy, p: Proposal) -> Decision | None:
+    limit = policy.limits.max_delta_per_task
+    if not p.privacy or p.delta <= limit:
+        return None
+    return _refuse(
+        PolicyCode.DELTA_ABOVE_MAX,
+        f"{p.noun} asks delta {_num(p.delta)} per node; policy allows at most {_num(limit)} (limits.max_delta_per_task)",
+        _served(policy, p),
+    )
+
+
+def _noise(policy: NodePolicy, p: Proposal) -> Decision | None:
+    sigma, limit = p.noise_multiplier, policy.limits.min_noise_multiplier
+    if not p.privacy or sigma is None or (math.isfinite(sigma) and sigma >= limit):
+        return None
+    return _refuse(
+        PolicyCode.NOISE_BELOW_MIN,
+        f"{p.noun} needs noise multiplier {_num(sigma)} at this node; policy requires at least {_num(limit)} "
+        "(limits.min_noise_multiplier)",
+        _served(policy, p),
+    )
+
+
+def _rows(policy: NodePolicy, p: Proposal) -> Decision | None:
+    limit = policy.limits.min_rows
+    if p.rows is None or p.rows >= limit:
+        return None
+    name = _served(policy, p)
+    return _refuse(
+        PolicyCode.TOO_FEW_ROWS,
+        f"data set '{name}' has {p.rows} training rows; policy requires at least {limit} (limits.min_rows)",
+        name,
+    )
+
+
+RULES: tuple[Rule, ...] = (
+    _approval,
+    _kind,
+    _coordinator,
+    _submitter,
+    _contract,
+    _model,  # training
+    _strategy,  # training
+    _secure_aggregation,
+    _privacy,
+    _distributed,  # training
+    _epsilon,
+    _evaluation_epsilon,  # training
+    _delta,
+    _noise,  # training, once calibrated
+    _rows,  # training, once the data is read
+)
+"""Every rule of the node policy, for tasks and queries alike, in the order they are checked:
+the first one a proposal breaks decides which refusal the node gives. Who may ask comes
+first (approval, kind, coordinator, submitter), then what is asked of which data set (the
+contract, the model and strategy, secure aggregation, privacy), then how much (epsilon,
+delta, noise, rows). A rule that does not apply to a proposal (a training rule to a query, a
+rule on a value still unknown) passes it."""
+
+
+def decide(policy: NodePolicy, proposal: Proposal) -> Decision:
+    """The first of :data:`RULES` that ``proposal`` breaks refuses it; else it is accepted."""
+    for rule in RULES:
+        refusal = rule(policy, proposal)
+        if refusal is not None:
+            return refusal
+    name = _served(policy, proposal)
+    reason = f"{proposal.noun} conforms to the node policy; it would use data set '{name}'"
+    if not proposal.privacy:
+        reason += " without differential privacy (limits.require_privacy = false)"
+    if policy.approval == "manual":
+        reason += '; approval = "manual": it waits for an operator\'s approval'
+    return Decision(accepted=True, code=None, reason=reason, dataset=name)
+
+
+def _task_delta(task: Task, rows: int | None) -> float:
+    """The delta a node uses for ``task`` (:func:`fedgov.privacy.plans.task_delta`, which this
+    module does not import: it loads the DP-SGD machinery), or while ``rows`` is unknown the
+    largest it can be."""
+    priv = task.privacy
+    if priv.mode == "distributed":
+        return priv.delta if priv.delta is not None else 1e-5
+    return priv.delta_for(rows) if rows is not None else priv.delta_for(1)
 
 
 def check_task(
@@ -504,130 +753,33 @@ def check_task(
     submitter: str | None = None,
     kind: str = "training",
 ) -> Decision:
-    """Check one task against the node's policy; the first rule it breaks decides.
+    """Check one task against the node's policy (:data:`RULES`); the first rule it breaks decides.
 
-    Rules, in order: approval is not ``deny``; the kind, coordinator and submitter are
-    accepted; the contract is served by a data set; the model and strategy are accepted
-    (training only); privacy is enabled if required; epsilon and delta per node are at most
-    the policy's maximums; the noise multiplier is at least its minimum; the data set has
-    enough rows. ``rows`` and ``noise_multiplier`` may be None while unknown (before the data
-    is read, before calibration): their rules are then skipped, so call again once they are
-    known. The delta compared is the one the node will use: ``task.privacy.delta_for(rows)``,
-    or while ``rows`` is unknown the largest it can be. A task without differential privacy
-    (allowed only with ``require_privacy = false``) has no epsilon, delta or noise to check.
+    ``rows`` and ``noise_multiplier`` may be None while unknown (before the data is read,
+    before calibration): their rules are then skipped, so call again once they are known.
+    The delta compared is the one the node will use (:func:`_task_delta`). A task without
+    differential privacy (allowed only with ``require_privacy = false``) has no epsilon,
+    delta or noise to check.
 
     The remaining budget is not checked here: the ledger checks and reserves it atomically.
-    A coordinator or submitter that did not identify itself (None) passes only ``"*"``.
     """
-    if policy.approval == "deny":
-        return _refuse(PolicyCode.APPROVAL_DENY, 'this node refuses every task (approval = "deny")')
-
-    acc = policy.accept
-    if kind not in acc.kinds:
-        return _refuse(
-            PolicyCode.KIND_NOT_ALLOWED,
-            f"task kind '{kind}' is not accepted; policy accepts {_names(acc.kinds)} (accept.kinds)",
-        )
-    party = _check_parties(acc, coordinator, submitter)
-    if party is not None:
-        return party
-
-    ds = policy.dataset_for(contract)
-    if ds is None:
-        same_name = [d for d in policy.datasets if d.contract == contract.name]
-        if same_name:
-            served = _names([r for d in same_name for r in d.refs])
-            text = f"task uses contract {contract.ref}; this node serves only {served} (datasets.versions)"
-        else:
-            text = f"task uses contract {contract.ref}; this node serves no version of '{contract.name}' (datasets.contract)"
-        return _refuse(PolicyCode.CONTRACT_NOT_SERVED, text)
-    name = ds.name
-
-    if kind == "training":
-        if task.model.name not in acc.models:
-            return _refuse(
-                PolicyCode.MODEL_NOT_ALLOWED,
-                f"task uses model '{task.model.name}'; policy accepts {_names(acc.models)} (accept.models)",
-                name,
-            )
-        if task.training.strategy not in acc.strategies:
-            return _refuse(
-                PolicyCode.STRATEGY_NOT_ALLOWED,
-                f"task uses strategy '{task.training.strategy}'; policy accepts {_names(acc.strategies)} "
-                "(accept.strategies)",
-                name,
-            )
-
-    lim = policy.limits
-    priv = task.privacy
-    if lim.require_secure_aggregation and not task.training.secure_aggregation:
-        return _refuse(
-            PolicyCode.SECURE_AGGREGATION_REQUIRED,
-            "task has training.secure_aggregation = false; policy requires secure aggregation (limits.require_secure_aggregation)",
-            name,
-        )
-    if not priv.enabled and lim.require_privacy:
-        return _refuse(
-            PolicyCode.PRIVACY_REQUIRED,
-            "task has privacy.enabled = false; policy requires differential privacy (limits.require_privacy)",
-            name,
-        )
-    if lim.require_distributed and not (priv.enabled and priv.mode == "distributed"):
-        return _refuse(
-            PolicyCode.DISTRIBUTED_REQUIRED,
-            f"task has privacy.mode = \"{priv.mode}\"{'' if priv.enabled else ' and no privacy'}; policy requires "
-            "distributed DP (limits.require_distributed)",
-            name,
-        )
-    if priv.enabled:
-        if priv.target_epsilon > lim.max_epsilon_per_task:
-            return _refuse(
-                PolicyCode.EPSILON_ABOVE_MAX,
-                f"task asks epsilon {_num(priv.target_epsilon)} per node; policy allows at most "
-                f"{_num(lim.max_epsilon_per_task)} (limits.max_epsilon_per_task)",
-                name,
-            )
-        if kind == "training" and priv.mode == "local" and task.evaluation.node_evaluations(task.training.rounds) > 0 \
-                and task.evaluation.epsilon > lim.max_evaluation_epsilon:
-            return _refuse(
-                PolicyCode.EVALUATION_EPSILON_ABOVE_MAX,
-                f"task spends epsilon {_num(task.evaluation.epsilon)} on evaluations at the node; policy allows at most "
-                f"{_num(lim.max_evaluation_epsilon)} (limits.max_evaluation_epsilon)",
-                name,
-            )
-        if priv.mode == "distributed":
-            delta = priv.delta if priv.delta is not None else 1e-5  # per municipality
-        else:
-            delta = priv.delta_for(rows) if rows is not None else priv.delta_for(1)  # the largest possible
-        if delta > lim.max_delta_per_task:
-            return _refuse(
-                PolicyCode.DELTA_ABOVE_MAX,
-                f"task asks delta {_num(delta)} per node; policy allows at most "
-                f"{_num(lim.max_delta_per_task)} (limits.max_delta_per_task)",
-                name,
-            )
-        if noise_multiplier is not None and not (
-            math.isfinite(noise_multiplier) and noise_multiplier >= lim.min_noise_multiplier
-        ):
-            return _refuse(
-                PolicyCode.NOISE_BELOW_MIN,
-                f"task needs noise multiplier {_num(noise_multiplier)} at this node; policy requires at least "
-                f"{_num(lim.min_noise_multiplier)} (limits.min_noise_multiplier)",
-                name,
-            )
-    if rows is not None and rows < lim.min_rows:
-        return _refuse(
-            PolicyCode.TOO_FEW_ROWS,
-            f"data set '{name}' has {rows} training rows; policy requires at least {lim.min_rows} (limits.min_rows)",
-            name,
-        )
-
-    reason = f"task conforms to the node policy; it would use data set '{name}'"
-    if not priv.enabled:
-        reason += " without differential privacy (limits.require_privacy = false)"
-    if policy.approval == "manual":
-        reason += '; approval = "manual": it waits for an operator\'s approval'
-    return Decision(accepted=True, code=None, reason=reason, dataset=name)
+    return decide(
+        policy,
+        Proposal(
+            noun="task",
+            kind=kind,
+            contract=contract,
+            coordinator=coordinator,
+            submitter=submitter,
+            secure_aggregation=task.training.secure_aggregation,
+            privacy=task.privacy.enabled,
+            epsilon=task.privacy.target_epsilon,
+            delta=_task_delta(task, rows),
+            task=task,
+            rows=rows,
+            noise_multiplier=noise_multiplier,
+        ),
+    )
 
 
 def check_query(
@@ -640,52 +792,24 @@ def check_query(
     submitter: str | None = None,
     secure_aggregation: bool = False,
 ) -> Decision:
-    """Check a statistics query against the node's policy (the rules of :func:`check_task` that
-    apply to a query: approval, kind ``statistics``, coordinator and submitter, the contract
-    served, epsilon and delta per node, secure aggregation). Rows and the budget are checked
-    when the data is read and when the ledger reserves."""
-    if policy.approval == "deny":
-        return _refuse(PolicyCode.APPROVAL_DENY, 'this node refuses every task (approval = "deny")')
-    if policy.limits.require_secure_aggregation and not secure_aggregation:
-        return _refuse(
-            PolicyCode.SECURE_AGGREGATION_REQUIRED,
-            "query has secure_aggregation = false; policy requires secure aggregation (limits.require_secure_aggregation)",
-        )
-    acc = policy.accept
-    if "statistics" not in acc.kinds:
-        return _refuse(
-            PolicyCode.KIND_NOT_ALLOWED,
-            f"task kind 'statistics' is not accepted; policy accepts {_names(acc.kinds)} (accept.kinds)",
-        )
-    party = _check_parties(acc, coordinator, submitter)
-    if party is not None:
-        return party
-    ds = policy.dataset_for(contract)
-    if ds is None:
-        return _refuse(
-            PolicyCode.CONTRACT_NOT_SERVED,
-            f"query uses contract {contract.ref}; this node serves {_names([r for d in policy.datasets for r in d.refs])} "
-            "(datasets.contract, datasets.versions)",
-        )
-    lim = policy.limits
-    if epsilon > lim.max_epsilon_per_task:
-        return _refuse(
-            PolicyCode.EPSILON_ABOVE_MAX,
-            f"query asks epsilon {_num(epsilon)} per node; policy allows at most {_num(lim.max_epsilon_per_task)} "
-            "(limits.max_epsilon_per_task)",
-            ds.name,
-        )
-    if delta > lim.max_delta_per_task:
-        return _refuse(
-            PolicyCode.DELTA_ABOVE_MAX,
-            f"query asks delta {_num(delta)} per node; policy allows at most {_num(lim.max_delta_per_task)} "
-            "(limits.max_delta_per_task)",
-            ds.name,
-        )
-    reason = f"query conforms to the node policy; it would use data set '{ds.name}'"
-    if policy.approval == "manual":
-        reason += '; approval = "manual": it waits for an operator\'s approval'
-    return Decision(accepted=True, code=None, reason=reason, dataset=ds.name)
+    """Check a statistics query against the node's policy (:data:`RULES`; those of training
+    pass it): approval, kind ``statistics``, coordinator and submitter, the contract served,
+    secure aggregation, epsilon and delta per node. Rows and the budget are checked when the
+    data is read and when the ledger reserves."""
+    return decide(
+        policy,
+        Proposal(
+            noun="query",
+            kind="statistics",
+            contract=contract,
+            coordinator=coordinator,
+            submitter=submitter,
+            secure_aggregation=secure_aggregation,
+            privacy=True,
+            epsilon=epsilon,
+            delta=delta,
+        ),
+    )
 
 
 # --- a starting policy -----------------------------------------------------------------------

@@ -14,10 +14,22 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import lru_cache
+
 from fedgov.errors import RefusalTextError
 
-__all__ = ["TEMPLATES", "PARAMS", "refusal_text", "error_reason", "parse_error_reason", "is_allowed", "RefusalTextError"]
+__all__ = [
+    "TEMPLATES",
+    "PARAMS",
+    "Refusal",
+    "refusal_text",
+    "error_reason",
+    "parse_error_reason",
+    "is_allowed",
+    "RefusalTextError",
+]
 
 
 # What each placeholder may hold. Names: identifiers, contract refs, setting names. Numbers:
@@ -89,10 +101,10 @@ TEMPLATES: dict[str, str] = {
 def _pattern(code: str) -> re.Pattern[str]:
     template = TEMPLATES[code]
     out = []
-    for literal, field, _, _ in string.Formatter().parse(template):
+    for literal, name, _, _ in string.Formatter().parse(template):
         out.append(re.escape(literal))
-        if field is not None:
-            out.append(f"(?:{PARAMS[field]})")
+        if name is not None:
+            out.append(f"(?:{PARAMS[name]})")
     return re.compile("".join(out))
 
 
@@ -122,3 +134,16 @@ def parse_error_reason(reason: str) -> tuple[str | None, str]:
     """``(code, text)`` of an error reason built by :func:`error_reason`."""
     code, sep, text = reason.partition(": ")
     return (code, text) if sep else (None, reason)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A node's decision not to answer a message: the ``code`` of a template and the values of
+    its placeholders. The ClientApp sends it as an error reply (:func:`error_reason`)."""
+
+    code: str
+    params: Mapping[str, object] = field(default_factory=dict)
+
+    def reason(self) -> str:
+        """The reason of the error reply, ``"<code>: <template text>"``."""
+        return error_reason(self.code, **self.params)

@@ -35,7 +35,7 @@ from fedgov.privacy.plans import distributed_plan, node_evaluations, node_plan, 
 from fedgov.config import Contract, Task
 from fedgov.errors import DataFileError, DataValidationError, ModelError, PrivacyError
 from fedgov.errors import BudgetExceeded
-from fedgov.node.refusals import refusal_text
+from fedgov.node.refusals import Refusal, refusal_text
 
 __all__ = [
     "PreparedData",
@@ -45,7 +45,13 @@ __all__ = [
     "train",
     "evaluate_global",
     "local_only_baseline",
+    "baseline",
     "Baseline",
+    "ROW_COUNT_NOISE",
+    "ROWS_NOTE",
+    "released_row_count",
+    "describe_error",
+    "model_dimension",
     "SentUpdates",
     "model_digest",
 ]
@@ -239,7 +245,7 @@ def released_row_count(home: Any, contract: Contract, train_path: Path, n: int) 
     close, under the key ``rows-<data set>-<sha>``) before the value is used, and every later
     hello reads it back from the ledger, so repeating hellos cannot average the noise away.
     :class:`~fedgov.node.ledger.BudgetExceeded` when the budget cannot pay for it."""
-    from fedgov.node.ledger import Mechanism
+    from fedgov.privacy.events import Mechanism
     from fedgov.node.home import budget_of
     from fedgov.privacy.rng import SecureRNG
 
@@ -360,7 +366,7 @@ def train(
     global_state = state if task.training.strategy == "fedprox" else None
     if task.privacy.enabled and task.privacy.mode == "distributed":
         # Local training without noise: the update is clipped and noised as a whole, in the
-        # secure-aggregation mod (clients.mods.secagg_mod), before it is masked and sent.
+        # secure-aggregation mod (fedgov.node.secure.mask_update), before it is masked and sent.
         from fedgov.privacy import epsilon_from_history, merge_history
 
         plan = dp.plan(task, n)
@@ -369,7 +375,7 @@ def train(
         eps = epsilon_from_history(history=history, delta=plan.delta, accountant=plan.accountant)
         if eps > plan.target_epsilon:
             raise PrivacyError(f"refusing to train: this round would take epsilon to {eps:.3f}, beyond the target {plan.target_epsilon}")
-        dp = DPState(history=[tuple(h) for h in history], epsilon=eps, plan_json=dp.plan_json, rows=dp.rows)  # type: ignore[misc]
+        dp = DPState(history=list(history), epsilon=eps, plan_json=dp.plan_json, rows=dp.rows)
         sigma, q = plan.noise_multiplier, plan.sample_rate
         steps = 1  # one release of the update per round
     elif task.privacy.enabled:
@@ -379,7 +385,7 @@ def train(
             training=task.training, privacy=task.privacy, plan=plan,
             history=dp.history, seed=seed, global_state=global_state,
         )
-        dp = DPState(history=[tuple(h) for h in res.history], epsilon=float(res.epsilon or 0.0), plan_json=dp.plan_json, rows=dp.rows)  # type: ignore[misc]
+        dp = DPState(history=list(res.history), epsilon=float(res.epsilon or 0.0), plan_json=dp.plan_json, rows=dp.rows)
         sigma, q = plan.noise_multiplier, plan.sample_rate
         steps = res.steps
     else:
@@ -462,6 +468,20 @@ def local_only_baseline(
     return Baseline(accuracy=float(m.accuracy), epsilon=dp.epsilon if task.privacy.enabled else float("inf"))
 
 
+def baseline(
+    task: Task, contract: Contract, train_path: Path, test_path: Path | None, *, node: str, simulated: bool, dp: DPState
+) -> Refusal | Baseline:
+    """The local-only baseline a simulation's report compares with (:func:`local_only_baseline`),
+    from the plan and released row count fixed at hello (``dp``): its accuracy and, as its
+    epsilon, the task's own target (what it would cost: it is computed apart from the node's
+    budget). A deployed node refuses it (``baseline-not-offered``): it would be a second
+    release of the node's data."""
+    if not simulated:
+        return Refusal("baseline-not-offered")
+    base = local_only_baseline(task, contract, train_path, test_path, node=node, plan_json=dp.plan_json, rows=dp.rows)
+    return Baseline(accuracy=base.accuracy, epsilon=task.privacy.target_epsilon if task.privacy.enabled else float("inf"))
+
+
 def _noised_alone(before: dict[str, np.ndarray], after: dict[str, np.ndarray], plan: Any) -> dict[str, np.ndarray]:
     """One round of a lone municipality under distributed DP: the update clipped to the plan's
     ``clip`` and noised with the standard deviation the round's sum gets."""
@@ -531,7 +551,8 @@ class SentUpdates:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = json.dumps({"task_id": task_id, "round": server_round, "global": global_digest, "metrics": metrics, "keys": list(arrays)})
         buf = io.BytesIO()
-        np.savez(buf, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **{f"a{i}": np.asarray(v) for i, v in enumerate(arrays.values())})  # type: ignore[arg-type]
+        named: dict[str, Any] = {f"a{i}": np.asarray(v) for i, v in enumerate(arrays.values())}
+        np.savez(buf, __meta__=np.frombuffer(meta.encode(), dtype=np.uint8), **named)
         atomic_write_bytes(self._path(task_id), buf.getvalue())
 
     def load(self, task_id: str, server_round: int, global_digest: str) -> tuple[dict[str, np.ndarray], dict[str, float]] | None:

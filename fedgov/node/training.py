@@ -33,7 +33,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -179,7 +179,7 @@ def _secure_opacus(optimizer: Any, dp_loader: Any, sampler: SecureRNG, noise: Se
 def _secure_sampler_class() -> type:
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-    class SecureUniformSampler(UniformWithReplacementSampler):
+    class SecureUniformSampler(UniformWithReplacementSampler):  # type: ignore[misc]  # opacus is untyped: its sampler is Any
         """Opacus' Poisson sampler (each row with probability ``sample_rate``), drawn from ``rng``."""
 
         rng: SecureRNG
@@ -342,7 +342,7 @@ def _train_fused(
                         p.grad = g
                 if anchor is not None:  # FedProx: post-processing of the noised gradient
                     for p, g0 in anchor:
-                        p.grad.add_(p.detach() - g0, alpha=training.proximal_mu)  # type: ignore[union-attr]
+                        cast(torch.Tensor, p.grad).add_(p.detach() - g0, alpha=training.proximal_mu)  # set above
             optimizer.step()
             steps += 1
     losses = [float(loss_total) / batches_with_rows] if batches_with_rows else []
@@ -419,17 +419,45 @@ def train_dp_round(
     sampler, noise = _dp_sources(seed)
     if mode == "fused":
         losses, steps = _train_fused(
-            model, Xt, yt, training=training, privacy=privacy, plan=plan,  # type: ignore[arg-type]
+            cast(nn.Sequential, model), Xt, yt, training=training, privacy=privacy, plan=plan,  # fused only for an nn.Sequential
             sampler=sampler, noise=noise, anchor=anchor, replay_opacus=replay_opacus,
         )
         return _dp_result(model, yt, losses, steps, expected, eps_after, plan, t_accounting)
+    losses, steps, new_history = _train_opacus(
+        model, Xt, yt, mode=mode, training=training, privacy=privacy, plan=plan, prior=prior,
+        sampler=sampler, noise=noise, anchor=anchor,
+    )
+    if new_history == expected:
+        epsilon = eps_after
+    else:  # not expected with Poisson sampling; the ledger is the authority
+        logger.warning("Opacus recorded %s, the plan expected %s", new_history, expected)
+        epsilon = epsilon_from_history(history=new_history, delta=plan.delta, accountant=plan.accountant)
+    return _dp_result(model, yt, losses, steps, new_history, epsilon, plan, t_accounting)
+
+
+def _train_opacus(
+    model: nn.Module,
+    Xt: torch.Tensor,
+    yt: torch.Tensor,
+    *,
+    mode: str,
+    training: TrainingSpec,
+    privacy: PrivacySpec,
+    plan: DPPlan,
+    prior: list[HistoryEntry],
+    sampler: RandomSource,
+    noise: RandomSource,
+    anchor: list[tuple[nn.Parameter, torch.Tensor]] | None,
+) -> tuple[list[float], int, list[HistoryEntry]]:
+    """The local epochs of DP-SGD with Opacus' own ``mode`` (hooks, ghost, functorch, ew), its
+    accountant continuing from ``prior``: the losses, the steps and the accountant's history."""
     # Exactly plan.loader_batches batches, whatever the true row count: Opacus derives the
     # sample rate from the loader's length, and the plan's comes from the released row count.
     chunks = [c.tolist() for c in np.array_split(np.arange(len(yt)), plan.loader_batches)]
     loader = DataLoader(
         _Rows(Xt, yt),
-        batch_sampler=chunks,  # type: ignore[arg-type]
-        collate_fn=_pass_through,  # type: ignore[arg-type]  # batches are whole index sets
+        batch_sampler=chunks,
+        collate_fn=_pass_through,  # type: ignore[arg-type]  # torch types collate_fn per row; _Rows hands over whole batches
         # DPDataLoader samples with a seeded generator; with SecureRNG it only draws the
         # DataLoader's worker base seed from it (no worker here), so the global RNG stays untouched.
         generator=sampler if isinstance(sampler, torch.Generator) else torch.Generator().manual_seed(secrets.randbits(63)),
@@ -492,12 +520,7 @@ def train_dp_round(
         for p in model.parameters():
             if hasattr(p, "summed_grad"):
                 del p.summed_grad
-    if new_history == expected:
-        epsilon = eps_after
-    else:  # not expected with Poisson sampling; the ledger is the authority
-        logger.warning("Opacus recorded %s, the plan expected %s", new_history, expected)
-        epsilon = epsilon_from_history(history=new_history, delta=plan.delta, accountant=plan.accountant)
-    return _dp_result(model, yt, losses, steps, new_history, epsilon, plan, t_accounting)
+    return losses, steps, new_history
 
 
 def _dp_result(
@@ -542,7 +565,7 @@ def train_nonprivate_round(
     loader = DataLoader(
         _Rows(Xt, yt),
         batch_size=training.batch_size,
-        collate_fn=_pass_through,  # type: ignore[arg-type]  # batches are whole index sets
+        collate_fn=_pass_through,  # type: ignore[arg-type]  # torch types collate_fn per row; _Rows hands over whole batches
         shuffle=True,
         generator=torch.Generator().manual_seed(sample_seed),
     )

@@ -28,6 +28,7 @@ from fedgov.errors import PrivacyError
 
 __all__ = [
     "ACCOUNTANTS",
+    "AccountantName",
     "HistoryEntry",
     "DPPlan",
     "merge_history",
@@ -38,7 +39,10 @@ __all__ = [
     "poisson_batches",
 ]
 
-ACCOUNTANTS = ("prv", "rdp")
+AccountantName = Literal["prv", "rdp"]
+"""The name of an accountant fedgov accepts (a task's ``privacy.accountant``)."""
+
+ACCOUNTANTS: tuple[AccountantName, ...] = ("prv", "rdp")
 """Accountants fedgov accepts. Opacus' ``gdp`` is left out: it under-reports epsilon."""
 
 HistoryEntry = tuple[float, float, int]
@@ -71,7 +75,7 @@ def _cache_rdp() -> None:
 
     cached = functools.lru_cache(maxsize=65536)(rdp_analysis._compute_rdp)
     rdp_analysis._compute_rdp = cached
-    prvs._compute_rdp = cached  # type: ignore[attr-defined]
+    prvs._compute_rdp = cached
     _RDP_CACHED = True
 
 
@@ -301,7 +305,7 @@ class DPPlan(BaseModel):
     rounds: int = Field(ge=1)
     target_epsilon: float = Field(gt=0)
     delta: float = Field(gt=0, lt=1)
-    accountant: Literal["prv", "rdp"]
+    accountant: AccountantName
     margin: float = Field(gt=0, le=1)
     loader_batches: int = Field(ge=2, description="length of the plain DataLoader given to Opacus")
     sample_rate: float = Field(gt=0, lt=1, description="q, as the accountant records it")
@@ -354,7 +358,7 @@ def plan_node_dp(
     rounds: int,
     target_epsilon: float,
     delta: float,
-    accountant: str,
+    accountant: AccountantName,
     margin: float,
     evaluations: int = 0,
     evaluation_epsilon: float = 0.0,
@@ -405,7 +409,7 @@ def plan_node_dp(
         rounds=rounds,
         target_epsilon=target_epsilon,
         delta=delta,
-        accountant=accountant,  # type: ignore[arg-type]
+        accountant=accountant,
         margin=margin,
         loader_batches=batches,
         sample_rate=q,

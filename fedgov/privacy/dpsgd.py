@@ -89,7 +89,7 @@ class FusedClipper:
         params = list(model.parameters())
         sizes = [p.numel() for p in params]
         self.flat = torch.empty(sum(sizes), dtype=params[0].dtype)
-        self.grads = [v.view_as(p) for v, p in zip(self.flat.split(sizes), params, strict=True)]
+        self.grads = [v.view_as(p) for v, p in zip(torch.split(self.flat, sizes), params, strict=True)]
         slot = {id(p): v for p, v in zip(params, self.grads, strict=True)}
         # (layer, weight slot, bias slot) for a Linear layer; (layer, None, None) for an activation
         self._program: list[tuple[nn.Module, torch.Tensor | None, torch.Tensor | None]] = []

@@ -9,8 +9,9 @@ plan is cached on the numbers it depends on.
 from __future__ import annotations
 
 import functools
+
 from fedgov.config import Task
-from fedgov.privacy.accounting import DPPlan, plan_node_dp
+from fedgov.privacy.accounting import AccountantName, DPPlan, plan_node_dp
 from fedgov.privacy.distributed import DistributedPlan, plan_distributed
 
 __all__ = ["distributed_plan", "node_evaluations", "node_plan", "task_delta"]
@@ -36,7 +37,8 @@ def node_plan(task: Task, rows: int) -> DPPlan:
 @functools.lru_cache(maxsize=256)
 def _plan_cached(
     rows: int, batch_size: int, local_epochs: int, rounds: int,
-    target_epsilon: float, delta: float, accountant: str, margin: float, evaluations: int = 0, evaluation_epsilon: float = 0.0,
+    target_epsilon: float, delta: float, accountant: AccountantName, margin: float, evaluations: int = 0,
+    evaluation_epsilon: float = 0.0,
 ) -> DPPlan:
     """Calibrating sigma takes seconds (a search over the PRV accountant): do it once."""
     return plan_node_dp(

@@ -58,7 +58,6 @@ __all__ = [
     "load_pinned",
     "make_roster",
     "federation_roster",
-    "pin_roster_text",
     "read_public_key",
     "authority_matches",
 ]
@@ -344,13 +343,3 @@ def federation_roster(directory: Path | str, federation: str, node_dirs: dict[st
         roster = roster.signed(authority)
         save_roster_file(roster, roster_path)
     return roster_path.resolve(), fingerprint(public_key_of(authority))
-
-
-def pin_roster_text(policy_text: str, roster: Path | str, authority_key: str) -> str:
-    """A policy text with its ``[secure_aggregation]`` section set to ``roster`` (appended when
-    the policy has none; an existing section is left as its operator wrote it)."""
-    from fedgov.node.policy import secure_aggregation_text
-
-    if "\n[secure_aggregation]" in "\n" + policy_text:
-        return policy_text
-    return policy_text.rstrip("\n") + "\n" + secure_aggregation_text(roster, authority_key)

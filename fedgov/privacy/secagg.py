@@ -346,7 +346,7 @@ class NodeSecAgg:
         if missing:
             raise SecAggError(f"no shares received from nodes {missing[:5]}")
         n = len(y)
-        out = (np.asarray(y, dtype=np.int64) + prg(self.b, n, domain=b"self")) % MODULUS
+        out: np.ndarray = (np.asarray(y, dtype=np.int64) + prg(self.b, n, domain=b"self")) % MODULUS
         s_sk = bytes_to_private_key(self.s_sk)
         for v in survivors:
             if v == self.node_id or v not in group:

@@ -17,7 +17,7 @@ holds gets the same set for most secrets), and the chunks of every secret with t
 are rebuilt together with one ``numpy`` gather and one XOR reduction (integer operations on one
 thread: no BLAS, whose thread pool was seen to stall a small product for 30 ms on two cores once
 Flower is imported). The results are byte-identical to Flower's ``combine_shares``
-(``tests/test_secagg_speed.py`` checks it against Flower).
+(``tests/unit/test_secagg_speed.py`` checks it against Flower).
 """
 
 from __future__ import annotations

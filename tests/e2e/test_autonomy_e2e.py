@@ -8,7 +8,6 @@ ClientApp (with its mods) in process (``fedgov/testing.py``), to keep the suite 
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -21,36 +20,21 @@ from fedgov.launch.simulation import SimulationOptions, run_simulation
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-ADULT = ROOT / "data" / "adult" / "adult.csv"
-CONTRACT = ROOT / "configs" / "contracts" / "adult-income.toml"
 CODES = ["GM0363", "GM0344", "GM0150"]
 
 
-def _configs(tmp: Path, rounds: int) -> Path:
-    members = "".join(f'[[members]]\ncode = "{c}"\n' for c in CODES)
-    (tmp / "fed.toml").write_text(
-        f'name = "auto-3"\nseed = 3\nsource = "{ADULT}"\n[partition]\nkind = "population"\nmin_rows = 300\n{members}',
-        encoding="utf-8",
-    )
-    task = tmp / "task.toml"
-    task.write_text(
-        textwrap.dedent(
-            f"""
-            name = "autonomy"
-            contract = "{CONTRACT}"
-            federation = "{tmp / 'fed.toml'}"
-            [training]
-            rounds = {rounds}
-            learning_rate = 0.5
-            min_nodes = 2
-            [privacy]
-            target_epsilon = 1.0
-            delta = 1e-5
-            """
-        ),
-        encoding="utf-8",
-    )
+@pytest.fixture
+def autonomy_task(tmp_path: Path, write_federation, write_task):  # type: ignore[no-untyped-def]
+    """``autonomy_task(rounds=)``: the federation ``auto-3`` and a task on it (DP at epsilon 1)."""
+
+    def task(rounds: int) -> Path:
+        fed = write_federation(tmp_path / "fed.toml", name="auto-3", members=CODES, seed=3, min_rows=300)
+        return write_task(
+            tmp_path / "task.toml", name="autonomy", federation=fed, model=None,
+            training={"rounds": rounds, "learning_rate": 0.5, "min_nodes": 2},
+            privacy={"target_epsilon": 1.0, "delta": 1e-5},
+        )
+
     return task
 
 
@@ -84,8 +68,8 @@ def _in_process(tmp: Path, task: Path, run_id: int, **opts: Any) -> Any:
     )
 
 
-def test_a_budget_for_one_task_refuses_the_second(tmp_path: Path) -> None:
-    task = _configs(tmp_path, rounds=2)
+def test_a_budget_for_one_task_refuses_the_second(tmp_path: Path, autonomy_task) -> None:  # type: ignore[no-untyped-def]
+    task = autonomy_task(rounds=2)
     first = _in_process(tmp_path, task, 1, node_budget=1.0)
     assert first.status == "completed"
     assert all(n.status == "accepted" and n.epsilon is not None and n.epsilon <= 1.0 for n in first.nodes)
@@ -118,8 +102,8 @@ def test_a_budget_for_one_task_refuses_the_second(tmp_path: Path) -> None:
         assert decisions[-1].payload["code"] == "budget-exhausted"
 
 
-def test_pause_takes_effect_at_the_next_round(tmp_path: Path) -> None:
-    task = _configs(tmp_path, rounds=3)
+def test_pause_takes_effect_at_the_next_round(tmp_path: Path, autonomy_task) -> None:  # type: ignore[no-untyped-def]
+    task = autonomy_task(rounds=3)
     paused: list[int] = []
 
     def on_event(ev: dict[str, Any]) -> None:
@@ -137,8 +121,8 @@ def test_pause_takes_effect_at_the_next_round(tmp_path: Path) -> None:
     assert {"GM0363", "GM0344"} <= set(rounds[3].nodes_trained)
 
 
-def test_manual_approval_queues_and_approve_releases(tmp_path: Path) -> None:
-    task = _configs(tmp_path, rounds=1)
+def test_manual_approval_queues_and_approve_releases(tmp_path: Path, autonomy_task) -> None:  # type: ignore[no-untyped-def]
+    task = autonomy_task(rounds=1)
     report = _in_process(tmp_path, task, 1, approval="manual")
     assert report.status == "failed"
     assert all(n.refusal_code == "pending-approval" for n in report.nodes)

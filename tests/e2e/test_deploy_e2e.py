@@ -45,57 +45,34 @@ from fedgov.node.home import NodeHome, budget_of, init_node
 from fedgov.reports import load_report
 from fedgov.launch.processes import flower_bin, flower_env, free_port
 from fedgov.launch.simulation import app_dir
-from fedgov.launch.query import submit_query
+from fedgov.deploy.submit import submit_query
 from fedgov.analytics import load_query_report
 
-from _helpers import ADULT, ADULT_TEST, CONTRACT, ROOT, flower_processes, write
-
 pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+CONTRACT = ROOT / "configs" / "contracts" / "adult-income.toml"
 
 MEMBERS = ("GM0363", "GM0344", "GM0518", "GM0150")  # Amsterdam, Utrecht, 's-Gravenhage, Deventer
 UNTRUSTING = "GM0150"
 
 
-def _federation(tmp: Path) -> Path:
-    return write(
-        tmp / "fed.toml",
-        f"""
-        name = "deploy-4"
-        seed = 5
-        source = "{ADULT}"
-        [partition]
-        kind = "population"
-        skew = "label"
-        dirichlet_alpha = 5.0
-        min_rows = 200
-        """ + "".join(f'[[members]]\ncode = "{c}"\n' for c in MEMBERS),
-    )
+@pytest.fixture
+def deploy_task(tmp_path: Path, write_federation, write_task, adult_test_csv):  # type: ignore[no-untyped-def]
+    """The federation ``deploy-4`` (``tmp_path / "fed.toml"``, label skew) and a factory of tasks
+    on it: ``deploy_task(name, rounds=, min_nodes=, node_wait=20.0)``."""
+    fed = write_federation(tmp_path / "fed.toml", name="deploy-4", members=MEMBERS, seed=5, min_rows=200, skew="label", dirichlet_alpha=5.0)
 
+    def task(name: str, *, rounds: int, min_nodes: int, node_wait: float = 20.0) -> Path:
+        return write_task(
+            tmp_path / f"{name}.toml", name=name, federation=fed,
+            training={"rounds": rounds, "batch_size": 256, "learning_rate": 0.5, "min_nodes": min_nodes, "node_wait": node_wait,
+                      "reply_timeout": 150, "seed": 1},
+            privacy={"target_epsilon": 2.0, "delta": 1e-5},
+            evaluation={"centralized": adult_test_csv},
+        )
 
-def _task(tmp: Path, name: str, *, rounds: int, min_nodes: int, node_wait: float = 20.0) -> Path:
-    return write(
-        tmp / f"{name}.toml",
-        f"""
-        name = "{name}"
-        contract = "{CONTRACT}"
-        federation = "{tmp / 'fed.toml'}"
-        [model]
-        name = "logreg"
-        [training]
-        rounds = {rounds}
-        batch_size = 256
-        learning_rate = 0.5
-        min_nodes = {min_nodes}
-        node_wait = {node_wait}
-        reply_timeout = 150
-        seed = 1
-        [privacy]
-        target_epsilon = 2.0
-        delta = 1e-5
-        [evaluation]
-        centralized = "{ADULT_TEST}"
-        """,
-    )
+    return task
 
 
 def _set_apps(node_dir: Path, apps: str) -> None:
@@ -107,7 +84,8 @@ def _set_apps(node_dir: Path, apps: str) -> None:
 def _outsider_flwr(tmp: Path, address: str, ca: str, *args: str) -> subprocess.CompletedProcess[str]:
     """``flwr ARGS`` from a machine that reaches only the coordinator's public port."""
     home = tmp / "outsider-flwr"
-    write(home / "config.toml", f'[superlink]\ndefault = "c"\n[superlink.c]\naddress = "{address}"\nroot-certificates = "{ca}"\n')
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "c"\n[superlink.c]\naddress = "{address}"\nroot-certificates = "{ca}"\n', encoding="utf-8")
     return subprocess.run(
         [flower_bin("flwr"), *args], env=flower_env(home), capture_output=True, text=True,
         timeout=120, check=False, stdin=subprocess.DEVNULL,
@@ -125,8 +103,7 @@ def _wait_online(coord: Path, ids: set[str], timeout: float) -> dict[str, str]:
     raise AssertionError(f"nodes not online within {timeout:.0f} s: {seen}")
 
 
-def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Path) -> None:
-    _federation(tmp_path)
+def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Path, deploy_task, flower_processes) -> None:  # type: ignore[no-untyped-def]
     fed_dir = tmp_path / "fed"
     runs = tmp_path / "runs"
     deadline = time.monotonic() + 600  # the whole test: every wait takes from one budget
@@ -135,7 +112,7 @@ def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Pa
         return max(5.0, min(cap, deadline - time.monotonic()))
 
     try:
-        state = local_federation_up(fed_dir, nodes=4, task_path=_task(tmp_path, "up", rounds=1, min_nodes=4), connect_timeout=90)
+        state = local_federation_up(fed_dir, nodes=4, task_path=deploy_task("up", rounds=1, min_nodes=4), connect_timeout=90)
         coord = Path(state["coordinator"])
         ids = {code: str(n["node_id"]) for code, n in state["nodes"].items()}
         assert set(ids) == set(MEMBERS)
@@ -192,7 +169,7 @@ def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Pa
 
         a_started = time.monotonic()
         with pytest.raises(FederationError) as failed:
-            submit_task(_task(tmp_path, "run-a", rounds=3, min_nodes=2, node_wait=10.0), coord, runs_dir=runs, on_event=on_event_a, timeout=left(300))
+            submit_task(deploy_task("run-a", rounds=3, min_nodes=2, node_wait=10.0), coord, runs_dir=runs, on_event=on_event_a, timeout=left(300))
         a_seconds = time.monotonic() - a_started
         for t in killers:
             t.join(30)
@@ -230,7 +207,7 @@ def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Pa
 
         started = time.monotonic()
         with pytest.raises(FederationError, match="was stopped") as stop_info:
-            submit_task(_task(tmp_path, "run-b", rounds=2, min_nodes=4), coord, runs_dir=runs, on_event=on_event_b, timeout=left(200))
+            submit_task(deploy_task("run-b", rounds=2, min_nodes=4), coord, runs_dir=runs, on_event=on_event_b, timeout=left(200))
         assert stopped["done"] == "finished:stopped"
         run_b = stop_info.value.run_dir  # type: ignore[attr-defined]
         assert (run_b / "checkpoint" / "state.json").is_file()

@@ -14,56 +14,31 @@ from fedgov.errors import ConfigError, DataValidationError
 from fedgov.reports import load_report
 from fedgov.launch.simulation import SimulationOptions, run_simulation
 
-from _helpers import ADULT, ADULT_TEST, CONTRACT, flower_processes, write
-
 pytestmark = pytest.mark.slow
 
+CONTRACT = Path(__file__).resolve().parents[2] / "configs" / "contracts" / "adult-income.toml"
 
 
-def _task(tmp: Path, federation: Path, rounds: int = 2, epsilon: float = 2.0, training: str = "") -> Path:
-    return write(
-        tmp / "task.toml",
-        f"""
-        name = "e2e"
-        contract = "{CONTRACT}"
-        federation = "{federation}"
-        [model]
-        name = "logreg"
-        [training]
-        rounds = {rounds}
-        batch_size = 256
-        learning_rate = 0.5
-        min_nodes = 2
-        seed = 1
-        {training}
-        [privacy]
-        target_epsilon = {epsilon}
-        delta = 1e-5
-        [evaluation]
-        centralized = "{ADULT_TEST}"
-        """,
-    )
+
+@pytest.fixture
+def sim_task(tmp_path: Path, write_task, adult_test_csv):  # type: ignore[no-untyped-def]
+    """``sim_task(federation, rounds=2, epsilon=2.0, training={...})``: ``tmp_path / "task.toml"``,
+    a logistic regression with DP-SGD on ``federation``; ``training`` adds keys to ``[training]``."""
+
+    def task(federation: Path, rounds: int = 2, epsilon: float = 2.0, training: dict[str, object] | None = None) -> Path:
+        return write_task(
+            tmp_path / "task.toml", name="e2e", federation=federation,
+            training={"rounds": rounds, "batch_size": 256, "learning_rate": 0.5, "min_nodes": 2, "seed": 1, **(training or {})},
+            privacy={"target_epsilon": epsilon, "delta": 1e-5},
+            evaluation={"centralized": adult_test_csv},
+        )
+
+    return task
 
 
-def test_three_municipalities_two_rounds(tmp_path: Path) -> None:
-    fed = write(
-        tmp_path / "fed.toml",
-        f"""
-        name = "e2e-3"
-        seed = 5
-        source = "{ADULT}"
-        [partition]
-        kind = "population"
-        skew = "label"
-        dirichlet_alpha = 5.0
-        min_rows = 200
-        [[members]]
-        code = "GM0363"
-        [[members]]
-        code = "GM0344"
-        [[members]]
-        code = "GM0150"
-        """,
+def test_three_municipalities_two_rounds(tmp_path: Path, sim_task, write_federation, flower_processes) -> None:  # type: ignore[no-untyped-def]
+    fed = write_federation(
+        tmp_path / "fed.toml", name="e2e-3", members=["GM0363", "GM0344", "GM0150"], seed=5, min_rows=200, skew="label", dirichlet_alpha=5.0
     )
     events: list[dict] = []
     seen_running: list[str] = []
@@ -73,7 +48,7 @@ def test_three_municipalities_two_rounds(tmp_path: Path) -> None:
         if ev.get("event") == "round" and ev.get("round") == 1:
             seen_running.extend(flower_processes(tmp_path))
 
-    run_dir = run_simulation(_task(tmp_path, fed), None, SimulationOptions(runs_dir=tmp_path / "runs"), on_event)
+    run_dir = run_simulation(sim_task(fed), None, SimulationOptions(runs_dir=tmp_path / "runs"), on_event)
     # the check below can see Flower's processes: while the run went on, it did
     assert any("flower-superlink" in c for c in seen_running) and any("ray::" in c or "raylet" in c for c in seen_running)
 
@@ -105,37 +80,44 @@ def test_three_municipalities_two_rounds(tmp_path: Path) -> None:
     assert len(manifest) == 3
 
 
-def _three_files(tmp_path: Path, third: "object") -> Path:
-    import pandas as pd
+@pytest.fixture
+def three_files(tmp_path: Path, write_file, adult_csv):  # type: ignore[no-untyped-def]
+    """``three_files(third)``: a federation of three members, each with a data file of its own
+    (1,500 Adult rows for two, ``third(500 rows)`` for Deventer)."""
 
-    df = pd.read_csv(ADULT, dtype=str, keep_default_na=False)
-    parts = {"a": df.iloc[:1500], "b": df.iloc[1500:3000], "c": third(df.iloc[3000:3500].copy())}
-    for name, part in parts.items():
-        part.to_csv(tmp_path / f"{name}.csv", index=False)
-    return write(
-        tmp_path / "fed.toml",
-        f"""
-        name = "e2e-files"
-        [partition]
-        kind = "files"
-        [[members]]
-        code = "GM0363"
-        data = "{tmp_path / 'a.csv'}"
-        [[members]]
-        code = "GM0344"
-        data = "{tmp_path / 'b.csv'}"
-        [[members]]
-        code = "GM0150"
-        data = "{tmp_path / 'c.csv'}"
-        """,
-    )
+    def make(third: "object") -> Path:
+        import pandas as pd
+
+        df = pd.read_csv(adult_csv, dtype=str, keep_default_na=False)
+        parts = {"a": df.iloc[:1500], "b": df.iloc[1500:3000], "c": third(df.iloc[3000:3500].copy())}
+        for name, part in parts.items():
+            part.to_csv(tmp_path / f"{name}.csv", index=False)
+        return write_file(
+            tmp_path / "fed.toml",
+            f"""
+            name = "e2e-files"
+            [partition]
+            kind = "files"
+            [[members]]
+            code = "GM0363"
+            data = "{tmp_path / 'a.csv'}"
+            [[members]]
+            code = "GM0344"
+            data = "{tmp_path / 'b.csv'}"
+            [[members]]
+            code = "GM0150"
+            data = "{tmp_path / 'c.csv'}"
+            """,
+        )
+
+    return make
 
 
-def test_a_refusing_node_is_reported_and_the_others_go_on(tmp_path: Path) -> None:
+def test_a_refusing_node_is_reported_and_the_others_go_on(tmp_path: Path, three_files, sim_task, flower_processes) -> None:  # type: ignore[no-untyped-def]
     # Deventer's export has 11 rows: 9 for training, under the node's minimum of 10.
-    fed = _three_files(tmp_path, lambda d: d.iloc[:11])
+    fed = three_files(lambda d: d.iloc[:11])
     run_dir = run_simulation(
-        _task(tmp_path, fed, rounds=1), None, SimulationOptions(runs_dir=tmp_path / "runs", local_baseline=False)
+        sim_task(fed, rounds=1), None, SimulationOptions(runs_dir=tmp_path / "runs", local_baseline=False)
     )
     report = load_report(run_dir / "report.json")
     assert report.status == "completed"
@@ -149,21 +131,21 @@ def test_a_refusing_node_is_reported_and_the_others_go_on(tmp_path: Path) -> Non
     assert flower_processes(tmp_path) == []
 
 
-def test_invalid_member_data_stops_before_flower_starts(tmp_path: Path) -> None:
+def test_invalid_member_data_stops_before_flower_starts(tmp_path: Path, three_files, sim_task, flower_processes) -> None:  # type: ignore[no-untyped-def]
     def spoil(d: "object") -> "object":
         d.loc[d.index[:3], "age"] = "twelve"  # type: ignore[attr-defined]
         return d
 
-    fed = _three_files(tmp_path, spoil)
+    fed = three_files(spoil)
     with pytest.raises(DataValidationError) as ei:
-        run_simulation(_task(tmp_path, fed, rounds=1), None, SimulationOptions(runs_dir=tmp_path / "runs"))
+        run_simulation(sim_task(fed, rounds=1), None, SimulationOptions(runs_dir=tmp_path / "runs"))
     text = str(ei.value)
     assert "found 'twelve'" in text and "column 'age'" in text and str(tmp_path / "c.csv") in text
     assert flower_processes(tmp_path) == []
 
 
-def test_missing_federation_is_a_config_error(tmp_path: Path) -> None:
-    task = write(tmp_path / "t.toml", f'name = "t"\ncontract = "{CONTRACT}"\n')
+def test_missing_federation_is_a_config_error(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+    task = write_file(tmp_path / "t.toml", f'name = "t"\ncontract = "{CONTRACT}"\n')
     with pytest.raises(ConfigError, match="federation"):
         run_simulation(task, None, SimulationOptions(runs_dir=tmp_path / "runs"))
 
@@ -172,7 +154,9 @@ class _CoordinatorDies(Exception):
     pass
 
 
-def test_coordinator_killed_after_round_1_then_fedgov_run_resume(tmp_path: Path) -> None:
+def test_coordinator_killed_after_round_1_then_fedgov_run_resume(  # type: ignore[no-untyped-def]
+    tmp_path: Path, sim_task, write_federation, flower_processes
+) -> None:
     """The whole coordinator (SuperLink, simulation engine, ServerApp) is killed right after
     round 1 was saved; ``fedgov run --resume`` runs round 2 on the same node directories.
     The task runs under secure aggregation, so this is also its test on real Flower processes."""
@@ -182,23 +166,7 @@ def test_coordinator_killed_after_round_1_then_fedgov_run_resume(tmp_path: Path)
     from fedgov.cli import app
     from fedgov.node.home import NodeHome
 
-    fed = write(
-        tmp_path / "fed.toml",
-        f"""
-        name = "e2e-crash"
-        seed = 5
-        source = "{ADULT}"
-        [partition]
-        kind = "population"
-        min_rows = 200
-        [[members]]
-        code = "GM0363"
-        [[members]]
-        code = "GM0344"
-        [[members]]
-        code = "GM0150"
-        """,
-    )
+    fed = write_federation(tmp_path / "fed.toml", name="e2e-crash", members=["GM0363", "GM0344", "GM0150"], seed=5, min_rows=200)
     seen: dict[str, Path] = {}
 
     def on_event(ev: dict) -> None:
@@ -209,7 +177,7 @@ def test_coordinator_killed_after_round_1_then_fedgov_run_resume(tmp_path: Path)
 
     with pytest.raises(_CoordinatorDies):
         run_simulation(
-            _task(tmp_path, fed, rounds=2, training="secure_aggregation = true"), None,
+            sim_task(fed, rounds=2, training={"secure_aggregation": True}), None,
             SimulationOptions(runs_dir=tmp_path / "runs", local_baseline=False), on_event,
         )
     run_dir = seen["run_dir"]
@@ -238,7 +206,9 @@ def test_coordinator_killed_after_round_1_then_fedgov_run_resume(tmp_path: Path)
     assert flower_processes(tmp_path) == []
 
 
-def test_distributed_dp_under_hardened_secure_aggregation(tmp_path: Path) -> None:
+def test_distributed_dp_under_hardened_secure_aggregation(  # type: ignore[no-untyped-def]
+    tmp_path: Path, write_federation, write_task, adult_test_csv, flower_processes
+) -> None:
     """Four municipalities, two rounds of distributed DP on real Flower processes, under the
     secure aggregation that holds against a deviating coordinator (issue 15): signed keys from
     the simulation's roster, the consistency stage, the reveal record at each node."""
@@ -246,34 +216,14 @@ def test_distributed_dp_under_hardened_secure_aggregation(tmp_path: Path) -> Non
 
     from fedgov.node.home import NodeHome
 
-    members = "".join(f'[[members]]\ncode = "{c}"\n' for c in ("GM0363", "GM0344", "GM0150", "GM0599"))
-    fed = write(tmp_path / "fed.toml", f'name = "e2e-dd"\nseed = 5\nsource = "{ADULT}"\n[partition]\nkind = "population"\nmin_rows = 300\n' + members)
-    task = write(
-        tmp_path / "task.toml",
-        f"""
-        name = "e2e-dd"
-        contract = "{CONTRACT}"
-        federation = "{fed}"
-        [model]
-        name = "logreg"
-        [training]
-        rounds = 2
-        batch_size = 64
-        learning_rate = 0.5
-        min_nodes = 2
-        seed = 1
-        fraction_evaluate = 0.0
-        secure_aggregation = true
-        [privacy]
-        mode = "distributed"
-        target_epsilon = 8.0
-        delta = 1e-5
-        update_clip = 2.0
-        dropout_tolerance = 0.25
-        accountant = "rdp"
-        [evaluation]
-        centralized = "{ADULT_TEST}"
-        """,
+    fed = write_federation(tmp_path / "fed.toml", name="e2e-dd", members=["GM0363", "GM0344", "GM0150", "GM0599"], seed=5, min_rows=300)
+    task = write_task(
+        tmp_path / "task.toml", name="e2e-dd", federation=fed,
+        training={"rounds": 2, "batch_size": 64, "learning_rate": 0.5, "min_nodes": 2, "seed": 1, "fraction_evaluate": 0.0,
+                  "secure_aggregation": True},
+        privacy={"mode": "distributed", "target_epsilon": 8.0, "delta": 1e-5, "update_clip": 2.0, "dropout_tolerance": 0.25,
+                 "accountant": "rdp"},
+        evaluation={"centralized": adult_test_csv},
     )
     run_dir = run_simulation(task, None, SimulationOptions(runs_dir=tmp_path / "runs", local_baseline=False), lambda e: None)
     report = load_report(run_dir / "report.json")

@@ -1,7 +1,7 @@
 """A statistics query end to end in simulation (real SuperLink and Ray; marked ``slow``):
 four municipalities' synthetic iWmo data, the noisy figures against the truth, the ledger and
 the audit log of every node. (A query over a node's budget is refused in
-``tests/test_stats_node.py``; a run refused by every node for budget in ``tests/test_autonomy_e2e.py``.)"""
+``tests/unit/test_stats_node.py``; a run refused by every node for budget in ``tests/e2e/test_autonomy_e2e.py``.)"""
 
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ from fedgov.node.home import NodeHome, budget_of
 from fedgov.launch.simulation import SimulationOptions
 from fedgov.launch.query import run_query_simulation
 
-from _helpers import flower_processes, write
-
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,9 +23,9 @@ CONTRACT = ROOT / "configs" / "contracts" / "iwmo-wmo.toml"
 CODES = ("GM0363", "GM0344", "GM0150", "GM0088")  # Amsterdam, Utrecht, Deventer, Schiermonnikoog
 
 
-def test_query_in_simulation_figures_ledger_audit_and_budget(tmp_path: Path) -> None:
+def test_query_in_simulation_figures_ledger_audit_and_budget(tmp_path: Path, write_file, flower_processes) -> None:  # type: ignore[no-untyped-def]
     source = iwmo.write(tmp_path / "wmo.csv", iwmo.generate(11, codes=CODES))
-    fed = write(
+    fed = write_file(
         tmp_path / "fed.toml",
         f"""
         name = "wmo-4"
@@ -39,7 +37,7 @@ def test_query_in_simulation_figures_ledger_audit_and_budget(tmp_path: Path) -> 
         test_fraction = 0.2
         """ + "".join(f'[[members]]\ncode = "{c}"\n' for c in CODES),
     )
-    query = write(
+    query = write_file(
         tmp_path / "q.toml",
         f"""
         name = "wmo-e2e"

@@ -27,7 +27,6 @@ from fedgov.privacy.distributed import (
     tau,
 )
 
-from _helpers import ADULT, ADULT_TEST, CONTRACT, write
 from fedgov.testing import InProcessGrid, prepare
 
 
@@ -121,67 +120,40 @@ def test_shapes_bounds_and_the_tau_condition_are_enforced() -> None:
 CITIES = ["GM0363", "GM0599", "GM0344", "GM0518", "GM0014", "GM0150"]
 
 
-def _fed_task(tmp: Path, *, rounds: int = 2, privacy: str = "", training: str = "") -> tuple[Path, Path]:
-    members = "".join(f'[[members]]\ncode = "{c}"\n' for c in CITIES)
-    fed = write(tmp / "fed.toml", f'name = "dd-6"\nseed = 4\nsource = "{ADULT}"\n[partition]\nkind = "population"\nmin_rows = 300\n' + members)
-    task = write(
-        tmp / "task.toml",
-        f"""
-        name = "distributed"
-        contract = "{CONTRACT}"
-        federation = "{fed}"
-        [model]
-        name = "logreg"
-        [training]
-        rounds = {rounds}
-        local_epochs = 2
-        batch_size = 64
-        learning_rate = 0.5
-        min_nodes = 2
-        seed = 1
-        fraction_evaluate = 0.0
-        secure_aggregation = true
-        reply_timeout = 5
-        {training}
-        [privacy]
-        mode = "distributed"
-        target_epsilon = 8.0
-        delta = 1e-5
-        update_clip = 2.0
-        dropout_tolerance = 0.2
-        accountant = "rdp"
-        {privacy}
-        [evaluation]
-        centralized = "{ADULT_TEST}"
-        """,
-    )
-    return fed, task
+@pytest.fixture(scope="module")
+def dd_task(write_federation, write_task, adult_test_csv):  # type: ignore[no-untyped-def]
+    """``dd_task(folder, rounds=2, training={...})``: the federation ``dd-6`` (six cities) and a
+    distributed-DP task on it (secure aggregation, 20% dropout tolerance)."""
 
+    def make(tmp: Path, *, rounds: int = 2, training: dict[str, object] | None = None) -> tuple[Path, Path]:
+        fed = write_federation(tmp / "fed.toml", name="dd-6", members=CITIES, seed=4, min_rows=300)
+        task = write_task(
+            tmp / "task.toml", name="distributed", federation=fed,
+            training={"rounds": rounds, "local_epochs": 2, "batch_size": 64, "learning_rate": 0.5, "min_nodes": 2, "seed": 1,
+                      "fraction_evaluate": 0.0, "secure_aggregation": True, "reply_timeout": 5, **(training or {})},
+            privacy={"mode": "distributed", "target_epsilon": 8.0, "delta": 1e-5, "update_clip": 2.0, "dropout_tolerance": 0.2,
+                     "accountant": "rdp"},
+            evaluation={"centralized": adult_test_csv},
+        )
+        return fed, task
 
-def _train(grid: InProcessGrid, task_path: Path, run_dir: Path, run_id: int):  # type: ignore[no-untyped-def]
-    from fedgov.coordinator.run import run_training
-
-    task, contract = load_task(task_path)
-    return run_training(
-        grid, task, contract, run_dir=run_dir, expected_nodes=len(grid.contexts), task_file=str(task_path),
-        federation="dd-6", local_baseline=False, flower_run_id=run_id, connect_timeout=5,
-    )
+    return make
 
 
 def _drop_train_in_round(r: int):  # type: ignore[no-untyped-def]
     return lambda msg: "drop" if msg.metadata.message_type.startswith("train") and int(msg.content["config"]["server-round"]) == r else None
 
 
-def test_a_distributed_run_releases_only_noisy_sums_and_every_ledger_holds_its_rounds(tmp_path: Path) -> None:
+def test_a_distributed_run_releases_only_noisy_sums_and_every_ledger_holds_its_rounds(tmp_path: Path, dd_task, run_task) -> None:  # type: ignore[no-untyped-def]
     """6 cities, 3 rounds; round 2: one node drops after the shares stage (allowed: 20% of 6 is
     1); round 3: two drop (beyond the tolerance): discarded, nothing released."""
     from fedgov.node.home import NodeHome
 
-    fed, task_path = _fed_task(tmp_path, rounds=3)
+    fed, task_path = dd_task(tmp_path, rounds=3)
     _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
     faults = {0: lambda m: "drop" if _drop_train_in_round(2)(m) or _drop_train_in_round(3)(m) else None, 1: _drop_train_in_round(3)}
     grid = InProcessGrid(manifest, len(nodes), run_id=61, faults=faults)
-    report = _train(grid, task_path, tmp_path / "run", 61)
+    report = run_task(grid, task_path, tmp_path / "run", run_id=61, federation="dd-6")
     assert report.status == "completed", report.message
     assert report.privacy["mode"] == "distributed" and "municipality" in str(report.privacy["unit"])
     z = float(report.privacy["noise_multiplier"])  # type: ignore[arg-type]
@@ -209,8 +181,8 @@ def test_a_distributed_run_releases_only_noisy_sums_and_every_ledger_holds_its_r
         assert res.epsilon is not None and 0 < res.epsilon <= 8.0
 
 
-def test_a_node_refuses_parameters_that_are_not_its_own(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_a_node_refuses_parameters_that_are_not_its_own(  # type: ignore[no-untyped-def]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, dd_task, run_task
 ) -> None:
     """A coordinator that sizes the shares for more contributors than the round has (round 1),
     or uses another noise multiplier (round 2), gets no update, and nothing is spent. The
@@ -218,10 +190,10 @@ def test_a_node_refuses_parameters_that_are_not_its_own(
     import logging
 
     from fedgov.node.refusals import error_reason
-    import fedgov.coordinator.run as C
+    import fedgov.coordinator.secure as C
     from fedgov.node.home import NodeHome
 
-    fed, task_path = _fed_task(tmp_path, rounds=2)
+    fed, task_path = dd_task(tmp_path, rounds=2)
     _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
     real = C.SecAggRound.record_for
     lies = {1: lambda extra: {**extra, "dd-min": 1000}, 2: lambda extra: {**extra, "dd-z": float(extra["dd-z"]) / 2}}
@@ -239,7 +211,7 @@ def test_a_node_refuses_parameters_that_are_not_its_own(
     monkeypatch.setattr(C.SecAggRound, "record_for", lying)
     grid = InProcessGrid(manifest, len(nodes), run_id=62)
     with caplog.at_level(logging.WARNING, logger="fedgov.node"):
-        report = _train(grid, task_path, tmp_path / "run", 62)
+        report = run_task(grid, task_path, tmp_path / "run", run_id=62, federation="dd-6")
     assert all(r.discarded and not r.nodes_trained for r in report.rounds)
     train = [m for m in grid.received if m.metadata.message_type.startswith("train")]
     assert len(train) == 12 and all(m.has_error() for m in train)
@@ -254,8 +226,8 @@ def test_a_node_refuses_parameters_that_are_not_its_own(
         assert [e.task_id.startswith("rows-") for e in spends] == [True]
 
 
-def test_distributed_needs_secure_aggregation_and_policy_can_require_it(tmp_path: Path) -> None:
-    _, task_path = _fed_task(tmp_path / "a", training="")
+def test_distributed_needs_secure_aggregation_and_policy_can_require_it(tmp_path: Path, dd_task) -> None:  # type: ignore[no-untyped-def]
+    _, task_path = dd_task(tmp_path / "a")
     text = task_path.read_text().replace("secure_aggregation = true", "secure_aggregation = false")
     task_path.write_text(text)
     with pytest.raises(ConfigError, match="secure_aggregation"):
@@ -264,8 +236,8 @@ def test_distributed_needs_secure_aggregation_and_policy_can_require_it(tmp_path
     (tmp_path / "policy.toml").write_text(policy_text.replace("require_distributed = false", "require_distributed = true"))
     (tmp_path / "train.csv").write_text("x\n")
     policy = load_policy(tmp_path / "policy.toml")
-    _, dist = _fed_task(tmp_path / "b")
-    _, local = _fed_task(tmp_path / "c")
+    _, dist = dd_task(tmp_path / "b")
+    _, local = dd_task(tmp_path / "c")
     dist.write_text(dist.read_text().replace("target_epsilon = 8.0", "target_epsilon = 2.0"))
     local.write_text(local.read_text().replace('mode = "distributed"', 'mode = "local"').replace("target_epsilon = 8.0", "target_epsilon = 2.0"))
     t, c = load_task(local)
@@ -282,7 +254,7 @@ def test_distributed_needs_secure_aggregation_and_policy_can_require_it(tmp_path
     assert not d.accepted and d.code is not None and d.code.value == "noise-below-min"
 
 
-def test_a_resumed_round_is_not_released_twice(tmp_path: Path) -> None:
+def test_a_resumed_round_is_not_released_twice(tmp_path: Path, dd_task, run_task) -> None:  # type: ignore[no-untyped-def]
     """The coordinator dies after the nodes trained round 2 and before it saved the round; the
     resumed run asks for round 2 again. Under distributed DP the noise share is drawn per
     sending, so a node does not send a spent round twice: round 2 is discarded, round 3 runs,
@@ -292,13 +264,13 @@ def test_a_resumed_round_is_not_released_twice(tmp_path: Path) -> None:
     from fedgov.coordinator.run import run_training
     from fedgov.node.home import NodeHome
 
-    fed, task_path = _fed_task(tmp_path, rounds=3)
+    fed, task_path = dd_task(tmp_path, rounds=3)
     _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
     task, contract = load_task(task_path)
     grid = InProcessGrid(manifest, len(nodes), run_id=71)
     grid.crash_after_train_round = 2
     with pytest.raises(CoordinatorCrash):
-        _train(grid, task_path, tmp_path / "run", 71)
+        run_task(grid, task_path, tmp_path / "run", run_id=71, federation="dd-6")
     report = run_training(
         InProcessGrid(manifest, len(nodes), run_id=72), task, contract, run_dir=tmp_path / "run", expected_nodes=len(nodes),
         task_file=str(task_path), federation="dd-6", local_baseline=False, flower_run_id=72, connect_timeout=5, resume=True,
@@ -317,7 +289,7 @@ def test_a_resumed_round_is_not_released_twice(tmp_path: Path) -> None:
         assert len([e for e in spends if e.task_id.startswith("rows-")]) == 1
 
 
-def test_sampled_municipalities_are_accounted_at_their_rate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sampled_municipalities_are_accounted_at_their_rate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dd_task, run_task) -> None:  # type: ignore[no-untyped-def]
     """``fraction_train = 0.8``: the coordinator asks every municipality every round, and each
     flips its own secret coin (rate 0.8) for whether its update goes into the masked sum; its
     noise share goes in either way. The coordinator cannot see who took part, so the plan's z is
@@ -335,10 +307,10 @@ def test_sampled_municipalities_are_accounted_at_their_rate(tmp_path: Path, monk
         return flips[-1]
 
     monkeypatch.setattr(mods, "_coin", counted)
-    fed, task_path = _fed_task(tmp_path, rounds=2, training="fraction_train = 0.8")
+    fed, task_path = dd_task(tmp_path, rounds=2, training={"fraction_train": 0.8})
     _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
     grid = InProcessGrid(manifest, len(nodes), run_id=81)
-    report = _train(grid, task_path, tmp_path / "run", 81)
+    report = run_task(grid, task_path, tmp_path / "run", run_id=81, federation="dd-6")
     assert report.status == "completed", report.message
     z = float(report.privacy["noise_multiplier"])  # type: ignore[arg-type]
     assert report.privacy["sample_rate"] == 0.8
@@ -354,18 +326,18 @@ def test_sampled_municipalities_are_accounted_at_their_rate(tmp_path: Path, monk
             assert [tuple(h) for h in e.mechanism.history] == [(pytest.approx(z), 0.8, 1)]
 
 
-def test_a_coordinator_cannot_unmask_fewer_contributors_than_the_noise_was_sized_for(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_coordinator_cannot_unmask_fewer_contributors_than_the_noise_was_sized_for(  # type: ignore[no-untyped-def]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dd_task, run_task
 ) -> None:
     """A coordinator that leaves honest nodes out of the survivor list (4 of 6: below the 5
     contributors the noise shares were sized for, and below the threshold of 5) and skips its
     own checks: every node refuses to sign or reveal, so the under-noised sum is never unmasked."""
     import dataclasses
 
-    import fedgov.coordinator.run as C
+    import fedgov.coordinator.secure as C
     from fedgov.node.home import NodeHome
 
-    fed, task_path = _fed_task(tmp_path, rounds=1)
+    fed, task_path = dd_task(tmp_path, rounds=1)
     _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
     real_unmask = C.secagg_unmask
 
@@ -375,7 +347,7 @@ def test_a_coordinator_cannot_unmask_fewer_contributors_than_the_noise_was_sized
 
     monkeypatch.setattr(C, "secagg_unmask", fewer)
     grid = InProcessGrid(manifest, len(nodes), run_id=77)
-    report = _train(grid, task_path, tmp_path / "run", 77)
+    report = run_task(grid, task_path, tmp_path / "run", run_id=77, federation="dd-6")
     assert report.rounds[0].discarded is not None and "signed the survivor list" in report.rounds[0].discarded
     assert not [m for m in grid.received if not m.has_error() and "owner" in m.content.config_records.get("secagg", {})]
     stopped = [e.payload["reason"] for n in nodes[:4] for e in NodeHome(n.train_path.parent).audit.entries() if e.kind == "secagg-stopped"]

@@ -16,7 +16,6 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from typer.testing import CliRunner
 
-from _helpers import ADULT, ADULT_TEST, CONTRACT, ROOT, write
 from fedgov.testing import InProcessGrid, prepare
 
 from fedgov import protocol as P
@@ -28,39 +27,26 @@ from fedgov.node.refusals import error_reason, refusal_text
 from fedgov.node.home import NodeHome, init_node
 from fedgov.node.policy import file_sha256
 
+ROOT = Path(__file__).resolve().parents[2]
+ADULT_TEST = ROOT / "data" / "adult" / "adult_test.csv"
+CONTRACT = ROOT / "configs" / "contracts" / "adult-income.toml"
 runner = CliRunner()
 CODES = ["GM0363", "GM0344", "GM0150"]
 AGE, CATEGORY = "987654", "ZQXJVIOLATION"
 
 
-def _configs(tmp: Path) -> tuple[Path, Path, Path]:
-    members = "".join(f'[[members]]\ncode = "{c}"\n' for c in CODES)
-    fed = write(tmp / "fed.toml", f'name = "c-3"\nseed = 5\nsource = "{ADULT}"\n[partition]\nkind = "population"\nmin_rows = 300\n' + members)
-    task = write(
-        tmp / "task.toml",
-        f"""
-        name = "contracts"
-        contract = "{CONTRACT}"
-        federation = "{fed}"
-        [model]
-        name = "logreg"
-        [training]
-        rounds = 1
-        local_epochs = 1
-        batch_size = 128
-        learning_rate = 0.5
-        min_nodes = 2
-        seed = 1
-        fraction_evaluate = 0.0
-        reply_timeout = 5
-        [privacy]
-        target_epsilon = 2.0
-        delta = 1e-5
-        accountant = "rdp"
-        """,
+@pytest.fixture
+def configs(tmp_path: Path, write_federation, write_task, write_file) -> tuple[Path, Path, Path]:  # type: ignore[no-untyped-def]
+    """The federation ``c-3``, a one-round training task and a Laplace statistics query on it."""
+    fed = write_federation(tmp_path / "fed.toml", name="c-3", members=CODES, seed=5, min_rows=300)
+    task = write_task(
+        tmp_path / "task.toml", name="contracts", federation=fed,
+        training={"rounds": 1, "local_epochs": 1, "batch_size": 128, "learning_rate": 0.5, "min_nodes": 2, "seed": 1,
+                  "fraction_evaluate": 0.0, "reply_timeout": 5},
+        privacy={"target_epsilon": 2.0, "delta": 1e-5, "accountant": "rdp"},
     )
-    query = write(
-        tmp / "query.toml",
+    query = write_file(
+        tmp_path / "query.toml",
         f"""
         name = "leak-overview"
         contract = "{CONTRACT}"
@@ -112,10 +98,12 @@ def _message(kind: str, task: Any, contract: Contract, *, query: Any = None) -> 
 
 
 @pytest.mark.parametrize("how", ["age-max", "extra-category", "version"])
-def test_an_altered_contract_is_refused_before_any_data_is_read(tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_altered_contract_is_refused_before_any_data_is_read(  # type: ignore[no-untyped-def]
+    tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch, configs
+) -> None:
     from fedgov.analytics import load_query
 
-    fed, task_path, query_path = _configs(tmp_path)
+    fed, task_path, query_path = configs
     task, contract, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
     query, _ = load_query(query_path)
     grid = InProcessGrid(manifest, 1, run_id=31)
@@ -261,15 +249,15 @@ def _text(m: Message) -> str:
     return "\n".join(parts)
 
 
-def test_no_record_value_leaves_the_node_or_reaches_a_log(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+def test_no_record_value_leaves_the_node_or_reaches_a_log(  # type: ignore[no-untyped-def]
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str], configs
 ) -> None:
     from fedgov.analytics import load_query
     from fedgov.coordinator.run import run_training
-    from fedgov.launch.query import run_query
+    from fedgov.coordinator.statistics import run_query
 
     caplog.set_level(logging.DEBUG)
-    fed, task_path, query_path = _configs(tmp_path)
+    fed, task_path, query_path = configs
     task, contract, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
     bad = nodes[0]
     _violate(bad.train_path)
@@ -311,10 +299,12 @@ def test_no_record_value_leaves_the_node_or_reaches_a_log(
     assert AGE in details and CATEGORY in details
 
 
-def test_a_failing_handler_sends_the_fixed_text_and_keeps_the_details_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_handler_sends_the_fixed_text_and_keeps_the_details_local(  # type: ignore[no-untyped-def]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, configs
+) -> None:
     import fedgov.node as N
 
-    fed, task_path, _ = _configs(tmp_path)
+    fed, task_path, _ = configs
     task, contract, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
     grid = InProcessGrid(manifest, 1, run_id=61)
 

@@ -18,52 +18,28 @@ from fedgov import protocol as P
 from fedgov.config import load_task
 from fedgov.node.gate import DECLARATION, GateContext, check_reply, table_markdown
 from fedgov.node.refusals import TEMPLATES, error_reason, is_allowed, parse_error_reason
-from _helpers import ADULT, ADULT_TEST, CONTRACT, ROOT, write
 from fedgov.testing import CoordinatorCrash, InProcessGrid, prepare
 
 CITIES = ["GM0363", "GM0599", "GM0344"]
 
 
-def _task(tmp: Path, *, rounds: int = 2, evaluation: str = 'at_nodes = "every-round"') -> tuple[Path, Path]:
-    members = "".join(f'[[members]]\ncode = "{c}"\n' for c in CITIES)
-    fed = write(tmp / "fed.toml", f'name = "gate-3"\nseed = 4\nsource = "{ADULT}"\n[partition]\nkind = "population"\nmin_rows = 300\n' + members)
-    task = write(
-        tmp / "task.toml",
-        f"""
-        name = "gated"
-        contract = "{CONTRACT}"
-        federation = "{fed}"
-        [model]
-        name = "logreg"
-        [training]
-        rounds = {rounds}
-        local_epochs = 1
-        batch_size = 128
-        learning_rate = 0.5
-        min_nodes = 2
-        seed = 3
-        reply_timeout = 5
-        [privacy]
-        target_epsilon = 2.0
-        delta = 1e-5
-        accountant = "rdp"
-        [evaluation]
-        centralized = "{ADULT_TEST}"
-        epsilon = 0.3
-        {evaluation}
-        """,
-    )
-    return fed, task
+@pytest.fixture(scope="module")
+def gate_task(write_federation, write_task, adult_test_csv):  # type: ignore[no-untyped-def]
+    """``gate_task(folder, rounds=2, at_nodes="every-round")``: the federation ``gate-3`` and a
+    task on it with DP-SGD and evaluation at the nodes (noisy counts, epsilon 0.3)."""
 
+    def make(tmp: Path, *, rounds: int = 2, at_nodes: str = "every-round") -> tuple[Path, Path]:
+        fed = write_federation(tmp / "fed.toml", name="gate-3", members=CITIES, seed=4, min_rows=300)
+        task = write_task(
+            tmp / "task.toml", name="gated", federation=fed,
+            training={"rounds": rounds, "local_epochs": 1, "batch_size": 128, "learning_rate": 0.5, "min_nodes": 2, "seed": 3,
+                      "reply_timeout": 5},
+            privacy={"target_epsilon": 2.0, "delta": 1e-5, "accountant": "rdp"},
+            evaluation={"centralized": adult_test_csv, "epsilon": 0.3, "at_nodes": at_nodes},
+        )
+        return fed, task
 
-def _run(grid: InProcessGrid, task_path: Path, run_dir: Path, run_id: int):  # type: ignore[no-untyped-def]
-    from fedgov.coordinator.run import run_training
-
-    task, contract = load_task(task_path)
-    return run_training(
-        grid, task, contract, run_dir=run_dir, expected_nodes=len(grid.contexts), task_file=str(task_path),
-        federation="gate-3", local_baseline=False, flower_run_id=run_id, connect_timeout=5,
-    )
+    return make
 
 
 class _Recording(InProcessGrid):
@@ -82,8 +58,8 @@ class _Recording(InProcessGrid):
         return reply
 
 
-def test_the_threat_model_table_is_the_gates_declaration() -> None:
-    doc = (ROOT / "docs" / "threat-model.md").read_text(encoding="utf-8")
+def test_the_threat_model_table_is_the_gates_declaration(root: Path) -> None:
+    doc = (root / "docs" / "threat-model.md").read_text(encoding="utf-8")
     assert table_markdown() in doc, "regenerate it: python scripts/gate_table.py"
 
 
@@ -120,16 +96,17 @@ def test_the_gate_refuses_what_it_does_not_declare() -> None:
         assert "rows}" not in text and "count}" not in text, code
 
 
-def test_every_reply_of_every_kind_passes_the_gate_and_evaluations_are_charged_once(tmp_path: Path) -> None:
+def test_every_reply_of_every_kind_passes_the_gate_and_evaluations_are_charged_once(tmp_path: Path, gate_task, run_task) -> None:  # type: ignore[no-untyped-def]
     """A whole run with evaluation at the nodes after every round. The coordinator also asks
     node 0 to evaluate round 1 a second time: refused, and charged once. Every reply that reached
     the coordinator carries only declared fields; hello carries no row count; train replies
     carry the update and the constant weight only."""
-    from clients.mods import gate_kind, released_counts
+    from clients.mods import gate_kind
+    from fedgov.node.admission import released_counts
     from fedgov.node.admission import EVALUATION_NOTE
     from fedgov.node.home import NodeHome
 
-    fed, task_path = _task(tmp_path)
+    fed, task_path = gate_task(tmp_path)
     _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
     grid = _Recording(manifest, len(nodes), run_id=91)
     second: list[Message] = []
@@ -146,7 +123,7 @@ def test_every_reply_of_every_kind_passes_the_gate_and_evaluations_are_charged_o
         return ask_twice
 
     grid.faults[0] = again
-    report = _run(grid, task_path, tmp_path / "run", 91)
+    report = run_task(grid, task_path, tmp_path / "run", run_id=91, federation="gate-3")
     assert report.status == "completed", report.message
     assert [r.federated_accuracy is not None for r in report.rounds] == [True, True]
     assert 0.6 < (report.rounds[-1].federated_accuracy or 0) <= 1.0
@@ -188,13 +165,13 @@ def test_every_reply_of_every_kind_passes_the_gate_and_evaluations_are_charged_o
     assert {P.HELLO, "train", "evaluate", P.END} <= kinds
 
 
-def test_an_evaluation_the_node_did_not_plan_is_refused(tmp_path: Path) -> None:
+def test_an_evaluation_the_node_did_not_plan_is_refused(tmp_path: Path, gate_task, run_task) -> None:  # type: ignore[no-untyped-def]
     """Evaluation after the final round only: a coordinator asking for round 1 is refused,
     nothing is spent for it."""
     from fedgov.node.admission import EVALUATION_NOTE
     from fedgov.node.home import NodeHome
 
-    fed, task_path = _task(tmp_path, evaluation='at_nodes = "final"')
+    fed, task_path = gate_task(tmp_path, at_nodes="final")
     _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
     grid = InProcessGrid(manifest, len(nodes), run_id=92)
     early: list[Message] = []
@@ -213,7 +190,7 @@ def test_an_evaluation_the_node_did_not_plan_is_refused(tmp_path: Path) -> None:
         return deviate
 
     grid.faults[0] = ask_early
-    report = _run(grid, task_path, tmp_path / "run", 92)
+    report = run_task(grid, task_path, tmp_path / "run", run_id=92, federation="gate-3")
     assert report.status == "completed", report.message
     assert report.rounds[0].federated_accuracy is None and report.rounds[1].federated_accuracy is not None
     assert len(early) == 1 and early[0].has_error()
@@ -222,19 +199,19 @@ def test_an_evaluation_the_node_did_not_plan_is_refused(tmp_path: Path) -> None:
     assert [e.round for e in evs] == [2]
 
 
-def test_a_reply_with_an_undeclared_field_is_blocked_and_stops_the_task(tmp_path: Path) -> None:
+def test_a_reply_with_an_undeclared_field_is_blocked_and_stops_the_task(tmp_path: Path, gate_task, run_task) -> None:  # type: ignore[no-untyped-def]
     """Whatever a handler puts in a reply, the gate lets out only what it declares: a train
     reply with a loss is not sent, the audit log names the field, and the task is over at that
     node (its reservation closed, every later message of it refused)."""
     from clients.mods import gate_mod
     from fedgov.node.home import NodeHome
 
-    fed, task_path = _task(tmp_path)
+    fed, task_path = gate_task(tmp_path)
     _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
     grid = InProcessGrid(manifest, len(nodes), run_id=93)
     grid.crash_after_train_round = 1
     with pytest.raises(CoordinatorCrash):
-        _run(grid, task_path, tmp_path / "run", 93)
+        run_task(grid, task_path, tmp_path / "run", run_id=93, federation="gate-3")
     train1 = next(m for m in grid.sent if m.metadata.message_type.startswith("train") and m.metadata.dst_node_id == 1000)
     home = NodeHome(nodes[0].train_path.parent)
     ctx = grid.contexts[1000]
@@ -253,22 +230,22 @@ def test_a_reply_with_an_undeclared_field_is_blocked_and_stops_the_task(tmp_path
     assert again.has_error() and parse_error_reason(again.error.reason)[0] == "not-admitted"
 
 
-def test_the_row_count_is_released_once_with_noise_and_every_decision_uses_it(tmp_path: Path) -> None:
+def test_the_row_count_is_released_once_with_noise_and_every_decision_uses_it(tmp_path: Path, gate_task, run_task) -> None:  # type: ignore[no-untyped-def]
     """The only size that leaves a node is its training row count with Gaussian noise, released
     once per version of the data file through the ledger: a second hello (another task, other
     parameters) reads the same value back, so hellos cannot average the noise away or probe the
     true count through accept/refuse."""
-    from clients.mods import released_counts
+    from fedgov.node.admission import released_counts
     from fedgov.node.rounds import ROW_COUNT_NOISE, ROWS_NOTE
     from fedgov.node.home import NodeHome
 
-    fed, task_path = _task(tmp_path, rounds=1)
+    fed, task_path = gate_task(tmp_path, rounds=1)
     _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
     task, contract = load_task(task_path)
     grid = InProcessGrid(manifest, len(nodes), run_id=94)
     for run in (94, 95):  # two runs of the task: two admissions, one release
         grid.run_id = run
-        assert _run(grid, task_path, tmp_path / f"run{run}", run).status == "completed"
+        assert run_task(grid, task_path, tmp_path / f"run{run}", run_id=run, federation="gate-3").status == "completed"
     for n in nodes:
         home = NodeHome(n.train_path.parent)
         releases = [e for e in home.ledger.events() if e.kind == "spend" and e.note.startswith(ROWS_NOTE)]
@@ -277,13 +254,13 @@ def test_the_row_count_is_released_once_with_noise_and_every_decision_uses_it(tm
         assert released_counts(home, contract) == {int(releases[0].note[len(ROWS_NOTE):])}
 
 
-def test_too_few_rows_meets_the_true_count_at_a_fixed_threshold_and_spends_nothing(tmp_path: Path) -> None:
+def test_too_few_rows_meets_the_true_count_at_a_fixed_threshold_and_spends_nothing(tmp_path: Path, gate_task) -> None:  # type: ignore[no-untyped-def]
     """The true row count meets only thresholds the coordinator cannot move (at least 10 and the
     policy's min_rows): a node under them refuses before any release; above them, the task's own
     parameters meet only the released count."""
     from fedgov.node import rounds as N
 
-    fed, task_path = _task(tmp_path, rounds=1)
+    fed, task_path = gate_task(tmp_path, rounds=1)
     _, _, nodes, _ = prepare(tmp_path / "nodes", fed, task_path)
     task, contract = load_task(task_path)
     released: list[int] = []

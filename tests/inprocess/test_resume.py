@@ -15,68 +15,13 @@ import pytest
 
 from fedgov.node.admission import EVALUATION_NOTE
 from fedgov.coordinator.checkpoint import load_checkpoint
-from fedgov.coordinator.run import run_training
 from fedgov.errors import ConfigError
 from fedgov.node.home import NodeHome
 
-from _helpers import ADULT, ADULT_TEST, CONTRACT, write
 from fedgov.testing import CoordinatorCrash, InProcessGrid, prepare
 
 
-def _fed_task(tmp: Path, *, rounds: int = 3, extra: str = "") -> tuple[Path, Path]:
-    fed = write(
-        tmp / "fed.toml",
-        f"""
-        name = "resume-3"
-        seed = 5
-        source = "{ADULT}"
-        [partition]
-        kind = "population"
-        min_rows = 200
-        [[members]]
-        code = "GM0363"
-        [[members]]
-        code = "GM0344"
-        [[members]]
-        code = "GM0150"
-        """,
-    )
-    task = write(
-        tmp / "task.toml",
-        f"""
-        name = "resume"
-        contract = "{CONTRACT}"
-        federation = "{fed}"
-        [model]
-        name = "logreg"
-        [training]
-        rounds = {rounds}
-        batch_size = 256
-        learning_rate = 0.5
-        min_nodes = 2
-        seed = 1
-        {extra}
-        [privacy]
-        target_epsilon = 2.0
-        delta = 1e-5
-        reproducible_noise = true
-        [evaluation]
-        centralized = "{ADULT_TEST}"
-        """,
-    )
-    return fed, task
-
-
-def _train(grid: InProcessGrid, task_path: Path, run_dir: Path, *, run_id: int, resume: bool = False):  # type: ignore[no-untyped-def]
-    from fedgov.config import load_task
-
-    task, contract = load_task(task_path)
-    return run_training(
-        grid, task, contract, run_dir=run_dir, expected_nodes=len(grid.contexts), task_file=str(task_path), federation="resume-3",
-        local_baseline=False, flower_run_id=run_id, connect_timeout=5, resume=resume,
-    )
-
-
+FED = "resume-3"  # the federation of the three_city_task fixture
 CRASH_RUN = 11  # the Flower run id of the interrupted run: its ledger key is task_id_of(..., CRASH_RUN)
 
 
@@ -97,9 +42,9 @@ def _row_releases(node_dir: Path) -> list[tuple[str, int | None]]:
 
 
 @pytest.fixture(scope="module")
-def clean_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[type-arg]
+def clean_and_resumed(tmp_path_factory: pytest.TempPathFactory, three_city_task, run_task) -> dict:  # type: ignore[no-untyped-def,type-arg]
     tmp = tmp_path_factory.mktemp("resume")
-    fed, task_path = _fed_task(tmp)
+    fed, task_path = three_city_task(tmp)
     out = {"task": task_path}
     # Both runs use the SAME node directories (state_dir): a node releases its noisy row count
     # once per data file and FedAvg weighs by it, so only nodes that released the same counts
@@ -107,18 +52,20 @@ def clean_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type
     state = tmp / "state"
     # an uninterrupted run
     _, _, nodes, manifest = prepare(tmp / "clean", fed, task_path, state_dir=state)
-    out["clean"] = _train(InProcessGrid(manifest, len(nodes), run_id=10), task_path, tmp / "clean" / "run", run_id=10)
+    out["clean"] = run_task(InProcessGrid(manifest, len(nodes), run_id=10), task_path, tmp / "clean" / "run", run_id=10, federation=FED)
     # the same task; the coordinator dies after the nodes trained round 3, before it saved it
     _, _, nodes, manifest = prepare(tmp / "crash", fed, task_path, state_dir=state)
     grid = InProcessGrid(manifest, len(nodes), run_id=CRASH_RUN)
     grid.crash_after_train_round = 3
     with pytest.raises(CoordinatorCrash):
-        _train(grid, task_path, tmp / "crash" / "run", run_id=CRASH_RUN)
+        run_task(grid, task_path, tmp / "crash" / "run", run_id=CRASH_RUN, federation=FED)
     out["after_crash"] = {n.code: _ledger(n.train_path.parent, task_path) for n in nodes}
     out["checkpoint_round"] = load_checkpoint(tmp / "crash" / "run")[0].round
     out["report_after_crash"] = json.loads((tmp / "crash" / "run" / "report.json").read_text())
     # a new coordinator process (a new Flower run) resumes from the checkpoint
-    out["resumed"] = _train(InProcessGrid(manifest, len(nodes), run_id=12), task_path, tmp / "crash" / "run", run_id=12, resume=True)
+    out["resumed"] = run_task(
+        InProcessGrid(manifest, len(nodes), run_id=12), task_path, tmp / "crash" / "run", run_id=12, federation=FED, resume=True
+    )
     out["nodes"] = nodes
     out["run_dir"] = tmp / "crash" / "run"
     out["manifest"] = manifest
@@ -167,14 +114,14 @@ def test_no_ledger_is_charged_twice(clean_and_resumed: dict) -> None:  # type: i
         assert not any((n.train_path.parent / "sent").iterdir())  # the copy is gone with the task
 
 
-def test_a_finished_task_cannot_be_resumed(clean_and_resumed: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+def test_a_finished_task_cannot_be_resumed(clean_and_resumed: dict, tmp_path: Path, run_task) -> None:  # type: ignore[no-untyped-def,type-arg]
     run_dir = clean_and_resumed["run_dir"]
     ckpt = json.loads((run_dir / "checkpoint" / "state.json").read_text())
     ckpt["round"] = 1  # pretend only round 1 was saved: the nodes have closed the task since
     (run_dir / "checkpoint" / "state.json").write_text(json.dumps(ckpt))
     try:
         grid = InProcessGrid(clean_and_resumed["manifest"], 3, run_id=13)
-        report = _train(grid, clean_and_resumed["task"], run_dir, run_id=13, resume=True)
+        report = run_task(grid, clean_and_resumed["task"], run_dir, run_id=13, federation=FED, resume=True)
     finally:
         ckpt["round"] = 3
         (run_dir / "checkpoint" / "state.json").write_text(json.dumps(ckpt))
@@ -182,15 +129,15 @@ def test_a_finished_task_cannot_be_resumed(clean_and_resumed: dict, tmp_path: Pa
     assert {n.refusal_code for n in report.nodes} == {"task-ended"}
 
 
-def test_a_changed_task_is_not_resumed(tmp_path: Path) -> None:
-    fed, task_path = _fed_task(tmp_path, rounds=2)
+def test_a_changed_task_is_not_resumed(tmp_path: Path, three_city_task, run_task) -> None:  # type: ignore[no-untyped-def]
+    fed, task_path = three_city_task(tmp_path, rounds=2)
     _, _, nodes, manifest = prepare(tmp_path / "n", fed, task_path)
     grid = InProcessGrid(manifest, len(nodes), run_id=21)
     grid.crash_after_train_round = 2
     with pytest.raises(CoordinatorCrash):
-        _train(grid, task_path, tmp_path / "run", run_id=21)
+        run_task(grid, task_path, tmp_path / "run", run_id=21, federation=FED)
     task_path.write_text(task_path.read_text().replace("learning_rate = 0.5", "learning_rate = 0.4"))
-    report = _train(InProcessGrid(manifest, len(nodes), run_id=22), task_path, tmp_path / "run", run_id=22, resume=True)
+    report = run_task(InProcessGrid(manifest, len(nodes), run_id=22), task_path, tmp_path / "run", run_id=22, federation=FED, resume=True)
     assert report.status == "failed" and "another version of task resume" in report.message
 
 

@@ -32,7 +32,6 @@ from fedgov.privacy.secagg import (
 )
 
 from fedgov.testing import InProcessGrid, prepare, tamper_update  # noqa: F401
-from test_resume import _fed_task, _train
 
 P = SecAggParams()
 SHAPES = [(3, 4), (4,)]
@@ -54,6 +53,7 @@ def _updates(ids: list[int], seed: int = 0) -> dict[int, list[np.ndarray]]:
     return {i: [rng.normal(size=s) * 0.1 for s in SHAPES] for i in ids}
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("dropped", [[], [42]])
 def test_the_sum_of_the_survivors_and_nothing_else(dropped: list[int]) -> None:
     ids = [11, 5, 99, 42, 7]
@@ -71,6 +71,7 @@ def test_the_sum_of_the_survivors_and_nothing_else(dropped: list[int]) -> None:
     assert w == pytest.approx(sum(weights[i] for i in survivors), abs=2e-5)
 
 
+@pytest.mark.statistical
 def test_more_than_a_third_dropped_reveals_nothing() -> None:
     """Five holders, threshold 4 (more than two thirds): with two dropped no survivor reveals."""
     ids = [11, 5, 99, 42, 7]
@@ -87,6 +88,7 @@ def test_more_than_a_third_dropped_reveals_nothing() -> None:
             states[i].reveal(survivors, dropped)
 
 
+@pytest.mark.statistical
 def test_secagg_plus_neighbourhoods_at_scale_sum_exactly_with_dropouts() -> None:
     """Above 40 nodes each node shares with its neighbours in a random k-regular graph only
     (SecAgg+); the sum over the survivors is still exact, and a dropped node's masks are removed
@@ -122,6 +124,7 @@ def test_secagg_plus_neighbourhoods_at_scale_sum_exactly_with_dropouts() -> None
         unmask_sum(masked, thin, pks=pks, dropped=dropped)
 
 
+@pytest.mark.statistical
 def test_a_masked_vector_says_nothing_about_its_update() -> None:
     ids = [1, 2, 3]
     y = encode_update(_updates(ids)[1], 1.0, P)
@@ -132,13 +135,17 @@ def test_a_masked_vector_says_nothing_about_its_update() -> None:
         seen.append(states[1].mask(y, ids))
     # Spread over the whole modulus and uncorrelated with the update, pooled over 40 rounds
     # (680 values): the mean of uniform draws has sd 0.011 and the correlation sd 0.04, so the
-    # bounds below are 9 and 12 standard deviations wide (a chance failure is below 1e-18).
+    # bounds below are 9 and 12 standard deviations wide (a chance failure is below 1e-18; for the
+    # mean without the normal approximation, Bernstein: 2 exp(-680 * 0.1^2 / (2/12 + 2 * 0.5 * 0.1 / 3))
+    # = 3e-15). The maximum exceeds 100 levels unless all 680 values lie in the lowest 0.098 of the
+    # modulus: 0.098^680.
     pooled = np.concatenate(seen).astype(float)
     assert pooled.max() > P.levels * 100 and abs(pooled.mean() / MODULUS - 0.5) < 0.1
     assert abs(np.corrcoef(pooled, np.tile(y.astype(float), len(seen)))[0, 1]) < 0.5
     assert not np.array_equal(seen[0], seen[1])  # fresh masks each round
 
 
+@pytest.mark.statistical
 def test_nodes_refuse_what_would_unmask_one_node() -> None:
     ids = [1, 2, 3, 4, 5]
     states, pks = _setup(ids)
@@ -160,6 +167,7 @@ def test_nodes_refuse_what_would_unmask_one_node() -> None:
         states[1].mask(np.zeros(5, dtype=np.int64), ids)
 
 
+@pytest.mark.statistical
 def test_forged_or_misrouted_shares_stop_the_round() -> None:
     ids = [1, 2, 3]
     states, pks = {}, {}
@@ -186,19 +194,19 @@ def test_prg_is_uniform_over_the_modulus_and_seeded() -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[type-arg]
+def runs(tmp_path_factory: pytest.TempPathFactory, three_city_task, run_task) -> dict:  # type: ignore[no-untyped-def,type-arg]
     """The same task, plain and secure, on the SAME node directories: a node releases its noisy
     row count once per data file, and both FedAvg (by count) and secure aggregation (by
     ``min(count, cap) / cap`` inside the sum) weigh by that one released count, so both runs
     weigh alike and give the same model up to quantisation."""
     tmp = tmp_path_factory.mktemp("secagg")
-    fed, plain_task = _fed_task(tmp / "plain", rounds=2)
-    _, secure_task = _fed_task(tmp / "secure", rounds=2, extra="secure_aggregation = true")
+    fed, plain_task = three_city_task(tmp / "plain", rounds=2)
+    _, secure_task = three_city_task(tmp / "secure", rounds=2, training={"secure_aggregation": True})
     out: dict = {}  # type: ignore[type-arg]
     for name, task, run_id in (("plain", plain_task, 31), ("secure", secure_task, 32)):
         _, _, nodes, manifest = prepare(tmp / name / "nodes", fed, task, state_dir=tmp / "state")
         grid = InProcessGrid(manifest, len(nodes), run_id=run_id)
-        out[name] = (_train(grid, task, tmp / name / "run", run_id=run_id), grid, nodes)
+        out[name] = (run_task(grid, task, tmp / name / "run", run_id=run_id, federation="resume-3"), grid, nodes)
     out["secure-task-id"] = task_id_of(*load_task(secure_task), 32)
     return out
 
@@ -245,8 +253,8 @@ def test_the_coordinator_received_only_masked_vectors(runs: dict) -> None:  # ty
         assert sent and all(list(e.payload["arrays"]) == ["masked"] for e in sent)
 
 
-def test_a_dropout_is_tolerated_and_too_many_discard_the_round(tmp_path: Path) -> None:
-    fed, task = _fed_task(tmp_path, rounds=2, extra="secure_aggregation = true\nreply_timeout = 5")
+def test_a_dropout_is_tolerated_and_too_many_discard_the_round(tmp_path: Path, three_city_task, run_task) -> None:  # type: ignore[no-untyped-def]
+    fed, task = three_city_task(tmp_path, rounds=2, training={"secure_aggregation": True, "reply_timeout": 5})
 
     def drop_train_in_round(r: int):  # type: ignore[no-untyped-def]
         return lambda msg: "drop" if msg.metadata.message_type.startswith("train") and int(msg.content["config"]["server-round"]) == r else None
@@ -257,7 +265,7 @@ def test_a_dropout_is_tolerated_and_too_many_discard_the_round(tmp_path: Path) -
     _, _, nodes, manifest = prepare(tmp_path / "nodes4", fed, task)
     grid = InProcessGrid(manifest, len(nodes), run_id=41, faults={0: lambda m: "drop" if drop_train_in_round(1)(m) or drop_train_in_round(2)(m) else None,
                                                                  1: drop_train_in_round(2)})
-    report = _train(grid, task, tmp_path / "run", run_id=41)
+    report = run_task(grid, task, tmp_path / "run", run_id=41, federation="resume-3")
     assert report.status == "completed", report.message
     r1, r2 = report.rounds
     assert len(r1.nodes_trained) == 3 and r1.discarded is None and len(r1.nodes_failed) == 1
@@ -267,11 +275,11 @@ def test_a_dropout_is_tolerated_and_too_many_discard_the_round(tmp_path: Path) -
     assert r2.accuracy == r1.accuracy  # a discarded round does not move the model
 
 
-def test_no_downgrade_to_plaintext(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_downgrade_to_plaintext(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, three_city_task, run_task) -> None:  # type: ignore[no-untyped-def]
     """A coordinator that skips the protocol for a secure task gets no update at all."""
     import fedgov.coordinator.run as C
 
-    fed, task = _fed_task(tmp_path, rounds=1, extra="secure_aggregation = true")
+    fed, task = three_city_task(tmp_path, rounds=1, training={"secure_aggregation": True})
     _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task)
     real = C.build_strategy
 
@@ -280,7 +288,7 @@ def test_no_downgrade_to_plaintext(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(C, "build_strategy", plain)
     grid = InProcessGrid(manifest, len(nodes), run_id=51)
-    _train(grid, task, tmp_path / "run", run_id=51)
+    run_task(grid, task, tmp_path / "run", run_id=51, federation="resume-3")
     train_replies = [m for m in grid.received if m.metadata.message_type.startswith("train")]
     # the coordinator gets the fixed refusal only, no update
     assert train_replies and all(m.has_error() for m in train_replies)
@@ -294,15 +302,15 @@ def test_no_downgrade_to_plaintext(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert stopped and "carries no shares" in stopped[0].payload["reason"], n.code
 
 
-def test_policy_can_require_secure_aggregation(tmp_path: Path) -> None:
+def test_policy_can_require_secure_aggregation(tmp_path: Path, three_city_task) -> None:  # type: ignore[no-untyped-def]
     from fedgov.node.policy import default_policy_text
 
     text = default_policy_text("GM0363", dataset="adult", contract="adult-income", version="1.0", path="train.csv", budget_epsilon=10.0)
     (tmp_path / "policy.toml").write_text(text.replace("require_secure_aggregation = false", "require_secure_aggregation = true"))
     (tmp_path / "train.csv").write_text("x\n")
     policy = load_policy(tmp_path / "policy.toml")
-    _, plain = _fed_task(tmp_path / "a", rounds=1)
-    _, secure = _fed_task(tmp_path / "b", rounds=1, extra="secure_aggregation = true")
+    _, plain = three_city_task(tmp_path / "a", rounds=1)
+    _, secure = three_city_task(tmp_path / "b", rounds=1, training={"secure_aggregation": True})
     t, c = load_task(plain)
     d = check_task(policy, task=t, contract=c, rows=None, noise_multiplier=None)
     assert not d.accepted and d.code is not None and d.code.value == "secure-aggregation-required"
@@ -310,35 +318,30 @@ def test_policy_can_require_secure_aggregation(tmp_path: Path) -> None:
     assert check_task(policy, task=t, contract=c, rows=None, noise_multiplier=None).accepted
 
 
-def test_secure_aggregation_excludes_rules_that_need_single_updates(tmp_path: Path) -> None:
-    for extra, field in (('secure_aggregation = true\naggregation = "median"', "aggregation"),
-                         ("secure_aggregation = true\nmax_update_norm = 3.0", "max_update_norm")):
-        _, task = _fed_task(tmp_path / field, rounds=1, extra=extra)
+def test_secure_aggregation_excludes_rules_that_need_single_updates(tmp_path: Path, three_city_task) -> None:  # type: ignore[no-untyped-def]
+    for extra, field in (({"secure_aggregation": True, "aggregation": "median"}, "aggregation"),
+                         ({"secure_aggregation": True, "max_update_norm": 3.0}, "max_update_norm")):
+        _, task = three_city_task(tmp_path / field, rounds=1, training=extra)
         with pytest.raises(ConfigError) as ei:
             load_task(task)
         assert field in str(ei.value) and "secure" in str(ei.value)
 
 
-def test_statistics_query_under_secure_aggregation(tmp_path: Path) -> None:
+@pytest.mark.statistical
+def test_statistics_query_under_secure_aggregation(tmp_path: Path, three_city_task, write_overview_query) -> None:  # type: ignore[no-untyped-def]
     """The same query with and without secure aggregation on the same three nodes: the
     coordinator gets national figures only, the totals agree within the noise, and every
     release it received carries no value (only its layout) beside a masked vector."""
     from fedgov.analytics import load_query
-    from fedgov.launch.query import run_query
+    from fedgov.coordinator.statistics import run_query
 
-    from _helpers import write
-
-    fed, task = _fed_task(tmp_path, rounds=1)
+    fed, task = three_city_task(tmp_path, rounds=1)
     _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task)
-    base = (Path(__file__).resolve().parents[2] / "configs" / "queries" / "adult-overview.toml").read_text()
-    base = base.replace('contract = "../contracts/adult-income.toml"', f'contract = "{Path(__file__).resolve().parents[2] / "configs/contracts/adult-income.toml"}"')
-    base = base.replace('federation = "../federations/demo-12.toml"\n', "")
     reports = {}
     truth = {n.code: [n.train_path, n.test_path] for n in nodes}
     grids = {}
     for secure in (False, True):
-        text = base.replace('description =', f"secure_aggregation = {'true' if secure else 'false'}\ndescription =", 1)
-        q, contract = load_query(write(tmp_path / f"q-{secure}.toml", text))
+        q, contract = load_query(write_overview_query(tmp_path / f"q-{secure}.toml", secure=secure))
         grids[secure] = grid = InProcessGrid(manifest, len(nodes), run_id=60 + secure)
         reports[secure] = run_query(
             grid, q, contract, run_dir=tmp_path / f"run-{secure}", query_file="q.toml", expected_nodes=len(nodes),
@@ -357,7 +360,11 @@ def test_statistics_query_under_secure_aggregation(tmp_path: Path) -> None:
             fa, fb = a[cell], b[cell]
             # the same noise; a ratio's standard error also depends on its (noisy) estimate
             assert fb.estimate is not None and fb.std_error == pytest.approx(fa.std_error, rel=0.01)
-            assert abs(fb.estimate - fa.estimate) < 6 * (fa.std_error or 1.0)  # two independent noisy draws
+            # Two independent noisy draws: the difference is a sum of 6 (discrete) Laplace draws (3
+            # nodes each) with sd sqrt(2) SE. Its tails are far heavier than a Gaussian's: exactly
+            # (difference of Gamma(6) variables) P(> 4.24 sd, the old bound of 6 SE) = 2e-4 per
+            # cell; 12 SE is 8.5 sd: P = 2e-9 per cell, 1.2e-8 for the 6 cells.
+            assert abs(fb.estimate - fa.estimate) < 12 * (fa.std_error or 1.0)
     assert secure.errors is not None  # the simulation's truth: errors of the secure figures, too
     # what reached the coordinator: layouts without values, and masked vectors
     import json

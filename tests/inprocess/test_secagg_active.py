@@ -20,38 +20,32 @@ import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedgov import protocol as P
-from fedgov.coordinator.run import secagg_setup, secagg_stage, secagg_unmask
+from fedgov.coordinator.secure import secagg_setup, secagg_stage, secagg_unmask
 from fedgov.node.home import NodeHome
 from fedgov.privacy.secagg import MODULUS, RoundKeys, neighbours, roster_graph_seed, threshold_for
 
 from fedgov.testing import InProcessGrid, prepare
-from test_resume import _fed_task
 
-REPO = Path(__file__).resolve().parents[2]
 T = 5.0
 
 
-def _secure_query_federation(tmp: Path, extra_members: list[str], first_run: int) -> dict[str, Any]:
+def _secure_query_federation(
+    tmp: Path, extra_members: list[str], first_run: int, three_city_task: Any, write_overview_query: Any
+) -> dict[str, Any]:
     """Nodes made as ``fedgov run`` makes them (each with an identity key and the roster pinned)
     and a secure statistics query over them."""
     from fedgov.analytics import load_query
 
-    from _helpers import write
-
-    fed_path, task = _fed_task(tmp, rounds=1)
+    fed_path, task = three_city_task(tmp, rounds=1)
     fed_path.write_text(fed_path.read_text() + "".join(f'\n[[members]]\ncode = "{c}"\n' for c in extra_members))
     _, _, nodes, manifest = prepare(tmp / "nodes", fed_path, task)
-    base = (REPO / "configs" / "queries" / "adult-overview.toml").read_text()
-    base = base.replace('contract = "../contracts/adult-income.toml"', f'contract = "{REPO / "configs/contracts/adult-income.toml"}"')
-    base = base.replace('federation = "../federations/demo-12.toml"\n', "")
-    base = base.replace("description =", "secure_aggregation = true\ndescription =", 1)
-    q, contract = load_query(write(tmp / "q.toml", base))
+    q, contract = load_query(write_overview_query(tmp / "q.toml", secure=True))
     return {"nodes": nodes, "manifest": manifest, "query": q, "contract": contract, "run": [first_run]}
 
 
 @pytest.fixture(scope="module")
-def fed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return _secure_query_federation(tmp_path_factory.mktemp("active"), ["GM0599"], 100)
+def fed(tmp_path_factory: pytest.TempPathFactory, three_city_task: Any, write_overview_query: Any) -> dict[str, Any]:
+    return _secure_query_federation(tmp_path_factory.mktemp("active"), ["GM0599"], 100, three_city_task, write_overview_query)
 
 
 class Run:
@@ -184,7 +178,7 @@ def test_double_unmask_gets_one_secret_only(fed: dict[str, Any], monkeypatch: py
 
     home = run.homes[others[0]]
     st = NodeState(home.path / NodeHome.STATE)
-    from fedgov.launch.query import query_id_of
+    from fedgov.node.statistics import query_id_of
 
     key = query_id_of(fed["query"], fed["contract"], run.grid.run_id)
     assert st.reveals(key, 1)[u] == "self-mask"
@@ -376,9 +370,9 @@ def test_the_reveal_record_takes_flower_node_ids_and_survives_a_restart(tmp_path
 
 
 @pytest.fixture(scope="module")
-def fed5(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def fed5(tmp_path_factory: pytest.TempPathFactory, three_city_task: Any, write_overview_query: Any) -> dict[str, Any]:
     """Five nodes: an odd group, where a strict-majority threshold fell to one colluder."""
-    return _secure_query_federation(tmp_path_factory.mktemp("active5"), ["GM0599", "GM0014"], 700)
+    return _secure_query_federation(tmp_path_factory.mktemp("active5"), ["GM0599", "GM0014"], 700, three_city_task, write_overview_query)
 
 
 @pytest.mark.parametrize("colluders", [1, 2])
@@ -395,7 +389,7 @@ def test_colluding_members_with_split_survivor_lists_do_not_unmask(
 
     from fedgov.privacy.roster import IDENTITY_KEY, consistency_message, load_private_key
     from fedgov.privacy.secagg import NodeSecAgg
-    from fedgov.launch.query import query_id_of
+    from fedgov.node.statistics import query_id_of
 
     n_ids = len(fed5["nodes"])
     t = threshold_for(n_ids)

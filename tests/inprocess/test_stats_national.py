@@ -16,9 +16,7 @@ import pytest
 from fedgov.analytics import combine, load_query, local_release, true_result
 from fedgov.data import iwmo
 from fedgov.config.municipalities import all_municipalities
-from fedgov.launch.query import regions_of
-
-from _helpers import write
+from fedgov.coordinator.statistics import regions_of
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT = ROOT / "configs" / "contracts" / "iwmo-wmo.toml"
@@ -31,9 +29,12 @@ def country() -> dict[str, pd.DataFrame]:
     return {code: part.reset_index(drop=True) for code, part in frame.groupby("municipality", sort=False, observed=True)}
 
 
-def test_national_count_per_category_within_one_percent_at_epsilon_one(tmp_path: Path, country: dict[str, pd.DataFrame]) -> None:
+@pytest.mark.statistical
+def test_national_count_per_category_within_one_percent_at_epsilon_one(  # type: ignore[no-untyped-def]
+    tmp_path: Path, country: dict[str, pd.DataFrame], write_file
+) -> None:
     assert len(country) == len(all_municipalities()) == 342
-    qpath = write(
+    qpath = write_file(
         tmp_path / "q.toml",
         f"""
         name = "national"
@@ -64,6 +65,9 @@ def test_national_count_per_category_within_one_percent_at_epsilon_one(tmp_path:
         worst = max(worst, abs(f.estimate - t) / t)
         # the stated error bar is the noise of 342 discrete Laplace draws at scale 1
         assert f.std_error == pytest.approx((342 * 2 * 1.0**2) ** 0.5, rel=0.05)
+    # Each national count's noise is a sum of 342 discrete Laplace draws (sd 26.2, near Gaussian:
+    # exact for 342 Laplace draws, P(> 5.5 sd) = 5e-9); the smallest true count (about 31,000)
+    # makes 1% 11.9 sd: Chernoff's bound for 342 Laplace draws gives P < 2e-28 per cell.
     assert worst < 0.01, f"largest relative error {worst:.4%}"
     # provinces add up to the nation; a small municipality's own cells are small
     provinces = {f.scope_value for f in noisy.select("clients-by-category", "region")}

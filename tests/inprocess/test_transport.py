@@ -12,11 +12,10 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedgov import protocol as P
-from fedgov.coordinator.run import decode_updates, message_bytes, run_training, screen_updates
+from fedgov.coordinator import decode_updates, message_bytes, screen_updates
 from fedgov.transport import UPDATE, encode_update, is_encoded, local_model, pack, unpack
 
 from fedgov.testing import InProcessGrid, prepare
-from test_resume import _fed_task
 
 
 def _models(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -108,24 +107,21 @@ def test_the_coordinator_decodes_before_screening_and_names_what_does_not_fit() 
     assert message_bytes(fresh) < message_bytes(whole) - 36 * 2  # 2 bytes a number and the .npy headers saved
 
 
-def test_a_federation_records_its_traffic_and_float16_learns_as_float32(tmp_path: Path) -> None:
+def test_a_federation_records_its_traffic_and_float16_learns_as_float32(tmp_path: Path, three_city_task, run_task) -> None:  # type: ignore[no-untyped-def]
     """The same federation (reproducible noise) with each encoding: the traffic the report
     records, and the same accuracy within 0.01."""
-    accuracy = {encoding: _traffic_run(tmp_path / encoding, encoding) for encoding in ("float16-delta", "float32-delta")}
+    accuracy = {encoding: _traffic_run(tmp_path / encoding, encoding, three_city_task, run_task) for encoding in ("float16-delta", "float32-delta")}
     assert abs(accuracy["float16-delta"] - accuracy["float32-delta"]) <= 0.01
 
 
-def _traffic_run(tmp_path: Path, encoding: str) -> float:
+def _traffic_run(tmp_path: Path, encoding: str, three_city_task, run_task) -> float:  # type: ignore[no-untyped-def]
     tmp_path.mkdir()
-    # test_resume's 3-municipality federation and task, with an MLP and the encoding under test
-    fed, task_path = _fed_task(tmp_path, rounds=2, extra=f'fraction_evaluate = 0.0\nupdate_encoding = "{encoding}"')
-    task_path.write_text(task_path.read_text().replace('name = "logreg"', 'name = "mlp"\nhidden = [32]'))
-    task, contract, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
-    grid = InProcessGrid(manifest, len(nodes), run_id=7)
-    report = run_training(
-        grid, task, contract, run_dir=tmp_path / "run", expected_nodes=len(nodes), task_file=str(task_path),
-        federation="resume-3", local_baseline=False, flower_run_id=7, connect_timeout=5,
+    # the 3-municipality federation and task, with an MLP and the encoding under test
+    fed, task_path = three_city_task(
+        tmp_path, rounds=2, model={"name": "mlp", "hidden": [32]}, training={"fraction_evaluate": 0.0, "update_encoding": encoding}
     )
+    _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
+    report = run_task(InProcessGrid(manifest, len(nodes), run_id=7), task_path, tmp_path / "run", run_id=7, federation="resume-3")
     assert report.status == "completed", report.message
     assert report.model_parameters == 108 * 32 + 32 + 32 * 2 + 2
     float32_size = 4 * report.model_parameters

@@ -12,7 +12,6 @@ from fedgov.protocol import fingerprint, task_id_of
 from fedgov.config import load_task
 from fedgov.node.refusals import is_allowed, refusal_text
 from fedgov.node.home import NodeHome, budget_of
-from fedgov.node.policy import default_policy_text
 
 ROOT = Path(__file__).resolve().parents[2]
 HISTORY = [(1.5, 1 / 26, 260)]  # a demo-like node's whole task: sigma, q, steps
@@ -21,14 +20,6 @@ HISTORY = [(1.5, 1 / 26, 260)]  # a demo-like node's whole task: sigma, q, steps
 @pytest.fixture()
 def task_contract():  # type: ignore[no-untyped-def]
     return load_task(ROOT / "configs" / "tasks" / "adult-income.toml")
-
-
-def _home(tmp_path: Path, *, budget: float = 10.0, approval: str = "auto", max_eps: float | None = None) -> NodeHome:
-    text = default_policy_text(
-        "GM0363", dataset="adult", contract="adult-income", version="1.0", path="train.csv",
-        budget_epsilon=budget, approval=approval, max_epsilon_per_task=max_eps,  # type: ignore[arg-type]
-    )
-    return NodeHome.create(tmp_path / "node", policy_text=text)
 
 
 def _hello(rows: int = 6590, sigma: float = 1.5) -> P.NodeHello:
@@ -41,9 +32,9 @@ def test_no_policy_takes_part_in_nothing(tmp_path: Path, task_contract) -> None:
     assert r is not None and r.code == "no-policy" and not r.accepted
 
 
-def test_task_above_the_per_task_maximum_is_refused_before_data(tmp_path: Path, task_contract) -> None:  # type: ignore[no-untyped-def]
+def test_task_above_the_per_task_maximum_is_refused_before_data(tmp_path: Path, task_contract, node_home) -> None:  # type: ignore[no-untyped-def]
     task, contract = task_contract
-    home = _home(tmp_path, max_eps=1.5)
+    home = node_home(approval="auto", max_epsilon_per_task=1.5)
     r = precheck(home, task, contract, node="GM0363")
     assert r is not None and r.code == "epsilon-above-max"
     # the public text is the fixed template: the task's stated epsilon and the policy's limit
@@ -52,9 +43,9 @@ def test_task_above_the_per_task_maximum_is_refused_before_data(tmp_path: Path, 
     assert r.node_name == "Amsterdam"
 
 
-def test_pause_refuses_and_resume_allows(tmp_path: Path, task_contract) -> None:  # type: ignore[no-untyped-def]
+def test_pause_refuses_and_resume_allows(tmp_path: Path, task_contract, node_home) -> None:  # type: ignore[no-untyped-def]
     task, contract = task_contract
-    home = _home(tmp_path)
+    home = node_home(approval="auto")
     home.state.pause("update")
     r = precheck(home, task, contract, node="GM0363")
     assert r is not None and r.code == "paused" and not r.accepted
@@ -64,9 +55,9 @@ def test_pause_refuses_and_resume_allows(tmp_path: Path, task_contract) -> None:
     assert precheck(home, task, contract, node="GM0363") is None
 
 
-def test_reservation_spend_release(tmp_path: Path, task_contract) -> None:  # type: ignore[no-untyped-def]
+def test_reservation_spend_release(tmp_path: Path, task_contract, node_home) -> None:  # type: ignore[no-untyped-def]
     task, contract = task_contract
-    home = _home(tmp_path)
+    home = node_home(approval="auto")
     tid = task_id_of(task, contract, 1)
     assert not is_admitted(home, contract, tid, task)
     out = admit(home, task, contract, _hello(), task_id=tid, history=HISTORY)
@@ -83,21 +74,21 @@ def test_reservation_spend_release(tmp_path: Path, task_contract) -> None:  # ty
     assert not is_admitted(home, contract, tid, task)
 
 
-def test_budget_for_two_tasks_refuses_the_third(tmp_path: Path, task_contract) -> None:  # type: ignore[no-untyped-def]
+def test_budget_for_two_tasks_refuses_the_third(tmp_path: Path, task_contract, node_home) -> None:  # type: ignore[no-untyped-def]
     from fedgov.node.ledger import Mechanism, compose
 
     task, contract = task_contract
     two = compose([Mechanism.dpsgd(HISTORY), Mechanism.dpsgd(HISTORY)], delta=1e-5)
-    home = _home(tmp_path, budget=two + 0.01, max_eps=2.0)
+    home = node_home(budget=two + 0.01, approval="auto", max_epsilon_per_task=2.0)
     results = [admit(home, task, contract, _hello(), task_id=task_id_of(task, contract, run), history=HISTORY) for run in (1, 2, 3)]
     assert [r.accepted for r in results] == [True, True, False]
     assert results[2].code == "budget-exhausted"
     assert is_allowed("budget-exhausted", results[2].reason)
 
 
-def test_manual_approval(tmp_path: Path, task_contract) -> None:  # type: ignore[no-untyped-def]
+def test_manual_approval(tmp_path: Path, task_contract, node_home) -> None:  # type: ignore[no-untyped-def]
     task, contract = task_contract
-    home = _home(tmp_path, approval="manual")
+    home = node_home(approval="manual")
     tid = task_id_of(task, contract, 7)
     first = admit(home, task, contract, _hello(), task_id=tid, history=HISTORY)
     assert first.code == "pending-approval" and fingerprint(task, contract) in first.reason
@@ -110,9 +101,9 @@ def test_manual_approval(tmp_path: Path, task_contract) -> None:  # type: ignore
     assert is_admitted(home, contract, tid, task)
 
 
-def test_low_noise_after_the_data_is_read(tmp_path: Path, task_contract) -> None:  # type: ignore[no-untyped-def]
+def test_low_noise_after_the_data_is_read(tmp_path: Path, task_contract, node_home) -> None:  # type: ignore[no-untyped-def]
     task, contract = task_contract
-    home = _home(tmp_path)
+    home = node_home(approval="auto")
     # hello.train_rows is the released, noisy count: it decides nothing against min_rows (the true
     # count met that fixed threshold at hello, fedgov.node.hello)
     assert admit(home, task, contract, _hello(rows=20), task_id="a", history=HISTORY).code != "too-few-rows"

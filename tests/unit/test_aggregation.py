@@ -10,9 +10,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedgov.coordinator.aggregation import check_update, update_norm
+from fedgov.coordinator.aggregation import check_update, screen_updates, update_norm
 from fedgov.config import load_task
-from fedgov.coordinator.run import _Recorder, build_strategy, screen_updates
+from fedgov.coordinator.recording import Recorder, build_strategy
 from fedgov.coordinator.events import EventWriter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def test_screen_leaves_out_bad_updates_and_names_the_node() -> None:
 def _aggregate(aggregation: str, replies: list[Message], tmp: Path) -> dict[str, np.ndarray]:
     task, _ = load_task(ROOT / "configs" / "tasks" / "adult-income.toml")
     task = task.model_copy(update={"training": task.training.model_copy(update={"aggregation": aggregation})})
-    recorder = _Recorder({}, EventWriter(tmp / f"{aggregation}.jsonl"))
+    recorder = Recorder({}, EventWriter(tmp / f"{aggregation}.jsonl"))
     strategy = build_strategy(task, len(replies), recorder)
     arrays, _ = strategy.aggregate_train(1, replies)
     return {k: v.numpy() for k, v in arrays.items()}
@@ -93,5 +93,5 @@ def test_strategy_follows_the_task(tmp_path: Path) -> None:
     names = {}
     for agg in ("mean", "median", "trimmed-mean", "krum"):
         t = task.model_copy(update={"training": task.training.model_copy(update={"aggregation": agg})})
-        names[agg] = type(build_strategy(t, 12, _Recorder({}, EventWriter(tmp_path / "e.jsonl")))).__name__
-    assert names == {"mean": "RecordingFedAvg", "median": "RecordingFedMedian", "trimmed-mean": "RecordingFedTrimmedAvg", "krum": "RecordingKrum"}
+        names[agg] = type(build_strategy(t, 12, Recorder({}, EventWriter(tmp_path / "e.jsonl"))).strategy).__name__
+    assert names == {"mean": "FedAvg", "median": "FedMedian", "trimmed-mean": "FedTrimmedAvg", "krum": "Krum"}

@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 from fedgov.cli import app
 from fedgov.errors import EXIT_HELP, ExitCode
 from fedgov.node.home import NodeHome
-from fedgov.node.policy import default_policy_text
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -55,13 +54,8 @@ def test_data_validate_lists_violations_and_exit_12(tmp_path: Path) -> None:
     assert ok.exit_code == 0 and "16281 rows conform" in ok.output
 
 
-def _node(tmp_path: Path) -> NodeHome:
-    text = default_policy_text("GM0363", dataset="adult", contract="adult-income", version="1.0", path="train.csv", budget_epsilon=5.0)
-    return NodeHome.create(tmp_path / "node", policy_text=text)
-
-
-def test_node_budget_json_and_pause(tmp_path: Path) -> None:
-    home = _node(tmp_path)
+def test_node_budget_json_and_pause(tmp_path: Path, node_home) -> None:  # type: ignore[no-untyped-def]
+    home = node_home(budget=5.0)
     out = runner.invoke(app, ["node", "budget", "--node-dir", str(home.path), "--json"])
     assert out.exit_code == 0, out.output
     [status] = json.loads(out.output)
@@ -72,8 +66,8 @@ def test_node_budget_json_and_pause(tmp_path: Path) -> None:
     assert home.state.paused()[0] is False
 
 
-def test_audit_verify_exit_30_names_the_entry(tmp_path: Path) -> None:
-    home = _node(tmp_path)
+def test_audit_verify_exit_30_names_the_entry(tmp_path: Path, node_home) -> None:  # type: ignore[no-untyped-def]
+    home = node_home(budget=5.0)
     for i in range(3):
         home.audit.append("received", task_id="t", payload={"i": i})
     assert runner.invoke(app, ["node", "audit", "verify", "-n", str(home.path)]).exit_code == 0

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from fedgov.config import load_contract, load_federation, load_task
 from fedgov.errors import ConfigError, ExitCode
-
-
-def write(tmp_path: Path, name: str, text: str) -> Path:
-    p = tmp_path / name
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(textwrap.dedent(text), encoding="utf-8")
-    return p
 
 
 def locations(err: ConfigError) -> set[str]:
@@ -39,10 +31,9 @@ def test_relative_paths_resolve_against_the_file(demo_task_path: Path) -> None:
     assert task.contract == (demo_task_path.parent / "../contracts/adult-income.toml").resolve()
 
 
-def test_contract_lists_every_problem_with_its_location(tmp_path: Path) -> None:
-    p = write(
-        tmp_path,
-        "c.toml",
+def test_contract_lists_every_problem_with_its_location(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+    p = write_file(
+        tmp_path / "c.toml",
         """
         name = "Bad Name"
         version = "one"
@@ -73,10 +64,9 @@ def test_contract_lists_every_problem_with_its_location(tmp_path: Path) -> None:
     assert "categorical column needs" in text
 
 
-def test_contract_target_must_exist_and_be_categorical(tmp_path: Path) -> None:
-    p = write(
-        tmp_path,
-        "c.toml",
+def test_contract_target_must_exist_and_be_categorical(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+    p = write_file(
+        tmp_path / "c.toml",
         """
         name = "c"
         version = "1.0"
@@ -92,16 +82,15 @@ def test_contract_target_must_exist_and_be_categorical(tmp_path: Path) -> None:
         load_contract(p)
 
 
-def test_numeric_columns_need_bounds(tmp_path: Path) -> None:
-    p = write(tmp_path, "c.toml", 'name = "c"\nversion = "1.0"\n[[columns]]\nname = "v"\ntype = "float"\n')
+def test_numeric_columns_need_bounds(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+    p = write_file(tmp_path / "c.toml", 'name = "c"\nversion = "1.0"\n[[columns]]\nname = "v"\ntype = "float"\n')
     with pytest.raises(ConfigError, match="never from the data"):
         load_contract(p)
 
 
-def test_task_lists_every_problem(tmp_path: Path, adult_contract_path: Path) -> None:
-    p = write(
-        tmp_path,
-        "t.toml",
+def test_task_lists_every_problem(tmp_path: Path, adult_contract_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+    p = write_file(
+        tmp_path / "t.toml",
         f"""
         name = "t"
         contract = "{adult_contract_path}"
@@ -123,18 +112,17 @@ def test_task_lists_every_problem(tmp_path: Path, adult_contract_path: Path) -> 
     assert {"model.name", "training.rounds", "training.learning_rate", "privacy.target_epsilon", "privacy.accountant", "privacy.delta"} <= locs
 
 
-def test_cross_field_rule_reported_on_its_block(tmp_path: Path, adult_contract_path: Path) -> None:
-    p = write(tmp_path, "t.toml", f'name = "t"\ncontract = "{adult_contract_path}"\n[training]\nstrategy = "fedprox"\n')
+def test_cross_field_rule_reported_on_its_block(tmp_path: Path, adult_contract_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+    p = write_file(tmp_path / "t.toml", f'name = "t"\ncontract = "{adult_contract_path}"\n[training]\nstrategy = "fedprox"\n')
     with pytest.raises(ConfigError) as ei:
         load_task(p)
     assert locations(ei.value) == {"training"}
     assert "proximal_mu" in str(ei.value)
 
 
-def test_task_features_are_checked_against_the_contract(tmp_path: Path, adult_contract_path: Path) -> None:
-    p = write(
-        tmp_path,
-        "t.toml",
+def test_task_features_are_checked_against_the_contract(tmp_path: Path, adult_contract_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+    p = write_file(
+        tmp_path / "t.toml",
         f"""
         name = "t"
         contract = "{adult_contract_path}"
@@ -147,23 +135,22 @@ def test_task_features_are_checked_against_the_contract(tmp_path: Path, adult_co
     assert "shoe_size" in str(ei.value) and "is the target" in str(ei.value)
 
 
-def test_task_with_missing_contract_file(tmp_path: Path) -> None:
-    p = write(tmp_path, "t.toml", 'name = "t"\ncontract = "nowhere.toml"\n')
+def test_task_with_missing_contract_file(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+    p = write_file(tmp_path / "t.toml", 'name = "t"\ncontract = "nowhere.toml"\n')
     with pytest.raises(ConfigError, match="not found"):
         load_task(p)
 
 
-def test_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
-    p = write(tmp_path, "t.toml", 'name = "t\n')
+def test_toml_syntax_error_names_the_file(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+    p = write_file(tmp_path / "t.toml", 'name = "t\n')
     with pytest.raises(ConfigError) as ei:
         load_task(p)
     assert str(p) in str(ei.value) and "TOML syntax error" in str(ei.value)
 
 
-def test_federation_lists_every_problem(tmp_path: Path) -> None:
-    p = write(
-        tmp_path,
-        "f.toml",
+def test_federation_lists_every_problem(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+    p = write_file(
+        tmp_path / "f.toml",
         """
         name = "f"
         [partition]
@@ -186,19 +173,18 @@ def test_federation_lists_every_problem(tmp_path: Path) -> None:
     assert "GM9999" in str(ei.value)
 
 
-def test_federation_needs_source_unless_files(tmp_path: Path) -> None:
-    p = write(tmp_path, "f.toml", 'name = "f"\n[[members]]\ncode = "GM0363"\n')
+def test_federation_needs_source_unless_files(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+    p = write_file(tmp_path / "f.toml", 'name = "f"\n[[members]]\ncode = "GM0363"\n')
     with pytest.raises(ConfigError, match="needs 'source'"):
         load_federation(p)
-    q = write(tmp_path, "g.toml", 'name = "g"\n[partition]\nkind = "files"\n[[members]]\ncode = "GM0363"\n')
+    q = write_file(tmp_path / "g.toml", 'name = "g"\n[partition]\nkind = "files"\n[[members]]\ncode = "GM0363"\n')
     with pytest.raises(ConfigError, match="needs 'data' for every member"):
         load_federation(q)
 
 
-def test_duplicate_members_refused(tmp_path: Path) -> None:
-    p = write(
-        tmp_path,
-        "f.toml",
+def test_duplicate_members_refused(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+    p = write_file(
+        tmp_path / "f.toml",
         'name = "f"\nsource = "x.csv"\n[[members]]\ncode = "GM0363"\n[[members]]\ncode = "GM0363"\n',
     )
     with pytest.raises(ConfigError, match="repeated: GM0363"):

@@ -9,7 +9,8 @@ from flwr.app import MetricRecord, RecordDict
 
 import pytest
 
-from fedgov.coordinator.run import AdmittedGrid, _metrics_aggr, wait_for_nodes
+from fedgov.coordinator.aggregation import aggregate_metrics
+from fedgov.coordinator.grid import AdmittedGrid, wait_for_nodes
 from fedgov.errors import FederationError
 
 
@@ -43,7 +44,7 @@ def test_metric_aggregation_skips_nan_and_weights_by_examples() -> None:
         RecordDict({"m": MetricRecord({"num-examples": 100, "accuracy": 0.9, "auc": 0.8})}),
         RecordDict({"m": MetricRecord({"num-examples": 300, "accuracy": 0.5, "auc": float("nan")})}),
     ]
-    out = _metrics_aggr(recs, "num-examples")
+    out = aggregate_metrics(recs, "num-examples")
     assert math.isclose(float(out["accuracy"]), 0.6)
     assert math.isclose(float(out["auc"]), 0.8)
     assert "num-examples" not in out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -53,16 +52,9 @@ require_privacy = true
 """
 
 
-def write(tmp_path: Path, text: str, name: str = "policy.toml") -> Path:
-    p = tmp_path / name
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(textwrap.dedent(text), encoding="utf-8")
-    return p
-
-
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory: pytest.TempPathFactory) -> NodePolicy:
-    return load_policy(write(tmp_path_factory.mktemp("policy"), GOOD))
+def policy(tmp_path_factory: pytest.TempPathFactory, write_file) -> NodePolicy:  # type: ignore[no-untyped-def]
+    return load_policy(write_file(tmp_path_factory.mktemp("policy") / "policy.toml", GOOD))
 
 
 @pytest.fixture(scope="module")
@@ -109,17 +101,17 @@ def test_one_demo_policy_pays_for_the_demo_task_once(demo: tuple[Task, Contract]
     assert task.privacy.target_epsilon <= budget.epsilon < 2 * task.privacy.target_epsilon
 
 
-def test_relative_paths_resolve_against_the_policy_file(tmp_path: Path) -> None:
-    p = write(tmp_path / "node", GOOD)
+def test_relative_paths_resolve_against_the_policy_file(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+    p = write_file(tmp_path / "node" / "policy.toml", GOOD)
     pol = load_policy(p)
     ds = pol.datasets[0]
     assert ds.path == (tmp_path / "node" / "data" / "train.csv").resolve()
     assert ds.test_path == (tmp_path / "node" / "data" / "test.csv").resolve()
 
 
-def test_a_malformed_policy_lists_every_problem_with_its_location(tmp_path: Path) -> None:
-    p = write(
-        tmp_path,
+def test_a_malformed_policy_lists_every_problem_with_its_location(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+    p = write_file(
+        tmp_path / "policy.toml",
         """
         node = ""
         approval = "sometimes"
@@ -165,9 +157,9 @@ def test_a_malformed_policy_lists_every_problem_with_its_location(tmp_path: Path
     assert 'approval = "deny"' in text  # the empty list explains how to refuse everything
 
 
-def test_cross_checks_are_listed_together_with_their_locations(tmp_path: Path) -> None:
-    p = write(
-        tmp_path,
+def test_cross_checks_are_listed_together_with_their_locations(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+    p = write_file(
+        tmp_path / "policy.toml",
         """
         node = "GM0363"
         [[datasets]]
@@ -209,11 +201,11 @@ def test_cross_checks_also_guard_policies_built_in_code() -> None:
         NodePolicy.model_validate(data)
 
 
-def test_missing_and_invalid_toml_files_are_config_errors(tmp_path: Path) -> None:
+def test_missing_and_invalid_toml_files_are_config_errors(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigError, match="not found"):
         load_policy(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
-        load_policy(write(tmp_path, "node = ", "bad.toml"))
+        load_policy(write_file(tmp_path / "bad.toml", "node = "))
 
 
 def test_dataset_for_matches_name_and_version(policy: NodePolicy, adult_contract_path: Path) -> None:
@@ -223,7 +215,7 @@ def test_dataset_for_matches_name_and_version(policy: NodePolicy, adult_contract
     assert policy.dataset_for(contract.model_copy(update={"name": "other"})) is None
 
 
-def test_default_policy_text_loads(tmp_path: Path) -> None:
+def test_default_policy_text_loads(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
     text = default_policy_text(
         "GM0014",
         dataset="adult",
@@ -235,7 +227,7 @@ def test_default_policy_text_loads(tmp_path: Path) -> None:
         approval="auto",
     )
     assert text.lstrip().startswith("#")  # commented for the operator
-    p = write(tmp_path, text)
+    p = write_file(tmp_path / "policy.toml", text)
     pol = load_policy(p)
     assert pol.node == "GM0014" and pol.approval == "auto"
     ds = pol.datasets[0]
@@ -246,7 +238,7 @@ def test_default_policy_text_loads(tmp_path: Path) -> None:
     no_test = default_policy_text(
         "GM0014", dataset="adult", contract="adult-income", version="1.0", path="t.csv", budget_epsilon=10.0
     )
-    pol2 = load_policy(write(tmp_path, no_test, "p2.toml"))
+    pol2 = load_policy(write_file(tmp_path / "p2.toml", no_test))
     assert pol2.datasets[0].test_path is None and pol2.approval == "manual"
     assert pol2.limits.max_epsilon_per_task == 3.0
 

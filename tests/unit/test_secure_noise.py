@@ -22,8 +22,6 @@ from fedgov.node.admission import precheck
 from fedgov.config import load_task
 from fedgov.config.task import ModelSpec, PrivacySpec, TrainingSpec
 from fedgov.models import build_model, get_state
-from fedgov.node.home import NodeHome
-from fedgov.node.policy import default_policy_text
 from fedgov.privacy import plan_node_dp
 from fedgov.privacy.distributed import discrete_gaussian, encode_share, plan_distributed
 from fedgov.privacy.dpsgd import FusedClipper, noised_mean_grad, poisson_indices
@@ -42,6 +40,7 @@ def _fixed_urandom(monkeypatch: pytest.MonkeyPatch) -> None:
 # --- (i) fresh generators are independent ------------------------------------------------------
 
 
+@pytest.mark.statistical
 def test_fresh_generators_give_independent_streams() -> None:
     n = 100_000
     a = SecureRNG.fresh().standard_normal(n, np.float64)
@@ -137,19 +136,28 @@ def test_the_fingerprint_is_pure_noise_so_the_seed_attack_works_on_torch_generat
     assert not _same(_round_with_torch_seeds(softmax_data, setup, monkeypatch, sample_seed=11, noise_seed=1235), victim)
 
 
-def test_a_round_without_seed_is_not_regenerated_by_any_torch_seed(softmax_data, setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module")
+def torch_seed_rounds(softmax_data, setup) -> dict[int, np.ndarray]:  # type: ignore[no-untyped-def]
+    """The noise fingerprint of the round under each torch seed an attacker would try: ``0..127``
+    and ``s, s + 2**32``. Seeded, so computed once for the module."""
+    candidates = list(range(128)) + [s + k * 2**32 for s in (17, 2**31 + 5) for k in (0, 1)]
+    with pytest.MonkeyPatch.context() as mp:
+        return {s: _round_with_torch_seeds(softmax_data, setup, mp, sample_seed=0, noise_seed=s) for s in candidates}
+
+
+@pytest.mark.statistical
+def test_a_round_without_seed_is_not_regenerated_by_any_torch_seed(softmax_data, setup, torch_seed_rounds) -> None:  # type: ignore[no-untyped-def]
     """Same global model, same data, no seed: two rounds differ, and none of the torch seeds
     ``0..127`` nor ``s, s + 2**32`` gives its noise. Matching all 5 fingerprint numbers to 1e-3
     by chance has probability far below 1e-12 per candidate."""
     a = _round(softmax_data, setup)
     b = _round(softmax_data, setup)
     assert not _same(a, b)
-    candidates = list(range(128)) + [s + k * 2**32 for s in (17, 2**31 + 5) for k in (0, 1)]
-    for s in candidates:
-        guess = _round_with_torch_seeds(softmax_data, setup, monkeypatch, sample_seed=0, noise_seed=s)
+    for s, guess in torch_seed_rounds.items():
         assert not _same(guess, a) and not _same(guess, b), s
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("mode", ["fused", "hooks", "ghost"])
 def test_the_os_key_is_the_rounds_only_randomness(softmax_data, setup, monkeypatch, mode: str) -> None:  # type: ignore[no-untyped-def]
     """Batches and noise of a round without seed, in fedgov's fused path and in Opacus' modes,
@@ -174,6 +182,7 @@ def test_replaying_opacus_needs_a_seed(softmax_data, setup) -> None:  # type: ig
 # --- (iii) distributed DP: the share's randomness is the key --------------------------------------
 
 
+@pytest.mark.statistical
 def test_distributed_shares_come_from_the_csprng(monkeypatch: pytest.MonkeyPatch) -> None:
     p = plan_distributed(dimension=64, clip=1.0, rounds=5, sample_rate=1.0, target_epsilon=2.0, delta=1e-5, accountant="rdp")
     update = np.linspace(-0.05, 0.05, 64)  # fractional in integer units: stochastic rounding draws too
@@ -184,6 +193,7 @@ def test_distributed_shares_come_from_the_csprng(monkeypatch: pytest.MonkeyPatch
     assert np.array_equal(encode_share(update, p, min_contributors=3, contributors=4), encode_share(update, p, min_contributors=3, contributors=4))
 
 
+@pytest.mark.statistical
 def test_discrete_gaussian_from_the_csprng_has_its_law() -> None:
     """Mean and variance of 200,000 draws at sigma^2 = 9 (variance exact to 1e-70 there), and the
     rounding and geometric draws it rests on. Each bound is 5.5 standard errors."""
@@ -200,6 +210,7 @@ def test_discrete_gaussian_from_the_csprng_has_its_law() -> None:
 # --- (iv) the law of the fused path's noise ----------------------------------------------------
 
 
+@pytest.mark.statistical
 def test_the_fused_paths_noise_is_gaussian_with_the_right_scale() -> None:
     """The noise the fused path adds to an empty batch's (zero) gradient sum, std sigma * C: mean,
     variance, fourth moment and the mass beyond 1, 2 and 3 sd, each within 5.5 standard errors
@@ -221,6 +232,7 @@ def test_the_fused_paths_noise_is_gaussian_with_the_right_scale() -> None:
     assert ahead.dtype == torch.float32 and abs(float(ahead.double().mean())) < Z / math.sqrt(n)
 
 
+@pytest.mark.statistical
 def test_poisson_batches_from_the_csprng_take_each_row_with_probability_q() -> None:
     """10,000 rows at q = 0.1: the batch size is Binomial(10,000, 0.1) (sd 30), and the rows are distinct and in range."""
     idx = poisson_indices(10_000, 0.1, SecureRNG.fresh())
@@ -231,10 +243,9 @@ def test_poisson_batches_from_the_csprng_take_each_row_with_probability_q() -> N
 # --- (v) reproducible noise is for simulations only -----------------------------------------------
 
 
-def test_a_deployed_node_refuses_reproducible_noise_a_simulated_one_accepts(tmp_path: Path) -> None:
+def test_a_deployed_node_refuses_reproducible_noise_a_simulated_one_accepts(node_home) -> None:  # type: ignore[no-untyped-def]
     task, contract = load_task(ROOT / "configs" / "tasks" / "adult-income.toml")
-    text = default_policy_text("GM0363", dataset="adult", contract="adult-income", version="1.0", path="train.csv", budget_epsilon=10.0)
-    home = NodeHome.create(tmp_path / "node", policy_text=text)
+    home = node_home()
     assert task.privacy.enabled
     reproducible = task.model_copy(update={"privacy": task.privacy.model_copy(update={"reproducible_noise": True})})
     refused = precheck(home, reproducible, contract, node="GM0363")

@@ -215,6 +215,7 @@ def test_a_model_fused_cannot_take_goes_to_opacus(data, training, rdp_plan) -> N
     assert np.isfinite(result.train_loss) and result.steps == rdp_plan.steps_per_round
 
 
+@pytest.mark.statistical
 def test_seed_none_draws_fresh_randomness(data, training, rdp_privacy, rdp_plan) -> None:
     X, y = data
     a = train_dp_round(_model(), X, y, training=training, privacy=rdp_privacy, plan=rdp_plan, history=[], seed=None)

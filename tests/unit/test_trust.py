@@ -15,7 +15,6 @@ import flwr.supernode.runtime.run_clientapp as rc
 from fedgov.deploy import clientapp
 from fedgov.deploy.trust import build_bundle, bundle_hash, check_bundle, local_bundle_hash
 from fedgov.errors import ConfigError
-from fedgov.node.home import NodeHome
 from fedgov.node.policy import default_policy_text, load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,16 +22,8 @@ OWN = "a" * 64
 OTHER = "b" * 64
 
 
-def _home(tmp_path: Path, apps: tuple[str, ...] = ("fedgov",)) -> NodeHome:
-    text = default_policy_text(
-        "GM0363", dataset="adult", contract="adult-income", version="1.0", path="train.csv",
-        budget_epsilon=10.0, approval="auto", apps=apps,
-    )
-    return NodeHome.create(tmp_path / "node", policy_text=text)
-
-
-def test_default_policy_trusts_only_its_own_installation(tmp_path: Path) -> None:
-    policy = _home(tmp_path).policy()
+def test_default_policy_trusts_only_its_own_installation(tmp_path: Path, node_home) -> None:  # type: ignore[no-untyped-def]
+    policy = node_home(approval="auto").policy()
     assert policy.accept.apps == ["fedgov"]
     assert check_bundle(policy, OWN, local_hash=OWN).trusted
     v = check_bundle(policy, OTHER, local_hash=OWN)
@@ -40,11 +31,11 @@ def test_default_policy_trusts_only_its_own_installation(tmp_path: Path) -> None
     assert v.reason.startswith("app-not-trusted") and OTHER in v.reason and "GM0363" in v.reason
 
 
-def test_a_listed_hash_is_trusted_and_star_warns(tmp_path: Path) -> None:
-    listed = _home(tmp_path / "a", apps=(OTHER,)).policy()
+def test_a_listed_hash_is_trusted_and_star_warns(tmp_path: Path, node_home) -> None:  # type: ignore[no-untyped-def]
+    listed = node_home(tmp_path / "a" / "node", approval="auto", apps=(OTHER,)).policy()
     assert check_bundle(listed, OTHER, local_hash=OWN).trusted
     assert not check_bundle(listed, OWN, local_hash=OWN).trusted  # "fedgov" not listed: own bundle refused too
-    star = _home(tmp_path / "b", apps=("*",)).policy()
+    star = node_home(tmp_path / "b" / "node", approval="auto", apps=("*",)).policy()
     v = check_bundle(star, OTHER, local_hash=OWN)
     assert v.trusted and v.warning and "without checking" in v.warning
 
@@ -84,8 +75,8 @@ def _fake_run(fab: bytes, node_dir: Path) -> tuple[Any, Any, Any, Any]:
     return SimpleNamespace(), context, run, SimpleNamespace(content=fab, hash_str=hashlib.sha256(fab).hexdigest())
 
 
-def test_untrusted_bundle_is_refused_before_install_and_audited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    home = _home(tmp_path)  # trusts "fedgov" only
+def test_untrusted_bundle_is_refused_before_install_and_audited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, node_home) -> None:  # type: ignore[no-untyped-def]
+    home = node_home(approval="auto")  # trusts "fedgov" only
     installed: list[bytes] = []
     fab = b"PK-not-fedgov"
     monkeypatch.setattr(rc, "pull_task_input", lambda client: _fake_run(fab, home.path))
@@ -104,9 +95,9 @@ def test_untrusted_bundle_is_refused_before_install_and_audited(tmp_path: Path, 
     assert home.audit.verify().ok
 
 
-def test_trusted_bundle_is_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trusted_bundle_is_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, node_home) -> None:  # type: ignore[no-untyped-def]
     fab = b"PK-the-fedgov-bundle"
-    home = _home(tmp_path)
+    home = node_home(approval="auto")
     installed: list[bytes] = []
     monkeypatch.setattr(rc, "pull_task_input", lambda client: _fake_run(fab, home.path))
     monkeypatch.setattr(rc, "install_from_fab", lambda content, **kw: installed.append(content))
@@ -133,10 +124,10 @@ def test_shim_runs_fedgovs_clientapp(tmp_path: Path) -> None:
     assert "-m fedgov.deploy.clientapp" in text and os.path.basename(__import__("sys").executable) in text
 
 
-def test_node_env_puts_the_checking_clientapp_first(tmp_path: Path) -> None:
+def test_node_env_puts_the_checking_clientapp_first(tmp_path: Path, node_home) -> None:  # type: ignore[no-untyped-def]
     from fedgov.deploy.supernode import node_env
 
-    home = _home(tmp_path)
+    home = node_home(approval="auto")
     env = node_env(home.path)
     first = env["PATH"].split(os.pathsep)[0]
     assert (Path(first) / "flwr-clientapp").is_file()

@@ -1,26 +1,18 @@
-"""Helpers shared by the end-to-end tests (real Flower processes)."""
+"""Fixtures of the end-to-end tests, which start real Flower processes (SuperLink, SuperNodes,
+Ray): a look at which of them are still alive."""
 
 from __future__ import annotations
 
 import os
-import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-ADULT = ROOT / "data" / "adult" / "adult.csv"
-ADULT_TEST = ROOT / "data" / "adult" / "adult_test.csv"
-CONTRACT = ROOT / "configs" / "contracts" / "adult-income.toml"
+import pytest
 
 _FLOWER = ("flower-", "flwr", "raylet", "gcs_server", "ray::")
 
 
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text), encoding="utf-8")
-    return path
-
-
-def flower_processes(under: Path) -> list[str]:
+def flower_processes_(under: Path) -> list[str]:
     """Command lines of live Flower and Ray processes started for ``under``.
 
     A process counts when its FLWR_HOME or its command line lies under ``under``: only this
@@ -43,3 +35,9 @@ def flower_processes(under: Path) -> list[str]:
         if (home.startswith(str(under)) or str(under) in cmd) and any(k in cmd for k in _FLOWER):
             out.append(cmd)
     return out
+
+
+@pytest.fixture(scope="session")
+def flower_processes() -> Callable[[Path], list[str]]:
+    """``flower_processes(folder)``: command lines of the live Flower and Ray processes started for ``folder``."""
+    return flower_processes_

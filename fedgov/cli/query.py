@@ -1,0 +1,48 @@
+"""``fedgov query``: a statistics query across the federation, with differential privacy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedgov.cli.options import Approval, Cpus, JsonOut, NodeBudget, RunsDir, StateDir, simulation_options
+from fedgov.cli.summary import print_query_summary, run_with_progress
+
+__all__ = ["query"]
+
+
+def query(
+    query_file: Annotated[Path, typer.Argument(help="Query file, e.g. configs/queries/wmo-monitor.toml")],
+    federation: Annotated[Path | None, typer.Option("--federation", "-f", help="Simulated federation (default: the query's)")] = None,
+    coordinator_dir: Annotated[
+        Path | None, typer.Option("--coordinator-dir", "-C", help="Ask the real nodes of this coordinator instead of a simulation")
+    ] = None,
+    expected_nodes: Annotated[int, typer.Option(help="Deployment: wait for this many nodes (at most --node-wait s)")] = 1,
+    node_wait: Annotated[float, typer.Option(help="Deployment: seconds to wait for the expected nodes")] = 120.0,
+    runs_dir: RunsDir = Path("runs"),
+    cpus: Cpus = None,
+    state_dir: StateDir = None,
+    node_budget: NodeBudget = 10.0,
+    approval: Approval = "auto",
+    json_out: JsonOut = False,
+) -> None:
+    """Answer a statistics query across the federation with differential privacy (simulation, or -C for deployment)."""
+    from fedgov.analytics import load_query_report  # lazy: pandas, numpy (fedgov --help)
+    from fedgov.deploy.submit import submit_query  # lazy: pandas, numpy, Flower (fedgov --help)
+    from fedgov.launch.query import run_query_simulation  # lazy: pandas, numpy, Flower (fedgov --help)
+
+    opts = simulation_options(runs_dir=runs_dir, num_cpus=cpus, state_dir=state_dir, node_budget=node_budget, approval=approval)
+    if coordinator_dir is not None:
+        coordinator = coordinator_dir
+        run_dir = run_with_progress(
+            lambda on_event: submit_query(query_file, coordinator, runs_dir=runs_dir, expected_nodes=expected_nodes,
+                                          node_wait=node_wait, on_event=on_event)
+        )
+    else:
+        run_dir = run_with_progress(lambda on_event: run_query_simulation(query_file, federation, opts, on_event))
+    report = load_query_report(run_dir / "query.json")
+    print_query_summary(report, run_dir)
+    if json_out:
+        print(report.model_dump_json(indent=2))

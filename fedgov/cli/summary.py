@@ -1,0 +1,186 @@
+"""What the run commands print: a run's progress as it goes, and the summary of its report.
+
+Shared by ``fedgov run``, ``fedgov query`` and ``fedgov task submit|resume``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedgov.cli.console import console, err_console
+from fedgov.errors import FedgovError, ReportError
+
+if TYPE_CHECKING:
+    from fedgov.analytics import QueryReport
+    from fedgov.reports import TrainingReport
+
+__all__ = ["print_query_summary", "print_summary", "run_with_progress"]
+
+
+def _fmt(v: float | str | bool | None, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_summary(report: TrainingReport, run_dir: Path) -> None:
+    """The terminal summary of a training report."""
+    t = Table(title=f"{report.task}: per node (target epsilon {report.privacy.get('target_epsilon')})")
+    for col in ("node", "name", "rows (noisy)", "epsilon", "federated acc.", "local-only acc.", "gain", "status"):
+        t.add_column(col, justify="right" if col not in ("node", "name", "status") else "left")
+    for n in sorted(report.nodes, key=lambda n: -n.train_rows):
+        status = n.status if n.status == "accepted" else f"{n.status}: {n.refusal_code or ''} {n.refusal_reason}"
+        t.add_row(
+            n.node, n.name, str(n.train_rows) if n.train_rows else "-", _fmt(n.epsilon),
+            _fmt(n.federated_accuracy) + ("" if n.federated_accuracy_sd is None else f" ± {n.federated_accuracy_sd:.3f}"),
+            _fmt(n.local_only_accuracy),
+            "-" if n.gain is None else f"{100 * n.gain:+.1f} pt", status,
+        )
+    console.print(t)
+    if report.final is not None:
+        console.print(
+            f"Global model on the held-out test set ({report.final.n} rows): accuracy [bold]{report.final.accuracy:.4f}[/], "
+            f"AUC {_fmt(report.final.auc, '.4f')}, loss {report.final.loss:.4f}; majority class {_fmt(report.majority_rate, '.4f')}"
+        )
+    gain = report.median_gain()
+    if report.privacy.get("mode") == "distributed":
+        console.print(
+            f"Distributed DP: epsilon {_fmt(report.max_epsilon(), '.3f')} per municipality at most (delta "
+            f"{report.privacy.get('delta')}), and so for every citizen in it; noise multiplier of the sum "
+            f"{_fmt(report.privacy.get('noise_multiplier'), '.2f')}, update clip {report.privacy.get('update_clip')}"
+        )
+    console.print(
+        f"Largest planned epsilon of a node: {_fmt(report.max_epsilon(), '.3f')}; median gain from federating: "
+        f"{'-' if gain is None else f'{100 * gain:+.1f} points'}; wall time {_fmt(report.wall_seconds, '.0f')} s"
+    )
+    eval_eps = report.privacy.get("evaluation_epsilon")
+    if any(n.federated_accuracy is not None for n in report.nodes) and eval_eps:
+        console.print(
+            f"[dim]Each node's own test accuracy is a DP release (noisy correct and total counts, epsilon {eval_eps} of the "
+            "task's): a small node's figure, and so its gain, can be far off; rows are noisy counts too.[/]"
+        )
+    shown = [f"{label}: {run_dir / name}" for label, name in (("Report", "report.json"), ("Plot", "accuracy.png"), ("Model", "model.pt")) if (run_dir / name).is_file()]
+    console.print("   ".join(shown))
+
+
+def _show_event(progress: Progress, bar: TaskID, ev: dict[str, Any]) -> None:
+    """One progress event of a run or a query, on the bar or as a line above it."""
+    kind = ev.get("event")
+    if kind == "run-dir":
+        progress.console.print(f"Run directory: {ev['path']}")
+    elif kind == "partitioned":
+        progress.update(bar, description="starting Flower", info=f"{len(ev['nodes'])} nodes")
+    elif kind == "admission":
+        refused = ev.get("refused") or {}
+        progress.console.print(f"{len(ev['accepted'])} node(s) accepted the task, {len(refused)} refused")
+        for node, why in refused.items():
+            progress.console.print(f"  [yellow]refused[/] {node}: {why}")
+    elif kind == "resumed":
+        progress.console.print(f"Resuming after round {ev['round']} of {ev['rounds']} (ledger key run {ev.get('task_run')})")
+    elif kind == "training-start":
+        first = int(ev.get("first_round", 1))
+        progress.update(bar, description="training", total=int(ev["rounds"]), completed=first - 1, info="")
+    elif kind == "round" and ev.get("round", 0) > 0:
+        info = f"acc {_fmt(ev.get('accuracy'))}  max eps {_fmt(ev.get('max_epsilon'))}"
+        progress.update(bar, completed=ev["round"], info=info)
+        progress.console.print(
+            f"round {ev['round']:>3}: accuracy {_fmt(ev.get('accuracy'), '.4f')}  AUC {_fmt(ev.get('auc'), '.4f')}  "
+            f"nodes' own test acc. {_fmt(ev.get('federated_accuracy'), '.4f')}  max epsilon {_fmt(ev.get('max_epsilon'))}  "
+            f"({len(ev.get('nodes_trained', []))} nodes, {_fmt(ev.get('seconds'), '.1f')} s)"
+        )
+    elif kind == "rejected":
+        for node, why in (ev.get("nodes") or {}).items():
+            progress.console.print(f"  [yellow]round {ev.get('round')}: update of {node} left out[/]: {why}")
+    elif kind == "warning":
+        progress.console.print(f"[bold yellow]warning:[/] {ev.get('message')}")
+    elif kind == "failed":
+        progress.console.print(f"[red]run failed:[/] {ev.get('message')}")
+    elif kind == "nodes-connected":
+        progress.update(bar, description="waiting for answers", info=f"{ev['count']} nodes")
+    elif kind == "answers":
+        refused = ev.get("refused") or {}
+        progress.console.print(f"{len(ev['accepted'])} node(s) answered the query, {len(refused)} refused")
+        for node, why in list(refused.items())[:20]:
+            progress.console.print(f"  [yellow]refused[/] {node}: {why}")
+    elif kind == "baselines":
+        progress.update(bar, description="local-only baselines at the nodes", info=f"{ev['nodes']} nodes")
+    elif kind == "done":
+        progress.update(bar, description="done", info="")
+
+
+def run_with_progress(call: Callable[[Callable[[dict[str, Any]], None]], Path]) -> Path:
+    """Run ``call(on_event)`` showing its progress events; on failure print what the report says
+    (the error itself is :func:`~fedgov.cli.console.run_command`'s to print)."""
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"), console=console, transient=False,
+    ) as progress:
+        bar = progress.add_task("preparing", total=None, info="")
+        try:
+            return call(lambda ev: _show_event(progress, bar, ev))
+        except FedgovError as exc:
+            progress.stop()
+            _print_failed_run(getattr(exc, "run_dir", None))
+            raise
+
+
+def _print_failed_run(run_dir: Path | None) -> None:
+    """What a failed run's directory holds: the summary of its report, when it has one."""
+    from fedgov.reports import load_report  # lazy: pydantic models (fedgov --help)
+
+    if run_dir is None:
+        return
+    try:
+        if (run_dir / "report.json").is_file():
+            print_summary(load_report(run_dir / "report.json"), run_dir)
+        elif (run_dir / "query.json").is_file():
+            from fedgov.analytics import load_query_report  # lazy: pandas, numpy
+
+            print_query_summary(load_query_report(run_dir / "query.json"), run_dir)
+    except ReportError as exc:  # the run's own error is what matters; its report is a bonus
+        err_console.print(f"[bold yellow]warning:[/] no summary: {escape(str(exc))}", highlight=False, soft_wrap=True)
+
+
+def print_query_summary(report: QueryReport, run_dir: Path, *, max_rows: int = 40) -> None:
+    """The national figures of a query, with their 95% intervals (and true values in simulation)."""
+    acc, ref = report.accepted(), report.refused()
+    console.print(
+        f"[bold]{report.query}[/] ({report.mode}): {report.status}; {len(acc)} node(s) answered, {len(ref)} refused; "
+        f"epsilon {report.epsilon:g} per node ({report.mechanism}, at most {report.max_rows_per_person} row(s) per person)"
+    )
+    for n in ref[:20]:
+        console.print(f"  [yellow]refused[/] {n.node}: {n.code}: {n.reason}")
+    if len(ref) > 20:
+        console.print(f"  ... and {len(ref) - 20} more (query.json)")
+    if report.message:
+        console.print(f"  {report.message}")
+    if report.result is None:
+        return
+    truth = {f.key: f for f in report.truth.figures} if report.truth else {}
+    table = Table(title="national figures (95% interval)" + ("; true value from the simulated data" if truth else ""))
+    for col in ("measure", "cell", "estimate", "95% interval") + (("true", "error") if truth else ()):
+        table.add_column(col, justify="right" if col not in ("measure", "cell") else "left")
+    shown = 0
+    for f in report.result.figures:
+        if f.scope != "national":
+            continue
+        shown += 1
+        if shown > max_rows:
+            continue
+        est = "suppressed" if f.estimate is None else f"{f.estimate:,.4g}" + (" (incomplete)" if f.incomplete else "")
+        ci = "" if f.ci_low is None or f.ci_high is None else f"{f.ci_low:,.4g} .. {f.ci_high:,.4g}"
+        row = [f.measure, f.cell or "-", est, ci]
+        if truth:
+            t = truth.get(f.key)
+            tv = None if t is None else t.estimate
+            err = "" if tv is None or f.estimate is None else (f"{(f.estimate - tv) / tv:+.2%}" if tv else f"{f.estimate - tv:+.3g}")
+            row += ["" if tv is None else f"{tv:,.4g}", err]
+        table.add_row(*row)
+    console.print(table)
+    if shown > max_rows:
+        console.print(f"... {shown - max_rows} more national figures, and all regional and per-node ones, in {run_dir / 'query.csv'}")
+    console.print(f"report: {run_dir / 'query.json'}, table: {run_dir / 'query.csv'}, chart: {run_dir / 'query.png'}")
