@@ -250,7 +250,7 @@ def build_strategy(
     if t.secure_aggregation:
         if distributed is not None and t.fraction_train < 1:
             # Every node is asked every round: each flips its own secret coin (rate q) for whether
-            # its update goes into the sum (clients.mods.secagg_mod), which the coordinator cannot see.
+            # its update goes into the sum (fedgov.node.secure, called by the secagg mod), which the coordinator cannot see.
             fedavg["fraction_train"] = 1.0
         strategy = SecureFedAvg(
             stage_config=stage_config or {}, params=SecAggParams(clip=t.secure_clip), stage_timeout=t.reply_timeout,

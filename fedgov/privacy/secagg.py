@@ -37,7 +37,7 @@ Per round, four exchanges (the third is the training message itself):
    rebuilds the seeds, removes the masks, and holds ``sum y`` over the survivors, only.
 
 Against a coordinator that deviates (the paper's active model, §4), the node's side
-(``clients/mods.py``) adds: round keys signed with each node's long-term identity key and
+(:mod:`fedgov.node.secure`) adds: round keys signed with each node's long-term identity key and
 checked against a federation roster signed by a roster authority (:mod:`fedgov.privacy.roster`); a
 consistency stage between 3 and 4 (each survivor signs the sorted survivor list once per
 round; unmasking needs ``t`` signatures over exactly the list it signed); a record, in the
