@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedgov-installed
 
-.PHONY: demo test test-fast lint clean venv bench
+.PHONY: demo test test-fast test-statistical lint clean venv bench
 
 venv: $(STAMP)
 
@@ -22,9 +22,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/fedgov run configs/tasks/adult-income.toml
 
-# One gate: lint, types, then the whole test suite (CI runs exactly this).
+# One gate: lint, types, then the whole test suite (CI runs exactly this), on two workers
+# (pytest-xdist): the end-to-end tests, which start Flower processes, one after the other on one
+# worker; every other test module whole on either (tests/conftest.py groups them).
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
 test: lint
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedgov server clients tests benchmarks scripts
@@ -37,7 +41,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
+
+# The tests that draw fresh noise, masks or keys (marker `statistical`), 200 times in a row.
+test-statistical: $(STAMP)
+	scripts/repeat_statistical.sh 200 -n 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

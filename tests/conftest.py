@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import os
 import textwrap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import settings
 
 from fedgov.node.home import NodeHome
@@ -35,6 +36,13 @@ CONTRACT = ROOT / "configs" / "contracts" / "adult-income.toml"
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.register_profile("dev", print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+# One torch thread per test process, and per process it starts (Flower's, in the end-to-end
+# tests): the suite runs on two workers on two cores, and the tests' models are small. With a
+# thread pool each, a busy machine made every logistic-regression step wait ~2 ms for a
+# descheduled thread (profiled in the attack tests); on an idle one, one thread is as fast.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 # --------------------------------------------------------------------------- repetition
@@ -57,16 +65,26 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 # --------------------------------------------------------------------------- parallel runs
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Under ``pytest -n 2 --dist loadgroup`` (``make test``): the end-to-end tests, which start
-    Flower and Ray processes, run one after the other on one worker; any other module runs whole
-    on one worker, so that its module-scoped set-up (a prepared federation, its runs) is made once."""
+    Flower and Ray processes, run one after the other on one worker; an in-process module runs
+    whole on one worker, so that its module-scoped set-up (a prepared federation, its runs) is
+    made once; unit tests go one by one to whichever worker is free. (A scheduler rather than
+    ``xdist_group`` marks: pytest-xdist 3.8 groups by rewriting node ids, which pytest 9 no
+    longer allows.)"""
     if config.getoption("dist", "no") != "loadgroup":
-        return
-    for item in items:
-        parts = item.nodeid.split("::")[0].split("/")
-        item.add_marker(pytest.mark.xdist_group("flower" if "e2e" in parts else parts[-1]))
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class EndToEndTogether(LoadScopeScheduling):  # type: ignore[misc]  # pytest-xdist ships no type information
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            if path.startswith("tests/e2e/"):
+                return "tests/e2e"
+            return path if path.startswith("tests/inprocess/") else nodeid
+
+    return EndToEndTogether(config, log)
 
 
 # --------------------------------------------------------------------------- paths
@@ -97,6 +115,18 @@ def adult_test_csv() -> Path:
 @pytest.fixture(scope="session")
 def demo_task_path() -> Path:
     return ROOT / "configs" / "tasks" / "adult-income.toml"
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Flower stamps the messages it creates with the running task's identity (run 1, task 1, as
+    a ServerApp process sets it); give it one for the test, then take it back."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 # --------------------------------------------------------------------------- factories

@@ -24,7 +24,7 @@ CODES = ["GM0363", "GM0344", "GM0150"]
 
 
 @pytest.fixture
-def autonomy_task(tmp_path: Path, write_federation, write_task):  # type: ignore[no-untyped-def]
+def autonomy_task(tmp_path: Path, write_federation, write_task):
     """``autonomy_task(rounds=)``: the federation ``auto-3`` and a task on it (DP at epsilon 1)."""
 
     def task(rounds: int) -> Path:
@@ -68,7 +68,7 @@ def _in_process(tmp: Path, task: Path, run_id: int, **opts: Any) -> Any:
     )
 
 
-def test_a_budget_for_one_task_refuses_the_second(tmp_path: Path, autonomy_task) -> None:  # type: ignore[no-untyped-def]
+def test_a_budget_for_one_task_refuses_the_second(tmp_path: Path, autonomy_task) -> None:
     task = autonomy_task(rounds=2)
     first = _in_process(tmp_path, task, 1, node_budget=1.0)
     assert first.status == "completed"
@@ -102,7 +102,7 @@ def test_a_budget_for_one_task_refuses_the_second(tmp_path: Path, autonomy_task)
         assert decisions[-1].payload["code"] == "budget-exhausted"
 
 
-def test_pause_takes_effect_at_the_next_round(tmp_path: Path, autonomy_task) -> None:  # type: ignore[no-untyped-def]
+def test_pause_takes_effect_at_the_next_round(tmp_path: Path, autonomy_task) -> None:
     task = autonomy_task(rounds=3)
     paused: list[int] = []
 
@@ -121,7 +121,7 @@ def test_pause_takes_effect_at_the_next_round(tmp_path: Path, autonomy_task) -> 
     assert {"GM0363", "GM0344"} <= set(rounds[3].nodes_trained)
 
 
-def test_manual_approval_queues_and_approve_releases(tmp_path: Path, autonomy_task) -> None:  # type: ignore[no-untyped-def]
+def test_manual_approval_queues_and_approve_releases(tmp_path: Path, autonomy_task) -> None:
     task = autonomy_task(rounds=1)
     report = _in_process(tmp_path, task, 1, approval="manual")
     assert report.status == "failed"

@@ -58,7 +58,7 @@ UNTRUSTING = "GM0150"
 
 
 @pytest.fixture
-def deploy_task(tmp_path: Path, write_federation, write_task, adult_test_csv):  # type: ignore[no-untyped-def]
+def deploy_task(tmp_path: Path, write_federation, write_task, adult_test_csv):
     """The federation ``deploy-4`` (``tmp_path / "fed.toml"``, label skew) and a factory of tasks
     on it: ``deploy_task(name, rounds=, min_nodes=, node_wait=20.0)``."""
     fed = write_federation(tmp_path / "fed.toml", name="deploy-4", members=MEMBERS, seed=5, min_rows=200, skew="label", dirichlet_alpha=5.0)
@@ -103,7 +103,7 @@ def _wait_online(coord: Path, ids: set[str], timeout: float) -> dict[str, str]:
     raise AssertionError(f"nodes not online within {timeout:.0f} s: {seen}")
 
 
-def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Path, deploy_task, flower_processes) -> None:  # type: ignore[no-untyped-def]
+def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Path, deploy_task, flower_processes) -> None:
     fed_dir = tmp_path / "fed"
     runs = tmp_path / "runs"
     deadline = time.monotonic() + 600  # the whole test: every wait takes from one budget

@@ -21,7 +21,7 @@ CONTRACT = Path(__file__).resolve().parents[2] / "configs" / "contracts" / "adul
 
 
 @pytest.fixture
-def sim_task(tmp_path: Path, write_task, adult_test_csv):  # type: ignore[no-untyped-def]
+def sim_task(tmp_path: Path, write_task, adult_test_csv):
     """``sim_task(federation, rounds=2, epsilon=2.0, training={...})``: ``tmp_path / "task.toml"``,
     a logistic regression with DP-SGD on ``federation``; ``training`` adds keys to ``[training]``."""
 
@@ -36,7 +36,7 @@ def sim_task(tmp_path: Path, write_task, adult_test_csv):  # type: ignore[no-unt
     return task
 
 
-def test_three_municipalities_two_rounds(tmp_path: Path, sim_task, write_federation, flower_processes) -> None:  # type: ignore[no-untyped-def]
+def test_three_municipalities_two_rounds(tmp_path: Path, sim_task, write_federation, flower_processes) -> None:
     fed = write_federation(
         tmp_path / "fed.toml", name="e2e-3", members=["GM0363", "GM0344", "GM0150"], seed=5, min_rows=200, skew="label", dirichlet_alpha=5.0
     )
@@ -81,7 +81,7 @@ def test_three_municipalities_two_rounds(tmp_path: Path, sim_task, write_federat
 
 
 @pytest.fixture
-def three_files(tmp_path: Path, write_file, adult_csv):  # type: ignore[no-untyped-def]
+def three_files(tmp_path: Path, write_file, adult_csv):
     """``three_files(third)``: a federation of three members, each with a data file of its own
     (1,500 Adult rows for two, ``third(500 rows)`` for Deventer)."""
 
@@ -113,7 +113,7 @@ def three_files(tmp_path: Path, write_file, adult_csv):  # type: ignore[no-untyp
     return make
 
 
-def test_a_refusing_node_is_reported_and_the_others_go_on(tmp_path: Path, three_files, sim_task, flower_processes) -> None:  # type: ignore[no-untyped-def]
+def test_a_refusing_node_is_reported_and_the_others_go_on(tmp_path: Path, three_files, sim_task, flower_processes) -> None:
     # Deventer's export has 11 rows: 9 for training, under the node's minimum of 10.
     fed = three_files(lambda d: d.iloc[:11])
     run_dir = run_simulation(
@@ -131,7 +131,7 @@ def test_a_refusing_node_is_reported_and_the_others_go_on(tmp_path: Path, three_
     assert flower_processes(tmp_path) == []
 
 
-def test_invalid_member_data_stops_before_flower_starts(tmp_path: Path, three_files, sim_task, flower_processes) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_member_data_stops_before_flower_starts(tmp_path: Path, three_files, sim_task, flower_processes) -> None:
     def spoil(d: "object") -> "object":
         d.loc[d.index[:3], "age"] = "twelve"  # type: ignore[attr-defined]
         return d
@@ -144,7 +144,7 @@ def test_invalid_member_data_stops_before_flower_starts(tmp_path: Path, three_fi
     assert flower_processes(tmp_path) == []
 
 
-def test_missing_federation_is_a_config_error(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+def test_missing_federation_is_a_config_error(tmp_path: Path, write_file) -> None:
     task = write_file(tmp_path / "t.toml", f'name = "t"\ncontract = "{CONTRACT}"\n')
     with pytest.raises(ConfigError, match="federation"):
         run_simulation(task, None, SimulationOptions(runs_dir=tmp_path / "runs"))
@@ -154,7 +154,7 @@ class _CoordinatorDies(Exception):
     pass
 
 
-def test_coordinator_killed_after_round_1_then_fedgov_run_resume(  # type: ignore[no-untyped-def]
+def test_coordinator_killed_after_round_1_then_fedgov_run_resume(
     tmp_path: Path, sim_task, write_federation, flower_processes
 ) -> None:
     """The whole coordinator (SuperLink, simulation engine, ServerApp) is killed right after
@@ -206,7 +206,7 @@ def test_coordinator_killed_after_round_1_then_fedgov_run_resume(  # type: ignor
     assert flower_processes(tmp_path) == []
 
 
-def test_distributed_dp_under_hardened_secure_aggregation(  # type: ignore[no-untyped-def]
+def test_distributed_dp_under_hardened_secure_aggregation(
     tmp_path: Path, write_federation, write_task, adult_test_csv, flower_processes
 ) -> None:
     """Four municipalities, two rounds of distributed DP on real Flower processes, under the

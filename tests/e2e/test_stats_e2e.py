@@ -23,7 +23,7 @@ CONTRACT = ROOT / "configs" / "contracts" / "iwmo-wmo.toml"
 CODES = ("GM0363", "GM0344", "GM0150", "GM0088")  # Amsterdam, Utrecht, Deventer, Schiermonnikoog
 
 
-def test_query_in_simulation_figures_ledger_audit_and_budget(tmp_path: Path, write_file, flower_processes) -> None:  # type: ignore[no-untyped-def]
+def test_query_in_simulation_figures_ledger_audit_and_budget(tmp_path: Path, write_file, flower_processes) -> None:
     source = iwmo.write(tmp_path / "wmo.csv", iwmo.generate(11, codes=CODES))
     fed = write_file(
         tmp_path / "fed.toml",

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flwr.app import Message
 
 from fedgov.reports import TrainingReport
 from fedgov.testing import InProcessGrid
@@ -69,3 +70,21 @@ def write_overview_query(root: Path, write_file: Callable[[Path, str], Path]) ->
         return write_file(path, text)
 
     return write
+
+
+def _drop_train_in(*rounds: int) -> Callable[[Message], str | None]:
+    """A fault: the node does not answer the training messages of ``rounds`` (it went away)."""
+
+    def fault(msg: Message) -> str | None:
+        training = msg.metadata.message_type.startswith("train")
+        rnd = msg.content["config"]["server-round"] if training else 0
+        return "drop" if training and int(rnd) in rounds else None  # type: ignore[arg-type]  # a config value is a union of scalars
+
+    return fault
+
+
+@pytest.fixture(scope="session")
+def drop_train_in() -> Callable[..., Callable[[Message], str | None]]:
+    """``drop_train_in(*rounds)``: a fault for :class:`fedgov.testing.InProcessGrid` (``faults={node: ...}``)
+    under which the node does not answer the training messages of those rounds."""
+    return _drop_train_in

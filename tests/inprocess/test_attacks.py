@@ -33,7 +33,7 @@ CITIES = ["GM0363", "GM0599", "GM0518", "GM0344", "GM0772", "GM0014", "GM0855", 
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory, write_federation, write_task, run_task, adult_test_csv) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def federation(tmp_path_factory: pytest.TempPathFactory, write_federation, write_task, run_task, adult_test_csv) -> dict[str, Any]:
     """The 12 largest cities (Adult split by population, no skew), their node directories made
     once for every run. On demo-12, whose smallest members hold 100 rows, the unweighted robust
     rules learn nothing even without an attacker (the noisy updates of the small nodes count as
@@ -95,6 +95,10 @@ def test_scaled_update_damages_fedavg_and_robust_aggregation_holds(federation: d
         f"trimmed mean clean {_acc(trimmed_clean):.4f}, attacker x100 {_acc(trimmed):.4f}; "
         f"FedAvg with the norm bound, attacker x100 {_acc(bounded):.4f}"
     )
+    # Left random: the nodes' released row counts, FedAvg's weights (the DP noise is reproducible,
+    # the robust rules are unweighted). Over 5 draws (one torch thread) clean FedAvg reached 0.8319
+    # to 0.8323 and FedAvg with the norm bound 0.8329 to 0.8334: each bound below is more than 20
+    # such spreads away from the measured values.
     assert _acc(clean) > 0.80
     assert all(len(r.nodes_trained) == 12 for r in clean.rounds)
     # without a defence the damage shows in the report

@@ -121,7 +121,7 @@ CITIES = ["GM0363", "GM0599", "GM0344", "GM0518", "GM0014", "GM0150"]
 
 
 @pytest.fixture(scope="module")
-def dd_task(write_federation, write_task, adult_test_csv):  # type: ignore[no-untyped-def]
+def dd_task(write_federation, write_task, adult_test_csv):
     """``dd_task(folder, rounds=2, training={...})``: the federation ``dd-6`` (six cities) and a
     distributed-DP task on it (secure aggregation, 20% dropout tolerance)."""
 
@@ -140,18 +140,14 @@ def dd_task(write_federation, write_task, adult_test_csv):  # type: ignore[no-un
     return make
 
 
-def _drop_train_in_round(r: int):  # type: ignore[no-untyped-def]
-    return lambda msg: "drop" if msg.metadata.message_type.startswith("train") and int(msg.content["config"]["server-round"]) == r else None
-
-
-def test_a_distributed_run_releases_only_noisy_sums_and_every_ledger_holds_its_rounds(tmp_path: Path, dd_task, run_task) -> None:  # type: ignore[no-untyped-def]
+def test_a_distributed_run_releases_only_noisy_sums_and_every_ledger_holds_its_rounds(tmp_path: Path, dd_task, run_task, drop_train_in) -> None:
     """6 cities, 3 rounds; round 2: one node drops after the shares stage (allowed: 20% of 6 is
     1); round 3: two drop (beyond the tolerance): discarded, nothing released."""
     from fedgov.node.home import NodeHome
 
     fed, task_path = dd_task(tmp_path, rounds=3)
     _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
-    faults = {0: lambda m: "drop" if _drop_train_in_round(2)(m) or _drop_train_in_round(3)(m) else None, 1: _drop_train_in_round(3)}
+    faults = {0: drop_train_in(2, 3), 1: drop_train_in(3)}
     grid = InProcessGrid(manifest, len(nodes), run_id=61, faults=faults)
     report = run_task(grid, task_path, tmp_path / "run", run_id=61, federation="dd-6")
     assert report.status == "completed", report.message
@@ -181,7 +177,7 @@ def test_a_distributed_run_releases_only_noisy_sums_and_every_ledger_holds_its_r
         assert res.epsilon is not None and 0 < res.epsilon <= 8.0
 
 
-def test_a_node_refuses_parameters_that_are_not_its_own(  # type: ignore[no-untyped-def]
+def test_a_node_refuses_parameters_that_are_not_its_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, dd_task, run_task
 ) -> None:
     """A coordinator that sizes the shares for more contributors than the round has (round 1),
@@ -226,7 +222,7 @@ def test_a_node_refuses_parameters_that_are_not_its_own(  # type: ignore[no-unty
         assert [e.task_id.startswith("rows-") for e in spends] == [True]
 
 
-def test_distributed_needs_secure_aggregation_and_policy_can_require_it(tmp_path: Path, dd_task) -> None:  # type: ignore[no-untyped-def]
+def test_distributed_needs_secure_aggregation_and_policy_can_require_it(tmp_path: Path, dd_task) -> None:
     _, task_path = dd_task(tmp_path / "a")
     text = task_path.read_text().replace("secure_aggregation = true", "secure_aggregation = false")
     task_path.write_text(text)
@@ -254,7 +250,7 @@ def test_distributed_needs_secure_aggregation_and_policy_can_require_it(tmp_path
     assert not d.accepted and d.code is not None and d.code.value == "noise-below-min"
 
 
-def test_a_resumed_round_is_not_released_twice(tmp_path: Path, dd_task, run_task) -> None:  # type: ignore[no-untyped-def]
+def test_a_resumed_round_is_not_released_twice(tmp_path: Path, dd_task, run_task) -> None:
     """The coordinator dies after the nodes trained round 2 and before it saved the round; the
     resumed run asks for round 2 again. Under distributed DP the noise share is drawn per
     sending, so a node does not send a spent round twice: round 2 is discarded, round 3 runs,
@@ -289,7 +285,7 @@ def test_a_resumed_round_is_not_released_twice(tmp_path: Path, dd_task, run_task
         assert len([e for e in spends if e.task_id.startswith("rows-")]) == 1
 
 
-def test_sampled_municipalities_are_accounted_at_their_rate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dd_task, run_task) -> None:  # type: ignore[no-untyped-def]
+def test_sampled_municipalities_are_accounted_at_their_rate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dd_task, run_task) -> None:
     """``fraction_train = 0.8``: the coordinator asks every municipality every round, and each
     flips its own secret coin (rate 0.8) for whether its update goes into the masked sum; its
     noise share goes in either way. The coordinator cannot see who took part, so the plan's z is
@@ -326,7 +322,7 @@ def test_sampled_municipalities_are_accounted_at_their_rate(tmp_path: Path, monk
             assert [tuple(h) for h in e.mechanism.history] == [(pytest.approx(z), 0.8, 1)]
 
 
-def test_a_coordinator_cannot_unmask_fewer_contributors_than_the_noise_was_sized_for(  # type: ignore[no-untyped-def]
+def test_a_coordinator_cannot_unmask_fewer_contributors_than_the_noise_was_sized_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dd_task, run_task
 ) -> None:
     """A coordinator that leaves honest nodes out of the survivor list (4 of 6: below the 5

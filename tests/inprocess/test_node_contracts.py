@@ -36,7 +36,7 @@ AGE, CATEGORY = "987654", "ZQXJVIOLATION"
 
 
 @pytest.fixture
-def configs(tmp_path: Path, write_federation, write_task, write_file) -> tuple[Path, Path, Path]:  # type: ignore[no-untyped-def]
+def configs(tmp_path: Path, write_federation, write_task, write_file) -> tuple[Path, Path, Path]:
     """The federation ``c-3``, a one-round training task and a Laplace statistics query on it."""
     fed = write_federation(tmp_path / "fed.toml", name="c-3", members=CODES, seed=5, min_rows=300)
     task = write_task(
@@ -98,7 +98,7 @@ def _message(kind: str, task: Any, contract: Contract, *, query: Any = None) -> 
 
 
 @pytest.mark.parametrize("how", ["age-max", "extra-category", "version"])
-def test_an_altered_contract_is_refused_before_any_data_is_read(  # type: ignore[no-untyped-def]
+def test_an_altered_contract_is_refused_before_any_data_is_read(
     tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch, configs
 ) -> None:
     from fedgov.analytics import load_query
@@ -249,7 +249,7 @@ def _text(m: Message) -> str:
     return "\n".join(parts)
 
 
-def test_no_record_value_leaves_the_node_or_reaches_a_log(  # type: ignore[no-untyped-def]
+def test_no_record_value_leaves_the_node_or_reaches_a_log(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str], configs
 ) -> None:
     from fedgov.analytics import load_query
@@ -299,7 +299,7 @@ def test_no_record_value_leaves_the_node_or_reaches_a_log(  # type: ignore[no-un
     assert AGE in details and CATEGORY in details
 
 
-def test_a_failing_handler_sends_the_fixed_text_and_keeps_the_details_local(  # type: ignore[no-untyped-def]
+def test_a_failing_handler_sends_the_fixed_text_and_keeps_the_details_local(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, configs
 ) -> None:
     import fedgov.node as N

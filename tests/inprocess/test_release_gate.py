@@ -24,7 +24,7 @@ CITIES = ["GM0363", "GM0599", "GM0344"]
 
 
 @pytest.fixture(scope="module")
-def gate_task(write_federation, write_task, adult_test_csv):  # type: ignore[no-untyped-def]
+def gate_task(write_federation, write_task, adult_test_csv):
     """``gate_task(folder, rounds=2, at_nodes="every-round")``: the federation ``gate-3`` and a
     task on it with DP-SGD and evaluation at the nodes (noisy counts, epsilon 0.3)."""
 
@@ -96,7 +96,7 @@ def test_the_gate_refuses_what_it_does_not_declare() -> None:
         assert "rows}" not in text and "count}" not in text, code
 
 
-def test_every_reply_of_every_kind_passes_the_gate_and_evaluations_are_charged_once(tmp_path: Path, gate_task, run_task) -> None:  # type: ignore[no-untyped-def]
+def test_every_reply_of_every_kind_passes_the_gate_and_evaluations_are_charged_once(tmp_path: Path, gate_task, run_task) -> None:
     """A whole run with evaluation at the nodes after every round. The coordinator also asks
     node 0 to evaluate round 1 a second time: refused, and charged once. Every reply that reached
     the coordinator carries only declared fields; hello carries no row count; train replies
@@ -126,6 +126,8 @@ def test_every_reply_of_every_kind_passes_the_gate_and_evaluations_are_charged_o
     report = run_task(grid, task_path, tmp_path / "run", run_id=91, federation="gate-3")
     assert report.status == "completed", report.message
     assert [r.federated_accuracy is not None for r in report.rounds] == [True, True]
+    # fresh DP-SGD and evaluation noise: over 12 runs of this task the round-2 accuracy was 0.759
+    # with sd 0.0095 (0.744 to 0.771), so 0.6 lies 16 sd below it
     assert 0.6 < (report.rounds[-1].federated_accuracy or 0) <= 1.0
     # each node's accuracy comes with the standard deviation of its DP noise (public: its plan's z)
     for n in report.nodes:
@@ -165,7 +167,7 @@ def test_every_reply_of_every_kind_passes_the_gate_and_evaluations_are_charged_o
     assert {P.HELLO, "train", "evaluate", P.END} <= kinds
 
 
-def test_an_evaluation_the_node_did_not_plan_is_refused(tmp_path: Path, gate_task, run_task) -> None:  # type: ignore[no-untyped-def]
+def test_an_evaluation_the_node_did_not_plan_is_refused(tmp_path: Path, gate_task, run_task) -> None:
     """Evaluation after the final round only: a coordinator asking for round 1 is refused,
     nothing is spent for it."""
     from fedgov.node.admission import EVALUATION_NOTE
@@ -199,7 +201,7 @@ def test_an_evaluation_the_node_did_not_plan_is_refused(tmp_path: Path, gate_tas
     assert [e.round for e in evs] == [2]
 
 
-def test_a_reply_with_an_undeclared_field_is_blocked_and_stops_the_task(tmp_path: Path, gate_task, run_task) -> None:  # type: ignore[no-untyped-def]
+def test_a_reply_with_an_undeclared_field_is_blocked_and_stops_the_task(tmp_path: Path, gate_task, run_task) -> None:
     """Whatever a handler puts in a reply, the gate lets out only what it declares: a train
     reply with a loss is not sent, the audit log names the field, and the task is over at that
     node (its reservation closed, every later message of it refused)."""
@@ -230,7 +232,7 @@ def test_a_reply_with_an_undeclared_field_is_blocked_and_stops_the_task(tmp_path
     assert again.has_error() and parse_error_reason(again.error.reason)[0] == "not-admitted"
 
 
-def test_the_row_count_is_released_once_with_noise_and_every_decision_uses_it(tmp_path: Path, gate_task, run_task) -> None:  # type: ignore[no-untyped-def]
+def test_the_row_count_is_released_once_with_noise_and_every_decision_uses_it(tmp_path: Path, gate_task, run_task) -> None:
     """The only size that leaves a node is its training row count with Gaussian noise, released
     once per version of the data file through the ledger: a second hello (another task, other
     parameters) reads the same value back, so hellos cannot average the noise away or probe the
@@ -254,7 +256,7 @@ def test_the_row_count_is_released_once_with_noise_and_every_decision_uses_it(tm
         assert released_counts(home, contract) == {int(releases[0].note[len(ROWS_NOTE):])}
 
 
-def test_too_few_rows_meets_the_true_count_at_a_fixed_threshold_and_spends_nothing(tmp_path: Path, gate_task) -> None:  # type: ignore[no-untyped-def]
+def test_too_few_rows_meets_the_true_count_at_a_fixed_threshold_and_spends_nothing(tmp_path: Path, gate_task) -> None:
     """The true row count meets only thresholds the coordinator cannot move (at least 10 and the
     policy's min_rows): a node under them refuses before any release; above them, the task's own
     parameters meet only the released count."""

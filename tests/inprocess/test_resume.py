@@ -42,7 +42,7 @@ def _row_releases(node_dir: Path) -> list[tuple[str, int | None]]:
 
 
 @pytest.fixture(scope="module")
-def clean_and_resumed(tmp_path_factory: pytest.TempPathFactory, three_city_task, run_task) -> dict:  # type: ignore[no-untyped-def,type-arg]
+def clean_and_resumed(tmp_path_factory: pytest.TempPathFactory, three_city_task, run_task) -> dict:  # type: ignore[type-arg]
     tmp = tmp_path_factory.mktemp("resume")
     fed, task_path = three_city_task(tmp)
     out = {"task": task_path}
@@ -114,7 +114,7 @@ def test_no_ledger_is_charged_twice(clean_and_resumed: dict) -> None:  # type: i
         assert not any((n.train_path.parent / "sent").iterdir())  # the copy is gone with the task
 
 
-def test_a_finished_task_cannot_be_resumed(clean_and_resumed: dict, tmp_path: Path, run_task) -> None:  # type: ignore[no-untyped-def,type-arg]
+def test_a_finished_task_cannot_be_resumed(clean_and_resumed: dict, tmp_path: Path, run_task) -> None:  # type: ignore[type-arg]
     run_dir = clean_and_resumed["run_dir"]
     ckpt = json.loads((run_dir / "checkpoint" / "state.json").read_text())
     ckpt["round"] = 1  # pretend only round 1 was saved: the nodes have closed the task since
@@ -129,7 +129,7 @@ def test_a_finished_task_cannot_be_resumed(clean_and_resumed: dict, tmp_path: Pa
     assert {n.refusal_code for n in report.nodes} == {"task-ended"}
 
 
-def test_a_changed_task_is_not_resumed(tmp_path: Path, three_city_task, run_task) -> None:  # type: ignore[no-untyped-def]
+def test_a_changed_task_is_not_resumed(tmp_path: Path, three_city_task, run_task) -> None:
     fed, task_path = three_city_task(tmp_path, rounds=2)
     _, _, nodes, manifest = prepare(tmp_path / "n", fed, task_path)
     grid = InProcessGrid(manifest, len(nodes), run_id=21)

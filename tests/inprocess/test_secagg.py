@@ -194,7 +194,7 @@ def test_prg_is_uniform_over_the_modulus_and_seeded() -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, three_city_task, run_task) -> dict:  # type: ignore[no-untyped-def,type-arg]
+def runs(tmp_path_factory: pytest.TempPathFactory, three_city_task, run_task) -> dict:  # type: ignore[type-arg]
     """The same task, plain and secure, on the SAME node directories: a node releases its noisy
     row count once per data file, and both FedAvg (by count) and secure aggregation (by
     ``min(count, cap) / cap`` inside the sum) weigh by that one released count, so both runs
@@ -226,6 +226,7 @@ def test_secure_run_gives_the_plain_fedavg_model(runs: dict) -> None:  # type: i
         assert sorted(b.nodes_trained) == sorted(a.nodes_trained) and b.discarded is None
         assert b.accuracy == pytest.approx(a.accuracy, abs=2e-3)  # the same model up to quantisation
         assert b.loss == pytest.approx(a.loss, abs=2e-3)
+    # left random: the released row counts (the DP noise is reproducible); 0.8121 to 0.8125 over 6 draws
     assert secure.final is not None and secure.final.accuracy > 0.80
 
 
@@ -253,29 +254,26 @@ def test_the_coordinator_received_only_masked_vectors(runs: dict) -> None:  # ty
         assert sent and all(list(e.payload["arrays"]) == ["masked"] for e in sent)
 
 
-def test_a_dropout_is_tolerated_and_too_many_discard_the_round(tmp_path: Path, three_city_task, run_task) -> None:  # type: ignore[no-untyped-def]
+def test_a_dropout_is_tolerated_and_too_many_discard_the_round(tmp_path: Path, three_city_task, run_task, drop_train_in) -> None:
     fed, task = three_city_task(tmp_path, rounds=2, training={"secure_aggregation": True, "reply_timeout": 5})
-
-    def drop_train_in_round(r: int):  # type: ignore[no-untyped-def]
-        return lambda msg: "drop" if msg.metadata.message_type.startswith("train") and int(msg.content["config"]["server-round"]) == r else None
 
     # four nodes, threshold 3 (more than two thirds): round 1: node 0 goes away after the shares
     # stage; round 2: nodes 0 and 1 do
     fed.write_text(fed.read_text() + '\n[[members]]\ncode = "GM0599"\n')
     _, _, nodes, manifest = prepare(tmp_path / "nodes4", fed, task)
-    grid = InProcessGrid(manifest, len(nodes), run_id=41, faults={0: lambda m: "drop" if drop_train_in_round(1)(m) or drop_train_in_round(2)(m) else None,
-                                                                 1: drop_train_in_round(2)})
+    grid = InProcessGrid(manifest, len(nodes), run_id=41, faults={0: drop_train_in(1, 2), 1: drop_train_in(2)})
     report = run_task(grid, task, tmp_path / "run", run_id=41, federation="resume-3")
     assert report.status == "completed", report.message
     r1, r2 = report.rounds
     assert len(r1.nodes_trained) == 3 and r1.discarded is None and len(r1.nodes_failed) == 1
     assert "no reply" in next(iter(r1.nodes_failed.values()))
-    assert r1.accuracy is not None and r1.accuracy > 0.75  # the three survivors' sum, unmasked
+    # the three survivors' sum, unmasked (0.7638 in each of 5 draws of the released row counts)
+    assert r1.accuracy is not None and r1.accuracy > 0.75
     assert r2.discarded is not None and "needs 3: round discarded" in r2.discarded
     assert r2.accuracy == r1.accuracy  # a discarded round does not move the model
 
 
-def test_no_downgrade_to_plaintext(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, three_city_task, run_task) -> None:  # type: ignore[no-untyped-def]
+def test_no_downgrade_to_plaintext(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, three_city_task, run_task) -> None:
     """A coordinator that skips the protocol for a secure task gets no update at all."""
     import fedgov.coordinator.run as C
 
@@ -302,7 +300,7 @@ def test_no_downgrade_to_plaintext(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert stopped and "carries no shares" in stopped[0].payload["reason"], n.code
 
 
-def test_policy_can_require_secure_aggregation(tmp_path: Path, three_city_task) -> None:  # type: ignore[no-untyped-def]
+def test_policy_can_require_secure_aggregation(tmp_path: Path, three_city_task) -> None:
     from fedgov.node.policy import default_policy_text
 
     text = default_policy_text("GM0363", dataset="adult", contract="adult-income", version="1.0", path="train.csv", budget_epsilon=10.0)
@@ -318,7 +316,7 @@ def test_policy_can_require_secure_aggregation(tmp_path: Path, three_city_task) 
     assert check_task(policy, task=t, contract=c, rows=None, noise_multiplier=None).accepted
 
 
-def test_secure_aggregation_excludes_rules_that_need_single_updates(tmp_path: Path, three_city_task) -> None:  # type: ignore[no-untyped-def]
+def test_secure_aggregation_excludes_rules_that_need_single_updates(tmp_path: Path, three_city_task) -> None:
     for extra, field in (({"secure_aggregation": True, "aggregation": "median"}, "aggregation"),
                          ({"secure_aggregation": True, "max_update_norm": 3.0}, "max_update_norm")):
         _, task = three_city_task(tmp_path / field, rounds=1, training=extra)
@@ -328,7 +326,7 @@ def test_secure_aggregation_excludes_rules_that_need_single_updates(tmp_path: Pa
 
 
 @pytest.mark.statistical
-def test_statistics_query_under_secure_aggregation(tmp_path: Path, three_city_task, write_overview_query) -> None:  # type: ignore[no-untyped-def]
+def test_statistics_query_under_secure_aggregation(tmp_path: Path, three_city_task, write_overview_query) -> None:
     """The same query with and without secure aggregation on the same three nodes: the
     coordinator gets national figures only, the totals agree within the noise, and every
     release it received carries no value (only its layout) beside a masked vector."""

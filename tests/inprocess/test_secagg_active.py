@@ -2,7 +2,7 @@
 
 Each test is the coordinator's side written by an attacker: fedgov's real ClientApp with all
 its mods (``fedgov/testing.py``) on four simulated nodes under a secure statistics query,
-driven stage by stage (:func:`fedgov.coordinator.run.secagg_stage`) with one deviation each:
+driven stage by stage (:func:`fedgov.coordinator.secure.secagg_stage`) with one deviation each:
 both secrets of one node asked for, a node's keys substituted, a forged survivor list, a
 re-rolled graph, an extra member. Every one fails without revealing an input: what the
 coordinator received never holds the threshold of shares of both secrets of one node. An

@@ -2,7 +2,7 @@
 (OpenDP, one row per person): the national count of every Wmo product category is within 1%.
 
 The nodes' releases and the coordinator's combination are the same functions a real query runs
-(:func:`fedgov.launch.query.answer_query` calls ``local_release``, :func:`fedgov.launch.query.run_query` calls
+(:func:`fedgov.node.statistics.answer_query` calls ``local_release``, :func:`fedgov.coordinator.statistics.run_query` calls
 ``combine``); only Flower's transport is left out here, to keep the test fast.
 """
 
@@ -30,7 +30,7 @@ def country() -> dict[str, pd.DataFrame]:
 
 
 @pytest.mark.statistical
-def test_national_count_per_category_within_one_percent_at_epsilon_one(  # type: ignore[no-untyped-def]
+def test_national_count_per_category_within_one_percent_at_epsilon_one(
     tmp_path: Path, country: dict[str, pd.DataFrame], write_file
 ) -> None:
     assert len(country) == len(all_municipalities()) == 342

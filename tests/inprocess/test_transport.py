@@ -3,7 +3,6 @@ the coordinator before screening; and the traffic the report records per round."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,15 +68,6 @@ def test_updates_that_do_not_fit_are_errors_and_overflow_is_infinite() -> None:
     assert is_encoded(again) and again[UPDATE].data == rec[UPDATE].data and again[UPDATE].stype == rec[UPDATE].stype
 
 
-@pytest.fixture
-def _task_identity() -> Iterator[None]:
-    """Flower stamps messages with the running task's identity; give it one, then take it back."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def _reply(content: RecordDict, node: int) -> Message:
     TaskIdentity.node_id = 0
     ins = Message(RecordDict({}), dst_node_id=node, message_type=MessageType.TRAIN)
@@ -85,7 +75,7 @@ def _reply(content: RecordDict, node: int) -> Message:
     return Message(content, reply_to=ins)
 
 
-@pytest.mark.usefixtures("_task_identity")
+@pytest.mark.usefixtures("task_identity")
 def test_the_coordinator_decodes_before_screening_and_names_what_does_not_fit() -> None:
     glob, local = _models()
     good = _reply(RecordDict({P.ARRAYS: ArrayRecord({UPDATE: encode_update(local, glob)}), P.METRICS: MetricRecord({"num-examples": 10})}), 1)
@@ -107,14 +97,16 @@ def test_the_coordinator_decodes_before_screening_and_names_what_does_not_fit() 
     assert message_bytes(fresh) < message_bytes(whole) - 36 * 2  # 2 bytes a number and the .npy headers saved
 
 
-def test_a_federation_records_its_traffic_and_float16_learns_as_float32(tmp_path: Path, three_city_task, run_task) -> None:  # type: ignore[no-untyped-def]
+def test_a_federation_records_its_traffic_and_float16_learns_as_float32(tmp_path: Path, three_city_task, run_task) -> None:
     """The same federation (reproducible noise) with each encoding: the traffic the report
     records, and the same accuracy within 0.01."""
     accuracy = {encoding: _traffic_run(tmp_path / encoding, encoding, three_city_task, run_task) for encoding in ("float16-delta", "float32-delta")}
+    # left random: each run's nodes release fresh noisy row counts (FedAvg's weights). Over 6 pairs
+    # of runs the accuracies lay within 0.8106 and 0.8114 and a pair differed by 0.0005 at most
     assert abs(accuracy["float16-delta"] - accuracy["float32-delta"]) <= 0.01
 
 
-def _traffic_run(tmp_path: Path, encoding: str, three_city_task, run_task) -> float:  # type: ignore[no-untyped-def]
+def _traffic_run(tmp_path: Path, encoding: str, three_city_task, run_task) -> float:
     tmp_path.mkdir()
     # the 3-municipality federation and task, with an MLP and the encoding under test
     fed, task_path = three_city_task(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GLOBAL = {"w": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    """Flower stamps messages with the running task's identity; give it one, then take it back."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower stamps the messages these tests build
 
 
 def _reply(node_id: int, arrays: dict[str, np.ndarray], n: int = 100) -> Message:

@@ -54,7 +54,7 @@ def test_data_validate_lists_violations_and_exit_12(tmp_path: Path) -> None:
     assert ok.exit_code == 0 and "16281 rows conform" in ok.output
 
 
-def test_node_budget_json_and_pause(tmp_path: Path, node_home) -> None:  # type: ignore[no-untyped-def]
+def test_node_budget_json_and_pause(tmp_path: Path, node_home) -> None:
     home = node_home(budget=5.0)
     out = runner.invoke(app, ["node", "budget", "--node-dir", str(home.path), "--json"])
     assert out.exit_code == 0, out.output
@@ -66,7 +66,7 @@ def test_node_budget_json_and_pause(tmp_path: Path, node_home) -> None:  # type:
     assert home.state.paused()[0] is False
 
 
-def test_audit_verify_exit_30_names_the_entry(tmp_path: Path, node_home) -> None:  # type: ignore[no-untyped-def]
+def test_audit_verify_exit_30_names_the_entry(tmp_path: Path, node_home) -> None:
     home = node_home(budget=5.0)
     for i in range(3):
         home.audit.append("received", task_id="t", payload={"i": i})

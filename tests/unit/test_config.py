@@ -31,7 +31,7 @@ def test_relative_paths_resolve_against_the_file(demo_task_path: Path) -> None:
     assert task.contract == (demo_task_path.parent / "../contracts/adult-income.toml").resolve()
 
 
-def test_contract_lists_every_problem_with_its_location(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+def test_contract_lists_every_problem_with_its_location(tmp_path: Path, write_file) -> None:
     p = write_file(
         tmp_path / "c.toml",
         """
@@ -64,7 +64,7 @@ def test_contract_lists_every_problem_with_its_location(tmp_path: Path, write_fi
     assert "categorical column needs" in text
 
 
-def test_contract_target_must_exist_and_be_categorical(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+def test_contract_target_must_exist_and_be_categorical(tmp_path: Path, write_file) -> None:
     p = write_file(
         tmp_path / "c.toml",
         """
@@ -82,13 +82,13 @@ def test_contract_target_must_exist_and_be_categorical(tmp_path: Path, write_fil
         load_contract(p)
 
 
-def test_numeric_columns_need_bounds(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+def test_numeric_columns_need_bounds(tmp_path: Path, write_file) -> None:
     p = write_file(tmp_path / "c.toml", 'name = "c"\nversion = "1.0"\n[[columns]]\nname = "v"\ntype = "float"\n')
     with pytest.raises(ConfigError, match="never from the data"):
         load_contract(p)
 
 
-def test_task_lists_every_problem(tmp_path: Path, adult_contract_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+def test_task_lists_every_problem(tmp_path: Path, adult_contract_path: Path, write_file) -> None:
     p = write_file(
         tmp_path / "t.toml",
         f"""
@@ -112,7 +112,7 @@ def test_task_lists_every_problem(tmp_path: Path, adult_contract_path: Path, wri
     assert {"model.name", "training.rounds", "training.learning_rate", "privacy.target_epsilon", "privacy.accountant", "privacy.delta"} <= locs
 
 
-def test_cross_field_rule_reported_on_its_block(tmp_path: Path, adult_contract_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+def test_cross_field_rule_reported_on_its_block(tmp_path: Path, adult_contract_path: Path, write_file) -> None:
     p = write_file(tmp_path / "t.toml", f'name = "t"\ncontract = "{adult_contract_path}"\n[training]\nstrategy = "fedprox"\n')
     with pytest.raises(ConfigError) as ei:
         load_task(p)
@@ -120,7 +120,7 @@ def test_cross_field_rule_reported_on_its_block(tmp_path: Path, adult_contract_p
     assert "proximal_mu" in str(ei.value)
 
 
-def test_task_features_are_checked_against_the_contract(tmp_path: Path, adult_contract_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+def test_task_features_are_checked_against_the_contract(tmp_path: Path, adult_contract_path: Path, write_file) -> None:
     p = write_file(
         tmp_path / "t.toml",
         f"""
@@ -135,20 +135,20 @@ def test_task_features_are_checked_against_the_contract(tmp_path: Path, adult_co
     assert "shoe_size" in str(ei.value) and "is the target" in str(ei.value)
 
 
-def test_task_with_missing_contract_file(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+def test_task_with_missing_contract_file(tmp_path: Path, write_file) -> None:
     p = write_file(tmp_path / "t.toml", 'name = "t"\ncontract = "nowhere.toml"\n')
     with pytest.raises(ConfigError, match="not found"):
         load_task(p)
 
 
-def test_toml_syntax_error_names_the_file(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+def test_toml_syntax_error_names_the_file(tmp_path: Path, write_file) -> None:
     p = write_file(tmp_path / "t.toml", 'name = "t\n')
     with pytest.raises(ConfigError) as ei:
         load_task(p)
     assert str(p) in str(ei.value) and "TOML syntax error" in str(ei.value)
 
 
-def test_federation_lists_every_problem(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+def test_federation_lists_every_problem(tmp_path: Path, write_file) -> None:
     p = write_file(
         tmp_path / "f.toml",
         """
@@ -173,7 +173,7 @@ def test_federation_lists_every_problem(tmp_path: Path, write_file) -> None:  # 
     assert "GM9999" in str(ei.value)
 
 
-def test_federation_needs_source_unless_files(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+def test_federation_needs_source_unless_files(tmp_path: Path, write_file) -> None:
     p = write_file(tmp_path / "f.toml", 'name = "f"\n[[members]]\ncode = "GM0363"\n')
     with pytest.raises(ConfigError, match="needs 'source'"):
         load_federation(p)
@@ -182,7 +182,7 @@ def test_federation_needs_source_unless_files(tmp_path: Path, write_file) -> Non
         load_federation(q)
 
 
-def test_duplicate_members_refused(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+def test_duplicate_members_refused(tmp_path: Path, write_file) -> None:
     p = write_file(
         tmp_path / "f.toml",
         'name = "f"\nsource = "x.csv"\n[[members]]\ncode = "GM0363"\n[[members]]\ncode = "GM0363"\n',

@@ -3,7 +3,7 @@ numbers, and records and screens what passes (on real Flower messages, no proces
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,13 +20,7 @@ from fedgov.coordinator.recording import Recorder, Recording
 GLOBAL = {"w": np.zeros((2, 3), dtype=np.float32)}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    """Flower stamps messages with the running task's identity; give it one, then take it back."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower stamps the messages these tests build
 
 
 def _reply(node_id: int, arrays: dict[str, np.ndarray] | None = None, *, error: str | None = None, kind: str = MessageType.TRAIN) -> Message:

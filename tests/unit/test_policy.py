@@ -53,7 +53,7 @@ require_privacy = true
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory: pytest.TempPathFactory, write_file) -> NodePolicy:  # type: ignore[no-untyped-def]
+def policy(tmp_path_factory: pytest.TempPathFactory, write_file) -> NodePolicy:
     return load_policy(write_file(tmp_path_factory.mktemp("policy") / "policy.toml", GOOD))
 
 
@@ -101,7 +101,7 @@ def test_one_demo_policy_pays_for_the_demo_task_once(demo: tuple[Task, Contract]
     assert task.privacy.target_epsilon <= budget.epsilon < 2 * task.privacy.target_epsilon
 
 
-def test_relative_paths_resolve_against_the_policy_file(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+def test_relative_paths_resolve_against_the_policy_file(tmp_path: Path, write_file) -> None:
     p = write_file(tmp_path / "node" / "policy.toml", GOOD)
     pol = load_policy(p)
     ds = pol.datasets[0]
@@ -109,7 +109,7 @@ def test_relative_paths_resolve_against_the_policy_file(tmp_path: Path, write_fi
     assert ds.test_path == (tmp_path / "node" / "data" / "test.csv").resolve()
 
 
-def test_a_malformed_policy_lists_every_problem_with_its_location(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+def test_a_malformed_policy_lists_every_problem_with_its_location(tmp_path: Path, write_file) -> None:
     p = write_file(
         tmp_path / "policy.toml",
         """
@@ -157,7 +157,7 @@ def test_a_malformed_policy_lists_every_problem_with_its_location(tmp_path: Path
     assert 'approval = "deny"' in text  # the empty list explains how to refuse everything
 
 
-def test_cross_checks_are_listed_together_with_their_locations(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+def test_cross_checks_are_listed_together_with_their_locations(tmp_path: Path, write_file) -> None:
     p = write_file(
         tmp_path / "policy.toml",
         """
@@ -201,7 +201,7 @@ def test_cross_checks_also_guard_policies_built_in_code() -> None:
         NodePolicy.model_validate(data)
 
 
-def test_missing_and_invalid_toml_files_are_config_errors(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+def test_missing_and_invalid_toml_files_are_config_errors(tmp_path: Path, write_file) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_policy(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
@@ -215,7 +215,7 @@ def test_dataset_for_matches_name_and_version(policy: NodePolicy, adult_contract
     assert policy.dataset_for(contract.model_copy(update={"name": "other"})) is None
 
 
-def test_default_policy_text_loads(tmp_path: Path, write_file) -> None:  # type: ignore[no-untyped-def]
+def test_default_policy_text_loads(tmp_path: Path, write_file) -> None:
     text = default_policy_text(
         "GM0014",
         dataset="adult",

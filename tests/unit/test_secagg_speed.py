@@ -59,6 +59,7 @@ def test_combine_is_flowers_on_any_threshold_subset(secret: bytes, n: int, data:
         assert shamir.combine_shares(bad_shares) == flower != secret
 
 
+@pytest.mark.statistical
 def test_many_secrets_at_once_with_mixed_index_sets_and_sizes() -> None:
     rng = random.Random(7)
     secrets, lists = [], []

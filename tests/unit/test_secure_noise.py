@@ -137,7 +137,7 @@ def test_the_fingerprint_is_pure_noise_so_the_seed_attack_works_on_torch_generat
 
 
 @pytest.fixture(scope="module")
-def torch_seed_rounds(softmax_data, setup) -> dict[int, np.ndarray]:  # type: ignore[no-untyped-def]
+def torch_seed_rounds(softmax_data, setup) -> dict[int, np.ndarray]:
     """The noise fingerprint of the round under each torch seed an attacker would try: ``0..127``
     and ``s, s + 2**32``. Seeded, so computed once for the module."""
     candidates = list(range(128)) + [s + k * 2**32 for s in (17, 2**31 + 5) for k in (0, 1)]
@@ -243,7 +243,7 @@ def test_poisson_batches_from_the_csprng_take_each_row_with_probability_q() -> N
 # --- (v) reproducible noise is for simulations only -----------------------------------------------
 
 
-def test_a_deployed_node_refuses_reproducible_noise_a_simulated_one_accepts(node_home) -> None:  # type: ignore[no-untyped-def]
+def test_a_deployed_node_refuses_reproducible_noise_a_simulated_one_accepts(node_home) -> None:
     task, contract = load_task(ROOT / "configs" / "tasks" / "adult-income.toml")
     home = node_home()
     assert task.privacy.enabled

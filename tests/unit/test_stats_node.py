@@ -16,7 +16,7 @@ CONTRACT = ROOT / "configs" / "contracts" / "iwmo-wmo.toml"
 
 
 @pytest.fixture
-def wmo_query(write_file):  # type: ignore[no-untyped-def]
+def wmo_query(write_file):
     """``wmo_query(folder, epsilon=1.0, by='["product_category"]')``: a count and a mean over the iWmo contract."""
 
     def make(tmp: Path, *, epsilon: float = 1.0, by: str = '["product_category"]') -> Path:
@@ -43,7 +43,7 @@ def wmo_query(write_file):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def wmo_home(node_home):  # type: ignore[no-untyped-def]
+def wmo_home(node_home):
     """``wmo_home(folder, code="GM0363", budget=2.5, ...)``: the node of ``code`` with its synthetic
     iWmo data (seed 7) and a policy that answers statistics queries."""
 
@@ -57,7 +57,7 @@ def wmo_home(node_home):  # type: ignore[no-untyped-def]
     return make
 
 
-def test_answer_spends_exactly_the_query_epsilon_and_audits_it(tmp_path: Path, wmo_home, wmo_query) -> None:  # type: ignore[no-untyped-def]
+def test_answer_spends_exactly_the_query_epsilon_and_audits_it(tmp_path: Path, wmo_home, wmo_query) -> None:
     home = wmo_home(tmp_path)
     query, contract = load_query(wmo_query(tmp_path))
     a = answer_query(home, "GM0363", query, contract, query_id=query_id_of(query, contract, 1))
@@ -74,7 +74,7 @@ def test_answer_spends_exactly_the_query_epsilon_and_audits_it(tmp_path: Path, w
     assert home.audit.verify().ok
 
 
-def test_a_query_over_the_budget_is_refused_with_its_reason(tmp_path: Path, wmo_home, wmo_query) -> None:  # type: ignore[no-untyped-def]
+def test_a_query_over_the_budget_is_refused_with_its_reason(tmp_path: Path, wmo_home, wmo_query) -> None:
     home = wmo_home(tmp_path, budget=2.5)
     query, contract = load_query(wmo_query(tmp_path))
     for run in (1, 2):
@@ -86,7 +86,7 @@ def test_a_query_over_the_budget_is_refused_with_its_reason(tmp_path: Path, wmo_
     assert home.ledger.status(ds.name, budget_of(ds)).epsilon_committed == pytest.approx(2.0)
 
 
-def test_policy_refusals_come_before_the_data(tmp_path: Path, wmo_home, wmo_query) -> None:  # type: ignore[no-untyped-def]
+def test_policy_refusals_come_before_the_data(tmp_path: Path, wmo_home, wmo_query) -> None:
     query, contract = load_query(wmo_query(tmp_path, epsilon=5.0))
     home = wmo_home(tmp_path, budget=10.0)
     a = answer_query(home, "GM0363", query, contract, query_id="x")
@@ -100,7 +100,7 @@ def test_policy_refusals_come_before_the_data(tmp_path: Path, wmo_home, wmo_quer
     assert c.code == "paused" and "maintenance" not in c.reason  # the operator's note stays at the node
 
 
-def test_manual_approval_queues_then_answers(tmp_path: Path, wmo_home, wmo_query) -> None:  # type: ignore[no-untyped-def]
+def test_manual_approval_queues_then_answers(tmp_path: Path, wmo_home, wmo_query) -> None:
     home = wmo_home(tmp_path, approval="manual")
     query, contract = load_query(wmo_query(tmp_path))
     a = answer_query(home, "GM0363", query, contract, query_id="run-1")
@@ -111,7 +111,7 @@ def test_manual_approval_queues_then_answers(tmp_path: Path, wmo_home, wmo_query
     assert answer_query(home, "GM0363", query, contract, query_id="run-2").accepted
 
 
-def test_small_cells_are_flagged_or_withheld_as_the_policy_says(tmp_path: Path, wmo_home, wmo_query) -> None:  # type: ignore[no-untyped-def]
+def test_small_cells_are_flagged_or_withheld_as_the_policy_says(tmp_path: Path, wmo_home, wmo_query) -> None:
     query, contract = load_query(wmo_query(tmp_path))
     flagged = wmo_home(tmp_path / "f", code="GM0088", min_cohort=500)  # Schiermonnikoog: every cell is small
     a = answer_query(flagged, "GM0088", query, contract, query_id="a")
@@ -125,7 +125,7 @@ def test_small_cells_are_flagged_or_withheld_as_the_policy_says(tmp_path: Path, 
     assert rel_b.withheld_cells() > 0
 
 
-def test_invalid_data_is_refused_without_values(tmp_path: Path, wmo_home, wmo_query) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_data_is_refused_without_values(tmp_path: Path, wmo_home, wmo_query) -> None:
     home = wmo_home(tmp_path)
     data = home.policy().datasets[0].path
     text = data.read_text().splitlines()

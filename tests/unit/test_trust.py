@@ -22,7 +22,7 @@ OWN = "a" * 64
 OTHER = "b" * 64
 
 
-def test_default_policy_trusts_only_its_own_installation(tmp_path: Path, node_home) -> None:  # type: ignore[no-untyped-def]
+def test_default_policy_trusts_only_its_own_installation(tmp_path: Path, node_home) -> None:
     policy = node_home(approval="auto").policy()
     assert policy.accept.apps == ["fedgov"]
     assert check_bundle(policy, OWN, local_hash=OWN).trusted
@@ -31,7 +31,7 @@ def test_default_policy_trusts_only_its_own_installation(tmp_path: Path, node_ho
     assert v.reason.startswith("app-not-trusted") and OTHER in v.reason and "GM0363" in v.reason
 
 
-def test_a_listed_hash_is_trusted_and_star_warns(tmp_path: Path, node_home) -> None:  # type: ignore[no-untyped-def]
+def test_a_listed_hash_is_trusted_and_star_warns(tmp_path: Path, node_home) -> None:
     listed = node_home(tmp_path / "a" / "node", approval="auto", apps=(OTHER,)).policy()
     assert check_bundle(listed, OTHER, local_hash=OWN).trusted
     assert not check_bundle(listed, OWN, local_hash=OWN).trusted  # "fedgov" not listed: own bundle refused too
@@ -75,7 +75,7 @@ def _fake_run(fab: bytes, node_dir: Path) -> tuple[Any, Any, Any, Any]:
     return SimpleNamespace(), context, run, SimpleNamespace(content=fab, hash_str=hashlib.sha256(fab).hexdigest())
 
 
-def test_untrusted_bundle_is_refused_before_install_and_audited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, node_home) -> None:  # type: ignore[no-untyped-def]
+def test_untrusted_bundle_is_refused_before_install_and_audited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, node_home) -> None:
     home = node_home(approval="auto")  # trusts "fedgov" only
     installed: list[bytes] = []
     fab = b"PK-not-fedgov"
@@ -95,7 +95,7 @@ def test_untrusted_bundle_is_refused_before_install_and_audited(tmp_path: Path, 
     assert home.audit.verify().ok
 
 
-def test_trusted_bundle_is_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, node_home) -> None:  # type: ignore[no-untyped-def]
+def test_trusted_bundle_is_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, node_home) -> None:
     fab = b"PK-the-fedgov-bundle"
     home = node_home(approval="auto")
     installed: list[bytes] = []
@@ -124,7 +124,7 @@ def test_shim_runs_fedgovs_clientapp(tmp_path: Path) -> None:
     assert "-m fedgov.deploy.clientapp" in text and os.path.basename(__import__("sys").executable) in text
 
 
-def test_node_env_puts_the_checking_clientapp_first(tmp_path: Path, node_home) -> None:  # type: ignore[no-untyped-def]
+def test_node_env_puts_the_checking_clientapp_first(tmp_path: Path, node_home) -> None:
     from fedgov.deploy.supernode import node_env
 
     home = node_home(approval="auto")
