@@ -68,7 +68,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """Under ``pytest -n 2 --dist loadgroup`` (``make test``): the end-to-end tests, which start
-    Flower and Ray processes, run one after the other on one worker; an in-process module runs
+    Flower and Ray processes, run in two serial groups (simulations; deployments), which start
+    first, one on each worker; an in-process module runs
     whole on one worker, so that its module-scoped set-up (a prepared federation, its runs) is
     made once; unit tests go one by one to whichever worker is free. (A scheduler rather than
     ``xdist_group`` marks: pytest-xdist 3.8 groups by rewriting node ids, which pytest 9 no
@@ -81,7 +82,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
             if path.startswith("tests/e2e/"):
-                return "tests/e2e"
+                # Two serial groups, one per worker at the start: simulations (Flower's
+                # simulation engine, Ray) and deployments (SuperLink, SuperNodes, gateway).
+                simulated = path.endswith(("test_simulation_e2e.py", "test_stats_e2e.py"))
+                return "tests/e2e:simulation" if simulated else "tests/e2e:deployment"
             return path if path.startswith("tests/inprocess/") else nodeid
 
     return EndToEndTogether(config, log)
