@@ -24,8 +24,9 @@ server side and PyTorch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedgov._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from fedgov.coordinator.aggregation import (
@@ -90,52 +91,18 @@ __all__ = [
     "weighted_nanmean",
 ]
 
-# Where each public name lives.
-_MODULES: dict[str, str] = {
-    "aggregate_metrics": "fedgov.coordinator.aggregation",
-    "check_update": "fedgov.coordinator.aggregation",
-    "decode_updates": "fedgov.coordinator.aggregation",
-    "metric_values": "fedgov.coordinator.aggregation",
-    "screen_updates": "fedgov.coordinator.aggregation",
-    "update_norm": "fedgov.coordinator.aggregation",
-    "weighted_nanmean": "fedgov.coordinator.aggregation",
-    "Checkpoint": "fedgov.coordinator.checkpoint",
-    "checkpoint_dir": "fedgov.coordinator.checkpoint",
-    "load_checkpoint": "fedgov.coordinator.checkpoint",
-    "save_checkpoint": "fedgov.coordinator.checkpoint",
-    "CentralEvaluator": "fedgov.coordinator.evaluation",
-    "EventReader": "fedgov.coordinator.events",
-    "EventWriter": "fedgov.coordinator.events",
-    "AdmittedGrid": "fedgov.coordinator.grid",
-    "end_task": "fedgov.coordinator.grid",
-    "hello": "fedgov.coordinator.grid",
-    "message_bytes": "fedgov.coordinator.grid",
-    "query_messages": "fedgov.coordinator.grid",
-    "task_config": "fedgov.coordinator.grid",
-    "wait_for_nodes": "fedgov.coordinator.grid",
-    "Recorder": "fedgov.coordinator.recording",
-    "Recording": "fedgov.coordinator.recording",
-    "build_strategy": "fedgov.coordinator.recording",
-    "TrainingOptions": "fedgov.coordinator.run",
-    "run_training": "fedgov.coordinator.run",
-    "SecAggRound": "fedgov.coordinator.secure",
-    "SecureFedAvg": "fedgov.coordinator.secure",
-    "secagg_setup": "fedgov.coordinator.secure",
-    "secagg_stage": "fedgov.coordinator.secure",
-    "secagg_unmask": "fedgov.coordinator.secure",
-    "regions_of": "fedgov.coordinator.statistics",
-    "run_query": "fedgov.coordinator.statistics",
+# Where each public name lives, by submodule.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "aggregation": ("aggregate_metrics", "check_update", "decode_updates", "metric_values", "screen_updates", "update_norm", "weighted_nanmean",),
+    "checkpoint": ("Checkpoint", "checkpoint_dir", "load_checkpoint", "save_checkpoint",),
+    "evaluation": ("CentralEvaluator",),
+    "events": ("EventReader", "EventWriter",),
+    "grid": ("AdmittedGrid", "end_task", "hello", "message_bytes", "query_messages", "task_config", "wait_for_nodes",),
+    "recording": ("Recorder", "Recording", "build_strategy",),
+    "run": ("TrainingOptions", "run_training",),
+    "secure": ("SecAggRound", "SecureFedAvg", "secagg_setup", "secagg_stage", "secagg_unmask",),
+    "statistics": ("regions_of", "run_query",),
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _MODULES.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # the next lookup finds it directly
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+if not TYPE_CHECKING:  # type checkers read the imports above; a __getattr__ would hide typos from them
+    __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

@@ -18,8 +18,9 @@ without importing the rest of the package (``flwr-clientapp`` starts once per me
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedgov._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from fedgov.deploy.clientapp import (
@@ -180,18 +181,5 @@ __all__ = [
     "write_shim",
 ]
 
-_ORIGIN = {name: module for module, names in _EXPORTS.items() for name in names}
-
 if not TYPE_CHECKING:  # type checkers read the imports above; a __getattr__ would hide typos from them
-
-    def __getattr__(name: str) -> Any:
-        """Import a public name's module on first use (PEP 562) and keep the name here."""
-        module = _ORIGIN.get(name)
-        if module is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-        globals()[name] = value
-        return value
-
-    def __dir__() -> list[str]:
-        return sorted({*globals(), *__all__})
+    __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

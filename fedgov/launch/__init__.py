@@ -12,8 +12,9 @@ which need only :mod:`~fedgov.launch.processes`, do not import the launchers.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedgov._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from fedgov.launch.query import finish_query, run_query_simulation
@@ -73,18 +74,5 @@ __all__ = [
     "write_run_config",
 ]
 
-_ORIGIN = {name: module for module, names in _EXPORTS.items() for name in names}
-
 if not TYPE_CHECKING:  # type checkers read the imports above; a __getattr__ would hide typos from them
-
-    def __getattr__(name: str) -> Any:
-        """Import a public name's module on first use (PEP 562) and keep the name here."""
-        module = _ORIGIN.get(name)
-        if module is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-        globals()[name] = value
-        return value
-
-    def __dir__() -> list[str]:
-        return sorted({*globals(), *__all__})
+    __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

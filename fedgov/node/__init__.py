@@ -27,8 +27,9 @@ Errors are in :mod:`fedgov.errors`; the file-format constants (``APPLICATION``,
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedgov._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from fedgov.node.admission import (
@@ -156,7 +157,6 @@ _MODULES: dict[str, tuple[str, ...]] = {
 }
 """The public names of the package, by the module they come from."""
 
-_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 _SUBMODULES = frozenset({*_MODULES, "_sqlite"})
 
 __all__ = [
@@ -185,17 +185,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Load a public name (or a submodule) on first use (PEP 562)."""
-    module = _EXPORTS.get(name)
-    if module is not None:
-        value = getattr(importlib.import_module(f"fedgov.node.{module}"), name)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f"fedgov.node.{name}")
-    raise AttributeError(f"module 'fedgov.node' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+if not TYPE_CHECKING:  # type checkers read the imports above; a __getattr__ would hide typos from them
+    __getattr__, __dir__ = lazy_exports(__name__, _MODULES, __all__, submodules=_SUBMODULES)

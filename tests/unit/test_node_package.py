@@ -15,9 +15,11 @@ ROOT = PACKAGE.parents[1]
 
 def test_every_public_name_resolves_to_its_module() -> None:
     assert len(set(node.__all__)) == len(node.__all__)
+    origin = {public: module for module, names in node._MODULES.items() for public in names}
+    assert set(origin) == set(node.__all__)
     for name in node.__all__:
         value = getattr(node, name)
-        module = node._EXPORTS[name]
+        module = origin[name]
         assert value is getattr(__import__(f"fedgov.node.{module}", fromlist=[name]), name), name
 
 
