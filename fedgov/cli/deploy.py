@@ -208,9 +208,10 @@ def local_up(
     directory: Annotated[Path, typer.Option("--dir", "-d", help="Directory for the coordinator, the nodes and their data")],
     nodes: Annotated[int, typer.Option("--nodes", "-n", help="Number of nodes (the first members of the task's federation)")] = 3,
     task: Annotated[Path | None, typer.Option("--task", help="Task whose federation and contract give the nodes' data (default: the demo task)")] = None,
+    runtime: Annotated[str, typer.Option("--runtime", help="The nodes' ClientApp runtime: 'warm' (a long-lived worker per node) or 'cold' (a fresh process per message, as Flower does)")] = "warm",
 ) -> None:
     """Start a coordinator and N nodes in the background; wait until all nodes are online."""
-    state = local_federation_up(directory, nodes=nodes, task_path=task)
+    state = local_federation_up(directory, nodes=nodes, task_path=task, runtime=runtime)
     console.print(
         f"coordinator on {state['address']} (gateway pid {state['gateway']}, SuperLink pid {state['superlink']} "
         f"on {state['control_address']}), {len(state['nodes'])} node(s) online:"

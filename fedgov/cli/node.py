@@ -214,8 +214,10 @@ def start(
     coordinator: Annotated[str, typer.Option("--coordinator", help="The coordinator's address, host:port")],
     ca: Annotated[Path, typer.Option("--ca", help="The coordinator's CA certificate (ca.crt)")],
     port: Annotated[int, typer.Option(help="Local port of the node's ClientApp API (127.0.0.1 only)")] = 9094,
+    runtime: Annotated[str, typer.Option("--runtime", help="'warm': a long-lived worker beside the SuperNode runs every message; 'cold': a fresh process per message, as Flower does")] = "warm",
 ) -> None:
-    """Run the node's SuperNode in the foreground until Ctrl-C (TLS, authenticated with node-key)."""
+    """Run the node's SuperNode in the foreground until Ctrl-C (TLS, authenticated with node-key),
+    with the node's warm worker beside it (its log: logs/worker.log in the node directory)."""
     from fedgov.deploy.supernode import check_before_start, start_node  # lazy: numpy, Flower (fedgov --help)
     from fedgov.node.home import NodeHome  # lazy: numpy, through the ledger's accounting (fedgov --help)
 
@@ -223,7 +225,7 @@ def start(
     if home.exists():  # the data against the pinned contracts: a policy or contract error stops here
         for warning in check_before_start(home):
             err_console.print(f"[bold yellow]warning:[/] {warning}")
-    proc = start_node(node_dir, coordinator, ca, port, check=False)
+    proc = start_node(node_dir, coordinator, ca, port, check=False, runtime=runtime)
     console.print(f"SuperNode running for {node_dir} (pid {proc.pid}), coordinator {coordinator}; log: {proc.log_path}. Ctrl-C stops it.")
     foreground(proc, "SuperNode")
 

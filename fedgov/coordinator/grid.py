@@ -7,6 +7,8 @@ gRPC grid in a deployment, its simulation grid under ``fedgov run``, and
 * :func:`wait_for_nodes`: a bounded wait for the expected nodes (Flower's own waits forever);
 * :func:`hello`: the admission round, each node's answer (:class:`fedgov.protocol.NodeHello`);
 * :func:`end_task`: the best-effort notice that a task ended (nodes release what they did not spend);
+* :class:`PollingGrid`: Flower's grid with a short wait for replies (Flower's deployed grid
+  looks for replies every 3 s; this one after 10 ms, doubling to at most 0.1 s);
 * :class:`AdmittedGrid`: the view the strategy gets, with only the admitted nodes, a bounded
   wait for missing ones, and a count of the bytes that crossed it (:func:`message_bytes`).
 """
@@ -26,6 +28,8 @@ from fedgov.errors import FederationError
 
 __all__ = [
     "AdmittedGrid",
+    "PollingGrid",
+    "poll_replies",
     "end_task",
     "hello",
     "message_bytes",
@@ -35,6 +39,62 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def poll_replies(
+    grid: Grid, messages: Iterable[Message], *, timeout: float | None = None, first: float = 0.01, longest: float = 0.1
+) -> list[Message]:
+    """Push ``messages`` and pull their replies until all came or ``timeout`` s passed.
+
+    What Flower's ``Grid.send_and_receive`` does, with a wait between pulls that starts at
+    ``first`` s and doubles to at most ``longest`` (Flower's deployed grid waits 3 s)."""
+    t0 = time.monotonic()
+    ids = set(grid.push_messages(messages))
+    n = len(ids)
+    end = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    wait = first
+    while ids:
+        got = list(grid.pull_messages(ids))
+        replies.extend(got)
+        ids.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not ids or (end is not None and time.monotonic() >= end):
+            break
+        time.sleep(wait if end is None else max(0.0, min(wait, end - time.monotonic())))
+        wait = min(longest, wait * 2) if not got else first
+    log.debug("%d messages, %d replies in %.3f s", n, len(replies), time.monotonic() - t0)
+    return replies
+
+
+class PollingGrid(Grid):
+    """Flower's grid, but :meth:`send_and_receive` waits for replies in short steps (:func:`poll_replies`)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return poll_replies(self._grid, messages, timeout=timeout)
 
 
 class AdmittedGrid(Grid):

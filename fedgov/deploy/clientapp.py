@@ -2,8 +2,10 @@
 
 A SuperNode (subprocess isolation) starts ``flower-superexec``, which starts one
 ``flwr-clientapp`` process per message, by name from ``PATH``. ``fedgov node start`` puts a
-``flwr-clientapp`` of its own first on the SuperNode's ``PATH`` (:func:`write_shim`); it runs
-:func:`main`, which is Flower's ``flwr-clientapp`` except that, after the message and the
+``flwr-clientapp`` of its own first on the SuperNode's ``PATH`` (:func:`write_shim`): a relay that
+hands the task to the node's warm worker (:mod:`fedgov.deploy.worker`, which runs the same check
+through :func:`check_pulled`). Without a worker it runs :func:`main`, which is Flower's
+``flwr-clientapp`` except that, after the message and the
 bundle are pulled and before the bundle is installed or imported, the bundle's hash is checked
 against the node's policy (:func:`fedgov.deploy.trust.check_bundle`). An untrusted bundle is
 never unpacked: the node writes ``app-refused`` to its audit log, and Flower's error path
@@ -116,10 +118,17 @@ def install_hooks() -> None:
 
 
 def write_shim(bindir: Path) -> Path:
-    """Write ``bindir/flwr-clientapp`` that runs :func:`main` with this Python; return ``bindir``."""
+    """Write ``bindir/flwr-clientapp``, the node's relay to its warm worker
+    (:mod:`fedgov.deploy.relay`; it falls back to :func:`main` when no worker answers); return ``bindir``."""
+    from fedgov.deploy import relay
+
     bindir.mkdir(parents=True, exist_ok=True)
     shim = bindir / SHIM_NAME
-    text = f'#!/bin/sh\n# fedgov: Flower\'s flwr-clientapp with the node\'s app-bundle check\nexec "{sys.executable}" -m fedgov.deploy.clientapp "$@"\n'
+    text = (
+        "#!/bin/sh\n# fedgov: hand this ClientApp task to the node's warm worker (fedgov.deploy.relay);\n"
+        "# without one, Flower's flwr-clientapp with the node's app-bundle check (fedgov.deploy.clientapp)\n"
+        f'exec "{sys.executable}" -I -S "{Path(relay.__file__).resolve()}" "$@"\n'
+    )
     tmp = shim.with_suffix(".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP)

@@ -116,8 +116,12 @@ def local_federation_up(
     task_path: Path | None = None,
     budget: float = 10.0,
     connect_timeout: float = 90.0,
+    runtime: str = "warm",
 ) -> dict[str, Any]:
     """Create (or reuse) and start a local federation; return its state (also in the state file).
+
+    ``runtime`` is the nodes' ClientApp runtime: ``"warm"`` (a long-lived worker per node,
+    :mod:`fedgov.deploy.worker`) or ``"cold"`` (a fresh process per message, as Flower does).
 
     Waits until every node is online at the SuperLink. On any failure, everything started
     is stopped again.
@@ -168,9 +172,13 @@ def local_federation_up(
                 _write_state(base, state)
         for code, node_dir in members:
             port = free_port()
-            proc = start_node(node_dir, cfg.address, ca, port, name=code, log_path=base / "logs" / f"supernode-{code}.log")
+            proc = start_node(
+                node_dir, cfg.address, ca, port, name=code, log_path=base / "logs" / f"supernode-{code}.log", runtime=runtime
+            )
             started.append(proc)
-            state["nodes"][code] = {"pid": proc.pid, "port": port, "node_dir": str(node_dir), "node_id": state["admitted"][code]}
+            state["nodes"][code] = {
+                "pid": proc.pid, "port": port, "node_dir": str(node_dir), "node_id": state["admitted"][code], "runtime": runtime,
+            }
             _write_state(base, state)
         _wait_online(coord_dir, {state["admitted"][c] for c, _ in members}, started, connect_timeout)
     except BaseException:
@@ -257,7 +265,7 @@ def start_local_node(directory: Path | str, code: str) -> dict[str, Any]:
     port = free_port()
     proc = start_node(
         Path(node["node_dir"]), state["address"], Path(state["ca_cert"]), port, name=code,
-        log_path=base / "logs" / f"supernode-{code}.log",
+        log_path=base / "logs" / f"supernode-{code}.log", runtime=str(node.get("runtime", "warm")),
     )
     node["pid"], node["port"] = proc.pid, port
     _write_state(base, state)
@@ -303,4 +311,4 @@ def _is_flower(pid: int) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    return "flower-superlink" in cmd or "flower-supernode" in cmd or "fedgov.deploy.gateway" in cmd
+    return "flower-superlink" in cmd or "flower-supernode" in cmd or "fedgov.deploy.gateway" in cmd or "fedgov.deploy.noderun" in cmd

@@ -11,6 +11,7 @@ before it is installed (:mod:`fedgov.deploy.clientapp`).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from fedgov.errors import ConfigError, Problem
@@ -36,8 +37,12 @@ def check_before_start(home: NodeHome) -> list[str]:
     return warnings
 
 
-def node_env(node_dir: Path) -> dict[str, str]:
-    """The SuperNode's environment: fedgov's ``flwr-clientapp`` (with the bundle check) first on PATH."""
+def node_env(node_dir: Path, *, runtime: str = "warm") -> dict[str, str]:
+    """The SuperNode's environment: fedgov's ``flwr-clientapp`` relay (with the bundle check)
+    first on PATH, the warm worker on (``runtime="warm"``) or off (``"cold"``: a fresh process
+    per message, as Flower does), and SuperExec's poll for tasks at 0.1 s instead of 1 s."""
+    if runtime not in ("warm", "cold"):
+        raise ConfigError("unknown node runtime", [Problem("--runtime", "", f"'warm' or 'cold', not {runtime!r}")])
     from fedgov.deploy.clientapp import write_shim
     from fedgov.deploy.trust import local_bundle_hash
 
@@ -47,6 +52,10 @@ def node_env(node_dir: Path) -> dict[str, str]:
     env["FEDGOV_NODE_DIR"] = str(node_dir)
     # What "fedgov" in accept.apps stands for: the bundle this installation builds.
     env["FEDGOV_APP_HASH"] = local_bundle_hash()
+    env["FEDGOV_NODE_RUNTIME"] = runtime
+    env["FEDGOV_PYTHON"] = sys.executable
+    # SuperExec asks the SuperNode for new tasks every 1 s by default (Flower's own variable).
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     return env
 
 
@@ -56,8 +65,10 @@ def node_args(node_dir: Path, name: str, superlink_address: str, ca_cert: Path, 
     for s in (name, str(node_dir)):
         if "'" in s or '"' in s:
             raise ConfigError("node name or directory holds a quote", [Problem(s, "", "quotes are not allowed")])
+    flwr_bin("flower-supernode")  # checks that Flower's SuperNode is installed
     return [
-        flwr_bin("flower-supernode"),
+        # Flower's flower-supernode, in fedgov's launcher: the warm worker beside it, shorter waits.
+        sys.executable, "-m", "fedgov.deploy.noderun",
         "--root-certificates", str(ca_cert),
         "--auth-supernode-private-key", str(node_dir / "node-key"),
         "--superlink", superlink_address,
@@ -77,12 +88,15 @@ def start_node(
     name: str | None = None,
     log_path: Path | None = None,
     check: bool = True,
+    runtime: str = "warm",
 ) -> ManagedProcess:
     """Start ``flower-supernode`` for the node directory; its ClientAppIO API on ``127.0.0.1:port``.
 
     With ``check`` the data is checked against the pinned contracts first
     (:func:`check_before_start`): a policy or contract error stops the start, data that does
-    not conform is logged as a warning."""
+    not conform is logged as a warning. ``runtime="warm"`` (the default) runs the node's warm
+    worker beside the SuperNode (:mod:`fedgov.deploy.worker`); ``"cold"`` starts a fresh process
+    per message, as Flower does."""
     home = NodeHome(node_dir)
     key = home.path / "node-key"
     if not home.exists() or not key.is_file():
@@ -100,7 +114,7 @@ def start_node(
     flwr_home.mkdir(exist_ok=True)
     return ManagedProcess(
         node_args(home.path, node_name, superlink_address, Path(ca_cert).resolve(), port),
-        env=node_env(home.path),
+        env=node_env(home.path, runtime=runtime),
         log_path=log_path or home.path / "logs" / "supernode.log",
         cwd=home.path,
         name=f"flower-supernode {node_name}",

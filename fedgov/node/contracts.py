@@ -247,6 +247,11 @@ def _files(ds: DatasetSpec) -> list[Path]:
 _HASHES: dict[tuple[str, int, int], str] = {}
 
 
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file, computed again only when its size or modification time changed."""
+    return _hash(path)
+
+
 def _hash(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)

@@ -14,8 +14,9 @@ handlers. What a node does, per message:
   node beyond its target is refused.
 * *evaluate*: accuracy, loss and AUC of the global model on its own test split.
 
-Validated and encoded data are cached per process (keyed by file, size and mtime), so a
-node does not re-read and re-validate its export every round.
+Validated and encoded data are cached per process (keyed by each file's SHA-256), so a node
+does not re-read and re-validate its export every round; in a deployment that process is the
+node's warm worker (:mod:`fedgov.deploy.worker`), which lives across messages, tasks and runs.
 """
 
 from __future__ import annotations
@@ -74,11 +75,15 @@ class PreparedData:
 _CACHE: dict[tuple[Any, ...], PreparedData] = {}
 
 
-def _file_key(path: Path | None) -> tuple[str, int, int] | None:
+def _file_key(path: Path | None) -> tuple[str, str] | None:
+    """A file's identity for the caches: its path and the SHA-256 of its bytes (computed again
+    only when its size or modification time changed), so that data is read again only when
+    its content changed."""
     if path is None:
         return None
-    st = path.stat()
-    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    from fedgov.node.contracts import file_digest
+
+    return (str(path.resolve()), file_digest(path))
 
 
 def prepare(task: Task, contract: Contract, train_path: Path, test_path: Path | None) -> PreparedData:
@@ -221,20 +226,9 @@ ROWS_NOTE = "released-train-rows="
 
 
 def _file_sha256(path: Path) -> str:
-    import hashlib
+    from fedgov.node.contracts import file_digest
 
-    key = _file_key(path)
-    hit = _SHA_CACHE.get(key)
-    if hit is None:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        hit = _SHA_CACHE[key] = h.hexdigest()
-    return hit
-
-
-_SHA_CACHE: dict[Any, str] = {}
+    return file_digest(path)
 
 
 def released_row_count(home: Any, contract: Contract, train_path: Path, n: int) -> int:
