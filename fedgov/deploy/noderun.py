@@ -89,7 +89,7 @@ def patch_waits(module: types.ModuleType | None = None, pacer: Pacer | None = No
         module = sci
     try:
         source = inspect.getsource(module)
-    except OSError:
+    except (OSError, TypeError):
         source = ""
     pull = getattr(module, "_pull_and_store_message", None)
     if getattr(module, "time", None) is not time or "time.sleep(3)" not in source or "time.sleep(0.5)" not in source or not callable(pull):

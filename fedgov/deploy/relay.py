@@ -95,18 +95,22 @@ def connect(node_dir: str, timeout: float) -> socket.socket | None:
 
 
 def relay(node_dir: str, argv: list[str]) -> int:
-    """Hand ``argv`` to the worker; its exit status, or ``None``-like -1 when no worker answers."""
+    """Hand ``argv`` to the worker: its exit status; :data:`LOST` when the worker went away
+    before it answered; -1 when no worker answers at all."""
     s = connect(node_dir, START_TIMEOUT)
     if s is None:
         return -1
+    buf = b""
     with s:
-        s.sendall(json.dumps({"argv": argv, "pid": os.getpid()}).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(4096)
-            if not chunk:
-                return LOST
-            buf += chunk
+        try:
+            s.sendall(json.dumps({"argv": argv, "pid": os.getpid()}).encode() + b"\n")
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    return LOST
+                buf += chunk
+        except OSError:  # the worker went away (or refused this caller)
+            return LOST
     try:
         return int(json.loads(buf)["exit"])
     except (ValueError, KeyError, TypeError):

@@ -216,7 +216,7 @@ def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Pa
         # that ClientApp runs has been seen to get no reply from its SuperNode (one CI run in
         # several). An operator resumes a stopped run once the nodes are idle: so does this test.
         drain = time.monotonic() + 60
-        while any("flwr-clientapp" in c for c in flower_processes(tmp_path)) and time.monotonic() < drain:
+        while any("flwr-clientapp" in c or "relay.py" in c for c in flower_processes(tmp_path)) and time.monotonic() < drain:
             time.sleep(0.5)
 
         # --- 5. run B is resumed (fedgov task resume): round 2 on all four nodes ---------------

@@ -1,0 +1,270 @@
+"""The warm node runtime's parts, without Flower processes: the local channel (socket, lock,
+relay), the worker's refusal of a stranger, the shortened waits and the coordinator's reply polling."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedgov.coordinator.grid import PollingGrid, poll_replies
+from fedgov.deploy import relay, worker
+from fedgov.deploy.clientapp import write_shim
+from fedgov.deploy.noderun import Pacer, patch_waits
+from fedgov.pacing import FIRST, LONGEST, shorten_object_pulls
+
+
+# --- the local channel ------------------------------------------------------------------------
+
+
+def _serve_once(w: worker.Worker, handle: Any, monkeypatch: pytest.MonkeyPatch) -> threading.Thread:
+    monkeypatch.setattr(worker, "handle", handle)
+    t = threading.Thread(target=w.serve, daemon=True)
+    t.start()
+    return t
+
+
+def test_socket_is_private_and_the_relay_gets_the_worker_exit_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rd = Path(relay.run_dir(str(tmp_path)))
+    rd.mkdir(mode=0o700)
+    w = worker.Worker(tmp_path)
+    w.bind()
+    path = worker.socket_path(tmp_path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_ISSOCK(path.stat().st_mode)
+    seen: list[list[str]] = []
+    t = _serve_once(w, lambda argv: seen.append(argv) or 7, monkeypatch)
+    try:
+        argv = ["--runtime-api-address", "127.0.0.1:9", "--token", "secret-token"]
+        assert relay.relay(str(tmp_path), argv) == 7
+        assert seen == [argv] and w.served == 1
+    finally:
+        w.stopping.set()
+        t.join(5)
+    assert not path.exists()  # a stopped worker leaves no socket behind
+
+
+def test_a_process_of_another_user_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Path(relay.run_dir(str(tmp_path))).mkdir(mode=0o700)
+    w = worker.Worker(tmp_path)
+    w.bind()
+    monkeypatch.setattr(worker, "_peer_uid", lambda conn: os.getuid() + 1)
+    called: list[Any] = []
+    t = _serve_once(w, lambda argv: called.append(argv) or 0, monkeypatch)
+    try:
+        # the worker closes the connection without running anything: the relay reports a lost worker
+        assert relay.relay(str(tmp_path), ["--token", "x"]) == relay.LOST
+        assert called == [] and w.served == 0
+    finally:
+        w.stopping.set()
+        t.join(5)
+
+
+def test_malformed_requests_are_refused_without_running_anything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Path(relay.run_dir(str(tmp_path))).mkdir(mode=0o700)
+    w = worker.Worker(tmp_path)
+    w.bind()
+    called: list[Any] = []
+    t = _serve_once(w, lambda argv: called.append(argv) or 0, monkeypatch)
+    try:
+        for payload in (b"not json\n", b'{"no-argv": 1}\n', b'{"argv": 5}\n'):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(str(worker.socket_path(tmp_path)))
+                s.sendall(payload)
+                assert json.loads(s.makefile().readline()) == {"exit": 2}
+        assert called == []
+    finally:
+        w.stopping.set()
+        t.join(5)
+
+
+def test_the_lock_says_whether_a_worker_runs(tmp_path: Path) -> None:
+    import fcntl
+
+    rd = Path(relay.run_dir(str(tmp_path)))
+    assert not relay.worker_running(str(tmp_path))  # no run directory yet
+    rd.mkdir(mode=0o700)
+    fd = os.open(rd / relay.LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert not relay.worker_running(str(tmp_path))
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert relay.worker_running(str(tmp_path))
+    finally:
+        os.close(fd)
+    assert not relay.worker_running(str(tmp_path))
+
+
+def test_without_a_worker_the_relay_starts_one_and_then_gives_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Path(relay.run_dir(str(tmp_path))).mkdir(mode=0o700)
+    started: list[str] = []
+    monkeypatch.setattr(relay, "start_worker", started.append)
+    t0 = time.monotonic()
+    assert relay.connect(str(tmp_path), timeout=0.3) is None
+    assert time.monotonic() - t0 >= 0.3
+    assert started == [str(tmp_path)]  # one start, not one per attempt
+    # and main() then runs the message cold (Flower's flwr-clientapp with the bundle check)
+    monkeypatch.setenv("FEDGOV_NODE_DIR", str(tmp_path))
+    monkeypatch.setattr(relay, "relay", lambda node_dir, argv: -1)
+    cold: list[list[str]] = []
+
+    def fake_cold(argv: list[str]) -> None:
+        cold.append(argv)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(relay, "cold", fake_cold)
+    monkeypatch.setattr(sys, "argv", ["flwr-clientapp", "--token", "t"])
+    with pytest.raises(SystemExit):
+        relay.main()
+    assert cold == [["--token", "t"]]
+
+
+def test_cold_runtime_skips_the_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDGOV_NODE_DIR", str(tmp_path))
+    monkeypatch.setenv("FEDGOV_NODE_RUNTIME", "cold")
+    monkeypatch.setattr(relay, "relay", lambda *a: pytest.fail("the worker was asked"))
+    monkeypatch.setattr(relay, "cold", lambda argv: (_ for _ in ()).throw(SystemExit(0)))
+    monkeypatch.setattr(sys, "argv", ["flwr-clientapp", "--token", "t"])
+    with pytest.raises(SystemExit):
+        relay.main()
+
+
+def test_bad_arguments_are_an_exit_status_not_a_crash() -> None:
+    assert worker.handle(["--no-such-option"]) == 2
+
+
+def test_the_relay_imports_only_the_standard_library() -> None:
+    import ast
+
+    tree = ast.parse(Path(relay.__file__).read_text("utf-8"))
+    mods = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    mods |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert mods - {"__future__"} <= set(sys.stdlib_module_names), mods
+
+
+def test_the_shim_runs_the_relay_isolated(tmp_path: Path) -> None:
+    shim = write_shim(tmp_path / "bin") / "flwr-clientapp"
+    text = shim.read_text("utf-8")
+    assert f'"{sys.executable}" -I -S "{Path(relay.__file__).resolve()}" "$@"' in text
+    assert shim.stat().st_mode & stat.S_IXUSR
+
+
+# --- shorter waits -----------------------------------------------------------------------------
+
+
+def test_pacer_replaces_flowers_two_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    p = Pacer(poll_min=0.05, poll_max=0.4, reply_poll=0.02, hot=10.0)
+    for _ in range(5):
+        p.sleep(3)  # idle: doubling from poll_min to poll_max
+    p.sleep(0.5)  # waiting for a reply
+    p.sleep(1.25)  # anything else: as asked
+    assert slept == [0.05, 0.1, 0.2, 0.4, 0.4, 0.02, 1.25]
+    slept.clear()
+    p.busy()  # a message arrived: a task runs, the node stays quick
+    for _ in range(4):
+        p.sleep(3)
+    assert slept == [0.05] * 4
+    assert p.monotonic() > 0  # everything else is the time module's
+
+
+def test_patch_waits_installs_the_pacer_only_in_the_loop_it_knows() -> None:
+    import inspect
+
+    src = "import time\ndef _pull_and_store_message():\n    return None\ndef loop():\n    time.sleep(3)\n    time.sleep(0.5)\n"
+    mod = types.ModuleType("fake_loop")
+    exec(compile(src, "fake_loop.py", "exec"), mod.__dict__)  # noqa: S102 - a stand-in for Flower's module
+    original = mod._pull_and_store_message
+    old_getsource = inspect.getsource
+    inspect.getsource = lambda m: src if m is mod else old_getsource(m)  # type: ignore[assignment]
+    try:
+        pacer = patch_waits(mod)
+        assert pacer is not None and mod.time is pacer and mod._pull_and_store_message is not original
+        other = types.ModuleType("other")
+        other.time = time  # type: ignore[attr-defined]
+        assert patch_waits(other) is None and other.time is time  # type: ignore[attr-defined]
+    finally:
+        inspect.getsource = old_getsource  # type: ignore[assignment]
+
+
+def test_flowers_supernode_loop_is_the_one_fedgov_shortens() -> None:
+    import flwr.supernode.start_client_internal as sci
+
+    before = (sci.time, sci._pull_and_store_message, sci.pull_objects)
+    try:
+        assert patch_waits(sci) is not None
+        assert isinstance(sci.time, Pacer)
+        assert sci.pull_objects.keywords == {"initial_backoff": FIRST, "backoff_cap": LONGEST}  # type: ignore[attr-defined]
+    finally:
+        sci.time, sci._pull_and_store_message, sci.pull_objects = before  # type: ignore[misc]
+
+
+def test_shorten_object_pulls_passes_flowers_own_parameters() -> None:
+    calls: list[dict[str, Any]] = []
+    mod = types.ModuleType("m")
+    mod.pull_objects = lambda ids, **kw: calls.append(kw) or {}  # type: ignore[attr-defined]
+    assert shorten_object_pulls(mod) and shorten_object_pulls(mod)  # twice: wrapped once
+    mod.pull_objects(["a"], pull_object_fn=None)  # type: ignore[attr-defined]
+    assert calls == [{"initial_backoff": FIRST, "backoff_cap": LONGEST, "pull_object_fn": None}]
+    assert not shorten_object_pulls(types.ModuleType("empty"))
+
+
+# --- the coordinator's wait for replies ---------------------------------------------------------
+
+
+class _Msg:
+    def __init__(self, reply_to: str) -> None:
+        self.metadata = types.SimpleNamespace(reply_to_message_id=reply_to)
+
+
+class _SlowGrid:
+    """Replies to message i become available ``delays[i]`` s after the push."""
+
+    def __init__(self, delays: list[float | None]) -> None:
+        self.delays = delays
+        self.pulls = 0
+        self.t0 = 0.0
+
+    def push_messages(self, messages: Any) -> list[str]:
+        self.t0 = time.monotonic()
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, ids: Any) -> list[_Msg]:
+        self.pulls += 1
+        now = time.monotonic() - self.t0
+        return [_Msg(f"m{i}") for i, d in enumerate(self.delays) if d is not None and f"m{i}" in ids and d <= now]
+
+
+def test_poll_replies_returns_as_soon_as_all_replies_are_in() -> None:
+    g = _SlowGrid([0.0, 0.05, 0.12])
+    t0 = time.monotonic()
+    replies = poll_replies(g, [1, 2, 3], timeout=30)  # type: ignore[arg-type]
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
+    assert time.monotonic() - t0 < 5  # bounded far above the 0.12 s + one 0.1 s poll it needs
+    assert g.pulls >= 2
+
+
+def test_poll_replies_gives_up_at_the_timeout_with_what_came() -> None:
+    g = _SlowGrid([0.0, None])
+    t0 = time.monotonic()
+    replies = poll_replies(g, [1, 2], timeout=0.3)  # type: ignore[arg-type]
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
+    assert time.monotonic() - t0 >= 0.3
+
+
+def test_polling_grid_delegates_everything_but_the_wait() -> None:
+    inner = types.SimpleNamespace(
+        get_node_ids=lambda: [1, 2], run="the-run", push_messages=lambda m: ["m0"],
+        pull_messages=lambda ids: [_Msg("m0")], set_run=lambda r: None,
+    )
+    g = PollingGrid(inner)  # type: ignore[arg-type]
+    assert list(g.get_node_ids()) == [1, 2] and g.run == "the-run"
+    assert [m.metadata.reply_to_message_id for m in g.send_and_receive([object()], timeout=5)] == ["m0"]  # type: ignore[list-item]
