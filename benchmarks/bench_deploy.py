@@ -1,21 +1,27 @@
-"""Deployment against simulation, measured: time per round, start-up, idle memory.
+"""Deployment against simulation, measured: time per round, start-up, wall, idle memory.
 
 The demo task (``configs/tasks/adult-income.toml``: logreg, DP-SGD at epsilon 2 per node)
-on the same 3 municipalities (the first 3 members of ``demo-12``: Rotterdam, Amsterdam,
-Utrecht, Adult split by population), ``--rounds`` rounds (default 3), run twice in one
-invocation:
+on the first ``--nodes`` members of ``demo-12`` (default 3: Rotterdam, Amsterdam, Utrecht,
+Adult split by population), ``--rounds`` rounds (default 3), in one invocation:
 
 1. in simulation (``fedgov run``: Flower's simulation engine, one process tree);
-2. in deployment (``fedgov local-federation up --nodes 3``: a coordinator, its gateway and
-   3 SuperNodes as separate processes with TLS and node keys; then ``fedgov task submit``).
+2. deployed with ``--runtime cold`` (``fedgov local-federation up``: a coordinator, its
+   gateway and the nodes as separate processes with TLS and node keys; every message in a
+   fresh ClientApp process, as Flower runs it; fedgov's shorter waits at the coordinator apply);
+3. deployed with the warm node runtime (the default: one long-lived worker per node).
 
-Before the deployed run, with the federation idle for ``--idle`` seconds, the resident
+Before each deployed run, with the federation idle for ``--idle`` seconds, the resident
 memory (RSS, from /proc) of each process tree is read: the coordinator (SuperLink and
-gateway, each with its children) and each node (SuperNode with SuperExec).
+gateway, each with its children) and each node (its launcher with SuperNode, SuperExec and
+worker); after the run it is read again (the node idle after a task).
 
-    .venv/bin/python benchmarks/bench_deploy.py [--rounds 3] [--idle 15]
+``--distributed`` adds a run of the distributed-DP task (secure aggregation, discrete
+Gaussian noise on the sum; ``configs/tasks/adult-income-distributed.toml`` on the same
+members) on the warm deployment, and reports its time per round.
 
-Prints a table and writes ``benchmarks/results/deploy.json``.
+    .venv/bin/python benchmarks/bench_deploy.py [--nodes 3] [--rounds 3] [--idle 15] [--distributed] [--skip-cold]
+
+Prints a table and writes ``benchmarks/results/deploy[-N].json``.
 """
 
 from __future__ import annotations
@@ -40,18 +46,19 @@ FEDGOV = [sys.executable, "-m", "fedgov.cli"]
 MIB = 1024 * 1024
 
 
-def _setup(tmp: Path, rounds: int) -> Path:
+def _setup(tmp: Path, rounds: int, nodes: int = 3, source: str = "adult-income.toml", name: str = "task.toml") -> Path:
     fed = (ROOT / "configs" / "federations" / "demo-12.toml").read_text("utf-8")
     head, _, members = fed.partition("[[members]]")
-    first3 = "[[members]]" + "[[members]]".join(members.split("[[members]]")[:3])
+    first = "[[members]]" + "[[members]]".join(members.split("[[members]]")[:nodes])
     head = head.replace('source = "../../data/adult/adult.csv"', f'source = "{ROOT / "data" / "adult" / "adult.csv"}"')
-    (tmp / "fed3.toml").write_text(head.replace('name = "demo-12"', 'name = "demo-3"') + first3, encoding="utf-8")
-    task = (ROOT / "configs" / "tasks" / "adult-income.toml").read_text("utf-8")
+    fed_path = tmp / f"fed{nodes}.toml"
+    fed_path.write_text(head.replace('name = "demo-12"', f'name = "demo-{nodes}"') + first, encoding="utf-8")
+    task = (ROOT / "configs" / "tasks" / source).read_text("utf-8")
     task = re.sub(r"(?m)^rounds = \d+", f"rounds = {rounds}", task)
-    task = re.sub(r'(?m)^federation = ".*"', f'federation = "{tmp / "fed3.toml"}"', task)
+    task = re.sub(r'(?m)^federation = ".*"', f'federation = "{fed_path}"', task)
     task = re.sub(r'(?m)^contract = ".*"', f'contract = "{ROOT / "configs" / "contracts" / "adult-income.toml"}"', task)
     task = re.sub(r'(?m)^centralized = ".*"', f'centralized = "{ROOT / "data" / "adult" / "adult_test.csv"}"', task)
-    path = tmp / "task.toml"
+    path = tmp / name
     path.write_text(task, encoding="utf-8")
     return path
 
@@ -78,53 +85,91 @@ def _run(cmd: list[str], log: Path) -> float:
     return time.monotonic() - t0
 
 
+def _idle_rss(lf: Path) -> dict[str, Any]:
+    state = json.loads((lf / "local-federation.json").read_text("utf-8"))
+    coord = _tree_rss(int(state["superlink"])) + _tree_rss(int(state["gateway"]))
+    nodes = {code: _tree_rss(int(n["pid"])) for code, n in state["nodes"].items()}
+    return {
+        "coordinator (SuperLink + gateway)": round(coord / MIB),
+        "node median": round(statistics.median(nodes.values()) / MIB),
+        "node max": round(max(nodes.values()) / MIB),
+    }
+
+
+def _summary(run_dir: Path, wall: float) -> dict[str, Any]:
+    rounds, startup = _round_times(run_dir)
+    report = json.loads((run_dir / "report.json").read_text("utf-8"))
+    final = (report.get("final") or {}).get("accuracy")
+    eps = [n.get("epsilon") for n in report.get("nodes", []) if n.get("epsilon") is not None]
+    return {"wall_s": round(wall, 1), "round_s": [round(x, 2) for x in rounds],
+            "median_round_s": round(statistics.median(rounds), 2) if rounds else None,
+            "startup_s": None if startup is None else round(startup, 1),
+            "accuracy": None if final is None else round(float(final), 4),
+            "epsilon_max": round(max(eps), 3) if eps else None, "status": report.get("status")}
+
+
+def _deployed(tmp: Path, label: str, task: Path, nodes: int, runtime: str, idle: float, extra: list[Path]) -> dict[str, Any]:
+    lf = tmp / f"lf-{label}"
+    t0 = time.monotonic()
+    _run([*FEDGOV, "local-federation", "up", "--dir", str(lf), "--nodes", str(nodes), "--task", str(task), "--runtime", runtime],
+         tmp / f"up-{label}.log")
+    out: dict[str, Any] = {"up_s": round(time.monotonic() - t0, 1)}
+    try:
+        time.sleep(idle)
+        out["idle_rss_mib_before"] = _idle_rss(lf)
+        for i, t in enumerate([task, *extra]):
+            runs = tmp / f"runs-{label}-{i}"
+            wall = _run([*FEDGOV, "task", "submit", str(t), "-C", str(lf / "coordinator"), "--runs-dir", str(runs)], tmp / f"dep-{label}-{i}.log")
+            out["run" if i == 0 else f"extra{i}"] = _summary(_latest_run(runs), wall)
+        time.sleep(idle)
+        out["idle_rss_mib_after"] = _idle_rss(lf)
+    finally:
+        subprocess.run([*FEDGOV, "local-federation", "down", "--dir", str(lf)], check=False, capture_output=True, cwd=ROOT)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--idle", type=float, default=15.0)
+    ap.add_argument("--distributed", action="store_true", help="also a distributed-DP task under secure aggregation (warm)")
+    ap.add_argument("--skip-cold", action="store_true", help="leave out the deployment with a fresh process per message")
     args = ap.parse_args()
-    result: dict[str, Any] = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "rounds": args.rounds}
+    result: dict[str, Any] = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+                              "nodes": args.nodes, "rounds": args.rounds}
     with tempfile.TemporaryDirectory(prefix="fedgov-bench-deploy-") as t:
         tmp = Path(t)
-        task = _setup(tmp, args.rounds)
-
+        task = _setup(tmp, args.rounds, args.nodes)
+        extra = [_setup(tmp, 2, args.nodes, "adult-income-distributed.toml", "distributed.toml")] if args.distributed else []
         wall = _run([*FEDGOV, "run", str(task), "--runs-dir", str(tmp / "sim-runs"), "--no-baseline"], tmp / "sim.log")
-        sim_rounds, sim_startup = _round_times(_latest_run(tmp / "sim-runs"))
-        result["simulation"] = {"wall_s": round(wall, 1), "round_s": [round(x, 1) for x in sim_rounds],
-                                "median_round_s": round(statistics.median(sim_rounds), 1),
-                                "startup_s": None if sim_startup is None else round(sim_startup, 1)}
-
-        lf = tmp / "lf"
-        _run([*FEDGOV, "local-federation", "up", "--dir", str(lf), "--nodes", "3", "--task", str(task)], tmp / "up.log")
-        try:
-            time.sleep(args.idle)
-            state = json.loads((lf / "local-federation.json").read_text("utf-8"))
-            coord = _tree_rss(int(state["superlink"])) + _tree_rss(int(state["gateway"]))
-            nodes = {code: _tree_rss(int(n["pid"])) for code, n in state["nodes"].items()}
-            result["idle_rss_mib"] = {
-                "coordinator (SuperLink + gateway)": round(coord / MIB),
-                "superlink": round(_tree_rss(int(state["superlink"])) / MIB),
-                "gateway": round(_tree_rss(int(state["gateway"])) / MIB),
-                "nodes": {c: round(v / MIB) for c, v in nodes.items()},
-                "node median": round(statistics.median(nodes.values()) / MIB),
-            }
-            wall = _run([*FEDGOV, "task", "submit", str(task), "-C", str(lf / "coordinator"), "--runs-dir", str(tmp / "dep-runs")], tmp / "dep.log")
-            dep_rounds, dep_startup = _round_times(_latest_run(tmp / "dep-runs"))
-            result["deployment"] = {"wall_s": round(wall, 1), "round_s": [round(x, 1) for x in dep_rounds],
-                                    "median_round_s": round(statistics.median(dep_rounds), 1),
-                                    "startup_s": None if dep_startup is None else round(dep_startup, 1)}
-        finally:
-            subprocess.run([*FEDGOV, "local-federation", "down", "--dir", str(lf)], check=False, capture_output=True, cwd=ROOT)
-    result["ratio_round_deployment_over_simulation"] = round(
-        result["deployment"]["median_round_s"] / result["simulation"]["median_round_s"], 1
-    )
-    out = ROOT / "benchmarks" / "results" / "deploy.json"
+        result["simulation"] = _summary(_latest_run(tmp / "sim-runs"), wall)
+        if not args.skip_cold:
+            result["cold"] = _deployed(tmp, "cold", task, args.nodes, "cold", args.idle, [])
+        result["warm"] = _deployed(tmp, "warm", task, args.nodes, "warm", args.idle, extra)
+    sim = result["simulation"]["median_round_s"]
+    for mode in ("cold", "warm"):
+        if mode in result:
+            result[f"ratio_round_{mode}_over_simulation"] = round(result[mode]["run"]["median_round_s"] / sim, 2)
+    out = ROOT / "benchmarks" / "results" / ("deploy.json" if args.nodes == 3 else f"deploy-{args.nodes}.json")
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"demo task, 3 nodes, {args.rounds} rounds ({result['machine']})")
-    print("| | simulation | deployment |\n|---|---|---|")
-    for key, label in (("median_round_s", "median time per round (s)"), ("startup_s", "start to round 1 (s)"), ("wall_s", "wall time (s)")):
-        print(f"| {label} | {result['simulation'][key]} | {result['deployment'][key]} |")
-    print(f"idle RSS: {json.dumps(result['idle_rss_mib'])}")
+    modes = [m for m in ("cold", "warm") if m in result]
+    print(f"demo task, {args.nodes} nodes, {args.rounds} rounds ({result['machine']})")
+    print("| | simulation | " + " | ".join(f"deployed, {m} runtime" for m in modes) + " |")
+    print("|---|---|" + "---|" * len(modes))
+    for key, label in (("median_round_s", "median time per round (s)"), ("startup_s", "start of run to round 1 (s)"),
+                       ("wall_s", "wall time of the run (s)"), ("accuracy", "final accuracy"), ("epsilon_max", "largest epsilon of a node")):
+        print(f"| {label} | {result['simulation'][key]} | " + " | ".join(str(result[m]["run"][key]) for m in modes) + " |")
+    print("| ratio per round to simulation | 1 | " + " | ".join(str(result[f"ratio_round_{m}_over_simulation"]) for m in modes) + " |")
+    for which in ("before", "after"):
+        print(f"| idle RSS, node median (MiB), {which} the run | - | "
+              + " | ".join(str(result[m][f"idle_rss_mib_{which}"]["node median"]) for m in modes) + " |")
+    print("| idle RSS, coordinator (MiB) | - | " + " | ".join(str(result[m]["idle_rss_mib_before"]["coordinator (SuperLink + gateway)"]) for m in modes) + " |")
+    print("| federation up (s) | - | " + " | ".join(str(result[m]["up_s"]) for m in modes) + " |")
+    if args.distributed:
+        d = result["warm"]["extra1"]
+        print(f"distributed DP under secure aggregation, {args.nodes} nodes, warm: rounds {d['round_s']} s "
+              f"(median {d['median_round_s']} s), wall {d['wall_s']} s, accuracy {d['accuracy']}, status {d['status']}")
     print(f"written {out}")
     return 0
 

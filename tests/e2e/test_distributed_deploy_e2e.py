@@ -126,6 +126,8 @@ def test_distributed_dp_under_secure_aggregation_on_deployed_nodes(tmp_path: Pat
         assert [e["event"] for e in events if e.get("event") == "checkpoint"] == ["checkpoint"] * ROUNDS
 
         tid = task_id_of(task, contract, int(rep.flower_run_id or 0))
+        dim = int(rep.model_parameters or 0)
+        assert dim > 0
         for code, n in state["nodes"].items():
             node_dir = Path(n["node_dir"])
             home = NodeHome(node_dir)
@@ -162,8 +164,9 @@ def test_distributed_dp_under_secure_aggregation_on_deployed_nodes(tmp_path: Pat
             for e in train_sent:
                 assert "error" not in e.payload, e.payload
                 assert list(e.payload["arrays"]) == ["masked"], e.payload  # no model, no update: one masked vector
-                (dim,) = e.payload["arrays"]["masked"]
-                assert e.payload["array_bytes"] == 4 * dim  # uint32 values mod 2^32
+                # the whole model, masked: 4 bytes a value (uint32 mod 2^32) and the array's .npy header
+                assert e.payload["arrays"]["masked"] == [dim], e.payload
+                assert 4 * dim <= e.payload["array_bytes"] <= 4 * dim + 128, e.payload
                 assert e.payload["metrics"].get("num-examples") == 1.0  # and no row count with it
 
             # --- the warm worker served every message -------------------------------------------
