@@ -19,14 +19,18 @@ The hook points (``pull_task_input`` and ``install_from_fab`` in
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
+import re
 import stat
 import sys
+import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SHIM_NAME", "UntrustedApp", "check_pulled", "install_hooks", "main", "write_shim"]
+__all__ = ["SHIM_NAME", "UntrustedApp", "check_pulled", "identity_problem", "install_hooks", "main", "write_shim"]
 
 SHIM_NAME = "flwr-clientapp"
 log = logging.getLogger("fedgov.node")
@@ -53,8 +57,40 @@ def _task_id(message: Any) -> str | None:
         return None
 
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def identity_problem(run: Any, fab_content: bytes) -> str | None:
+    """Why the run's claimed bundle name and version do not match the bundle, or ``None``.
+
+    Flower loads a ClientApp from ``<FLWR_HOME>/apps/<publisher>.<name>.<version>.<hash8>``
+    with the publisher, name and version *the run claims* (``run.fab_id``, ``run.fab_version``,
+    set by the coordinator), not those inside the bundle whose hash the policy checked. A
+    coordinator could otherwise name a trusted bundle with a version such as ``1/../../x`` and
+    have Flower import code from a directory of its choosing. So the claim must equal the
+    bundle's own ``pyproject.toml``, and each part must be a plain name (no ``/``, no ``..``)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(fab_content)) as z:
+            cfg = tomllib.loads(z.read("pyproject.toml").decode("utf-8"))
+        publisher = str(cfg["tool"]["flwr"]["app"]["publisher"])
+        name, version = str(cfg["project"]["name"]), str(cfg["project"]["version"])
+    except Exception:  # noqa: BLE001 - not a readable bundle: refuse, naming no content
+        return "app-not-trusted: the app bundle has no readable pyproject.toml with a publisher, name and version"
+    claimed_id, claimed_version = str(getattr(run, "fab_id", "")), str(getattr(run, "fab_version", ""))
+    parts = [*claimed_id.split("/", 1), claimed_version] if claimed_id.count("/") == 1 else []
+    if not parts or not all(_NAME.match(p) and ".." not in p for p in parts):
+        return "app-not-trusted: the run names its app bundle with characters a bundle name or version cannot hold"
+    if (claimed_id, claimed_version) != (f"{publisher}/{name}", version):
+        return (
+            f"app-not-trusted: the run names its app bundle {claimed_id[:80]} {claimed_version[:40]}, "
+            f"but the bundle is {publisher}/{name} {version}"
+        )
+    return None
+
+
 def check_pulled(message: Any, context: Any, run: Any, fab_content: bytes) -> None:
-    """Refuse (audit and raise :class:`UntrustedApp`) unless the node's policy trusts the bundle."""
+    """Refuse (audit and raise :class:`UntrustedApp`) unless the node's policy trusts the bundle
+    and the run names it as it is (:func:`identity_problem`)."""
     from fedgov.deploy.trust import check_bundle
     from fedgov.node.home import NodeHome
 
@@ -75,10 +111,11 @@ def check_pulled(message: Any, context: Any, run: Any, fab_content: bytes) -> No
         "fab_version": str(getattr(run, "fab_version", "")),
         "fab_hash": fab_hash,
     }
-    if not verdict.trusted:
-        home.audit.append("app-refused", task_id=_task_id(message), payload={**run_info, "reason": verdict.reason})
-        log.error("%s", verdict.reason)
-        raise UntrustedApp(verdict.reason)
+    reason = verdict.reason if not verdict.trusted else identity_problem(run, fab_content)
+    if reason:
+        home.audit.append("app-refused", task_id=_task_id(message), payload={**run_info, "reason": reason})
+        log.error("%s", reason)
+        raise UntrustedApp(reason)
     if verdict.warning:
         home.audit.append("app-unchecked", task_id=_task_id(message), payload={**run_info, "warning": verdict.warning})
         log.warning("%s", verdict.warning)

@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import types
+from pathlib import Path
 from typing import Any
 
 from fedgov.deploy import relay
@@ -139,12 +140,37 @@ def _reap_orphans() -> None:
     threading.Thread(target=reap, name="fedgov-reaper", daemon=True).start()
 
 
+def stop_stale_worker(node_dir: str) -> int | None:
+    """Stop a worker an earlier run of this node left behind (its pid in ``run/worker.pid``,
+    its command line checked), so that this node's worker runs this installation's code."""
+    import signal
+
+    try:
+        pid = int((Path(relay.run_dir(node_dir)) / "worker.pid").read_text("utf-8").strip())
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError):
+        return None
+    if "fedgov.deploy.worker" not in cmd or node_dir not in cmd or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return None
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists() and relay.worker_running(node_dir):
+        time.sleep(0.05)
+    log.warning("stopped a worker an earlier start of this node left running (pid %d)", pid)
+    return pid
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if _subreaper():
         _reap_orphans()
     os.environ["FEDGOV_NODE_LAUNCHER_PID"] = str(os.getpid())
     node_dir = os.environ.get("FEDGOV_NODE_DIR", "")
+    if node_dir:
+        stop_stale_worker(node_dir)
     if node_dir and os.environ.get("FEDGOV_NODE_RUNTIME", "warm") != "cold":
         relay.start_worker(node_dir)
     patch_waits()

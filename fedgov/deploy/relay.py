@@ -67,7 +67,8 @@ def start_worker(node_dir: str) -> None:
     log = open(os.path.join(node_dir, "logs", "worker.log"), "ab")  # noqa: SIM115 - handed to the child
     try:
         subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [_python(), "-m", "fedgov.deploy.worker", "--node-dir", node_dir],
+            # -P: the node directory (the working directory) is not put on the module path
+            [_python(), "-P", "-m", "fedgov.deploy.worker", "--node-dir", node_dir],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=node_dir, close_fds=True,
         )
     finally:
@@ -120,7 +121,7 @@ def relay(node_dir: str, argv: list[str]) -> int:
 def cold(argv: list[str]) -> None:
     """Flower's ``flwr-clientapp`` with fedgov's bundle check, in this process."""
     py = _python()
-    os.execv(py, [py, "-m", "fedgov.deploy.clientapp", *argv])
+    os.execv(py, [py, "-P", "-m", "fedgov.deploy.clientapp", *argv])
 
 
 def main() -> None:

@@ -23,8 +23,10 @@ one (``FEDGOV_APP_HASH``, what ``"fedgov"`` in ``accept.apps`` stands for). Any 
 policy trusts runs as Flower runs it: installed and loaded in a fresh interpreter, here a
 child process the worker starts for that message.
 
-One message at a time; a worker holds ``run/worker.lock`` for its whole life, so two never
-serve one node, and it exits when the node's launcher (``FEDGOV_NODE_LAUNCHER_PID``) is gone.
+One message at a time, each for at most ``FEDGOV_WORKER_MESSAGE_TIMEOUT`` s (3600); a worker
+holds ``run/worker.lock`` for its whole life, so two never serve one node, and it exits when
+the node's launcher (``FEDGOV_NODE_LAUNCHER_PID``, checked with its start time) is gone. A
+task the SuperNode cancels (its run was stopped) ends without a reply, and the worker goes on.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -99,17 +102,83 @@ def warm_up(node_dir: Path) -> dict[str, float]:
     return times
 
 
-def _foreign(fab_content: bytes, fab_id: str, fab_version: str, fab_hash: str, ids: tuple[int, int, int], message: Any, context: Any) -> Any:
-    """In a fresh interpreter: install a trusted bundle that is not this node's own fedgov and run it, as Flower would."""
+def _foreign_child(conn: Any, fab_content: bytes, fab_id: str, fab_version: str, fab_hash: str,
+                   ids: tuple[int, int, int], message: Any, context: Any) -> None:
+    """In a fresh interpreter: install a trusted bundle that is not this node's own fedgov and
+    run it, as Flower would. Sends back JSON (protobuf bytes in base64): nothing of the bundle's
+    own types reaches the worker, which never unpickles what this process says."""
+    import base64
+
     from flwr.cli.install import install_from_fab
     from flwr.clientapp.utils import get_load_client_app_fn
+    from flwr.common.serde import context_to_proto, recorddict_to_proto
     from flwr.supercore.task_identity import TaskIdentity
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = ids
-    install_from_fab(fab_content, skip_prompt=True)
-    app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(fab_id, fab_version, fab_hash)
-    reply = app(message=message, context=context)
-    return reply, context
+    out: dict[str, Any]
+    try:
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = ids
+        installed = install_from_fab(fab_content, skip_prompt=True)
+        app = get_load_client_app_fn(default_app_ref="", app_path=str(installed), multi_app=True)(fab_id, fab_version, fab_hash)
+        reply = app(message=message, context=context)
+        out = {"context": base64.b64encode(context_to_proto(context).SerializeToString()).decode()}
+        if reply.has_error():
+            out["error"] = [int(reply.error.code), str(reply.error.reason)]
+        else:
+            out["content"] = base64.b64encode(recorddict_to_proto(reply.content).SerializeToString()).decode()
+    except Exception as ex:  # noqa: BLE001 - reported as Flower reports a ClientApp's exception
+        out = {"exception": str(type(ex)) + ":<'" + str(ex) + "'>"}
+    conn.send_bytes(json.dumps(out).encode())
+    conn.close()
+
+
+def run_foreign(fab: Any, run: Any, message: Any, context: Any, timeout: float) -> tuple[Any, Any]:
+    """Run a trusted bundle other than this node's own in a child interpreter; (reply, context).
+
+    The child gets ``timeout`` s; a child that dies, hangs or answers garbage gives an error
+    reply, and the worker goes on."""
+    import base64
+    import multiprocessing
+
+    from flwr.app import Error, Message
+    from flwr.common.serde import context_from_proto, recorddict_from_proto
+    from flwr.proto.message_pb2 import Context as ProtoContext
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    ids = (TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id)
+    proc = ctx.Process(target=_foreign_child, args=(child, fab.content, run.fab_id, run.fab_version, fab.hash_str, ids, message, context),
+                       daemon=True)
+    proc.start()
+    child.close()
+    reason = "the app bundle's process ended without an answer"
+    try:
+        if parent.poll(timeout):
+            answer = json.loads(parent.recv_bytes(64 << 20))
+            if "exception" in answer:
+                reason = str(answer["exception"])
+            else:
+                ctx_proto = ProtoContext()
+                ctx_proto.ParseFromString(base64.b64decode(answer["context"]))
+                new_context = context_from_proto(ctx_proto)
+                if "error" in answer:
+                    code, text = answer["error"]
+                    return Message(Error(code=int(code), reason=str(text)), reply_to=message), new_context
+                content = ProtoRecordDict()
+                content.ParseFromString(base64.b64decode(answer["content"]))
+                return Message(recorddict_from_proto(content), reply_to=message), new_context
+        else:
+            reason = f"the app bundle's process gave no answer within {timeout:.0f} s"
+    except (EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        reason = f"the app bundle's process answered what is not a reply ({type(exc).__name__})"
+    finally:
+        proc.join(1.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5.0)
+        parent.close()
+    raise RuntimeError(reason) from None
 
 
 def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
@@ -152,6 +221,20 @@ def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     return message, context, run, fab
 
 
+MESSAGE_TIMEOUT = float(os.environ.get("FEDGOV_WORKER_MESSAGE_TIMEOUT", "3600"))
+"""Seconds one message may take; a worker past it exits (the next message starts a new one)."""
+
+
+class TaskCancelled(BaseException):
+    """The SuperNode refused the task's heartbeat (its run was stopped): stop handling it.
+
+    Flower's task heartbeat raises SIGINT then, which ends a fresh ``flwr-clientapp``; in the
+    worker the same signal ends only the message (see :func:`_on_sigint`)."""
+
+
+_IN_TASK = threading.Event()
+
+
 def run_task(runtime_api_address: str, token: str, insecure: bool, certificates: bytes | None) -> int:
     """Flower's ``run_clientapp`` (1.42) for one task, in this warm process: pull, check the
     bundle, run, push. Returns the exit status ``flwr-clientapp`` would have had."""
@@ -166,7 +249,6 @@ def run_task(runtime_api_address: str, token: str, insecure: bool, certificates:
     from flwr.clientapp.client_app import LoadClientAppError
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.exit import ExitCode
-    from flwr.supercore.task_identity import TaskIdentity
 
     from fedgov.deploy.clientapp import check_pulled
 
@@ -197,12 +279,14 @@ def run_task(runtime_api_address: str, token: str, insecure: bool, certificates:
 
             reply = app(message=message, context=context)
         else:
-            import multiprocessing
-
-            ids = (TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id)
-            with multiprocessing.get_context("spawn").Pool(1) as pool:
-                reply, context = pool.apply(_foreign, (fab.content, run.fab_id, run.fab_version, fab.hash_str, ids, message, context))
+            reply, context = run_foreign(fab, run, message, context, MESSAGE_TIMEOUT)
         sub_status, details = SubStatus.COMPLETED, ""
+    except TaskCancelled:
+        # The SuperNode said the task is over (its run was stopped): as Flower's own
+        # flwr-clientapp, which exits at once, no reply is sent; the worker goes on.
+        log.info("task cancelled by the SuperNode")
+        sub_status, details, reply = SubStatus.FAILED, "ClientApp task cancelled", None
+        exit_code = ExitCode.TASK_PROC_EXCEPTION
     except Exception as ex:  # noqa: BLE001 - as Flower's flwr-clientapp: an error reply, the node goes on
         e_code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
         reason = str(type(ex)) + ":<'" + str(ex) + "'>"
@@ -256,6 +340,7 @@ class Worker:
         self.node_dir = node_dir
         self.stopping = threading.Event()
         self.served = 0
+        self.busy_since: float | None = None
         self._sock: socket.socket | None = None
 
     def bind(self) -> socket.socket:
@@ -284,7 +369,7 @@ class Worker:
             except OSError:
                 break
             with conn:
-                conn.settimeout(None)
+                conn.settimeout(10.0)  # the request line comes at once, or not at all
                 try:
                     if _peer_uid(conn) != me:
                         log.error("a process of another user connected to the worker's socket: refused")
@@ -310,6 +395,21 @@ class Worker:
         except (ValueError, KeyError, TypeError):
             return 2
         t = time.monotonic()
+        self.busy_since = t
+        _IN_TASK.set()
+        try:
+            code = self._handle(argv)
+        except TaskCancelled:  # after run_task's own handling (e.g. while it pushed its output)
+            code = 1
+        finally:
+            _IN_TASK.clear()
+            self.busy_since = None
+        self.served += 1
+        _trim()
+        log.info("message %d handled in %.3f s (exit %d)", self.served, time.monotonic() - t, code)
+        return code
+
+    def _handle(self, argv: list[str]) -> int:
         profile = os.environ.get("FEDGOV_WORKER_PROFILE")
         if profile:  # where a message's time goes (benchmarks/bench_deploy.py --profile)
             import cProfile
@@ -317,12 +417,8 @@ class Worker:
             prof = cProfile.Profile()
             code = prof.runcall(handle, argv)
             prof.dump_stats(f"{profile}.{os.getpid()}.{self.served + 1}")
-        else:
-            code = handle(argv)
-        self.served += 1
-        _trim()
-        log.info("message %d handled in %.3f s (exit %d)", self.served, time.monotonic() - t, code)
-        return code
+            return int(code)
+        return handle(argv)
 
 
 def _trim() -> None:
@@ -335,24 +431,58 @@ def _trim() -> None:
         pass
 
 
-def _watch_launcher(worker: Worker) -> None:
+def _start_time(pid: int) -> str | None:
+    """A process's start time (field 22 of /proc/<pid>/stat), which a reused pid does not share."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2 :].split()[19]
+
+
+def _watch(worker: Worker) -> None:
+    """The worker ends (at once, even mid-message) when the node's launcher is gone, and when
+    one message has run longer than :data:`MESSAGE_TIMEOUT` (the next message starts a new
+    worker). What a message committed to the ledger and the audit log stays; SQLite rolls back
+    what it had not."""
     pid = int(os.environ.get("FEDGOV_NODE_LAUNCHER_PID", "0") or 0)
-    if pid <= 0:
-        return
+    born = _start_time(pid) if pid > 0 else None
 
     def watch() -> None:
-        while not worker.stopping.is_set():
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+        while True:
+            if pid > 0 and _start_time(pid) != born:
                 log.info("the node's launcher (pid %d) is gone: the worker stops", pid)
-                worker.stopping.set()
-                return
-            except PermissionError:
-                pass
-            time.sleep(1.0)
+                os._exit(0)
+            since = worker.busy_since
+            if since is not None and time.monotonic() - since > MESSAGE_TIMEOUT:
+                log.error("a message has run for more than %.0f s: the worker stops, the next message starts a new one", MESSAGE_TIMEOUT)
+                os._exit(3)
+            time.sleep(0.5)
 
-    threading.Thread(target=watch, name="fedgov-launcher-watch", daemon=True).start()
+    threading.Thread(target=watch, name="fedgov-worker-watch", daemon=True).start()
+
+
+def _on_sigint(worker: Worker) -> Any:
+    def handler(signum: int, frame: Any) -> None:
+        if _IN_TASK.is_set():
+            raise TaskCancelled
+        worker.stopping.set()
+
+    return handler
+
+
+def _private_run_dir(node_dir: Path) -> Path:
+    """``<node-dir>/run``: a real directory of this user, mode 0700 (made if missing)."""
+    rd = Path(run_dir(str(node_dir)))
+    try:
+        rd.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    st = os.lstat(rd)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise SystemExit(f"{rd} is not a directory of this user (a link, or another owner): the worker does not start")
+    os.chmod(rd, 0o700)
+    return rd
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,10 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     node_dir = Path(args.node_dir).resolve()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    rd = Path(run_dir(str(node_dir)))
-    rd.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(rd, 0o700)
-    lock_fd = os.open(rd / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    rd = _private_run_dir(node_dir)
+    lock_fd = os.open(rd / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -373,8 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["FEDGOV_NODE_DIR"] = str(node_dir)
     worker = Worker(node_dir)
     signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: worker.stopping.set())
-    _watch_launcher(worker)
+    signal.signal(signal.SIGINT, _on_sigint(worker))
+    _watch(worker)
     (rd / "worker.pid").write_text(str(os.getpid()), encoding="utf-8")
     t = time.monotonic()
     times = warm_up(node_dir)

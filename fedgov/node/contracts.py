@@ -244,17 +244,19 @@ def _files(ds: DatasetSpec) -> list[Path]:
     return [p for p in (ds.path, ds.test_path) if p is not None]
 
 
-_HASHES: dict[tuple[str, int, int], str] = {}
+_HASHES: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def file_digest(path: Path) -> str:
-    """The SHA-256 of a file, computed again only when its size or modification time changed."""
+    """The SHA-256 of a file, computed again when its size, inode, modification or change time
+    differ (a replacement that keeps the modification time, as ``cp -p`` does, changes the
+    inode or the change time)."""
     return _hash(path)
 
 
 def _hash(path: Path) -> str:
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
     if key not in _HASHES:
         if len(_HASHES) > 256:
             _HASHES.clear()

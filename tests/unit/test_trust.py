@@ -96,7 +96,7 @@ def test_untrusted_bundle_is_refused_before_install_and_audited(tmp_path: Path, 
 
 
 def test_trusted_bundle_is_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, node_home) -> None:
-    fab = b"PK-the-fedgov-bundle"
+    fab = build_bundle()
     home = node_home(approval="auto")
     installed: list[bytes] = []
     monkeypatch.setattr(rc, "pull_task_input", lambda client: _fake_run(fab, home.path))
@@ -110,6 +110,35 @@ def test_trusted_bundle_is_installed(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert not [e for e in home.audit.entries() if e.kind == "app-refused"]
 
 
+@pytest.mark.parametrize(
+    ("fab_id", "fab_version", "why"),
+    [
+        ("fedgov/fedgov", "0.1.0/../../../../tmp/evil", "characters"),  # a path Flower would load from
+        ("fedgov/fedgov", "0.1..0", "characters"),
+        ("fedgov/../x", "0.1.0", "characters"),
+        ("fedgov", "0.1.0", "characters"),
+        ("other/fedgov", "0.1.0", "but the bundle is fedgov/fedgov 0.1.0"),
+        ("fedgov/fedgov", "9.9.9", "but the bundle is fedgov/fedgov 0.1.0"),
+    ],
+)
+def test_a_trusted_bundle_under_another_name_is_refused(
+    monkeypatch: pytest.MonkeyPatch, node_home, fab_id: str, fab_version: str, why: str
+) -> None:
+    """The bundle's hash is trusted, but Flower would load the app from a directory named by the
+    run's claim: the claim must be the bundle's own name and version."""
+    fab = build_bundle()
+    home = node_home(approval="auto")
+    monkeypatch.setenv("FEDGOV_APP_HASH", hashlib.sha256(fab).hexdigest())
+    message, context, run, _ = _fake_run(fab, home.path)
+    run.fab_id, run.fab_version = fab_id, fab_version
+    with pytest.raises(clientapp.UntrustedApp, match="app-not-trusted") as refused:
+        clientapp.check_pulled(message, context, run, fab)
+    assert why in str(refused.value)
+    assert [e.payload["reason"] for e in home.audit.entries() if e.kind == "app-refused"] == [str(refused.value)]
+    run.fab_id, run.fab_version = "fedgov/fedgov", "0.1.0"
+    clientapp.check_pulled(message, context, run, fab)  # the true name: accepted
+
+
 def test_no_readable_policy_fails_closed(tmp_path: Path) -> None:
     ctx = SimpleNamespace(node_config={"node-dir": str(tmp_path / "nothing")})
     with pytest.raises(clientapp.UntrustedApp, match="policy could not be read"):
@@ -121,7 +150,11 @@ def test_shim_runs_fedgovs_clientapp(tmp_path: Path) -> None:
     shim = bindir / "flwr-clientapp"
     assert shim.stat().st_mode & stat.S_IXUSR
     text = shim.read_text()
-    assert "-m fedgov.deploy.clientapp" in text and os.path.basename(__import__("sys").executable) in text
+    # the relay to the warm worker (which runs check_pulled), falling back to fedgov's clientapp
+    assert "fedgov/deploy/relay.py" in text and os.path.basename(__import__("sys").executable) in text
+    from fedgov.deploy import relay
+
+    assert '"-m", "fedgov.deploy.clientapp"' in Path(relay.__file__).read_text("utf-8")
 
 
 def test_node_env_puts_the_checking_clientapp_first(tmp_path: Path, node_home) -> None:

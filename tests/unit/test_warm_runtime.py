@@ -268,3 +268,67 @@ def test_polling_grid_delegates_everything_but_the_wait() -> None:
     g = PollingGrid(inner)  # type: ignore[arg-type]
     assert list(g.get_node_ids()) == [1, 2] and g.run == "the-run"
     assert [m.metadata.reply_to_message_id for m in g.send_and_receive([object()], timeout=5)] == ["m0"]  # type: ignore[list-item]
+
+
+# --- what the attacker review asked for -----------------------------------------------------------
+
+
+def test_run_dir_that_is_a_link_or_not_ours_stops_the_worker(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "run").symlink_to(elsewhere)
+    with pytest.raises(SystemExit, match="not a directory of this user"):
+        worker._private_run_dir(node)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    rd = worker._private_run_dir(fresh)
+    assert stat.S_IMODE(rd.stat().st_mode) == 0o700
+
+
+def test_a_file_replaced_with_the_same_size_and_mtime_is_hashed_again(tmp_path: Path) -> None:
+    from fedgov.node.contracts import file_digest
+
+    f = tmp_path / "data.csv"
+    f.write_text("a,b\n1,2\n")
+    st = f.stat()
+    first = file_digest(f)
+    tmp = tmp_path / "new.csv"
+    tmp.write_text("a,b\n3,4\n")  # same size
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))  # same modification time, as cp -p keeps it
+    tmp.replace(f)
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert file_digest(f) != first
+
+
+def test_a_foreign_bundle_runs_in_a_child_whose_failure_is_an_error_not_a_hang(task_identity: None) -> None:
+    """A trusted bundle other than the node's own runs in a fresh interpreter; what comes back is
+    JSON, never unpickled; a bundle that cannot even be installed gives an error, in bounded time."""
+    fab = types.SimpleNamespace(content=b"not a zip", hash_str="0" * 64)
+    run = types.SimpleNamespace(fab_id="someone/app", fab_version="1.0.0")
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as failed:
+        worker.run_foreign(fab, run, {"a": "message"}, {"a": "context"}, timeout=120)
+    assert time.monotonic() - t0 < 120
+    assert "BadZipFile" in str(failed.value) or "zip" in str(failed.value).lower(), str(failed.value)
+
+
+def test_the_launcher_check_uses_the_start_time() -> None:
+    me = worker._start_time(os.getpid())
+    assert me is not None and me == worker._start_time(os.getpid())
+    assert worker._start_time(2**22 + 12345) is None  # no such process
+
+
+def test_a_cancelled_task_ends_the_message_not_the_worker(tmp_path: Path) -> None:
+    w = worker.Worker(tmp_path)
+    handler = worker._on_sigint(w)
+    worker._IN_TASK.set()
+    try:
+        with pytest.raises(worker.TaskCancelled):
+            handler(2, None)
+    finally:
+        worker._IN_TASK.clear()
+    assert not w.stopping.is_set()
+    handler(2, None)  # between messages: the operator's interrupt stops the worker
+    assert w.stopping.is_set()
