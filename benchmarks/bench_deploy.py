@@ -2,7 +2,7 @@
 
 The demo task (``configs/tasks/adult-income.toml``: logreg, DP-SGD at epsilon 2 per node)
 on the first ``--nodes`` members of ``demo-12`` (default 3: Rotterdam, Amsterdam, Utrecht,
-Adult split by population), ``--rounds`` rounds (default 3), in one invocation:
+Adult split by population), ``--rounds`` rounds (default 5), in one invocation:
 
 1. in simulation (``fedgov run``: Flower's simulation engine, one process tree);
 2. deployed with ``--runtime cold`` (``fedgov local-federation up``: a coordinator, its
@@ -19,7 +19,7 @@ worker); after the run it is read again (the node idle after a task).
 Gaussian noise on the sum; ``configs/tasks/adult-income-distributed.toml`` on the same
 members) on the warm deployment, and reports its time per round.
 
-    .venv/bin/python benchmarks/bench_deploy.py [--nodes 3] [--rounds 3] [--idle 15] [--distributed] [--skip-cold]
+    .venv/bin/python benchmarks/bench_deploy.py [--nodes 3] [--rounds 5] [--idle 15] [--distributed] [--skip-cold]
 
 Prints a table and writes ``benchmarks/results/deploy[-N].json``.
 """
@@ -131,7 +131,7 @@ def _deployed(tmp: Path, label: str, task: Path, nodes: int, runtime: str, idle:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--idle", type=float, default=15.0)
     ap.add_argument("--distributed", action="store_true", help="also a distributed-DP task under secure aggregation (warm)")
     ap.add_argument("--skip-cold", action="store_true", help="leave out the deployment with a fresh process per message")

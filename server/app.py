@@ -30,7 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run the task (``task-path``) or the statistics query (``query-path``) of the run config."""
     config = RunConfig.from_flower(context.run_config)
     run_id = int(context.run_id)
-    grid = PollingGrid(grid)  # replies looked for every 10 to 50 ms, not every 3 s
+    grid = PollingGrid(grid)  # replies looked for every 20 to 100 ms, not every 3 s
     import flwr.superlink.grid.http_grid as http_grid
 
     shorten_object_pulls(http_grid)  # a reply's objects: asked for again after 20 ms, not 1 s

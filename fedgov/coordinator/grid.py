@@ -8,7 +8,7 @@ gRPC grid in a deployment, its simulation grid under ``fedgov run``, and
 * :func:`hello`: the admission round, each node's answer (:class:`fedgov.protocol.NodeHello`);
 * :func:`end_task`: the best-effort notice that a task ended (nodes release what they did not spend);
 * :class:`PollingGrid`: Flower's grid with a short wait for replies (Flower's deployed grid
-  looks for replies every 3 s; this one after 10 ms, doubling to at most 50 ms);
+  looks for replies every 3 s; this one after 20 ms, doubling to at most 100 ms);
 * :class:`AdmittedGrid`: the view the strategy gets, with only the admitted nodes, a bounded
   wait for missing ones, and a count of the bytes that crossed it (:func:`message_bytes`).
 """

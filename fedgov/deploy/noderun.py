@@ -13,7 +13,7 @@ This process
    in Flower 1.42: 3 s after every empty pull from the SuperLink, 0.5 s between looks for a
    reply), which no option or environment variable of Flower sets, and its wait for a message's
    objects (:mod:`fedgov.pacing`): an empty pull is followed
-   by a wait of ``FEDGOV_SUPERNODE_POLL_MIN`` (0.05 s) while a task runs (for
+   by a wait of ``FEDGOV_SUPERNODE_POLL_MIN`` (0.2 s) while a task runs (for
    ``FEDGOV_SUPERNODE_HOT``, 10 s, after the last message), which then doubles to at most
    ``FEDGOV_SUPERNODE_POLL_MAX`` (1 s) while the node is idle; a
    reply is looked for every ``FEDGOV_SUPERNODE_REPLY_POLL`` (0.02 s). If Flower's loop is not
@@ -54,7 +54,7 @@ class Pacer:
     """Stands in for the ``time`` module in Flower's SuperNode loop: the same module, with its
     two fixed sleeps replaced by a backoff (idle pulls) and a short poll (replies)."""
 
-    def __init__(self, *, poll_min: float = 0.05, poll_max: float = 1.0, reply_poll: float = 0.02, hot: float = 10.0) -> None:
+    def __init__(self, *, poll_min: float = 0.2, poll_max: float = 1.0, reply_poll: float = 0.02, hot: float = 10.0) -> None:
         self.poll_min, self.poll_max, self.reply_poll, self.hot = poll_min, poll_max, reply_poll, hot
         self._idle = poll_min
         self._last_message = -float("inf")
@@ -97,7 +97,7 @@ def patch_waits(module: types.ModuleType | None = None, pacer: Pacer | None = No
         log.warning("Flower's SuperNode loop is not the one fedgov shortens (Flower 1.42): its waits stay 3 s and 0.5 s")
         return None
     pacer = pacer or Pacer(
-        poll_min=_env_float("FEDGOV_SUPERNODE_POLL_MIN", 0.05),
+        poll_min=_env_float("FEDGOV_SUPERNODE_POLL_MIN", 0.2),
         poll_max=_env_float("FEDGOV_SUPERNODE_POLL_MAX", 1.0),
         reply_poll=_env_float("FEDGOV_SUPERNODE_REPLY_POLL", 0.02),
         hot=_env_float("FEDGOV_SUPERNODE_HOT", 10.0),
@@ -163,8 +163,24 @@ def stop_stale_worker(node_dir: str) -> int | None:
     return pid
 
 
+def _logging() -> None:
+    """fedgov's lines and Flower's, once each, with timestamps, without colour codes."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s"))
+    fedgov_log = logging.getLogger("fedgov")
+    fedgov_log.addHandler(handler)
+    fedgov_log.setLevel(logging.INFO)
+    fedgov_log.propagate = False
+    import flwr.common.logger  # noqa: F401 - sets up Flower's console handler
+
+    for h in logging.getLogger("flwr").handlers:
+        if hasattr(h, "timestamps"):
+            setattr(h, "timestamps", True)  # noqa: B010 - Flower's ConsoleHandler
+            setattr(h, "colored", False)  # noqa: B010
+
+
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _logging()
     if _subreaper():
         _reap_orphans()
     os.environ["FEDGOV_NODE_LAUNCHER_PID"] = str(os.getpid())

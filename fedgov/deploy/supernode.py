@@ -40,7 +40,7 @@ def check_before_start(home: NodeHome) -> list[str]:
 def node_env(node_dir: Path, *, runtime: str = "warm") -> dict[str, str]:
     """The SuperNode's environment: fedgov's ``flwr-clientapp`` relay (with the bundle check)
     first on PATH, the warm worker on (``runtime="warm"``) or off (``"cold"``: a fresh process
-    per message, as Flower does), and SuperExec's poll for tasks at 0.05 s instead of 1 s."""
+    per message, as Flower does), and SuperExec's poll for tasks at 0.1 s instead of 1 s."""
     if runtime not in ("warm", "cold"):
         raise ConfigError("unknown node runtime", [Problem("--runtime", "", f"'warm' or 'cold', not {runtime!r}")])
     from fedgov.deploy.clientapp import write_shim
@@ -55,7 +55,7 @@ def node_env(node_dir: Path, *, runtime: str = "warm") -> dict[str, str]:
     env["FEDGOV_NODE_RUNTIME"] = runtime
     env["FEDGOV_PYTHON"] = sys.executable
     # SuperExec asks the SuperNode for new tasks every 1 s by default (Flower's own variable).
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.05")
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     return env
 
 
