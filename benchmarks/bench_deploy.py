@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import statistics
@@ -108,6 +109,68 @@ def _summary(run_dir: Path, wall: float) -> dict[str, Any]:
             "epsilon_max": round(max(eps), 3) if eps else None, "status": report.get("status")}
 
 
+_CLASSES = (
+    ("fedgov.deploy.worker", "node: warm workers"),
+    ("fedgov.deploy.noderun", "node: SuperNodes"),
+    ("flower-superexec", "SuperExec (nodes' and coordinator's)"),
+    ("relay.py", "node: relays / cold ClientApps"),
+    ("fedgov.deploy.clientapp", "node: relays / cold ClientApps"),
+    ("flwr-clientapp", "node: relays / cold ClientApps"),
+    ("flower-superlink", "coordinator: SuperLink"),
+    ("fedgov.deploy.gateway", "coordinator: gateway"),
+    ("flwr-serverapp", "coordinator: ServerApp"),
+)
+
+
+def _cpu_by_class(under: str) -> dict[str, float]:
+    """CPU seconds (user + system) so far of the live processes started for ``under``, by kind;
+    processes that ended are not counted (see ``_cpu_run``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            env = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        if under not in cmd and under.encode() not in env:
+            continue
+        kind = next((label for key, label in _CLASSES if key in cmd), None)
+        if kind is None:
+            continue
+        f = stat[stat.rfind(")") + 2 :].split()
+        out[kind] = out.get(kind, 0.0) + (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / tick
+    return out
+
+
+def _cpu_run(cmd: list[str], log: Path, under: str) -> tuple[float, dict[str, float]]:
+    """Run ``cmd``; its wall time and the CPU seconds the federation's processes spent meanwhile
+    (sampled every 0.2 s, so that short-lived processes such as the ServerApp are counted)."""
+    import threading
+
+    seen: dict[str, float] = {}
+    base = _cpu_by_class(under)
+    stop = threading.Event()
+
+    def sample() -> None:
+        peak: dict[str, float] = {}
+        while not stop.is_set():
+            for k, v in _cpu_by_class(under).items():
+                peak[k] = max(peak.get(k, 0.0), v)
+            seen.update(peak)
+            stop.wait(0.2)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    wall = _run(cmd, log)
+    stop.set()
+    t.join()
+    return wall, {k: round(v - base.get(k, 0.0), 1) for k, v in sorted(seen.items(), key=lambda kv: -kv[1])}
+
+
 def _deployed(tmp: Path, label: str, task: Path, nodes: int, runtime: str, idle: float, extra: list[Path]) -> dict[str, Any]:
     lf = tmp / f"lf-{label}"
     t0 = time.monotonic()
@@ -119,8 +182,9 @@ def _deployed(tmp: Path, label: str, task: Path, nodes: int, runtime: str, idle:
         out["idle_rss_mib_before"] = _idle_rss(lf)
         for i, t in enumerate([task, *extra]):
             runs = tmp / f"runs-{label}-{i}"
-            wall = _run([*FEDGOV, "task", "submit", str(t), "-C", str(lf / "coordinator"), "--runs-dir", str(runs)], tmp / f"dep-{label}-{i}.log")
-            out["run" if i == 0 else f"extra{i}"] = _summary(_latest_run(runs), wall)
+            wall, cpu = _cpu_run([*FEDGOV, "task", "submit", str(t), "-C", str(lf / "coordinator"), "--runs-dir", str(runs)],
+                                 tmp / f"dep-{label}-{i}.log", str(lf))
+            out["run" if i == 0 else f"extra{i}"] = {**_summary(_latest_run(runs), wall), "cpu_s": cpu}
         time.sleep(idle)
         out["idle_rss_mib_after"] = _idle_rss(lf)
     finally:
@@ -166,6 +230,8 @@ def main() -> int:
               + " | ".join(str(result[m][f"idle_rss_mib_{which}"]["node median"]) for m in modes) + " |")
     print("| idle RSS, coordinator (MiB) | - | " + " | ".join(str(result[m]["idle_rss_mib_before"]["coordinator (SuperLink + gateway)"]) for m in modes) + " |")
     print("| federation up (s) | - | " + " | ".join(str(result[m]["up_s"]) for m in modes) + " |")
+    for m in modes:
+        print(f"CPU seconds during the {m} run, by process kind: {json.dumps(result[m]['run']['cpu_s'])}")
     if args.distributed:
         d = result["warm"]["extra1"]
         print(f"distributed DP under secure aggregation, {args.nodes} nodes, warm: rounds {d['round_s']} s "

@@ -18,7 +18,9 @@ This process
    ``FEDGOV_SUPERNODE_POLL_MAX`` (1 s) while the node is idle; a
    reply is looked for every ``FEDGOV_SUPERNODE_REPLY_POLL`` (0.02 s). If Flower's loop is not
    the one this was written for, the waits stay Flower's and a warning says so;
-4. runs Flower's ``flower-supernode`` in this process, with the given arguments.
+4. runs Flower's ``flower-supernode`` in this process, with the given arguments; with the warm
+   worker, in Flower's ``process`` isolation, with :class:`Dispatcher` (a thread) in place of
+   Flower's SuperExec process: each task's token goes straight to the worker's socket.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Pacer:
         self.poll_min, self.poll_max, self.reply_poll, self.hot = poll_min, poll_max, reply_poll, hot
         self._idle = poll_min
         self._last_message = -float("inf")
+        self.arrived = threading.Event()  # set when a message has arrived (and its objects with it)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
@@ -67,6 +70,7 @@ class Pacer:
         shortest time; after that the wait doubles again."""
         self._idle = self.poll_min
         self._last_message = time.monotonic()
+        self.arrived.set()
 
     def sleep(self, seconds: float) -> None:
         if seconds == 3:  # an empty pull from the SuperLink
@@ -179,6 +183,98 @@ def _logging() -> None:
             setattr(h, "colored", False)  # noqa: B010
 
 
+def _runtime_address(argv: list[str]) -> str:
+    """The SuperNode's Runtime API address from its arguments (``--host``, ``--port``)."""
+    host, port = "127.0.0.1", "9094"
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "--host":
+            host = value
+        elif flag == "--port":
+            port = value
+    return f"{host}:{port}"
+
+
+class Dispatcher:
+    """Flower's SuperExec, for a node with a warm worker, as a thread of the node's process.
+
+    Flower's SuperExec (a process of its own, ~120 MiB) asks the SuperNode for tasks and starts a
+    ``flwr-clientapp`` process per task. This thread asks the same Runtime API
+    (``AcquireTask``) as soon as the SuperNode's loop has stored a message (and every
+    ``FEDGOV_DISPATCH_POLL`` s, 1 s, besides) and hands each task's one-time token straight to the worker over its
+    socket (:func:`fedgov.deploy.relay.relay`), in a thread per task; the worker pulls the task,
+    checks the bundle and runs it. Without a worker it runs Flower's ``flwr-clientapp`` with the
+    bundle check (:mod:`fedgov.deploy.clientapp`) for that task, as the SuperExec would."""
+
+    def __init__(self, runtime_address: str, node_dir: str, *, interval: float = 1.0, arrived: threading.Event | None = None) -> None:
+        self.runtime_address, self.node_dir, self.interval = runtime_address, node_dir, interval
+        # The SuperNode's loop sets ``arrived`` once a message and its objects are stored
+        # (:class:`Pacer`): the task is asked for then, at once; otherwise every ``interval`` s.
+        self.arrived = arrived or threading.Event()
+        self.stop = threading.Event()
+        self.dispatched = 0
+
+    def start(self) -> threading.Thread:
+        t = threading.Thread(target=self._loop, name="fedgov-dispatcher", daemon=True)
+        t.start()
+        return t
+
+    def _client(self) -> Any:
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.runtime_address, insecure=True, root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+
+    def _loop(self) -> None:
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest
+        from flwr.supercore.constant import TaskType
+
+        client = None
+        request = AcquireTaskRequest(supported_task_types=[str(TaskType.CLIENT_APP)], agentapp_fab_hashes=[])
+        while not self.stop.is_set():
+            self.arrived.clear()
+            try:
+                client = client or self._client()
+                res = client.AcquireTask(request)
+            except Exception as exc:  # noqa: BLE001 - the SuperNode's API is not up yet, or restarts
+                log.debug("no task from the SuperNode (%s)", type(exc).__name__)
+                client = None
+                self.stop.wait(0.5)
+                continue
+            if res.HasField("task") and res.token:
+                self.dispatched += 1
+                threading.Thread(target=self.dispatch, args=(str(res.token),), name="fedgov-task", daemon=True).start()
+                continue  # another task may be waiting
+            self.arrived.wait(self.interval)
+
+    def dispatch(self, token: str) -> int:
+        argv = ["--runtime-api-address", self.runtime_address, "--token", token, "--insecure"]
+        code = relay.relay(self.node_dir, argv)
+        if code >= 0:
+            return code
+        log.warning("no warm worker answered: this message runs in a fresh process")
+        import subprocess
+
+        py = os.environ.get("FEDGOV_PYTHON") or sys.executable
+        return subprocess.run([py, "-P", "-m", "fedgov.deploy.clientapp", *argv], check=False, cwd=self.node_dir).returncode
+
+
+def _dispatcher_available() -> bool:
+    try:
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest
+        from flwr.supercore.constant import TaskType
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor  # noqa: F401
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        return callable(getattr(RuntimeHttpClient, "AcquireTask", None)) and bool(TaskType.CLIENT_APP) and bool(AcquireTaskRequest)
+    except ImportError:
+        return False
+
+
 def main() -> None:
     _logging()
     if _subreaper():
@@ -189,10 +285,19 @@ def main() -> None:
         stop_stale_worker(node_dir)
     if node_dir and os.environ.get("FEDGOV_NODE_RUNTIME", "warm") != "cold":
         relay.start_worker(node_dir)
-    patch_waits()
+    pacer = patch_waits()
+    argv = sys.argv[1:]
+    warm = bool(node_dir) and os.environ.get("FEDGOV_NODE_RUNTIME", "warm") != "cold"
+    if warm and "--isolation" not in argv and _dispatcher_available():
+        # The SuperNode starts no SuperExec; this process's dispatcher takes its place.
+        argv = [*argv, "--isolation", "process"]
+        # Woken by the SuperNode's loop when a message arrived; polling only as a fallback
+        # (every 1 s, or every 0.1 s where Flower's loop could not be hooked).
+        poll = _env_float("FEDGOV_DISPATCH_POLL", 1.0 if pacer is not None else 0.1)
+        Dispatcher(_runtime_address(argv), node_dir, interval=poll, arrived=pacer.arrived if pacer is not None else None).start()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    sys.argv = ["flower-supernode", *sys.argv[1:]]
+    sys.argv = ["flower-supernode", *argv]
     flower_supernode()
 
 

@@ -332,3 +332,61 @@ def test_a_cancelled_task_ends_the_message_not_the_worker(tmp_path: Path) -> Non
     assert not w.stopping.is_set()
     handler(2, None)  # between messages: the operator's interrupt stops the worker
     assert w.stopping.is_set()
+
+
+# --- the dispatcher that takes the place of Flower's SuperExec -------------------------------------
+
+
+def test_runtime_address_comes_from_the_supernode_arguments() -> None:
+    from fedgov.deploy.noderun import _runtime_address
+
+    assert _runtime_address(["--superlink", "x:1", "--host", "127.0.0.1", "--port", "9321"]) == "127.0.0.1:9321"
+    assert _runtime_address(["--superlink", "x:1"]) == "127.0.0.1:9094"
+
+
+class _FakeRuntime:
+    def __init__(self, tokens: list[str]) -> None:
+        self.tokens = tokens
+        self.asked = 0
+
+    def AcquireTask(self, request: Any) -> Any:  # noqa: N802 - Flower's method name
+        self.asked += 1
+        token = self.tokens.pop(0) if self.tokens else ""
+        return types.SimpleNamespace(token=token, HasField=lambda name: bool(token))
+
+
+def test_dispatcher_hands_each_task_to_the_worker_when_a_message_arrives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedgov.deploy.noderun import Dispatcher
+
+    handed: list[list[str]] = []
+    monkeypatch.setattr(relay, "relay", lambda node_dir, argv: handed.append(argv) or 0)
+    fake = _FakeRuntime(["tok-1"])
+    d = Dispatcher("127.0.0.1:9", str(tmp_path), interval=60.0)  # no polling to speak of: only the wake-up
+    monkeypatch.setattr(d, "_client", lambda: fake)
+    d.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not handed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert handed == [["--runtime-api-address", "127.0.0.1:9", "--token", "tok-1", "--insecure"]]
+        asked = fake.asked
+        fake.tokens.append("tok-2")
+        d.arrived.set()  # the SuperNode stored a message: asked at once, not after 60 s
+        while len(handed) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [a[3] for a in handed] == ["tok-1", "tok-2"] and fake.asked > asked
+    finally:
+        d.stop.set()
+        d.arrived.set()
+
+
+def test_dispatcher_without_a_worker_runs_the_checking_clientapp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from fedgov.deploy.noderun import Dispatcher
+
+    monkeypatch.setattr(relay, "relay", lambda node_dir, argv: -1)
+    ran: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: ran.append(cmd) or types.SimpleNamespace(returncode=0))
+    assert Dispatcher("127.0.0.1:9", str(tmp_path)).dispatch("tok") == 0
+    assert ran and ran[0][1:4] == ["-P", "-m", "fedgov.deploy.clientapp"] and "tok" in ran[0]
