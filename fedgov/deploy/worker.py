@@ -23,10 +23,12 @@ one (``FEDGOV_APP_HASH``, what ``"fedgov"`` in ``accept.apps`` stands for). Any 
 policy trusts runs as Flower runs it: installed and loaded in a fresh interpreter, here a
 child process the worker starts for that message.
 
-One message at a time, each for at most ``FEDGOV_WORKER_MESSAGE_TIMEOUT`` s (3600); a worker
-holds ``run/worker.lock`` for its whole life, so two never serve one node, and it exits when
-the node's launcher (``FEDGOV_NODE_LAUNCHER_PID``, checked with its start time) is gone. A
-task the SuperNode cancels (its run was stopped) ends without a reply, and the worker goes on.
+Tasks are pulled and answered in parallel, their ClientApps run one at a time, each for at
+most ``FEDGOV_WORKER_MESSAGE_TIMEOUT`` s (3600; past it the worker exits and the next message
+starts a new one); a task the SuperNode cancels (its run was stopped) ends without a reply,
+and the worker goes on. A worker holds ``run/worker.lock`` for its whole life, so two never
+serve one node, and it exits when the node's launcher (``FEDGOV_NODE_LAUNCHER_PID``, checked
+with its start time) is gone.
 """
 
 from __future__ import annotations
@@ -181,9 +183,15 @@ def run_foreign(fab: Any, run: Any, message: Any, context: Any, timeout: float) 
     raise RuntimeError(reason) from None
 
 
-def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
+PULL_TIMEOUT = float(os.environ.get("FEDGOV_WORKER_PULL_TIMEOUT", "120"))
+"""Seconds a message's objects may take to reach the SuperNode (Flower's own limit: 2 hours)."""
+
+
+def pull_task_input(client: Any, cancelled: threading.Event | None = None) -> tuple[Any, Any, Any, Any, tuple[int, int, int]]:
     """Flower's ``pull_task_input`` (1.42), asking again for a message object that is not
-    there yet after 20 ms rather than 1 s (:mod:`fedgov.pacing`)."""
+    there yet after 20 ms rather than 1 s (:mod:`fedgov.pacing`), for at most
+    :data:`PULL_TIMEOUT` s, and giving up as soon as the task is ``cancelled`` (the message of
+    a run stopped before its objects arrived would otherwise be waited for)."""
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
     from flwr.app import Message
     from flwr.proto.node_pb2 import Node
@@ -192,15 +200,11 @@ def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
         make_confirm_message_received_fn_protobuf,
         make_pull_object_fn_protobuf,
     )
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_and_inflate_object_from_tree
 
     from fedgov.pacing import FIRST, LONGEST
 
     res = client.PullTaskInput(PullTaskInputRequest())
-    TaskIdentity.task_id = res.task_id
-    TaskIdentity.run_id = res.run.run_id
-    TaskIdentity.node_id = res.context.node_id
     context = context_from_proto(res.context)
     run = run_from_proto(res.run)
     fab = fab_from_proto(res.fab)
@@ -209,30 +213,63 @@ def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
         raise RuntimeError("No messages received from Runtime API")
     node = Node(node_id=context.node_id)
     tree = pulled.message_object_trees[0]
+    pull = make_pull_object_fn_protobuf(client.PullObject, node, context.run_id)
+
+    def pull_unless_cancelled(object_id: str) -> bytes:
+        if cancelled is not None and cancelled.is_set():
+            raise ObjectPullError(object_id, "the task was cancelled")
+        return pull(object_id)
+
     message = pull_and_inflate_object_from_tree(
         tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        pull_unless_cancelled,
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
         return_type=Message,
+        max_time=PULL_TIMEOUT,
         initial_backoff=FIRST,
         backoff_cap=LONGEST,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id
-    return message, context, run, fab
+    return message, context, run, fab, (int(res.task_id), int(res.run.run_id), int(res.context.node_id))
 
 
 MESSAGE_TIMEOUT = float(os.environ.get("FEDGOV_WORKER_MESSAGE_TIMEOUT", "3600"))
 """Seconds one message may take; a worker past it exits (the next message starts a new one)."""
 
 
-class TaskCancelled(BaseException):
-    """The SuperNode refused the task's heartbeat (its run was stopped): stop handling it.
-
-    Flower's task heartbeat raises SIGINT then, which ends a fresh ``flwr-clientapp``; in the
-    worker the same signal ends only the message (see :func:`_on_sigint`)."""
+class TaskCancelled(Exception):
+    """The SuperNode refused the task's heartbeat (its run was stopped): stop handling it."""
 
 
-_IN_TASK = threading.Event()
+_APP_LOCK = threading.Lock()
+"""One ClientApp at a time: pulls and pushes of several tasks overlap, their work does not."""
+_APP_SINCE: list[float] = []
+"""When the ClientApp now running started (empty when none runs): for the watchdog."""
+
+
+def _heartbeat_fn(client: Any, cancelled: threading.Event) -> Any:
+    """Flower's task heartbeat (``make_task_heartbeat_fn_http``, 1.42), except that a refused
+    heartbeat (the task's run was stopped) marks this task ``cancelled`` instead of raising
+    SIGINT, which ends a fresh ``flwr-clientapp`` but would reach the worker's other tasks."""
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    request = SendTaskHeartbeatRequest()
+
+    def fn() -> bool:
+        try:
+            res = client.SendTaskHeartbeat(request)
+        except httpx.TransportError:
+            return False
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code in (httpx.codes.SERVICE_UNAVAILABLE, httpx.codes.GATEWAY_TIMEOUT):
+                return False
+            raise
+        if not res.success:
+            cancelled.set()
+        return True
+
+    return fn
 
 
 def run_task(runtime_api_address: str, token: str, insecure: bool, certificates: bytes | None) -> int:
@@ -240,7 +277,8 @@ def run_task(runtime_api_address: str, token: str, insecure: bool, certificates:
     bundle, run, push. Returns the exit status ``flwr-clientapp`` would have had."""
     import flwr.supernode.runtime.run_clientapp as rc
     from flwr.app import Message
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.heartbeat import HeartbeatSender
+    from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
@@ -268,26 +306,37 @@ def run_task(runtime_api_address: str, token: str, insecure: bool, certificates:
     message = reply = context = None
     sub_status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
     exit_code = ExitCode.SUCCESS
+    cancelled = threading.Event()
     try:
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat = HeartbeatSender(_heartbeat_fn(client, cancelled))
         heartbeat.start()
-        message, context, run, fab = pull_task_input(client)
+        message, context, run, fab, ids = pull_task_input(client, cancelled)
         # Before anything of the message is handled: is this bundle one the policy trusts?
         check_pulled(message, context, run, fab.content)
-        if hashlib.sha256(fab.content).hexdigest() == _local_hash():
-            from clients.app import app
+        with _APP_LOCK:
+            if cancelled.is_set():
+                raise TaskCancelled
+            TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = ids
+            _APP_SINCE.append(time.monotonic())
+            try:
+                if hashlib.sha256(fab.content).hexdigest() == _local_hash():
+                    from clients.app import app
 
-            reply = app(message=message, context=context)
-        else:
-            reply, context = run_foreign(fab, run, message, context, MESSAGE_TIMEOUT)
+                    reply = app(message=message, context=context)
+                else:
+                    reply, context = run_foreign(fab, run, message, context, MESSAGE_TIMEOUT)
+            finally:
+                _APP_SINCE.clear()
+        if cancelled.is_set():
+            raise TaskCancelled
         sub_status, details = SubStatus.COMPLETED, ""
-    except TaskCancelled:
-        # The SuperNode said the task is over (its run was stopped): as Flower's own
-        # flwr-clientapp, which exits at once, no reply is sent; the worker goes on.
-        log.info("task cancelled by the SuperNode")
-        sub_status, details, reply = SubStatus.FAILED, "ClientApp task cancelled", None
-        exit_code = ExitCode.TASK_PROC_EXCEPTION
     except Exception as ex:  # noqa: BLE001 - as Flower's flwr-clientapp: an error reply, the node goes on
+        if isinstance(ex, TaskCancelled) or cancelled.is_set():
+            # The SuperNode said the task is over (its run was stopped): as Flower's own
+            # flwr-clientapp, which exits then, no reply is sent; the worker goes on.
+            log.info("task cancelled by the SuperNode (its run was stopped)")
+            sub_status, details, reply = SubStatus.FAILED, "ClientApp task cancelled", None
+            return _finish(client, retry_invoker, heartbeat, context, sub_status, details, int(ExitCode.TASK_PROC_EXCEPTION))
         e_code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
         reason = str(type(ex)) + ":<'" + str(ex) + "'>"
         if isinstance(ex, LoadClientAppError):
@@ -297,19 +346,27 @@ def run_task(runtime_api_address: str, token: str, insecure: bool, certificates:
         if message is not None:
             reply = Message(Error(code=e_code, reason=reason), reply_to=message)
         exit_code = ExitCode.COMMON_APP_IMPORT_ERROR if isinstance(ex, ImportError) else ExitCode.TASK_PROC_EXCEPTION
-    finally:
-        if reply is not None and context is not None:
-            try:
-                rc.push_message(client, reply, context)
-            except Exception as ex:  # noqa: BLE001
-                log.error("failed to push the reply: %s", type(ex).__name__)
-                exit_code = ExitCode.CLIENTAPP_COMMUNICATION_ERROR
-        retry_invoker.max_tries = 1
+    if reply is not None and context is not None:
+        try:
+            rc.push_message(client, reply, context)
+        except Exception as ex:  # noqa: BLE001
+            log.error("failed to push the reply: %s", type(ex).__name__)
+            exit_code = ExitCode.CLIENTAPP_COMMUNICATION_ERROR
+    return _finish(client, retry_invoker, heartbeat, context, sub_status, details, int(exit_code))
+
+
+def _finish(client: Any, retry_invoker: Any, heartbeat: Any, context: Any, sub_status: str, details: str, code: int) -> int:
+    """Tell the SuperNode the task ended (and its Flower state), stop its heartbeat."""
+    import flwr.supernode.runtime.run_clientapp as rc
+
+    retry_invoker.max_tries = 1
+    try:
         rc.push_task_output(client=client, context=context, sub_status=sub_status, details=details)
+    finally:
         if heartbeat is not None and heartbeat.is_running:
             heartbeat.stop()
         client.close()
-    return int(exit_code)
+    return code
 
 
 def handle(argv: list[str]) -> int:
@@ -334,13 +391,15 @@ def _peer_uid(conn: socket.socket) -> int:
 
 
 class Worker:
-    """The serving loop: one connection, one message, at a time."""
+    """The serving loop: a thread per connection (one task each). Pulling a task's message and
+    pushing its reply overlap between tasks; their ClientApps run one at a time
+    (:data:`_APP_LOCK`), so a message that never arrives (its run was stopped) holds up no other."""
 
     def __init__(self, node_dir: Path) -> None:
         self.node_dir = node_dir
         self.stopping = threading.Event()
         self.served = 0
-        self.busy_since: float | None = None
+        self._count = threading.Lock()
         self._sock: socket.socket | None = None
 
     def bind(self) -> socket.socket:
@@ -360,7 +419,6 @@ class Worker:
 
     def serve(self) -> None:
         s = self._sock or self.bind()
-        me = os.getuid()
         while not self.stopping.is_set():
             try:
                 conn, _ = s.accept()
@@ -368,18 +426,21 @@ class Worker:
                 continue
             except OSError:
                 break
-            with conn:
-                conn.settimeout(10.0)  # the request line comes at once, or not at all
-                try:
-                    if _peer_uid(conn) != me:
-                        log.error("a process of another user connected to the worker's socket: refused")
-                        continue
-                    code = self._one(conn)
-                    conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
-                except OSError:
-                    continue
+            threading.Thread(target=self._connection, args=(conn,), name="fedgov-task", daemon=True).start()
         s.close()
         socket_path(self.node_dir).unlink(missing_ok=True)
+
+    def _connection(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10.0)  # the request line comes at once, or not at all
+            try:
+                if _peer_uid(conn) != os.getuid():
+                    log.error("a process of another user connected to the worker's socket: refused")
+                    return
+                code = self._one(conn)
+                conn.sendall(json.dumps({"exit": code}).encode() + b"\n")
+            except OSError:
+                return
 
     def _one(self, conn: socket.socket) -> int:
         buf = b""
@@ -394,19 +455,14 @@ class Worker:
             argv = [str(a) for a in json.loads(buf)["argv"]]
         except (ValueError, KeyError, TypeError):
             return 2
+        conn.settimeout(None)
         t = time.monotonic()
-        self.busy_since = t
-        _IN_TASK.set()
-        try:
-            code = self._handle(argv)
-        except TaskCancelled:  # after run_task's own handling (e.g. while it pushed its output)
-            code = 1
-        finally:
-            _IN_TASK.clear()
-            self.busy_since = None
-        self.served += 1
+        code = self._handle(argv)
+        with self._count:
+            self.served += 1
+            n = self.served
         _trim()
-        log.info("message %d handled in %.3f s (exit %d)", self.served, time.monotonic() - t, code)
+        log.info("message %d handled in %.3f s (exit %d)", n, time.monotonic() - t, code)
         return code
 
     def _handle(self, argv: list[str]) -> int:
@@ -453,22 +509,13 @@ def _watch(worker: Worker) -> None:
             if pid > 0 and _start_time(pid) != born:
                 log.info("the node's launcher (pid %d) is gone: the worker stops", pid)
                 os._exit(0)
-            since = worker.busy_since
+            since = _APP_SINCE[0] if _APP_SINCE else None
             if since is not None and time.monotonic() - since > MESSAGE_TIMEOUT:
                 log.error("a message has run for more than %.0f s: the worker stops, the next message starts a new one", MESSAGE_TIMEOUT)
                 os._exit(3)
             time.sleep(0.5)
 
     threading.Thread(target=watch, name="fedgov-worker-watch", daemon=True).start()
-
-
-def _on_sigint(worker: Worker) -> Any:
-    def handler(signum: int, frame: Any) -> None:
-        if _IN_TASK.is_set():
-            raise TaskCancelled
-        worker.stopping.set()
-
-    return handler
 
 
 def _private_run_dir(node_dir: Path) -> Path:
@@ -501,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["FEDGOV_NODE_DIR"] = str(node_dir)
     worker = Worker(node_dir)
     signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
-    signal.signal(signal.SIGINT, _on_sigint(worker))
+    signal.signal(signal.SIGINT, lambda *_: worker.stopping.set())
     _watch(worker)
     (rd / "worker.pid").write_text(str(os.getpid()), encoding="utf-8")
     t = time.monotonic()

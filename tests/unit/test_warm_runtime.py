@@ -320,18 +320,48 @@ def test_the_launcher_check_uses_the_start_time() -> None:
     assert worker._start_time(2**22 + 12345) is None  # no such process
 
 
-def test_a_cancelled_task_ends_the_message_not_the_worker(tmp_path: Path) -> None:
-    w = worker.Worker(tmp_path)
-    handler = worker._on_sigint(w)
-    worker._IN_TASK.set()
-    try:
-        with pytest.raises(worker.TaskCancelled):
-            handler(2, None)
-    finally:
-        worker._IN_TASK.clear()
-    assert not w.stopping.is_set()
-    handler(2, None)  # between messages: the operator's interrupt stops the worker
-    assert w.stopping.is_set()
+def test_a_refused_heartbeat_cancels_only_its_own_task() -> None:
+    """Flower raises SIGINT when the SuperNode refuses a task's heartbeat (its run was stopped);
+    the worker marks that one task cancelled instead, and its other tasks go on."""
+    cancelled = threading.Event()
+    refused = types.SimpleNamespace(SendTaskHeartbeat=lambda req: types.SimpleNamespace(success=False))
+    accepted = types.SimpleNamespace(SendTaskHeartbeat=lambda req: types.SimpleNamespace(success=True))
+    assert worker._heartbeat_fn(accepted, cancelled)() and not cancelled.is_set()
+    assert worker._heartbeat_fn(refused, cancelled)() and cancelled.is_set()
+
+
+def test_a_cancelled_task_stops_waiting_for_its_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A message whose objects never reach the SuperNode (its run stopped first) is given up as
+    soon as the task is cancelled, not after Flower's 500 tries."""
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
+
+    cancelled = threading.Event()
+    pulls: list[str] = []
+
+    def never_there(object_id: str) -> bytes:
+        pulls.append(object_id)
+        if len(pulls) == 3:
+            cancelled.set()  # the heartbeat came back refused meanwhile
+        raise ObjectUnavailableError(object_id)
+
+    import flwr.supercore.inflatable.inflatable_protobuf_utils as ipu
+
+    monkeypatch.setattr(ipu, "make_pull_object_fn_protobuf", lambda *a, **k: never_there)
+    tree = types.SimpleNamespace(object_id="o1", children=[])
+    client = types.SimpleNamespace(
+        PullTaskInput=lambda req: types.SimpleNamespace(task_id=1, run=types.SimpleNamespace(run_id=2), context=None, fab=None),
+        PullMessages=lambda req: types.SimpleNamespace(messages_list=[object()], message_object_trees=[tree]),
+        PullObject=None, ConfirmMessageReceived=None,
+    )
+    import flwr.common.serde as serde
+
+    monkeypatch.setattr(serde, "context_from_proto", lambda c: types.SimpleNamespace(node_id=3, run_id=2))
+    monkeypatch.setattr(serde, "run_from_proto", lambda r: r)
+    monkeypatch.setattr(serde, "fab_from_proto", lambda f: f)
+    t0 = time.monotonic()
+    with pytest.raises(ObjectPullError, match="cancelled"):
+        worker.pull_task_input(client, cancelled)
+    assert len(pulls) == 3 and time.monotonic() - t0 < 5
 
 
 # --- the dispatcher that takes the place of Flower's SuperExec -------------------------------------
