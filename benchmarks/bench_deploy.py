@@ -123,8 +123,8 @@ _CLASSES = (
 
 
 def _cpu_by_class(under: str) -> dict[str, float]:
-    """CPU seconds (user + system) so far of the live processes started for ``under``, by kind;
-    processes that ended are not counted (see ``_cpu_run``)."""
+    """CPU seconds (user + system, each process's own) so far of the live processes started for
+    ``under``, by kind; processes that ended are not counted (see ``_cpu_run``)."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for entry in os.listdir("/proc"):
@@ -142,13 +142,14 @@ def _cpu_by_class(under: str) -> dict[str, float]:
         if kind is None:
             continue
         f = stat[stat.rfind(")") + 2 :].split()
-        out[kind] = out.get(kind, 0.0) + (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / tick
+        out[kind] = out.get(kind, 0.0) + (int(f[11]) + int(f[12])) / tick  # its own, not its reaped children's
     return out
 
 
 def _cpu_run(cmd: list[str], log: Path, under: str) -> tuple[float, dict[str, float]]:
     """Run ``cmd``; its wall time and the CPU seconds the federation's processes spent meanwhile
-    (sampled every 0.2 s, so that short-lived processes such as the ServerApp are counted)."""
+    (sampled every 0.2 s, so that short-lived processes such as the ServerApp are counted, up to
+    their last 0.2 s; a cold ClientApp that lives less than that is missed)."""
     import threading
 
     seen: dict[str, float] = {}

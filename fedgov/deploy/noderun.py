@@ -9,7 +9,9 @@ This process
 2. starts the node's warm worker (:mod:`fedgov.deploy.worker`) unless
    ``FEDGOV_NODE_RUNTIME=cold``; a worker that dies is started again by the next message's
    relay (:mod:`fedgov.deploy.relay`);
-3. shortens the two fixed waits of Flower's SuperNode loop (``flwr.supernode.start_client_internal``
+3. pushes a reply as soon as it is ready, also when no new message came (Flower's loop pushes
+   only after it pulled one, so a late reply of a stopped run could go out in place of the next
+   message's reply), and shortens the two fixed waits of Flower's SuperNode loop (``flwr.supernode.start_client_internal``
    in Flower 1.42: 3 s after every empty pull from the SuperLink, 0.5 s between looks for a
    reply), which no option or environment variable of Flower sets, and its wait for a message's
    objects (:mod:`fedgov.pacing`): an empty pull is followed
@@ -111,7 +113,17 @@ def patch_waits(module: types.ModuleType | None = None, pacer: Pacer | None = No
         run_id = pull(*args, **kwargs)
         if run_id is not None:
             pacer.busy()
-        return run_id
+            return run_id
+        # Flower's loop pushes replies only after it pulled a new message. A reply that became
+        # ready while no message came (a ClientApp that finished after its run was stopped)
+        # would otherwise wait for the next message, and be sent in place of that message's
+        # own reply. Push it now: the loop does when this returns a run id.
+        state = kwargs.get("state")
+        try:
+            pending = bool(state is not None and state.get_messages_legacy(is_reply=True))
+        except Exception:  # noqa: BLE001 - a NodeState without this query: Flower's behaviour
+            pending = False
+        return -1 if pending else None
 
     setattr(module, "time", pacer)  # noqa: B010 - the loop looks the name up at call time
     shorten_object_pulls(module)  # the message's objects, pulled from the SuperLink

@@ -420,3 +420,30 @@ def test_dispatcher_without_a_worker_runs_the_checking_clientapp(tmp_path: Path,
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: ran.append(cmd) or types.SimpleNamespace(returncode=0))
     assert Dispatcher("127.0.0.1:9", str(tmp_path)).dispatch("tok") == 0
     assert ran and ran[0][1:4] == ["-P", "-m", "fedgov.deploy.clientapp"] and "tok" in ran[0]
+
+
+def test_a_reply_that_is_ready_goes_out_without_waiting_for_the_next_message() -> None:
+    """Flower's SuperNode loop pushes replies only after pulling a new message: a late reply (a
+    ClientApp that finished after its run was stopped) would go out in place of the next
+    message's own reply. With fedgov's loop, a pending reply makes the loop push at once."""
+    import inspect
+
+    src = "import time\ndef _pull_and_store_message(**kw):\n    return None\ndef loop():\n    time.sleep(3)\n    time.sleep(0.5)\n"
+    mod = types.ModuleType("fake_loop2")
+    exec(compile(src, "fake_loop2.py", "exec"), mod.__dict__)  # noqa: S102 - a stand-in for Flower's module
+    old_getsource = inspect.getsource
+    inspect.getsource = lambda m: src if m is mod else old_getsource(m)  # type: ignore[assignment]
+    try:
+        assert patch_waits(mod) is not None
+    finally:
+        inspect.getsource = old_getsource  # type: ignore[assignment]
+
+    class State:
+        def __init__(self, replies: list[Any]) -> None:
+            self.replies = replies
+
+        def get_messages_legacy(self, is_reply: bool) -> list[Any]:
+            return self.replies if is_reply else []
+
+    assert mod._pull_and_store_message(state=State(["a late reply"])) is not None  # the loop pushes now
+    assert mod._pull_and_store_message(state=State([])) is None  # nothing to push: the loop waits
