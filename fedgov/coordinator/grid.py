@@ -66,8 +66,8 @@ def poll_replies(
     return replies
 
 
-class PollingGrid(Grid):
-    """Flower's grid, but :meth:`send_and_receive` waits for replies in short steps (:func:`poll_replies`)."""
+class _Wrapping(Grid):
+    """A Grid that hands everything to the Grid it wraps (subclasses change what they need)."""
 
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
@@ -94,10 +94,17 @@ class PollingGrid(Grid):
         return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class PollingGrid(_Wrapping):
+    """Flower's grid, but :meth:`send_and_receive` waits for replies in short steps (:func:`poll_replies`)."""
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return poll_replies(self._grid, messages, timeout=timeout)
 
 
-class AdmittedGrid(Grid):
+class AdmittedGrid(_Wrapping):
     """A view of a Grid that offers only the nodes that accepted the task to the strategy.
 
     It also bounds Flower's wait for nodes: the strategies' ``sample_nodes`` polls
@@ -107,7 +114,7 @@ class AdmittedGrid(Grid):
     """
 
     def __init__(self, grid: Grid, admitted: Iterable[int], *, min_nodes: int = 1, patience: float = 120.0) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.admitted = set(admitted)
         self.min_nodes = min_nodes
         self.patience = patience
@@ -115,18 +122,6 @@ class AdmittedGrid(Grid):
         # Serialised size of every message through this view, by direction (see message_bytes).
         self.bytes_sent = 0
         self.bytes_received = 0
-
-    def set_run(self, run: Run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._grid.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         ids = [n for n in self._grid.get_node_ids() if n in self.admitted]

@@ -25,7 +25,6 @@ What is checked, all from outside the processes:
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -74,20 +73,9 @@ def _derive(tmp: Path) -> Path:
     return path
 
 
-def _workers(under: Path) -> list[str]:
+def _workers(flower_processes: Any, under: Path) -> list[str]:
     """Command lines of live warm workers serving a node directory under ``under``."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if stat[stat.rfind(")") + 2 :].split()[0] != "Z" and "fedgov.deploy.worker" in cmd and str(under) in cmd:
-            out.append(cmd)
-    return out
+    return [c for c in flower_processes(under) if "fedgov.deploy.worker" in c]
 
 
 def test_distributed_dp_under_secure_aggregation_on_deployed_nodes(tmp_path: Path, flower_processes: Any) -> None:
@@ -178,14 +166,14 @@ def test_distributed_dp_under_secure_aggregation_on_deployed_nodes(tmp_path: Pat
             assert {c for _, c in handled} == {"0"}, log[-2000:]
             # every message the ClientApp saw went through the worker (none ran in a cold process)
             assert len(handled) == len(received) >= 1 + (len(STAGES) + 1) * ROUNDS, (code, len(handled), len(received))
-        assert len(_workers(tmp_path)) == len(MEMBERS)
+        assert len(_workers(flower_processes, tmp_path)) == len(MEMBERS)
         print(json.dumps({"up_s": round(up_s, 1), "run_s": round(run_s, 1),
                           "round_s": [round(float(r.seconds or 0), 1) for r in training]}))
     finally:
         local_federation_down(fed_dir)
     deadline = time.monotonic() + 15  # a worker stops within a second or two of its node's launcher
-    while _workers(tmp_path) and time.monotonic() < deadline:
+    while _workers(flower_processes, tmp_path) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert read_state(fed_dir)["nodes"] == {}
     assert flower_processes(tmp_path) == []
-    assert _workers(tmp_path) == []
+    assert _workers(flower_processes, tmp_path) == []
