@@ -1,25 +1,28 @@
 """A fedgov node's process: Flower's SuperNode, the warm worker beside it, and shorter waits.
 
-``fedgov node start`` runs ``python -m fedgov.deploy.noderun <flower-supernode arguments>``.
+``fedgov node start`` runs ``python -P -m fedgov.deploy.noderun <flower-supernode arguments>``.
 This process
 
-1. becomes a *child subreaper* (Linux ``prctl``), so that every process of the node (Flower's
-   SuperExec, the relays, a worker a relay restarted) stays below it, is stopped with it, and
-   is counted in the node's memory;
-2. starts the node's warm worker (:mod:`fedgov.deploy.worker`) unless
-   ``FEDGOV_NODE_RUNTIME=cold``; a worker that dies is started again by the next message's
-   relay (:mod:`fedgov.deploy.relay`);
-3. pushes a reply as soon as it is ready, also when no new message came (Flower's loop pushes
-   only after it pulled one, so a late reply of a stopped run could go out in place of the next
-   message's reply), and shortens the two fixed waits of Flower's SuperNode loop (``flwr.supernode.start_client_internal``
-   in Flower 1.42: 3 s after every empty pull from the SuperLink, 0.5 s between looks for a
-   reply), which no option or environment variable of Flower sets, and its wait for a message's
-   objects (:mod:`fedgov.pacing`): an empty pull is followed
-   by a wait of ``FEDGOV_SUPERNODE_POLL_MIN`` (0.2 s) while a task runs (for
-   ``FEDGOV_SUPERNODE_HOT``, 10 s, after the last message), which then doubles to at most
-   ``FEDGOV_SUPERNODE_POLL_MAX`` (1 s) while the node is idle; a
-   reply is looked for every ``FEDGOV_SUPERNODE_REPLY_POLL`` (0.02 s). If Flower's loop is not
-   the one this was written for, the waits stay Flower's and a warning says so;
+1. becomes a *child subreaper* (Linux ``prctl``), so that every process of the node (the
+   worker, a worker started again, Flower's SuperExec and ClientApps under ``--runtime cold``)
+   stays below it, is stopped with it, and is counted in the node's memory;
+2. stops a worker an earlier start left behind, and starts the node's warm worker
+   (:mod:`fedgov.deploy.worker`) unless ``FEDGOV_NODE_RUNTIME=cold``; a worker that dies is
+   started again at the next message (:func:`fedgov.deploy.relay.connect`);
+3. in Flower's SuperNode loop (``flwr.supernode.start_client_internal``, Flower 1.42), whose
+   waits no option or environment variable of Flower sets:
+
+   * after an empty pull from the SuperLink it waits ``FEDGOV_SUPERNODE_POLL_MIN`` (0.2 s)
+     while a task runs (for ``FEDGOV_SUPERNODE_HOT``, 10 s, after the last message), then
+     twice as long each time up to ``FEDGOV_SUPERNODE_POLL_MAX`` (1 s) while the node is idle
+     (Flower: 3 s);
+   * it looks for a reply every ``FEDGOV_SUPERNODE_REPLY_POLL`` (0.02 s; Flower: 0.5 s), and
+     pushes a reply as soon as it is ready, also when no new message came (Flower's loop
+     pushes only after it pulled one, so a late reply of a stopped run could go out in place
+     of the next message's reply);
+   * a message object not yet there is asked for again after 20 ms (:mod:`fedgov.pacing`);
+
+   if the loop is not the one this was written for, it stays Flower's and a warning says so;
 4. runs Flower's ``flower-supernode`` in this process, with the given arguments; with the warm
    worker, in Flower's ``process`` isolation, with :class:`Dispatcher` (a thread) in place of
    Flower's SuperExec process: each task's token goes straight to the worker's socket.

@@ -10,11 +10,11 @@ the parsed tasks and contracts, and the accountant's cached evaluations. The led
 audit log (SQLite, on disk) stay the source of truth: every message reads and writes them as
 before, so a worker that dies loses nothing that was committed, and a new one doubles nothing.
 
-Each message reaches the worker from the node's ``flwr-clientapp`` relay
-(:mod:`fedgov.deploy.relay`) over a Unix socket that only the node's user can open
-(``run/`` has mode 0700, the socket 0600, and the peer's uid is checked). The worker then
-does what Flower's ``flwr-clientapp`` does (:func:`run_task`): it pulls the message with
-the relay's one-time token, **checks the app bundle against the node's policy before
+Each task's one-time token reaches the worker from the node's process
+(:class:`fedgov.deploy.noderun.Dispatcher`, through :func:`fedgov.deploy.relay.relay`) over a
+Unix socket that only the node's user can open (``run/`` has mode 0700, the socket 0600, and
+the peer's uid is checked). The worker then does what Flower's ``flwr-clientapp`` does
+(:func:`run_task`): it pulls the message with the token, **checks the app bundle against the node's policy before
 anything of the message is handled** (:func:`fedgov.deploy.clientapp.check_pulled`), runs
 the ClientApp and pushes the reply and the node's Flower state.
 
@@ -467,7 +467,7 @@ class Worker:
 
     def _handle(self, argv: list[str]) -> int:
         profile = os.environ.get("FEDGOV_WORKER_PROFILE")
-        if profile:  # where a message's time goes (benchmarks/bench_deploy.py --profile)
+        if profile:  # where a message's time goes: one cProfile file per message, <prefix>.<pid>.<n>
             import cProfile
 
             prof = cProfile.Profile()
