@@ -55,6 +55,7 @@ from fedgov.config.municipalities import display_name
 from fedgov.errors import SecAggError
 from fedgov.node.context import config_int, data_of, node_of, query_of, task_of
 from fedgov.node.contracts import append_private
+from fedgov.node.policy import min_rows_for
 from fedgov.node.refusals import Refusal, error_reason
 from fedgov.transport import UPDATE, encode_update
 
@@ -123,10 +124,11 @@ def query(msg: Message, context: Context) -> Message:
         if isinstance(base, Refusal):
             return Message(Error(code=ERROR_REFUSED, reason=base.reason()), reply_to=msg)
         return Message(RecordDict({P.METRICS: MetricRecord({"accuracy": base.accuracy, "epsilon": base.epsilon})}), reply_to=msg)
+    min_rows, setting = min_rows_for(home.policy(), task) if home.exists() else (0, "limits.min_rows")
     answer, dp = N.hello(
         task, contract, node=node, node_name=display_name(node), train_path=train_path, test_path=test_path, workdir=home.path,
         release_rows=lambda n: N.released_row_count(home, contract, train_path, n),
-        min_rows=home.policy().limits.min_rows if home.exists() else 0,
+        min_rows=min_rows, min_rows_setting=setting,
     )
     if answer.accepted:
         FlowerState(context).put(key, dp.to_json())

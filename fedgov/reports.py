@@ -83,6 +83,11 @@ class NodeResult(_Model):
     test_rows: int = 0
     epsilon: float | None = None
     delta: float | None = None
+    per_citizen: str = Field(
+        default="",
+        description="what the node's epsilon means for one citizen in its data (the unit the guarantee is for); "
+        "empty for a node that took no part",
+    )
     noise_multiplier: float | None = None
     rounds_trained: int = 0
     federated_accuracy: float | None = None

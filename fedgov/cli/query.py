@@ -7,7 +7,10 @@ from typing import Annotated
 
 import typer
 
-from fedgov.cli.options import Approval, Cpus, JsonOut, NodeBudget, RunsDir, StateDir, simulation_options
+from fedgov.cli.console import usage_error
+from fedgov.cli.options import (
+    Approval, Cpus, JsonOut, NodeBudget, RayAddress, RunsDir, StateDir, from_command_line, simulation_options,
+)
 from fedgov.cli.summary import print_query_summary, run_with_progress
 
 __all__ = ["query"]
@@ -26,6 +29,7 @@ def query(
     state_dir: StateDir = None,
     node_budget: NodeBudget = 10.0,
     approval: Approval = "auto",
+    ray_address: RayAddress = None,
     json_out: JsonOut = False,
 ) -> None:
     """Answer a statistics query across the federation with differential privacy (simulation, or -C for deployment)."""
@@ -33,7 +37,13 @@ def query(
     from fedgov.deploy.submit import submit_query  # lazy: pandas, numpy, Flower (fedgov --help)
     from fedgov.launch.query import run_query_simulation  # lazy: pandas, numpy, Flower (fedgov --help)
 
-    opts = simulation_options(runs_dir=runs_dir, num_cpus=cpus, state_dir=state_dir, node_budget=node_budget, approval=approval)
+    if coordinator_dir is not None:
+        if ray_address and from_command_line("ray_address"):
+            usage_error("--ray-address runs a simulation on a Ray cluster; with --coordinator-dir the query goes to real nodes")
+        ray_address = ""  # a RAY_ADDRESS in the environment is for simulations
+    opts = simulation_options(
+        runs_dir=runs_dir, num_cpus=cpus, state_dir=state_dir, node_budget=node_budget, approval=approval, ray_address=ray_address,
+    )
     if coordinator_dir is not None:
         coordinator = coordinator_dir
         run_dir = run_with_progress(

@@ -13,7 +13,7 @@ from rich.table import Table
 
 import fedgov
 from fedgov.cli.console import console, new_typer, print_error, usage_error
-from fedgov.cli.options import Approval, Cpus, JsonOut, NodeBudget, RunsDir, StateDir, simulation_options
+from fedgov.cli.options import Approval, Cpus, JsonOut, NodeBudget, RayAddress, RunsDir, StateDir, simulation_options
 from fedgov.cli.summary import print_summary, run_with_progress
 from fedgov.config import load_contract, load_federation, load_task
 from fedgov.config._base import load_toml
@@ -36,12 +36,14 @@ def run(
     state_dir: StateDir = None,
     node_budget: NodeBudget = 10.0,
     approval: Approval = "auto",
+    ray_address: RayAddress = None,
     json_out: JsonOut = False,
 ) -> None:
     """Run a training task on a simulated federation (Flower simulation engine).
 
     The coordinator saves a checkpoint after every round; after a crash, ``fedgov run --resume
-    RUN_DIR`` runs the remaining rounds, and no node's ledger is charged twice.
+    RUN_DIR`` runs the remaining rounds, and no node's ledger is charged twice. With
+    ``--ray-address HOST:PORT`` the simulation runs on that Ray cluster.
     """
     from fedgov.launch.simulation import resume_simulation, run_simulation  # lazy: numpy, Flower (fedgov --help)
     from fedgov.reports import load_report  # lazy: pydantic models (fedgov --help)
@@ -50,7 +52,7 @@ def run(
         usage_error("give a task file, or --resume RUN_DIR (not both)")
     opts = simulation_options(
         runs_dir=runs_dir, num_cpus=cpus, local_baseline=not no_baseline,
-        state_dir=state_dir, node_budget=node_budget, approval=approval,
+        state_dir=state_dir, node_budget=node_budget, approval=approval, ray_address=ray_address,
     )
     if resume is not None:
         resume_dir = resume

@@ -27,10 +27,15 @@ def _fmt(v: float | str | bool | None, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+_UNIT = {"distributed": " per citizen", "local": " per record"}
+"""What the per-node epsilon column is per (each node's report line says it in words: per_citizen)."""
+
+
 def print_summary(report: TrainingReport, run_dir: Path) -> None:
     """The terminal summary of a training report."""
     t = Table(title=f"{report.task}: per node (target epsilon {report.privacy.get('target_epsilon')})")
-    for col in ("node", "name", "rows (noisy)", "epsilon", "federated acc.", "local-only acc.", "gain", "status"):
+    unit = _UNIT.get(str(report.privacy.get("mode")), "") if report.privacy.get("enabled") else ""
+    for col in ("node", "name", "rows (noisy)", f"epsilon{unit}", "federated acc.", "local-only acc.", "gain", "status"):
         t.add_column(col, justify="right" if col not in ("node", "name", "status") else "left")
     for n in sorted(report.nodes, key=lambda n: -n.train_rows):
         status = n.status if n.status == "accepted" else f"{n.status}: {n.refusal_code or ''} {n.refusal_reason}"
@@ -41,6 +46,12 @@ def print_summary(report: TrainingReport, run_dir: Path) -> None:
             "-" if n.gain is None else f"{100 * n.gain:+.1f} pt", status,
         )
     console.print(t)
+    meanings = sorted({n.per_citizen for n in report.nodes if n.per_citizen})
+    if len(meanings) == 1:
+        console.print(f"Per citizen, at every node that took part: {meanings[0]}.")
+    for text in meanings if len(meanings) > 1 else []:
+        who = ", ".join(n.node for n in report.nodes if n.per_citizen == text)
+        console.print(f"Per citizen ({who}): {text}.")
     if report.final is not None:
         console.print(
             f"Global model on the held-out test set ({report.final.n} rows): accuracy [bold]{report.final.accuracy:.4f}[/], "

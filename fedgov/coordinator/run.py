@@ -210,7 +210,7 @@ def _admit(run: _Run) -> None:
     run.events.emit("nodes-connected", count=len(node_ids), expected=opts.expected_nodes)
     answers = hello(run.grid, node_ids, run.config, timeout=opts.reply_timeout)
     run.names = {nid: a.node for nid, a in answers.items()}
-    report.nodes.extend(_node_result(a) for a in sorted(answers.values(), key=lambda a: a.node))
+    report.nodes.extend(_node_result(a, run.task, run.contract) for a in sorted(answers.values(), key=lambda a: a.node))
     run.admitted = [nid for nid, a in answers.items() if a.accepted]
     refused = [a for a in answers.values() if not a.accepted]
     run.events.emit(
@@ -226,7 +226,31 @@ def _admit(run: _Run) -> None:
         )
 
 
-def _node_result(a: P.NodeHello) -> NodeResult:
+def per_citizen(task: Task, contract: Contract, epsilon: float | None, delta: float | None) -> str:
+    """What a node's ``epsilon`` means for one citizen in its data, from public facts only: the
+    task's privacy mode and the contract's person identifier."""
+    if not task.privacy.enabled:
+        return "no differential privacy: nothing bounds what the updates reveal about a citizen"
+    if epsilon is None:
+        return ""
+    d = f" (delta {delta:g})" if delta is not None else ""
+    if task.privacy.mode == "distributed":
+        return (
+            f"epsilon {epsilon:.2f}{d} for the municipality's whole data set, so for every citizen in it, "
+            "however many of its records are theirs"
+        )
+    if contract.person_id is None:
+        return (
+            f"epsilon {epsilon:.2f}{d} per record; the contract names no person identifier, so a record is taken "
+            "to be one citizen: epsilon per citizen"
+        )
+    return (
+        f"epsilon {epsilon:.2f}{d} per record; a citizen with k records ({contract.person_id}) has k times "
+        "epsilon (group privacy)"
+    )
+
+
+def _node_result(a: P.NodeHello, task: Task, contract: Contract) -> NodeResult:
     return NodeResult(
         node=a.node,
         name=a.node_name,
@@ -237,6 +261,7 @@ def _node_result(a: P.NodeHello) -> NodeResult:
         # released row count (Gaussian noise, in its ledger) with the delta and noise
         # multiplier computed from it
         epsilon=a.planned_epsilon,
+        per_citizen=per_citizen(task, contract, a.planned_epsilon, a.delta) if a.accepted else "",
         train_rows=a.train_rows,
         delta=a.delta,
         noise_multiplier=a.noise_multiplier,

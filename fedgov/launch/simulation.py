@@ -9,6 +9,8 @@ What happens, in order:
    ``FLWR_HOME`` inside the run directory, telemetry, update checks and runtime dependency
    installation off; Flower's simulation engine (Ray) runs one virtual SuperNode per
    municipality. The run is submitted with ``flwr run`` (Message API ServerApp/ClientApp).
+   With ``ray_address`` the engine joins that Ray cluster instead of starting a Ray of its
+   own, after a check that every Ray node sees the run's files (:mod:`fedgov.launch.raycluster`).
 4. Progress is followed in ``events.jsonl``; when the run ends, the SuperLink and every
    process it started are stopped, also on error or Ctrl-C.
 5. The report (with each node's local-only baseline, trained at the node on request of
@@ -35,6 +37,7 @@ from fedgov.reports import load_report, plot_report, write_json_atomic
 from fedgov.node.home import NodeHome
 from fedgov.node.policy import default_policy_text, secure_aggregation_text
 from fedgov.launch.processes import ManagedProcess, flower_bin, flower_env, free_port, wait_healthy
+from fedgov.launch.raycluster import CLIENT_NUM_CPUS, LOCAL_RAY, RAY_ADDRESS_ENV, check_cluster
 
 __all__ = [
     "SimulationOptions",
@@ -65,6 +68,11 @@ class SimulationOptions:
     state_dir: Path | None = None
     node_budget: float = 10.0
     approval: Literal["auto", "manual", "deny"] = "auto"
+    ray_address: str | None = None
+    """``HOST:PORT`` of an existing Ray cluster's head to run the simulation on
+    (:mod:`fedgov.launch.raycluster`); None: a Ray of the run's own on this machine, with
+    ``num_cpus`` CPUs. The run directory and ``state_dir`` must then lie on storage that every
+    Ray node sees at the same path."""
 
 
 def app_dir() -> Path:
@@ -190,7 +198,28 @@ def simulate(
     run_config = write_run_config(run_dir, run_config_values)
     env = flower_env(flwr_home)
     logs = run_dir / "logs"
-    num_cpus = options.num_cpus or os.cpu_count() or 1
+    if options.ray_address is None:
+        # A Ray of the run's own: Flower's `ray.init()` reads RAY_ADDRESS (fedgov.launch.raycluster).
+        env[RAY_ADDRESS_ENV] = LOCAL_RAY
+        ray_args = ["--init-args-num-cpus", str(options.num_cpus or os.cpu_count() or 1)]
+    else:
+        if options.num_cpus is not None:
+            raise ConfigError(
+                "CPUs given for a Ray cluster",
+                [Problem("--cpus", "", f"sets the CPUs of a Ray of the run's own; the Ray cluster at {options.ray_address} "
+                                       "has the CPUs its nodes were started with ('ray start --num-cpus')")],
+            )
+        manifest = run_config_values.get("manifest-path")
+        ray_nodes = check_cluster(
+            options.ray_address, run_dir, manifest=Path(str(manifest)) if manifest else None, env=env,
+        )
+        emit({
+            "event": "ray-cluster", "address": options.ray_address,
+            "nodes": [{"address": n.address, "hostname": n.hostname, "node_id": n.node_id, "cpus": n.cpus,
+                       "head": n.head, "checked": n.checked} for n in ray_nodes],
+        })
+        env[RAY_ADDRESS_ENV] = options.ray_address
+        ray_args = []  # ray.init refuses num_cpus when it joins a cluster
     started = time.time()
     superlink = ManagedProcess(
         [
@@ -213,8 +242,8 @@ def simulate(
             [
                 flower_bin("flwr"), "federation", "simulation-config",
                 "--num-supernodes", str(n_nodes),
-                "--client-resources-num-cpus", "1",
-                "--init-args-num-cpus", str(num_cpus),
+                "--client-resources-num-cpus", str(CLIENT_NUM_CPUS),
+                *ray_args,
                 "--init-args-logging-level", "error",
                 "--init-args-log-to-driver", "true",
             ],

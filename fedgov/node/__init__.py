@@ -50,7 +50,8 @@ if TYPE_CHECKING:
         config_float, config_int, data_of, kind_of, node_of, query_of, task_id, task_of,
     )
     from fedgov.node.contracts import (
-        add_contract, append_private, check_all, check_dataset, check_received, contract_sha256, ContractCheck,
+        add_contract, append_private, check_all, check_dataset, check_received, conforming_frame, contract_sha256,
+        ContractCheck,
         CONTRACTS_DIR, current_home, data_status, DataCheck, held_contracts, pin_new_contract, report_path,
         REPORTS_DIR, serving,
     )
@@ -65,15 +66,16 @@ if TYPE_CHECKING:
     )
     from fedgov.node.policy import (
         AcceptSpec, BudgetSpec, check_query, check_task, ContractPin, DatasetSpec, decide, Decision,
-        default_policy_text, file_sha256, KINDS, LimitsSpec, load_policy, NodePolicy, pin_contract_text, PolicyCode,
-        Proposal, Rule, RULES, secure_aggregation_text, SecureAggregationSpec, STRATEGIES,
+        default_policy_text, file_sha256, KINDS, LimitsSpec, load_policy, min_rows_for, NodePolicy, pin_contract_text,
+        PolicyCode, Proposal, Rule, RULES, secure_aggregation_text, SecureAggregationSpec, STRATEGIES,
     )
     from fedgov.node.refusals import (
         error_reason, is_allowed, PARAMS, parse_error_reason, Refusal, refusal_text, TEMPLATES,
     )
     from fedgov.node.rounds import (
         Baseline, baseline, describe_error, DPState, evaluate_global, hello, local_only_baseline, model_digest,
-        model_dimension, prepare, PreparedData, released_row_count, ROW_COUNT_NOISE, ROWS_NOTE, SentUpdates, train,
+        model_dimension, prepare, PreparedData, public_row_count, released_row_count, ROW_COUNT_NOISE, ROWS_NOTE,
+        SentUpdates, train,
     )
     from fedgov.node.secure import (
         check_distributed, Identity, keep_keys, mask_release, mask_update, node_identity, NoRoster, receive_shares,
@@ -111,7 +113,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "config_float", "config_int", "data_of", "kind_of", "node_of", "query_of", "task_id", "task_of",
     ),
     "contracts": (
-        "add_contract", "append_private", "check_all", "check_dataset", "check_received", "contract_sha256",
+        "add_contract", "append_private", "check_all", "check_dataset", "check_received", "conforming_frame",
+        "contract_sha256",
         "ContractCheck", "CONTRACTS_DIR", "current_home", "data_status", "DataCheck", "held_contracts",
         "pin_new_contract", "report_path", "REPORTS_DIR", "serving",
     ),
@@ -126,7 +129,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ),
     "policy": (
         "AcceptSpec", "BudgetSpec", "check_query", "check_task", "ContractPin", "DatasetSpec", "decide", "Decision",
-        "default_policy_text", "file_sha256", "KINDS", "LimitsSpec", "load_policy", "NodePolicy", "pin_contract_text",
+        "default_policy_text", "file_sha256", "KINDS", "LimitsSpec", "load_policy", "min_rows_for", "NodePolicy",
+        "pin_contract_text",
         "PolicyCode", "Proposal", "Rule", "RULES", "secure_aggregation_text", "SecureAggregationSpec", "STRATEGIES",
     ),
     "refusals": (
@@ -134,7 +138,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ),
     "rounds": (
         "Baseline", "baseline", "describe_error", "DPState", "evaluate_global", "hello", "local_only_baseline",
-        "model_digest", "model_dimension", "prepare", "PreparedData", "released_row_count", "ROW_COUNT_NOISE",
+        "model_digest", "model_dimension", "prepare", "PreparedData", "public_row_count", "released_row_count",
+        "ROW_COUNT_NOISE",
         "ROWS_NOTE", "SentUpdates", "train",
     ),
     "secure": (
@@ -165,16 +170,17 @@ __all__ = [
     "baseline", "before_evaluation", "before_hello", "before_train", "Budget", "budget_of", "BudgetSpec",
     "BudgetStatus", "canonical_json", "check_admitted", "check_all", "check_dataset", "check_distributed",
     "check_query", "check_received", "check_reply", "check_spend", "check_task", "check_within_reservation",
-    "compose", "config_float", "config_int", "contract_sha256", "ContractCheck", "ContractPin", "CONTRACTS_DIR",
+    "compose", "conforming_frame", "config_float", "config_int", "contract_sha256", "ContractCheck", "ContractPin",
+    "CONTRACTS_DIR",
     "current_home", "data_of", "data_status", "DataCheck", "DataCheckRecord", "dataset_name", "DatasetSpec", "decide",
     "Decision", "DECLARATION", "default_policy_text", "describe_error", "DPState", "end_task", "entry_hash",
     "ERROR_KIND", "error_reason", "evaluate_global", "evaluated_rounds", "EVALUATION_NOTE", "file_sha256",
     "GateContext", "GENESIS_HASH", "held_contracts", "hello", "hello_refusal", "Identity", "init_node", "is_admitted",
     "is_allowed", "keep_keys", "kind_of", "KINDS", "LedgerEvent", "LimitsSpec", "load_policy", "local_only_baseline",
-    "mask_release", "mask_update", "MAX_PAYLOAD_BYTES", "Mechanism", "mechanism_of", "model_digest",
+    "mask_release", "mask_update", "MAX_PAYLOAD_BYTES", "Mechanism", "mechanism_of", "min_rows_for", "model_digest",
     "model_dimension", "node_identity", "node_of", "NodeHome", "NodePolicy", "NodeState", "NoRoster", "PARAMS",
     "parse_error_reason", "PendingTask", "pin_contract_text", "pin_new_contract", "PolicyCode", "precheck", "prepare",
-    "PreparedData", "PrivacyLedger", "Proposal", "public_answer", "public_hello", "public_reason",
+    "PreparedData", "PrivacyLedger", "Proposal", "public_answer", "public_hello", "public_reason", "public_row_count",
     "query_fingerprint", "query_gate_context", "query_id_of", "query_of", "read_node_frame", "receive_shares",
     "record_evaluation", "record_spend", "Refusal", "refusal_text", "Release", "release", "released_counts",
     "released_row_count", "report_path", "REPORTS_DIR", "Resend", "RoundResult", "ROW_COUNT_NOISE", "ROWS_NOTE",

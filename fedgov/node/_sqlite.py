@@ -6,6 +6,9 @@ these for the parts that are the same everywhere.
 - :func:`connect`: a connection in autocommit mode (transactions are explicit), usable from
   any thread, that waits ``busy_timeout`` seconds for a lock and syncs every commit
   (``synchronous=FULL``: a commit that returned survives a power cut).
+- :func:`pooled`: this thread's kept-open connection to a file (closing the last connection to
+  a WAL file checkpoints it, several ms per call), shared by every object of this process that
+  opens the same file; :func:`discard` drops it after an error.
 - :func:`create_linked`: build a new database in a private temporary file, then ``os.link``
   it into place, so other processes see either no file or a complete one, and a file that
   appeared meanwhile is kept (a link never overwrites).
@@ -20,13 +23,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 from urllib.parse import quote
 
-__all__ = ["connect", "create_linked", "immediate", "is_corruption", "quick_check"]
+__all__ = ["connect", "create_linked", "discard", "immediate", "is_corruption", "pooled", "quick_check"]
 
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
@@ -49,6 +53,77 @@ def connect(path: Path, mode: Literal["rw", "rwc"], busy_timeout: float) -> sqli
     con.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
     con.execute("PRAGMA synchronous = FULL")
     return con
+
+
+_POOL: dict[tuple[str, int, int, float], tuple[tuple[int, int, int, int], sqlite3.Connection]] = {}
+_POOL_LOCK = threading.Lock()
+_POOL_PRUNE_AT = 256
+_DAMAGED: list[sqlite3.Connection] = []  # kept connections to files found damaged: never used, never closed
+
+
+def pooled(path: Path, mode: Literal["rw", "rwc"], busy_timeout: float) -> sqlite3.Connection:
+    """This thread's open connection to the file at ``path`` (:func:`connect` the first time),
+    kept for the life of the process and shared by every object that opens the file.
+
+    Kept per process (a forked child never uses its parent's connection) and thread, and only
+    while the file is the same: its device, inode, size and modification time. Commits go to
+    the write-ahead log, so the file itself changes only when the log is checkpointed (every
+    1000 pages, or when a process closes its last connection): then, or when the file was
+    replaced or overwritten, the next call connects afresh, and a damaged file is found as a
+    new connection would find it. A kept connection sees every commit of other connections and
+    processes: in autocommit mode each statement or transaction reads the newest state.
+    ``FileNotFoundError`` when there is no file (``rw``)."""
+    if mode == "rwc" and not path.exists():
+        connect(path, mode, busy_timeout).close()  # create it; then connect as to any file
+    st = os.stat(path)
+    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (str(path), os.getpid(), threading.get_ident(), busy_timeout)
+    kept = _POOL.get(key)
+    if kept is not None and kept[0] == ident:
+        return kept[1]
+    con = connect(path, mode, busy_timeout)
+    if kept is not None:
+        with _POOL_LOCK:
+            _POOL.pop(key, None)
+        try:
+            # the file changed: read its header before the old connection closes (closing the
+            # last connection writes its log into the file, which would hide a damaged one)
+            con.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.DatabaseError:
+            _DAMAGED.append(kept[1])  # never closed: it would write over the damaged file
+            con.close()
+            raise
+        with contextlib.suppress(sqlite3.Error):
+            kept[1].close()
+    with _POOL_LOCK:
+        _POOL[key] = (ident, con)
+        if len(_POOL) >= _POOL_PRUNE_AT:
+            _prune()
+    return con
+
+
+def _prune() -> None:
+    """Drop the connections of threads that ended (closed) and of other processes (left
+    alone: closing an inherited connection can disturb the parent's locks). Under the lock."""
+    global _POOL_PRUNE_AT
+    alive = {t.ident for t in threading.enumerate()}
+    pid = os.getpid()
+    for key in [k for k in _POOL if k[1] != pid or k[2] not in alive]:
+        _, con = _POOL.pop(key)
+        if key[1] == pid:
+            with contextlib.suppress(sqlite3.Error):
+                con.close()
+    _POOL_PRUNE_AT = max(256, 2 * len(_POOL))
+
+
+def discard(path: Path) -> None:
+    """Close and forget this thread's pooled connections to ``path`` (after an error, or when
+    the caller closes): the next :func:`pooled` call connects afresh."""
+    me, pid = threading.get_ident(), os.getpid()
+    with _POOL_LOCK:
+        for key in [k for k in _POOL if k[0] == str(path) and k[1] == pid and k[2] == me]:
+            with contextlib.suppress(sqlite3.Error):
+                _POOL.pop(key)[1].close()
 
 
 def create_linked(

@@ -102,6 +102,10 @@ def public_reason(code: str, *, task: Any = None, contract: Contract | None = No
         values["value"] = task.model.name
     elif code == "strategy-not-allowed":
         values["value"] = task.training.strategy
+    elif code == "too-few-rows" and task is not None and policy is not None:
+        from fedgov.node.policy import min_rows_for
+
+        values["setting"] = min_rows_for(policy, task)[1]
     elif code == "epsilon-above-max":
         eps = getattr(task.privacy, "target_epsilon", None) or getattr(task.privacy, "epsilon", "-")
         values.update(value=eps, limit=lim.max_epsilon_per_task if lim else "-")
@@ -408,13 +412,15 @@ def check_admitted(home: NodeHome, contract: Contract, task: Task, *, task_id: s
 
 
 def released_counts(home: NodeHome, contract: Contract) -> set[int]:
-    """The row counts this node has released for the data set serving ``contract`` (ledger)."""
-    from fedgov.node.rounds import ROWS_NOTE
+    """The row counts this node has released for the data set serving ``contract`` (ledger),
+    and the public clamp of each that its replies carry (:func:`~fedgov.node.rounds.public_row_count`)."""
+    from fedgov.node.rounds import ROWS_NOTE, public_row_count
 
     ds = dataset_name(home, contract)
     if ds is None:
         return set()
-    return {int(ev.note[len(ROWS_NOTE):]) for ev in home.ledger.events(ds) if ev.kind == "spend" and ev.note.startswith(ROWS_NOTE)}
+    released = {int(ev.note[len(ROWS_NOTE):]) for ev in home.ledger.events(ds) if ev.kind == "spend" and ev.note.startswith(ROWS_NOTE)}
+    return released | {public_row_count(v) for v in released}
 
 
 def task_gate_context(

@@ -172,12 +172,12 @@ class AuditLog:
         if not self.path.exists():
             raise AuditCorrupted(self.path, "the audit log file has disappeared")
         try:
-            con = _sqlite.connect(self.path, "rw", self.busy_timeout)
-            try:
-                yield con
-            finally:
-                con.close()
+            # this thread's kept-open connection to this very file (_sqlite.pooled)
+            yield _sqlite.pooled(self.path, "rw", self.busy_timeout)
+        except FileNotFoundError:
+            raise AuditCorrupted(self.path, "the audit log file has disappeared") from None
         except sqlite3.DatabaseError as exc:
+            _sqlite.discard(self.path)
             if _sqlite.is_corruption(exc):
                 raise AuditCorrupted(self.path, f"SQLite reports: {exc}") from exc
             raise

@@ -23,6 +23,7 @@ import contextvars
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,9 +35,12 @@ from fedgov.errors import ConfigError, DataFileError, DataNotConforming, DataVal
 from fedgov.node.policy import DatasetSpec, NodePolicy, file_sha256, pin_contract_text, read_contract_file
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from fedgov.node.home import NodeHome
 
 __all__ = [
+    "conforming_frame",
     "CONTRACTS_DIR",
     "REPORTS_DIR",
     "ContractCheck",
@@ -244,7 +248,7 @@ def _files(ds: DatasetSpec) -> list[Path]:
     return [p for p in (ds.path, ds.test_path) if p is not None]
 
 
-_HASHES: dict[tuple[str, int, int, int, int], str] = {}
+_HASHES: OrderedDict[tuple[str, int, int, int, int], str] = OrderedDict()
 
 
 def file_digest(path: Path) -> str:
@@ -257,11 +261,24 @@ def file_digest(path: Path) -> str:
 def _hash(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-    if key not in _HASHES:
-        if len(_HASHES) > 256:
-            _HASHES.clear()
-        _HASHES[key] = file_sha256(path)
-    return _HASHES[key]
+    digest = _HASHES.get(key)
+    if digest is None:
+        digest = _HASHES[key] = file_sha256(path)
+        while len(_HASHES) > 4096:  # a simulation's worker serves hundreds of nodes' files
+            _HASHES.popitem(last=False)
+    else:
+        _HASHES.move_to_end(key)
+    return digest
+
+
+_FRAMES: OrderedDict[tuple[str, str, str], pd.DataFrame] = OrderedDict()
+
+
+def conforming_frame(path: Path, contract: Contract) -> pd.DataFrame | None:
+    """The typed frame of ``path`` as :func:`check_dataset` validated it against ``contract``
+    (every column conforms), while the file is unchanged; None when it was not checked here
+    lately. Spares the task's read (:func:`fedgov.node.prepare`) a second validation."""
+    return _FRAMES.get((str(path.resolve()), file_digest(path), contract_sha256(contract)))
 
 
 def data_sha256(ds: DatasetSpec) -> str | None:
@@ -286,7 +303,10 @@ def check_dataset(ds: DatasetSpec, contract: Contract) -> DataCheck:
         return check
     for p in _files(ds):
         try:
-            validate_frame(read_table(p), contract, file=str(p))
+            frame = validate_frame(read_table(p), contract, file=str(p))
+            _FRAMES[(str(p.resolve()), file_digest(p), check.contract_sha256)] = frame
+            while len(_FRAMES) > 8:  # wanted only by the same message's prepare
+                _FRAMES.popitem(last=False)
         except DataValidationError as exc:
             check.problems.extend(exc.problems)
             check.messages.append(str(exc).splitlines()[0])

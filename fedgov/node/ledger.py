@@ -52,9 +52,7 @@ import functools
 import json
 import logging
 import math
-import os
 import sqlite3
-import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -97,7 +95,6 @@ SCHEMA_VERSION = 1
 _APPLICATION_ID = 0x46474C47  # "FGLG", in the SQLite header (PRAGMA application_id)
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # fixed width: string order == time order
 
-_INHERITED: list[sqlite3.Connection] = []  # connections a forked child inherited: never used, never closed
 
 
 # --------------------------------------------------------------------------- storage
@@ -190,7 +187,6 @@ class PrivacyLedger:
     def __init__(self, path: Path | str, *, busy_timeout: float = 120.0) -> None:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
-        self._local = threading.local()
         self._identity: tuple[int, int] | None = None
         if not self.path.exists():
             self._create()
@@ -223,32 +219,20 @@ class PrivacyLedger:
             raise LedgerCorrupted(self.path, "the ledger file has disappeared") from None
         if self._identity is not None and (st.st_dev, st.st_ino) != self._identity:
             raise LedgerCorrupted(self.path, "the ledger file was replaced by another file while open")
-        local = self._local
-        con: sqlite3.Connection | None = getattr(local, "con", None)
         try:
             with self._corruption_guard():
-                if con is None or getattr(local, "pid", None) != os.getpid():  # new thread, or forked
-                    if con is not None:
-                        # Inherited through fork: SQLite forbids using it here, and closing it
-                        # (as garbage collection would) can disturb the parent's locks. Keep it.
-                        _INHERITED.append(con)
-                    con = _sqlite.connect(self.path, "rw", self.busy_timeout)
-                    local.con, local.pid = con, os.getpid()
+                # this thread's connection to this very file, shared with every other ledger
+                # object of the process (a forked child gets its own: _sqlite.pooled)
+                con = _sqlite.pooled(self.path, "rw", self.busy_timeout)
                 yield con
         except LedgerCorrupted:
             self.close()
             raise
 
     def close(self) -> None:
-        """Close this thread's connection (others close when their thread's state is collected).
-        The ledger stays usable: the next call reconnects."""
-        con = getattr(self._local, "con", None)
-        if con is not None:
-            if getattr(self._local, "pid", None) == os.getpid():
-                con.close()
-            else:
-                _INHERITED.append(con)
-        self._local.con = None
+        """Close this thread's connection (others close when their thread ends). The ledger
+        stays usable: the next call reconnects."""
+        _sqlite.discard(self.path)
 
     def __enter__(self) -> Self:
         return self

@@ -40,6 +40,7 @@ import json
 import math
 import re
 import tomllib
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -71,6 +72,7 @@ __all__ = [
     "decide",
     "load_policy",
     "check_task",
+    "min_rows_for",
     "check_query",
     "default_policy_text",
     "secure_aggregation_text",
@@ -239,7 +241,17 @@ class LimitsSpec(StrictModel):
         description="most of a task's epsilon that evaluations of the global model at this node may take "
         "(evaluation.epsilon; each evaluation releases noisy correct and total counts through the ledger)",
     )
-    min_rows: int = Field(default=50, ge=1)
+    min_rows: int = Field(
+        default=50, ge=1,
+        description="smallest data set (training rows) this node trains on with local DP-SGD (privacy.mode = \"local\") "
+        "or answers statistics queries from",
+    )
+    min_rows_distributed: int = Field(
+        default=1, ge=1,
+        description="smallest data set this node trains on under distributed DP (privacy.mode = \"distributed\"): "
+        "the guarantee is per municipality and the noise is added once, to the securely aggregated sum, so a small "
+        "data set needs no minimum of its own; an operator may still set one",
+    )
     min_cohort: int = Field(default=10, ge=2, description="smallest cell a statistics query may release")
     small_cells: Literal["publish-suppressed", "withhold"] = Field(
         default="publish-suppressed",
@@ -371,7 +383,10 @@ class NodePolicy(StrictModel):
 
 
 def _validate(data: dict[str, Any], file: str, base_dir: Path | None) -> NodePolicy:
-    sink: list[tuple[str, str]] = []
+    return _validate_parsed(_policy_model(data, file, base_dir, []), file, base_dir)
+
+
+def _policy_model(data: dict[str, Any], file: str, base_dir: Path | None, sink: list[tuple[str, str]]) -> NodePolicy:
     try:
         policy = NodePolicy.model_validate(data, context={"base_dir": base_dir, _CONTEXT_SINK: sink})
     except ValidationError as exc:
@@ -380,6 +395,10 @@ def _validate(data: dict[str, Any], file: str, base_dir: Path | None) -> NodePol
     if sink:
         problems = [Problem(file, loc, msg) for loc, msg in sink]
         raise ConfigError(f"Invalid policy file {file} ({len(problems)} problem(s)):", problems)
+    return policy
+
+
+def _validate_parsed(policy: NodePolicy, file: str, base_dir: Path | None) -> NodePolicy:
     if base_dir is not None:
         problems = _pin_problems(policy, file)
         if problems:
@@ -412,6 +431,23 @@ def read_contract_file(path: Path) -> Contract:
     return load_contract(p)
 
 
+_CONTRACTS: OrderedDict[tuple[str, str], Contract] = OrderedDict()
+
+
+def _contract_by_digest(path: str, sha256: str) -> Contract:
+    """The contract file at ``path`` whose bytes have ``sha256`` (just checked): parsed once per
+    content. Kept only when the file still has that digest after it was parsed."""
+    hit = _CONTRACTS.get((path, sha256))
+    if hit is not None:
+        return hit
+    c = read_contract_file(Path(path))
+    if file_sha256(Path(path)) == sha256:
+        _CONTRACTS[(path, sha256)] = c
+        while len(_CONTRACTS) > 256:
+            _CONTRACTS.popitem(last=False)
+    return c
+
+
 def _pin_problems(policy: NodePolicy, file: str) -> list[Problem]:
     """Each pinned contract file exists, has the pinned SHA-256, and is the contract and
     version it is pinned for."""
@@ -433,7 +469,7 @@ def _pin_problems(policy: NodePolicy, file: str) -> list[Problem]:
                 )
                 continue
             try:
-                c = read_contract_file(pin.path)
+                c = _contract_by_digest(str(pin.path), actual)
             except ConfigError as exc:
                 problems.append(Problem(file, f"{where}.path", f"contract file {pin.path} is invalid: {str(exc).splitlines()[0]}"))
                 continue
@@ -454,7 +490,37 @@ def load_policy(path: Path | str) -> NodePolicy:
     exist yet: the node checks them (against their contract) when it starts.
     """
     p = Path(path)
-    return _validate(load_toml(p), str(p), p.resolve().parent)
+    base = p.resolve().parent
+    try:
+        raw = p.read_bytes()
+    except OSError:
+        raw = None  # load_toml says what is wrong
+    key = (str(p), str(base), raw)
+    policy = _PARSED.get(key) if raw is not None else None
+    if policy is None:
+        data = load_toml(p) if raw is None else _toml_of(p, raw)
+        sink: list[tuple[str, str]] = []
+        policy = _policy_model(data, str(p), base, sink)
+        if raw is not None and not sink:
+            _PARSED[key] = policy
+            while len(_PARSED) > 1024:
+                _PARSED.popitem(last=False)
+    # the pinned contract files are checked on every load: they may change without the policy
+    return _validate_parsed(policy, str(p), base)
+
+
+_PARSED: OrderedDict[tuple[str, str, bytes | None], NodePolicy] = OrderedDict()
+"""Policies already parsed and validated in this process, by their file's path and bytes
+(a node reads its policy several times per message; an edit changes the bytes)."""
+
+
+def _toml_of(p: Path, raw: bytes) -> dict[str, Any]:
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p} is not valid TOML", [Problem(str(p), "", f"TOML syntax error: {exc}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p} is not UTF-8 text", [Problem(str(p), "", str(exc))]) from exc
 
 
 # --- the decision ----------------------------------------------------------------------------
@@ -680,14 +746,23 @@ def _noise(policy: NodePolicy, p: Proposal) -> Decision | None:
     )
 
 
+def min_rows_for(policy: NodePolicy, task: Task | None) -> tuple[int, str]:
+    """The smallest data set this node serves ``task`` from (a statistics query: None), and the
+    policy setting it comes from: ``limits.min_rows_distributed`` for training under distributed
+    DP, ``limits.min_rows`` for everything else."""
+    if task is not None and task.privacy.enabled and task.privacy.mode == "distributed":
+        return policy.limits.min_rows_distributed, "limits.min_rows_distributed"
+    return policy.limits.min_rows, "limits.min_rows"
+
+
 def _rows(policy: NodePolicy, p: Proposal) -> Decision | None:
-    limit = policy.limits.min_rows
+    limit, setting = min_rows_for(policy, p.task)
     if p.rows is None or p.rows >= limit:
         return None
     name = _served(policy, p)
     return _refuse(
         PolicyCode.TOO_FEW_ROWS,
-        f"data set '{name}' has {p.rows} training rows; policy requires at least {limit} (limits.min_rows)",
+        f"data set '{name}' has {p.rows} training rows; policy requires at least {limit} ({setting})",
         name,
     )
 
@@ -921,6 +996,7 @@ def default_policy_text(
     max_delta_per_task: float | None = None,
     min_noise_multiplier: float = 0.3,
     min_rows: int = 50,
+    min_rows_distributed: int = 1,
     min_cohort: int = 10,
     small_cells: Literal["publish-suppressed", "withhold"] = "publish-suppressed",
     require_privacy: bool = True,
@@ -1001,8 +1077,11 @@ max_epsilon_per_task = {_f(max_eps)}
 max_delta_per_task = {_f(max_delta)}
 # DP-SGD noise must be at least this (noise multiplier, sigma).
 min_noise_multiplier = {_f(min_noise_multiplier)}
-# Refuse tasks on fewer training rows than this.
+# Refuse tasks with local DP-SGD, and statistics queries, on fewer training rows than this.
 min_rows = {int(min_rows)}
+# The same under distributed DP (privacy.mode = "distributed"): the guarantee is per
+# municipality and the noise is added once, to the sum, so no minimum is needed (1).
+min_rows_distributed = {int(min_rows_distributed)}
 # Statistics: the smallest cell published for this node alone, and what happens to smaller
 # ones: "publish-suppressed" sends them with their noise (they count in national and
 # regional totals, never shown for this node alone); "withhold" does not send them.

@@ -266,9 +266,12 @@ def _unmask(st: NodeSecAgg, req: StageRequest, me: Identity, node_state: NodeSta
         raise SecAggError("the survivor list to unmask for is not the one this node signed")
     _check_survivors(st, survivors)
     text = consistency_message(rkey, rnd, survivors)
-    valid = set()
+    valid: set[str] = set()
+    alive = set(survivors)
     for s_id, sig in zip(req.signers, req.signatures, strict=True):
-        pk = me.roster.key_of(st.names[s_id]) if s_id in st.names and s_id in survivors else None
+        if len(valid) >= st.threshold:
+            break  # enough: the rest need not be checked
+        pk = me.roster.key_of(st.names[s_id]) if s_id in st.names and s_id in alive else None
         if pk is not None and verify(pk, sig, text):
             valid.add(st.names[s_id])
     if len(valid) < st.threshold:

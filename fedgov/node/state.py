@@ -19,7 +19,7 @@ import json
 import logging
 import sqlite3
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -186,23 +186,28 @@ class NodeState:
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         try:
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-        except sqlite3.Error as exc:
+            # this thread's kept-open connection to this very file (_sqlite.pooled)
+            conn = _sqlite.pooled(self.path, "rwc", self.busy_timeout_s)
+        except sqlite3.DatabaseError as exc:
+            if _sqlite.is_corruption(exc):
+                raise self._corrupt(exc) from exc
             raise NodeStateError(f"Cannot open the node state file {self.path}: {exc}") from exc
-        with closing(conn):
-            try:
-                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-                yield conn
-            except sqlite3.OperationalError as exc:
-                msg = str(exc).lower()
-                if "locked" in msg or "busy" in msg:
-                    raise NodeStateError(
-                        f"The node state file {self.path} stayed locked by another process for more "
-                        f"than {self.busy_timeout_s:g} s; try again"
-                    ) from exc
-                raise self._corrupt(exc) from exc
-            except sqlite3.DatabaseError as exc:
-                raise self._corrupt(exc) from exc
+        except (sqlite3.Error, OSError) as exc:
+            raise NodeStateError(f"Cannot open the node state file {self.path}: {exc}") from exc
+        try:
+            yield conn
+        except sqlite3.OperationalError as exc:
+            _sqlite.discard(self.path)
+            msg = str(exc).lower()
+            if "locked" in msg or "busy" in msg:
+                raise NodeStateError(
+                    f"The node state file {self.path} stayed locked by another process for more "
+                    f"than {self.busy_timeout_s:g} s; try again"
+                ) from exc
+            raise self._corrupt(exc) from exc
+        except sqlite3.DatabaseError as exc:
+            _sqlite.discard(self.path)
+            raise self._corrupt(exc) from exc
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -227,6 +232,8 @@ class NodeState:
             problems = _sqlite.quick_check(conn)
             if problems:
                 raise self._corrupt(sqlite3.DatabaseError(problems[0]))
+            if app_id == _APPLICATION_ID and version == _SCHEMA_VERSION:
+                return  # made before, by this schema: nothing to write (no write lock, no sync)
             conn.execute("PRAGMA journal_mode = WAL")
         with self._write() as conn:
             for statement in filter(str.strip, _SCHEMA.split(";")):

@@ -29,8 +29,10 @@ import base64
 import binascii
 import hashlib
 import json
+import functools
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -111,21 +113,37 @@ class Roster(BaseModel):
 
     def body(self) -> bytes:
         """The signed bytes: canonical JSON of everything but the signature (members by name)."""
+        return self._body
+
+    @functools.cached_property
+    def _body(self) -> bytes:
+        # The model is frozen: computed once per object (a copy starts afresh: model_copy).
         return _canonical({
             "federation": self.federation, "authority": self.authority,
             "members": [m.model_dump() for m in sorted(self.members, key=lambda m: m.name)],
         })
 
-    @property
+    @functools.cached_property
     def digest(self) -> bytes:
         """SHA-256 of :meth:`body`: names this roster (it seeds the SecAgg+ graph)."""
         return hashlib.sha256(b"fedgov-roster|" + self.body()).digest()
 
-    def key_of(self, name: str) -> bytes | None:
+    @functools.cached_property
+    def _keys(self) -> dict[str, bytes]:
+        keys: dict[str, bytes] = {}
         for m in self.members:
-            if m.name == name:
-                return m.key
-        return None
+            keys.setdefault(m.name, m.key)  # the first, as a scan would find it (check refuses a name twice)
+        return keys
+
+    def key_of(self, name: str) -> bytes | None:
+        return self._keys.get(name)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Roster:
+        """A copy whose body, digest and key index are computed afresh (never the original's)."""
+        copy = super().model_copy(update=update, deep=deep)
+        for cached in ("_body", "digest", "_keys"):
+            copy.__dict__.pop(cached, None)
+        return copy
 
     def check(self, pinned_authority: str) -> Roster:
         """This roster if the authority is the pinned one and its signature holds, names and keys
@@ -183,6 +201,17 @@ def sign(private_key: Any, message: bytes) -> bytes:
 
 
 def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    """Whether ``signature`` is ``public_key``'s Ed25519 signature of ``message``.
+
+    A pure function of its three arguments, so its answers are remembered in this process
+    (at most 65,536): where one process serves many nodes (a simulation's workers, each
+    running hundreds of virtual nodes), every node of a round checks the same round keys, and
+    each signature is then verified once per process instead of once per node."""
+    return _verify(bytes(public_key), bytes(signature), bytes(message))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 

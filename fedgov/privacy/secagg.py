@@ -11,7 +11,8 @@ arXiv:2006.04747) over a random regular graph of ``neighbourhood_size(n)`` neigh
   (ECDH + HKDF-SHA256), ``flwr.supercore.primitives.asymmetric`` and
   ``flwr.common.secure_aggregation.crypto.symmetric_encryption``;
 * authenticated encryption of the routed shares: ``encrypt``/``decrypt`` (Fernet);
-* Shamir secret sharing: ``create_shares``/``combine_shares``;
+* Shamir secret sharing: Flower's ``create_shares``/``combine_shares`` layout and polynomial
+  (pycryptodome's), computed by :mod:`fedgov.privacy.shamir`, byte-identical and faster;
 * the share plaintext layout: ``share_keys_plaintext_concat``/``_separate``;
 * stochastic quantisation: ``quantize`` (clipping range, target range).
 
@@ -237,6 +238,7 @@ class NodeSecAgg:
     seed: bytes = b""  # the graph seed (roster_graph_seed)
     mask_nodes: list[int] = field(default_factory=list)  # the nodes this node masked against, sorted
     min_survivors: int = 0  # under distributed DP: the contributors its noise share was sized for
+    share_keys: dict[int, bytes] = field(default_factory=dict)  # neighbour -> the key its shares travel under (ECDH of c keys)
 
     def round_keys(self) -> dict[int, tuple[bytes, bytes]]:
         """The round's keys, as :class:`RoundKeys` when they came with roster names."""
@@ -250,6 +252,7 @@ class NodeSecAgg:
             "group": self.group, "threshold": self.threshold, "received": {str(k): [_b64(x), _b64(y)] for k, (x, y) in self.received.items()},
             "masked": self.masked, "names": {str(k): v for k, v in self.names.items()}, "seed": _b64(self.seed),
             "mask_nodes": self.mask_nodes, "min_survivors": self.min_survivors,
+            "share_keys": {str(k): _b64(v) for k, v in self.share_keys.items()},
         })
 
     @classmethod
@@ -262,6 +265,7 @@ class NodeSecAgg:
             masked=bool(d["masked"]), names={int(k): str(v) for k, v in d.get("names", {}).items()},
             seed=_unb64(d.get("seed", "")), mask_nodes=[int(n) for n in d.get("mask_nodes", [])],
             min_survivors=int(d.get("min_survivors", 0)),
+            share_keys={int(k): _unb64(v) for k, v in d.get("share_keys", {}).items()},
         )
 
     # ---- stage 1: keys ---------------------------------------------------------------
@@ -278,10 +282,11 @@ class NodeSecAgg:
     # ---- stage 2: shares -------------------------------------------------------------
     def shares(self, pks: dict[int, tuple[bytes, bytes]], params: SecAggParams) -> dict[int, bytes]:
         """Split ``b`` and ``s_sk`` among the round's nodes; one ciphertext per other node."""
-        from flwr.common.secure_aggregation.crypto.shamir import create_shares
         from flwr.common.secure_aggregation.crypto.symmetric_encryption import encrypt, generate_shared_key
         from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat
         from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+        from fedgov.privacy.shamir import create_shares
 
         if self.node_id not in pks:
             raise SecAggError("this node is not among the round's nodes")
@@ -307,6 +312,7 @@ class NodeSecAgg:
                 self.received[dst] = (b_shares[i], sk_shares[i])
                 continue
             key = generate_shared_key(c_sk, bytes_to_public_key(pks[dst][0]))
+            self.share_keys[dst] = key  # the same key opens what dst sends back (receive): agreed once
             out[dst] = encrypt(key, share_keys_plaintext_concat(self.node_id, dst, b_shares[i], sk_shares[i]))
         return out
 
@@ -322,7 +328,7 @@ class NodeSecAgg:
         for src, ct in ciphertexts.items():
             if src not in self.group or src == self.node_id:
                 raise SecAggError(f"shares from node {src}, which is not among this node's neighbours this round")
-            key = generate_shared_key(c_sk, bytes_to_public_key(self.pks[src][0]))
+            key = self.share_keys.get(src) or generate_shared_key(c_sk, bytes_to_public_key(self.pks[src][0]))
             try:
                 s, d, b_share, sk_share = share_keys_plaintext_separate(decrypt(key, ct))
             except Exception as exc:  # noqa: BLE001 - InvalidToken and malformed plaintexts alike

@@ -22,13 +22,14 @@ Flower is imported). The results are byte-identical to Flower's ``combine_shares
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
 from fedgov.errors import ShareError
 
-__all__ = ["ShareError", "combine_shares", "combine_shares_many", "lagrange_at_zero", "share_index"]
+__all__ = ["ShareError", "combine_shares", "combine_shares_many", "create_shares", "lagrange_at_zero", "share_index"]
 
 _MASK128 = (1 << 128) - 1
 _IRR = (1 << 128) | 0x87  # x^128 + x^7 + x^2 + x + 1, pycryptodome's _Element.irr_poly
@@ -164,6 +165,59 @@ def combine_shares_many(share_lists: Sequence[Sequence[bytes]]) -> list[bytes]:
             except ValueError:
                 raise ShareError(pos, "Failed to combine shares") from None
     return out
+
+
+def create_shares(secret: bytes, threshold: int, num: int, *, random_bytes: Callable[[int], bytes] = os.urandom) -> list[bytes]:
+    """Drop-in for Flower's ``create_shares``: ``num`` shares of ``secret``, any ``threshold`` of
+    which rebuild it, in Flower's layout (``<index: 4 bytes little-endian>`` and one 16-byte
+    share per chunk of the PKCS#7-padded secret).
+
+    The polynomial is pycryptodome's ``Shamir.split``: for each chunk in turn, ``threshold - 1``
+    random coefficients (``random_bytes(16)`` each, the operating system's generator, highest
+    degree first) and the chunk as the constant term, evaluated by Horner's rule at
+    ``x = 1 .. num``. pycryptodome multiplies two full field elements bit by bit in pure
+    Python, one chunk at a time; here the factor is the small index ``x``, so a product is a few
+    shifts and one reduction, and every chunk is computed at once: the chunks lie side by side
+    in one integer, a lane of ``128 + w`` bits each (``w`` bits of headroom for the product's
+    overflow, reduced lane by lane). Byte-identical to Flower's shares given the same random
+    bytes (``tests/unit/test_secagg_speed.py``).
+    """
+    from Crypto.Util.Padding import pad
+
+    if not 1 <= threshold <= num:
+        raise ValueError(f"threshold {threshold} must be between 1 and the {num} shares")
+    if num >= 1 << 32:
+        raise ValueError("too many shares for a 4-byte index")
+    padded = pad(bytes(secret), 16)
+    chunks = [int.from_bytes(padded[at : at + 16], "big") for at in range(0, len(padded), 16)]
+    drawn = [[int.from_bytes(random_bytes(16), "big") for _ in range(threshold - 1)] for _ in chunks]  # pycryptodome's order
+    width = max(8, num.bit_length())
+    lane = 128 + width
+
+    def packed(values: Sequence[int]) -> int:
+        out = 0
+        for i, v in enumerate(values):
+            out |= v << (i * lane)
+        return out
+
+    coeffs = [packed([d[k] for d in drawn]) for k in range(threshold - 1)] + [packed(chunks)]
+    low = packed([_MASK128] * len(chunks))
+    over_mask = packed([(1 << width) - 1] * len(chunks))
+    shares = []
+    for x in range(1, num + 1):
+        bits = [b for b in range(x.bit_length()) if (x >> b) & 1]
+        y = 0
+        for c in coeffs:
+            z = 0
+            for b in bits:
+                z ^= y << b
+            over = (z >> 128) & over_mask  # each lane's bits above 128: x^128 = x^7 + x^2 + x + 1
+            y = (z & low) ^ over ^ (over << 1) ^ (over << 2) ^ (over << 7) ^ c
+        share = bytearray(x.to_bytes(4, "little", signed=False))
+        for i in range(len(chunks)):
+            share += ((y >> (i * lane)) & _MASK128).to_bytes(16, "big")
+        shares.append(bytes(share))
+    return shares
 
 
 def combine_shares(share_list: Sequence[bytes]) -> bytes:

@@ -348,3 +348,41 @@ def test_a_coordinator_cannot_unmask_fewer_contributors_than_the_noise_was_sized
     assert not [m for m in grid.received if not m.has_error() and "owner" in m.content.config_records.get("secagg", {})]
     stopped = [e.payload["reason"] for n in nodes[:4] for e in NodeHome(n.train_path.parent).audit.entries() if e.kind == "secagg-stopped"]
     assert len(stopped) == 4 and all("revealing needs 5" in r or "sized for at least 5" in r for r in stopped)
+
+
+def test_a_tiny_municipality_takes_part_under_distributed_dp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dd_task, run_task) -> None:
+    """A municipality with 4 training rows takes part under distributed DP with the default
+    policy (no rows minimum in this mode), also when its released row count comes out at 0:
+    its hello carries the public clamp (2), which its release gate lets pass. Under local
+    DP-SGD the same node refuses with too-few-rows, naming limits.min_rows."""
+    import pandas as pd
+
+    import fedgov.node as N
+    from fedgov.node.home import NodeHome
+    from fedgov.node.rounds import ROWS_NOTE
+
+    fed, task_path = dd_task(tmp_path, rounds=1)
+    _, _, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
+    tiny = nodes[0].train_path
+    pd.read_csv(tiny).head(4).to_csv(tiny, index=False)
+    real = N.released_row_count
+    # the node's own release with a count far below zero: it comes out at 0 unless the noise
+    # (sd 20) exceeds 10 standard deviations
+    monkeypatch.setattr(N, "released_row_count", lambda home, contract, path, n: real(home, contract, path, n - 200))
+    grid = InProcessGrid(manifest, len(nodes), run_id=71)
+    report = run_task(grid, task_path, tmp_path / "run", run_id=71, federation="dd-6")
+    assert report.status == "completed", report.message
+    assert [n.status for n in report.nodes] == ["accepted"] * 6
+    assert len(report.rounds[0].nodes_trained) == 6
+    home = NodeHome(tiny.parent)
+    notes = [e.note for e in home.ledger.events() if e.kind == "spend" and e.note.startswith(ROWS_NOTE)]
+    assert notes == [f"{ROWS_NOTE}0"]
+    blocked = [e for e in home.audit.entries() if e.kind == "blocked"]
+    assert blocked == []
+    # the same node under local DP-SGD: refused before any release, naming the setting
+    task, contract = load_task(task_path)
+    local = task.model_copy(update={"privacy": task.privacy.model_copy(update={"mode": "local"}),
+                                    "training": task.training.model_copy(update={"secure_aggregation": False})})
+    answer, _ = N.hello(local, contract, node=nodes[0].code, node_name="x", train_path=tiny, test_path=None,
+                        release_rows=lambda n: n, min_rows=home.policy().limits.min_rows)
+    assert answer.code == "too-few-rows" and "limits.min_rows" in str(answer.reason)

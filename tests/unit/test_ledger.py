@@ -365,6 +365,7 @@ def _make_ledger(path: Path) -> None:
     budget = Budget(epsilon=1000, delta=DELTA, period="forever")
     for i in range(25):
         ledger.reserve(dataset="d", task_id=f"t{i}", mechanism=laplace(0.001), budget=budget, note="n" * 2000)
+    ledger.close()  # the file at rest (its last connection closed: checkpointed), then damaged
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "foreign", "zeroed"])

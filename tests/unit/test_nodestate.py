@@ -160,3 +160,29 @@ def test_a_file_corrupted_after_opening_is_reported_at_the_next_call(tmp_path: P
         Path(str(s.path) + suffix).unlink(missing_ok=True)
     with pytest.raises(NodeStateError, match=str(s.path)):
         s.paused()
+
+
+def test_a_kept_connection_is_per_thread_and_per_file(tmp_path: Path) -> None:
+    """The node's databases keep one connection per thread and file (closing the last one
+    checkpoints the log, several ms a call): the same object while the file is the same,
+    another thread's own, and a fresh one once the file was replaced; a write through one is
+    read through the others at once."""
+    import threading
+
+    from fedgov.node import _sqlite
+
+    path = tmp_path / "s.sqlite"
+    a = NodeState(path)
+    con = _sqlite.pooled(path, "rwc", a.busy_timeout_s)
+    assert _sqlite.pooled(path, "rwc", a.busy_timeout_s) is con
+    other: list[object] = []
+    t = threading.Thread(target=lambda: (other.append(_sqlite.pooled(path, "rwc", a.busy_timeout_s)), NodeState(path).pause("y")))
+    t.start()
+    t.join()
+    assert other and other[0] is not con
+    assert a.paused() == (True, "y")  # the other thread's write, read through this thread's connection
+    replacement = tmp_path / "new.sqlite"
+    NodeState(replacement)
+    _sqlite.discard(replacement)
+    replacement.replace(path)  # another file under the name
+    assert _sqlite.pooled(path, "rwc", a.busy_timeout_s) is not con

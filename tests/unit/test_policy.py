@@ -303,6 +303,8 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], PolicyCod
     ("delta", {}, {"privacy": {"delta": 1e-4}}, {}, PolicyCode.DELTA_ABOVE_MAX, ["0.0001", "1e-05", "limits.max_delta_per_task"]),
     ("noise", {}, {}, {"noise_multiplier": 0.2}, PolicyCode.NOISE_BELOW_MIN, ["0.2", "0.3", "limits.min_noise_multiplier"]),
     ("rows", {}, {}, {"rows": 30}, PolicyCode.TOO_FEW_ROWS, ["30", "50", "limits.min_rows"]),
+    ("rows-distributed", {"limits": {"min_rows_distributed": 20}}, {"privacy": {"mode": "distributed"}}, {"rows": 5},
+     PolicyCode.TOO_FEW_ROWS, ["5", "20", "limits.min_rows_distributed"]),
     ("evaluation-epsilon", {}, {"evaluation": {"epsilon": 0.6}}, {}, PolicyCode.EVALUATION_EPSILON_ABOVE_MAX,
      ["0.6", "0.5", "limits.max_evaluation_epsilon"]),
 ]
@@ -423,3 +425,24 @@ def test_every_code_is_tested() -> None:
         PolicyCode.DISTRIBUTED_REQUIRED,
     }
     assert tested == set(PolicyCode)
+
+
+def test_the_rows_minimum_belongs_to_the_privacy_mode(policy: NodePolicy, demo: tuple[Task, Contract]) -> None:
+    """Under distributed DP the guarantee is per municipality and the noise is on the sum: the
+    default policy takes a data set of any size (limits.min_rows_distributed = 1), while local
+    DP-SGD and statistics keep limits.min_rows (50)."""
+    from fedgov.node.policy import min_rows_for
+
+    task, contract = demo
+    distributed = variant(task, privacy={"mode": "distributed"})
+    assert policy.limits.min_rows == 50 and policy.limits.min_rows_distributed == 1
+    assert min_rows_for(policy, distributed) == (1, "limits.min_rows_distributed")
+    assert min_rows_for(policy, task) == (50, "limits.min_rows")
+    assert min_rows_for(policy, None) == (50, "limits.min_rows")  # a statistics query
+    assert min_rows_for(policy, variant(distributed, privacy={"enabled": False})) == (50, "limits.min_rows")
+    assert check(policy, distributed, contract, rows=3).accepted
+    assert check(policy, task, contract, rows=3).code == PolicyCode.TOO_FEW_ROWS
+    # the default policy file says so, and an operator can set it
+    text = default_policy_text("GM0001", dataset="d", contract=contract.name, version=contract.version, path="t.csv",
+                               budget_epsilon=5.0, min_rows_distributed=25)
+    assert "min_rows_distributed = 25" in text

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 from Crypto.Protocol.SecretSharing import _Element
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares as flower_combine
+from flwr.common.secure_aggregation.crypto import shamir as flower_shamir
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -57,6 +59,50 @@ def test_combine_is_flowers_on_any_threshold_subset(secret: bytes, n: int, data:
             shamir.combine_shares(bad_shares)
     else:
         assert shamir.combine_shares(bad_shares) == flower != secret
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    secret=st.binary(min_size=0, max_size=200),
+    n=st.integers(1, 40),
+    data=st.data(),
+    seed=st.integers(0, 2**32),
+)
+def test_create_is_flowers_given_the_same_random_bytes(secret: bytes, n: int, data: st.DataObject, seed: int) -> None:
+    """fedgov's share maker is Flower's (pycryptodome's polynomial and Flower's layout), byte
+    for byte, when both draw the same coefficients; and any threshold of its shares rebuild the
+    secret with Flower's own combine."""
+    import Crypto.Protocol.SecretSharing as pycryptodome
+
+    t = data.draw(st.integers(1, n), label="threshold")
+    stream = random.Random(seed).randbytes(16 * 40 * 14)  # enough coefficients for 13 chunks
+
+    def source() -> Callable[[int], bytes]:
+        at = [0]
+
+        def take(k: int) -> bytes:
+            at[0] += k
+            return stream[at[0] - k : at[0]]
+
+        return take
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pycryptodome, "rng", source())
+        # Flower splits the chunks in a thread pool: one worker, so they draw in chunk order
+        mp.setattr(flower_shamir.os, "cpu_count", lambda: 1)
+        expected = create_shares(secret, t, n)
+    ours = shamir.create_shares(secret, t, n, random_bytes=source())
+    assert ours == expected
+    fresh = shamir.create_shares(secret, t, n)  # the operating system's generator
+    subset = data.draw(st.permutations(fresh), label="order")[:t]
+    assert flower_combine(subset) == secret == shamir.combine_shares(subset)
+
+
+def test_create_refuses_a_threshold_it_cannot_meet() -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        shamir.create_shares(b"x", 4, 3)
+    with pytest.raises(ValueError, match="threshold"):
+        shamir.create_shares(b"x", 0, 3)
 
 
 @pytest.mark.statistical
