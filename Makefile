@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
-# The benchmark suite (not part of `make test`; about 30 minutes on 2 cores): JSON in
+# The benchmark suite (not part of `make test`; about 50 minutes on 2 cores): JSON in
 # benchmarks/results/, and the table benchmarks/results/summary.md.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

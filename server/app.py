@@ -16,6 +16,7 @@ from fedgov.analytics import load_query
 from fedgov.config import load_task
 from fedgov.coordinator import run_query, run_training
 from fedgov.coordinator.grid import PollingGrid
+from fedgov.coordinator.simengine import index_pending_messages
 from fedgov.pacing import shorten_object_pulls
 from server.config import RunConfig
 
@@ -30,6 +31,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run the task (``task-path``) or the statistics query (``query-path``) of the run config."""
     config = RunConfig.from_flower(context.run_config)
     run_id = int(context.run_id)
+    index_pending_messages(grid)  # simulation: each virtual node's messages found without a scan of all
     grid = PollingGrid(grid)  # replies looked for every 20 to 100 ms, not every 3 s
     import flwr.superlink.grid.http_grid as http_grid
 

@@ -31,7 +31,7 @@ writable. Before a run is submitted, :func:`check_cluster` connects to the clust
 short-lived process of its own, ``python -m fedgov.launch.raycluster``), runs one small task
 pinned to each alive Ray node with a CPU, and refuses the run, naming the Ray node and the path,
 if a node cannot see the manifest (same path, same SHA-256), cannot write to a node directory,
-cannot read a node's data, or runs another Python, fedgov, Flower or torch than this machine.
+cannot read a node's data, or runs another Python, fedgov, Flower, torch or Ray than this machine.
 """
 
 from __future__ import annotations
@@ -175,10 +175,12 @@ def inspect_paths(request: Mapping[str, Any]) -> dict[str, Any]:
                 f"{shared}: another file (SHA-256 {digest[:16]}, expected {str(request['sha256'])[:16]}): "
                 "this Ray node sees other storage at this path"
             )
+    missing: set[Path] = set()
     for d in request.get("node_dirs", []):
         node_dir = Path(d)
         if not node_dir.is_dir():
             problems.append(f"{node_dir}: no such directory (expected: the node directory, writable)")
+            missing.add(node_dir)
             continue
         probe = node_dir / f".fedgov-ray-check-{request.get('token', 'probe')}"
         try:
@@ -188,7 +190,7 @@ def inspect_paths(request: Mapping[str, Any]) -> dict[str, Any]:
         except OSError as exc:
             problems.append(f"{node_dir}: not writable ({exc.strerror or exc}; expected: the node writes its ledger and audit log here)")
     for f in request.get("data_files", []):
-        if not os.access(f, os.R_OK):
+        if Path(f).parent not in missing and not os.access(f, os.R_OK):
             problems.append(f"{f}: not readable (expected: the node's data)")
     return {
         "problems": problems,
@@ -325,7 +327,8 @@ def check_cluster(
     request_path, result_path = logs / "ray-check-request.json", logs / "ray-check.json"
     request_path.write_text(json.dumps(_request(address, run_dir, manifest)), encoding="utf-8")
     result_path.unlink(missing_ok=True)
-    env = {**env, RAY_ADDRESS_ENV: address}
+    # Ray looks for a Ray node on this machine for 60 s by default; 20 s tells "not a node" in time.
+    env = {**env, RAY_ADDRESS_ENV: address, "RAY_gcs_server_request_timeout_seconds": "20"}
     started = time.monotonic()
     with ManagedProcess(
         [sys.executable, "-m", "fedgov.launch.raycluster", str(request_path), str(result_path)],
@@ -346,9 +349,13 @@ def check_cluster(
     result = _read_json(result_path)
     if result is None or "error" in result or not result.get("done"):
         why = result.get("error") if result else None
+        if why and "No node info found" in why:
+            why = (f"this machine is not a node of that cluster (Ray says: {why}). A Ray driver runs on a Ray node: run "
+                   f"fedgov on the head, or on a machine that joined the cluster with 'ray start --address {address}'")
+        tail = proc.tail(12).strip()
         raise FederationError(
             f"cannot use the Ray cluster at {address}: {why or 'the check process ended without a result'}\n"
-            f"{proc.tail(12)}\n(see {proc.log_path})"
+            + (f"{tail}\n" if tail else "") + f"(see {proc.log_path})"
         )
     return cluster_verdict(address, result, software_versions())
 
@@ -368,6 +375,16 @@ def _cause(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def _chain(exc: BaseException) -> str:
+    """An error and what caused it (``ray.init`` wraps the reason in a ConnectionError)."""
+    parts: list[str] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(parts) < 3:
+        parts.append(f"{type(cur).__name__}: {_cause(cur)}")
+        cur = cur.__cause__ or cur.__context__
+    return "; because ".join(parts)
+
+
 def _probe(request: Mapping[str, Any], result_path: Path) -> None:
     """Connect to the cluster, run :func:`inspect_paths` on each alive Ray node with a CPU for a
     ClientApp, and write what came back to ``result_path``."""
@@ -381,7 +398,7 @@ def _probe(request: Mapping[str, Any], result_path: Path) -> None:
             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
         )
     except Exception as exc:  # noqa: BLE001 - version mismatch, not a Ray GCS, authentication, ...
-        _write_json(result_path, {"error": f"{type(exc).__name__}: {_cause(exc)}"})
+        _write_json(result_path, {"error": _chain(exc)})
         return
     try:
         _write_json(result_path, {"connected": True})

@@ -245,10 +245,11 @@ def _check_survivors(st: NodeSecAgg, survivors: Sequence[int]) -> None:
         raise SecAggError("this node sent no masked input this round: nothing to sign or unmask")
     if st.node_id not in survivors:
         raise SecAggError("this node is not listed as a survivor")
-    stray = [v for v in survivors if v not in set(st.mask_nodes)]
+    masked_against, group = set(st.mask_nodes), set(st.group)
+    stray = [v for v in survivors if v not in masked_against]
     if stray:
         raise SecAggError(f"nodes {stray[:5]} are listed as survivors but this node did not mask against them")
-    alive = [v for v in survivors if v in set(st.group)]
+    alive = [v for v in survivors if v in group]
     if len(alive) < st.threshold:
         raise SecAggError(f"only {len(alive)} of this node's group survived; revealing needs {st.threshold}")
     if len(survivors) < st.min_survivors:

@@ -321,10 +321,16 @@ def read_public_key(path: Path | str) -> bytes:
 def load_roster_file(path: Path | str) -> Roster:
     p = Path(path)
     try:
-        return Roster.model_validate_json(p.read_text("utf-8"))
+        raw = p.read_bytes()
     except OSError as exc:
         raise RosterError(f"cannot read the roster {p}: {type(exc).__name__}", str(p)) from None
-    except ValueError as exc:
+    return _parse_roster(raw, p)
+
+
+def _parse_roster(raw: bytes, p: Path) -> Roster:
+    try:
+        return Roster.model_validate_json(raw.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError and pydantic's ValidationError are ValueErrors
         raise RosterError(f"the roster {p} is not a roster file: {str(exc).splitlines()[0]}", str(p)) from None
 
 
@@ -336,8 +342,26 @@ def save_roster_file(roster: Roster, path: Path | str) -> None:
 
 
 def load_pinned(path: Path | str, authority_key: str) -> Roster:
-    """The roster at ``path``, checked against the pinned authority (:meth:`Roster.check`)."""
-    return load_roster_file(path).check(authority_key)
+    """The roster at ``path``, checked against the pinned authority (:meth:`Roster.check`).
+
+    A roster's bytes that were checked once against an authority are not checked again in this
+    process (a node reads its roster at every secure-aggregation message): the file is read
+    each time, and any other bytes are checked anew."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise RosterError(f"cannot read the roster {p}: {type(exc).__name__}", str(p)) from None
+    key = (raw, authority_key)
+    hit = _CHECKED.get(key)
+    if hit is None:
+        hit = _CHECKED[key] = _parse_roster(raw, p).check(authority_key)  # these very bytes
+        while len(_CHECKED) > 16:
+            _CHECKED.pop(next(iter(_CHECKED)))
+    return hit
+
+
+_CHECKED: dict[tuple[bytes, str], Roster] = {}
 
 
 def make_roster(federation: str, members: dict[str, bytes], authority_key: Any) -> Roster:

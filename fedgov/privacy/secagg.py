@@ -53,6 +53,7 @@ Everything here is pure: bytes and arrays in, bytes and arrays out; no Flower me
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import math
@@ -164,12 +165,23 @@ def neighbours(pks: dict[int, tuple[bytes, bytes]]) -> dict[int, list[int]]:
     if k >= n - 1:
         return {v: [u for u in nodes if u != v] for v in nodes}
     if isinstance(pks, RoundKeys):
-        rk = pks
-        ring = sorted(nodes, key=lambda v: (hashlib.sha256(rk.seed + b"|" + rk.names[v].encode()).digest(), v))
-    else:
-        seed = graph_seed(pks)
-        ring = sorted(nodes, key=lambda v: hashlib.sha256(seed + str(v).encode()).digest())
-    half = k // 2
+        return _ring_graph(pks.seed, tuple((v, pks.names[v]) for v in nodes), k)
+    seed = graph_seed(pks)
+    ring = sorted(nodes, key=lambda v: hashlib.sha256(seed + str(v).encode()).digest())
+    return _harary(ring, k)
+
+
+@functools.lru_cache(maxsize=64)
+def _ring_graph(seed: bytes, named: tuple[tuple[int, str], ...], k: int) -> dict[int, list[int]]:
+    """The graph of :func:`neighbours` for roster-named nodes: computed once per round and
+    process (every node of a round that a process serves asks for the same graph). Callers
+    only read it."""
+    ring = [v for _, v in sorted((hashlib.sha256(seed + b"|" + name.encode()).digest(), v) for v, name in named)]
+    return _harary(ring, k)
+
+
+def _harary(ring: list[int], k: int) -> dict[int, list[int]]:
+    n, half = len(ring), k // 2
     out: dict[int, list[int]] = {}
     for i, v in enumerate(ring):
         out[v] = sorted({ring[(i + j) % n] for j in range(-half, half + 1) if j != 0})
@@ -301,6 +313,9 @@ class NodeSecAgg:
         if isinstance(pks, RoundKeys):
             self.names, self.seed = dict(pks.names), pks.seed
         self.group = sorted([self.node_id, *neighbours(self.round_keys())[self.node_id]])
+        # Only the group's keys are used from here on (its shares and masks): the others are not
+        # kept, so that the node's state stays small at national scale (34 of 342 nodes' keys).
+        self.pks = {v: pks[v] for v in self.group}
         self.threshold = threshold_for(len(self.group))
         self.b = os.urandom(32)
         b_shares = create_shares(self.b, self.threshold, len(self.group))
@@ -344,7 +359,8 @@ class NodeSecAgg:
 
         if self.masked:
             raise SecAggError("this node already sent its masked input for this round")
-        stray = [v for v in survivors if v not in set(self.nodes)]
+        round_nodes = set(self.nodes)
+        stray = [v for v in survivors if v not in round_nodes]
         if stray:
             raise SecAggError(f"nodes {stray[:5]} are not among the round's nodes this node shared with")
         group = set(self.group)
