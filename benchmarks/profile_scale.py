@@ -33,18 +33,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# Parts of the code, by the file a function lies in (first match wins), for the summary.
+# Parts of the code, by the file a function lies in and, where a file serves both sides, its
+# name (first match wins), for the summary.
 PARTS = [
-    ("node: secure aggregation (keys, shares, masks)", r"fedgov/node/secure\.py|fedgov/privacy/secagg\.py|fedgov/privacy/roster\.py|Crypto/|flwr/common/secure_aggregation|flwr/supercore/primitives|cryptography/"),
-    ("node: distributed DP noise", r"fedgov/privacy/distributed\.py|fedgov/privacy/rng\.py"),
-    ("node: ledger, audit log, node state (SQLite)", r"fedgov/node/(ledger|audit|state|_sqlite|budget|spend)\.py|sqlite3|contextlib"),
-    ("node: training (torch)", r"torch/|fedgov/node/training\.py|fedgov/models\.py|opacus/"),
-    ("node: data read and checks", r"fedgov/data/|pandas/|pyarrow/"),
-    ("node: policy, admission, contracts, gate", r"fedgov/node/(policy|admission|contracts|gate|home|rounds|context|refusals)\.py|clients/"),
-    ("coordinator: unmasking", r"fedgov/privacy/shamir\.py|fedgov/coordinator/secure\.py"),
-    ("coordinator: strategy, recording, evaluation", r"fedgov/coordinator/|flwr/serverapp/"),
-    ("messages and records (Flower, pydantic, json)", r"flwr/|pydantic|json/|copy\.py"),
-    ("threads (Flower's thread pools: waits)", r"concurrent/|threading\.py"),
+    ("coordinator: unmasking", r"fedgov/privacy/shamir\.py", r"combine|lagrange|_tables|_gf_inv|share_index|_unpad"),
+    ("coordinator: unmasking", r"fedgov/privacy/secagg\.py", r"unmask_sum|_prg_sum"),
+    ("node: secure aggregation (keys, shares, masks)", r"fedgov/node/secure\.py|fedgov/privacy/secagg\.py|fedgov/privacy/shamir\.py|fedgov/privacy/roster\.py|Crypto/|flwr/common/secure_aggregation|flwr/supercore/primitives|cryptography/", None),
+    ("node: distributed DP noise", r"fedgov/privacy/distributed\.py|fedgov/privacy/rng\.py", None),
+    ("node: ledger, audit log, node state (SQLite)", r"fedgov/node/(ledger|audit|state|_sqlite|budget|spend)\.py|sqlite3|contextlib", None),
+    ("node: training (torch)", r"torch/|fedgov/node/training\.py|fedgov/models\.py|opacus/", None),
+    ("node: data read and checks", r"fedgov/data/|pandas/|pyarrow/", None),
+    ("node: policy, admission, contracts, gate", r"fedgov/node/(policy|admission|contracts|gate|home|rounds|context|refusals)\.py|clients/", None),
+    ("coordinator: stages, strategy, recording, evaluation", r"fedgov/coordinator/|flwr/serverapp/", None),
+    ("messages and records (Flower, pydantic, json)", r"flwr/|pydantic|json/|copy\.py", None),
+    ("threads (Flower's thread pools: waits)", r"concurrent/|threading\.py", None),
 ]
 
 
@@ -117,25 +119,25 @@ def main() -> None:
           f"{report.final.accuracy if report.final else float('nan'):.4f}", file=out)
     print(f"node directories: {setup:.1f} s; the run: {wall:.1f} s wall", file=out)
     for r in report.rounds:
-        print(f"  round {r.round}: {r.seconds:.1f} s", file=out)
+        print(f"  round {r.round}: {r.seconds:.1f} s, accuracy {r.accuracy if r.accuracy is not None else float('nan'):.4f}", file=out)
     if args.dump is not None:
         prof.dump_stats(str(args.dump))
     stats = pstats.Stats(prof)
     total = sum(v[2] for v in stats.stats.values())  # type: ignore[attr-defined]
-    parts: dict[str, float] = {name: 0.0 for name, _ in PARTS}
+    parts: dict[str, float] = {name: 0.0 for name, _, _ in PARTS}
     parts["other"] = 0.0
 
-    def part_of(file: str) -> str:
-        return next((name for name, pattern in PARTS if re.search(pattern, file)), "other")
+    def part_of(file: str, fn: str) -> str:
+        return next((name for name, pattern, fns in PARTS if re.search(pattern, file) and (fns is None or re.search(fns, fn))), "other")
 
-    for (file, _line, _fn), (_cc, _nc, tt, _ct, callers) in stats.stats.items():  # type: ignore[attr-defined]
+    for (file, _line, fn), (_cc, _nc, tt, _ct, callers) in stats.stats.items():  # type: ignore[attr-defined]
         if file == "~" and callers:
             # a built-in (a lock, a SQLite call, a signature check): its time goes to the part
             # of the code that called it, edge by edge
-            for (cfile, _cl, _cf), edge in callers.items():
-                parts[part_of(cfile)] += edge[2]
+            for (cfile, _cl, cfn), edge in callers.items():
+                parts[part_of(cfile, cfn)] += edge[2]
         else:
-            parts[part_of(file)] += tt
+            parts[part_of(file, fn)] += tt
     print(f"\nCPU time profiled: {total:.1f} s; by part (own time of the functions in each part):", file=out)
     for name, t in sorted(parts.items(), key=lambda kv: -kv[1]):
         print(f"  {t:7.1f} s  {100 * t / total:5.1f}%  {name}", file=out)

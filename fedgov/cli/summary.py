@@ -5,6 +5,8 @@ Shared by ``fedgov run``, ``fedgov query`` and ``fedgov task submit|resume``.
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -126,17 +128,28 @@ def _show_event(progress: Progress, bar: TaskID, ev: dict[str, Any]) -> None:
 def run_with_progress(call: Callable[[Callable[[dict[str, Any]], None]], Path]) -> Path:
     """Run ``call(on_event)`` showing its progress events; on failure print what the report says
     (the error itself is :func:`~fedgov.cli.console.run_command`'s to print)."""
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"), console=console, transient=False,
-    ) as progress:
-        bar = progress.add_task("preparing", total=None, info="")
-        try:
-            return call(lambda ev: _show_event(progress, bar, ev))
-        except FedgovError as exc:
-            progress.stop()
-            _print_failed_run(getattr(exc, "run_dir", None))
-            raise
+    # SIGTERM (a scheduler, `timeout`, `kill`) stops the run as Ctrl-C does: through every
+    # finally block, so that Flower's processes and Ray stop with it instead of outliving it.
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    try:
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"), console=console, transient=False,
+        ) as progress:
+            bar = progress.add_task("preparing", total=None, info="")
+            try:
+                return call(lambda ev: _show_event(progress, bar, ev))
+            except FedgovError as exc:
+                progress.stop()
+                _print_failed_run(getattr(exc, "run_dir", None))
+                raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _print_failed_run(run_dir: Path | None) -> None:

@@ -238,3 +238,36 @@ def test_distributed_dp_under_hardened_secure_aggregation(
             kinds = conn.execute("SELECT DISTINCT kind FROM secagg_reveals").fetchall()
         assert [r for (r,) in signed] == [1, 2] and kinds == [("self-mask",)]  # no dropout: self-masks only
     assert flower_processes(tmp_path) == []
+
+
+def test_a_terminated_run_stops_everything_it_started(tmp_path: Path, sim_task, write_federation, flower_processes) -> None:
+    """``fedgov run`` stopped with SIGTERM (a scheduler, ``timeout``, ``kill``) stops Flower's
+    SuperLink, the simulation process and Ray with it, as Ctrl-C does: nothing outlives it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fed = write_federation(tmp_path / "fed.toml", name="e2e-term", members=["GM0363", "GM0344"], seed=5, min_rows=200)
+    task = sim_task(fed, rounds=30)
+    fedgov = str(Path(sys.executable).parent / "fedgov")
+    proc = subprocess.Popen([fedgov, "run", str(task), "--no-baseline", "--runs-dir", str(tmp_path / "runs")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("ray::" in c for c in flower_processes(tmp_path)):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.5)
+        assert any("flwr-simulation" in c for c in flower_processes(tmp_path)), "the simulation did not start"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted; managed processes were stopped" in err and "Traceback" not in err
+    deadline = time.monotonic() + 30
+    while flower_processes(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert flower_processes(tmp_path) == []
