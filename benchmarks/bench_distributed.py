@@ -5,9 +5,10 @@ Each run is the demo task's data and model (Adult, logistic regression) on a fed
 by population: ``configs/federations/demo-12.toml`` or ``nl-342.toml``, through fedgov's
 coordinator (``run_training``) and fedgov's ClientApp with all its mods (admission, ledger,
 audit, secure aggregation), in one process (``fedgov/testing.py``: the transport is the
-only part of a real run left out; Flower's simulation of 342 nodes x 4 secure-aggregation
-stages x the rounds would take hours on 2 cores). Every node's policy is the simulation
-default with ``min_rows = 10`` (the default 50 would leave 198 of the 342 out of both modes).
+only part of a real run left out; ``benchmarks/bench_scale.py`` runs the shipped 342-node
+distributed task through Flower's simulation). Every node's policy is the simulation
+default with ``min_rows = 10`` (the default 50 would leave 198 of the 342 out of local DP-SGD;
+distributed DP needs no minimum: ``limits.min_rows_distributed`` is 1, so every node takes part).
 
 - **local**: DP-SGD at every node (``privacy.mode = "local"``), epsilon per node and record,
   delta min(1e-5, 0.1/rows);

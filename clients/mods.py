@@ -438,14 +438,22 @@ def _stage(msg: Message, context: Context, params: SecAggParams) -> Message:
     return Message(RecordDict({P.SECAGG: ConfigRecord(out)}), reply_to=msg)
 
 
+def _raw(x: Any) -> bytes:
+    """A key or signature of a stage message: bytes as sent (``bytes(n)`` of an int would
+    allocate n bytes at the coordinator's word)."""
+    if not isinstance(x, bytes):
+        raise TypeError(f"a key or signature is {type(x).__name__}, not bytes")
+    return x
+
+
 def _stage_request(msg: Message, cfg: ConfigRecord, *, stage: str, server_round: int, round_key: str) -> StageRequest:
     if stage == "keys":
         return StageRequest(stage, server_round, round_key, graph_key=_graph_key(msg, server_round))
     if stage == "shares":
         keys = list(zip(
             [int(str(x)) for x in _items(cfg, "nodes")],
-            [bytes(x) for x in _items(cfg, "c-pks")], [bytes(x) for x in _items(cfg, "s-pks")],
-            [str(x) for x in _items(cfg, "names")], [bytes(x) for x in _items(cfg, "sigs")],
+            [_raw(x) for x in _items(cfg, "c-pks")], [_raw(x) for x in _items(cfg, "s-pks")],
+            [str(x) for x in _items(cfg, "names")], [_raw(x) for x in _items(cfg, "sigs")],
             strict=True,
         ))
         return StageRequest(stage, server_round, round_key, round_keys=keys)
@@ -454,7 +462,7 @@ def _stage_request(msg: Message, cfg: ConfigRecord, *, stage: str, server_round:
         if stage == "consistency":
             return StageRequest(stage, server_round, round_key, survivors=survivors)
         signers = [int(str(x)) for x in _items(cfg, "signers")] if "signers" in cfg else []
-        sigs = [bytes(x) for x in _items(cfg, "sigs")] if "sigs" in cfg else []
+        sigs = [_raw(x) for x in _items(cfg, "sigs")] if "sigs" in cfg else []
         return StageRequest(stage, server_round, round_key, survivors=survivors, signers=signers, signatures=sigs)
     return StageRequest(stage, server_round, round_key)  # an unknown stage: the node refuses it
 

@@ -58,7 +58,7 @@ def connect(path: Path, mode: Literal["rw", "rwc"], busy_timeout: float) -> sqli
 _POOL: dict[tuple[str, int, int, float], tuple[tuple[int, int, int, int], sqlite3.Connection]] = {}
 _POOL_LOCK = threading.Lock()
 _POOL_PRUNE_AT = 256
-_DAMAGED: list[sqlite3.Connection] = []  # kept connections to files found damaged: never used, never closed
+_DAMAGED: list[sqlite3.Connection] = []  # connections never to use or close: to files found damaged, or inherited
 
 
 def pooled(path: Path, mode: Literal["rw", "rwc"], busy_timeout: float) -> sqlite3.Connection:
@@ -113,6 +113,8 @@ def _prune() -> None:
         if key[1] == pid:
             with contextlib.suppress(sqlite3.Error):
                 con.close()
+        else:
+            _DAMAGED.append(con)  # inherited through fork: never used here, never closed (its parent's locks)
     _POOL_PRUNE_AT = max(256, 2 * len(_POOL))
 
 

@@ -303,10 +303,12 @@ def check_dataset(ds: DatasetSpec, contract: Contract) -> DataCheck:
         return check
     for p in _files(ds):
         try:
+            before = file_digest(p)
             frame = validate_frame(read_table(p), contract, file=str(p))
-            _FRAMES[(str(p.resolve()), file_digest(p), check.contract_sha256)] = frame
-            while len(_FRAMES) > 8:  # wanted only by the same message's prepare
-                _FRAMES.popitem(last=False)
+            if file_digest(p) == before:  # the file that was read: kept under its own digest only
+                _FRAMES[(str(p.resolve()), before, check.contract_sha256)] = frame
+                while len(_FRAMES) > 8:  # wanted only by the same message's prepare
+                    _FRAMES.popitem(last=False)
         except DataValidationError as exc:
             check.problems.extend(exc.problems)
             check.messages.append(str(exc).splitlines()[0])

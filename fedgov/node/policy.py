@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import tomllib
 from collections import OrderedDict
@@ -495,10 +496,11 @@ def load_policy(path: Path | str) -> NodePolicy:
         raw = p.read_bytes()
     except OSError:
         raw = None  # load_toml says what is wrong
-    key = (str(p), str(base), raw)
+    data = load_toml(p) if raw is None else _toml_of(p, raw)
+    # the key holds where each path of the file leads now: a symlink re-pointed is a new policy
+    key = (str(p), str(base), raw, tuple(os.path.realpath(base / v) for v in _path_values(data)))
     policy = _PARSED.get(key) if raw is not None else None
     if policy is None:
-        data = load_toml(p) if raw is None else _toml_of(p, raw)
         sink: list[tuple[str, str]] = []
         policy = _policy_model(data, str(p), base, sink)
         if raw is not None and not sink:
@@ -509,9 +511,27 @@ def load_policy(path: Path | str) -> NodePolicy:
     return _validate_parsed(policy, str(p), base)
 
 
-_PARSED: OrderedDict[tuple[str, str, bytes | None], NodePolicy] = OrderedDict()
-"""Policies already parsed and validated in this process, by their file's path and bytes
-(a node reads its policy several times per message; an edit changes the bytes)."""
+_PARSED: OrderedDict[tuple[str, str, bytes | None, tuple[str, ...]], NodePolicy] = OrderedDict()
+"""Policies already parsed and validated in this process, by their file's path and bytes and
+where the paths in it lead (a node reads its policy several times per message; an edit changes
+the bytes, a re-pointed link the paths)."""
+
+_PATH_KEYS = frozenset({"path", "test_path", "roster"})
+
+
+def _path_values(data: Any) -> list[str]:
+    """Every path a policy's TOML names (data files, contract files, the roster), in order."""
+    out: list[str] = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if k in _PATH_KEYS and isinstance(v, str):
+                out.append(v)
+            else:
+                out.extend(_path_values(v))
+    elif isinstance(data, list):
+        for v in data:
+            out.extend(_path_values(v))
+    return out
 
 
 def _toml_of(p: Path, raw: bytes) -> dict[str, Any]:

@@ -267,6 +267,8 @@ def _unmask(st: NodeSecAgg, req: StageRequest, me: Identity, node_state: NodeSta
         raise SecAggError("the survivor list to unmask for is not the one this node signed")
     _check_survivors(st, survivors)
     text = consistency_message(rkey, rnd, survivors)
+    if len(req.signers) != len(req.signatures):
+        raise SecAggError("the survivor list's signers and signatures do not pair up")
     valid: set[str] = set()
     alive = set(survivors)
     for s_id, sig in zip(req.signers, req.signatures, strict=True):

@@ -179,7 +179,7 @@ class NodeState:
     def _corrupt(self, exc: Exception) -> NodeStateError:
         return NodeStateError(
             f"The node state file {self.path} cannot be read ({exc}). It holds the pause switch and "
-            "the manual approval queue: move it aside and the node starts a fresh one "
+            "the manual approval queue: move it aside (with its -wal and -shm files) and the node starts a fresh one "
             "(the node is then not paused, and queued tasks must be sent again)."
         )
 

@@ -207,6 +207,8 @@ def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
     (at most 65,536): where one process serves many nodes (a simulation's workers, each
     running hundreds of virtual nodes), every node of a round checks the same round keys, and
     each signature is then verified once per process instead of once per node."""
+    if len(public_key) != 32 or len(signature) != 64:  # not Ed25519: never verified, never remembered
+        return False
     return _verify(bytes(public_key), bytes(signature), bytes(message))
 
 

@@ -103,6 +103,9 @@ def _wait_online(coord: Path, ids: set[str], timeout: float) -> dict[str, str]:
     raise AssertionError(f"nodes not online within {timeout:.0f} s: {seen}")
 
 
+RUN_B_ROUNDS = 12
+
+
 def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Path, deploy_task, flower_processes) -> None:
     fed_dir = tmp_path / "fed"
     runs = tmp_path / "runs"
@@ -207,7 +210,10 @@ def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Pa
 
         started = time.monotonic()
         with pytest.raises(FederationError, match="was stopped") as stop_info:
-            submit_task(deploy_task("run-b", rounds=2, min_nodes=4), coord, runs_dir=runs, on_event=on_event_b, timeout=left(200))
+            # 12 rounds: stopping takes three Flower CLI calls (seconds); a warm deployed round
+            # about 1 s, so a shorter run could finish before the stop lands
+            submit_task(deploy_task("run-b", rounds=RUN_B_ROUNDS, min_nodes=4), coord, runs_dir=runs, on_event=on_event_b,
+                        timeout=left(200))
         assert stopped["done"] == "finished:stopped"
         run_b = stop_info.value.run_dir  # type: ignore[attr-defined]
         assert (run_b / "checkpoint" / "state.json").is_file()
@@ -219,7 +225,7 @@ def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Pa
         while any("flwr-clientapp" in c or "relay.py" in c for c in flower_processes(tmp_path)) and time.monotonic() < drain:
             time.sleep(0.5)
 
-        # --- 5. run B is resumed (fedgov task resume): round 2 on all four nodes ---------------
+        # --- 5. run B is resumed (fedgov task resume): the other rounds on all four nodes ------
         events: list[dict[str, Any]] = []
         resumed = resume_task(run_b, coord, on_event=events.append, timeout=left(300))
         b_seconds = time.monotonic() - started
@@ -227,8 +233,8 @@ def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Pa
         rep = load_report(run_b / "report.json")
         assert rep.status == "completed" and rep.mode == "deployment", rep.message
         assert {n.node for n in rep.nodes} == set(MEMBERS) and {n.status for n in rep.nodes} == {"accepted"}
-        assert [r.round for r in rep.rounds if r.round > 0] == [1, 2]
-        assert all(n.rounds_trained == 2 for n in rep.nodes)
+        assert [r.round for r in rep.rounds if r.round > 0] == list(range(1, RUN_B_ROUNDS + 1))
+        assert all(n.rounds_trained == RUN_B_ROUNDS for n in rep.nodes)
         assert (run_b / "accuracy.png").is_file() and (run_b / "model.pt").is_file()
         assert rep.final is not None and rep.final.accuracy > 0.70
         for n in rep.nodes:
@@ -242,9 +248,9 @@ def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Pa
             # across the stop and the resume: one reservation, each round spent once, released
             mine = [e for e in home.ledger.events(ds.name) if e.task_id.startswith("run-b-")]
             assert [e.kind for e in mine if e.kind != "spend"] == ["reserve", "release"]
-            assert sorted(e.round for e in mine if e.kind == "spend" and e.note != "evaluation") == [1, 2]
+            assert sorted(e.round for e in mine if e.kind == "spend" and e.note != "evaluation") == list(range(1, RUN_B_ROUNDS + 1))
             # and the one evaluation the node planned (after the final round), charged once
-            assert [e.round for e in mine if e.kind == "spend" and e.note == "evaluation"] == [2]
+            assert [e.round for e in mine if e.kind == "spend" and e.note == "evaluation"] == [RUN_B_ROUNDS]
         round_s = [e["seconds"] for e in events if e.get("event") == "round" and e.get("round", 0) > 0]
         print(f"run B: {b_seconds:.0f} s wall, rounds {', '.join(f'{s:.1f}' for s in round_s)} s")
 
@@ -263,7 +269,7 @@ def test_deployed_federation_security_faults_restart_and_two_rounds(tmp_path: Pa
         listed = {i.run_id: i for i in list_runs(coord, runs)}
         assert rep.flower_run_id in listed
         b = listed[int(rep.flower_run_id or 0)]
-        assert b.status == "finished:completed" and b.run_dir == str(run_b) and (b.rounds_done, b.rounds_planned) == (2, 2)
+        assert b.status == "finished:completed" and b.run_dir == str(run_b) and (b.rounds_done, b.rounds_planned) == (RUN_B_ROUNDS, RUN_B_ROUNDS)
         assert listed[int(stopped["id"])].status == "finished:stopped" and listed[int(stopped["id"])].run_dir == str(run_b)
         assert len(listed) == 4
         print(json.dumps({"run_a_s": round(a_seconds), "run_b_s": round(b_seconds), "rounds_b_s": round_s}))

@@ -175,6 +175,8 @@ def test_a_distributed_run_releases_only_noisy_sums_and_every_ledger_holds_its_r
             assert [tuple(h) for h in e.mechanism.history] == [(pytest.approx(z), 1.0, 1)]
         res = next(r for r in report.nodes if r.node == n.code)
         assert res.epsilon is not None and 0 < res.epsilon <= 8.0
+        # its report line says what that epsilon means per citizen
+        assert res.per_citizen.startswith(f"epsilon {res.epsilon:.2f}") and "every citizen" in res.per_citizen
 
 
 def test_a_node_refuses_parameters_that_are_not_its_own(

@@ -420,3 +420,29 @@ def test_colluding_members_with_split_survivor_lists_do_not_unmask(
             b.add(c)
             sk.add(c)
         assert not (len(b) >= t and len(sk) >= t), f"split {split}: both secrets of {v} ({sorted(b)} / {sorted(sk)})"
+
+
+def test_a_malformed_unmask_reveals_nothing(fed: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unmask whose signers and signatures do not pair up reveals nothing, even when the
+    valid signatures in front already reach the threshold; junk "signatures" of any size are
+    refused without being verified (or remembered), and a number where bytes belong is refused
+    before it is turned into bytes."""
+    from fedgov.privacy.roster import _verify
+
+    run = Run(fed, monkeypatch)
+    rnd = run.setup()
+    run.masked(rnd)
+    everyone = run.ids
+    sigs = run.consistency(everyone, everyone)
+    base = {"survivors": [str(n) for n in sorted(everyone)], "dropped": []}
+    signers = [str(n) for n in sorted(sigs)]
+    good = [sigs[n] for n in sorted(sigs)]
+    extra = run.stage(everyone, "unmask", {**base, "signers": [*signers, signers[0]], "sigs": good})
+    assert extra == {}
+    before = _verify.cache_info().currsize
+    junk = run.stage(everyone, "unmask", {**base, "signers": signers * 3, "sigs": [b"\0" * (1 << 16)] * (3 * len(signers))})
+    assert junk == {} and _verify.cache_info().currsize == before
+    number = run.stage(everyone, "unmask", {**base, "signers": signers, "sigs": [10**9] * len(signers)})
+    assert number == {}
+    # the honest unmask still works afterwards: nothing was recorded as revealed by the above
+    assert run.unmask(everyone, everyone, sigs)

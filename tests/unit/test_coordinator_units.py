@@ -65,3 +65,29 @@ def test_admitted_grid_stops_waiting_for_missing_nodes() -> None:
     time.sleep(0.4)
     with pytest.raises(FederationError, match="only 1 of the 3 admitted nodes are online"):
         g.get_node_ids()
+
+
+def test_each_nodes_epsilon_says_what_it_means_per_citizen() -> None:
+    """A node's report line names the unit of its epsilon from public facts only: per
+    municipality (and so per citizen) under distributed DP; per record under DP-SGD, which is
+    per citizen when the contract names no person identifier and k times that for a citizen
+    with k records when it does; nothing for a node that took no part."""
+    from pathlib import Path
+
+    from fedgov.config import load_contract, load_task
+    from fedgov.coordinator.run import per_citizen
+
+    root = Path(__file__).resolve().parents[2]
+    task, contract = load_task(root / "configs" / "tasks" / "adult-income.toml")
+    distributed, _ = load_task(root / "configs" / "tasks" / "nl-342-distributed.toml")
+    wmo = load_contract(root / "configs" / "contracts" / "iwmo-wmo.toml")
+    assert contract.person_id is None and wmo.person_id is not None
+    text = per_citizen(distributed, contract, 1.0, 1e-5)
+    assert "epsilon 1.00 (delta 1e-05)" in text and "municipality's whole data set" in text and "every citizen" in text
+    text = per_citizen(task, contract, 1.95, 1e-5)
+    assert "epsilon 1.95 (delta 1e-05) per record" in text and "no person identifier" in text
+    text = per_citizen(task, wmo, 0.5, None)
+    assert "epsilon 0.50 per record" in text and f"k records ({wmo.person_id})" in text and "k times" in text
+    off = task.model_copy(update={"privacy": task.privacy.model_copy(update={"enabled": False})})
+    assert per_citizen(off, contract, None, None).startswith("no differential privacy")
+    assert per_citizen(task, contract, None, None) == ""

@@ -446,3 +446,23 @@ def test_the_rows_minimum_belongs_to_the_privacy_mode(policy: NodePolicy, demo: 
     text = default_policy_text("GM0001", dataset="d", contract=contract.name, version=contract.version, path="t.csv",
                                budget_epsilon=5.0, min_rows_distributed=25)
     assert "min_rows_distributed = 25" in text
+
+
+def test_a_repointed_link_in_a_policy_is_seen_at_the_next_load(tmp_path: Path, demo: tuple[Task, Contract]) -> None:
+    """A node reads its policy several times a message and fedgov keeps what it parsed; a data
+    file kept as a symlink and re-pointed (the policy's bytes unchanged) is the new file at the
+    next load, as the operator expects."""
+    _, contract = demo
+    for name in ("old.csv", "new.csv"):
+        (tmp_path / name).write_text("x\n", encoding="utf-8")
+    link = tmp_path / "train.csv"
+    link.symlink_to(tmp_path / "old.csv")
+    text = default_policy_text("GM0001", dataset="d", contract=contract.name, version=contract.version, path="train.csv",
+                               budget_epsilon=5.0)
+    (tmp_path / "policy.toml").write_text(text, encoding="utf-8")
+    first = load_policy(tmp_path / "policy.toml")
+    assert first.datasets[0].path == tmp_path / "old.csv"
+    assert load_policy(tmp_path / "policy.toml") is first  # unchanged: parsed once
+    link.unlink()
+    link.symlink_to(tmp_path / "new.csv")
+    assert load_policy(tmp_path / "policy.toml").datasets[0].path == tmp_path / "new.csv"
