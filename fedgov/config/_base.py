@@ -11,7 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, Val
 
 from fedgov.errors import ConfigError, Problem
 
-__all__ = ["StrictModel", "ConfigPath", "load_toml", "load_referenced", "validate_file", "problems_from_validation"]
+__all__ = ["StrictModel", "ConfigPath", "load_toml", "parse_toml", "load_referenced", "validate_file", "problems_from_validation"]
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -78,9 +78,14 @@ def load_toml(path: Path | str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"Configuration file not found: {p}", [Problem(str(p), "", "no such file")])
+    return parse_toml(p.read_bytes(), p)
+
+
+def parse_toml(raw: bytes, path: Path | str) -> dict[str, Any]:
+    """The TOML text ``raw`` (read from ``path``), a syntax error as a ConfigError naming ``path``."""
+    p = Path(path)
     try:
-        with p.open("rb") as fh:
-            return tomllib.load(fh)
+        return tomllib.loads(raw.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(
             f"{p} is not valid TOML", [Problem(str(p), "", f"TOML syntax error: {exc}")]

@@ -58,7 +58,7 @@ def connect(path: Path, mode: Literal["rw", "rwc"], busy_timeout: float) -> sqli
 _POOL: dict[tuple[str, int, int, float], tuple[tuple[int, int, int, int], sqlite3.Connection]] = {}
 _POOL_LOCK = threading.Lock()
 _POOL_PRUNE_AT = 256
-_DAMAGED: list[sqlite3.Connection] = []  # connections never to use or close: to files found damaged, or inherited
+_NEVER_CLOSE: list[sqlite3.Connection] = []  # connections never to use or close: to files found damaged, or inherited
 
 
 def pooled(path: Path, mode: Literal["rw", "rwc"], busy_timeout: float) -> sqlite3.Connection:
@@ -90,7 +90,7 @@ def pooled(path: Path, mode: Literal["rw", "rwc"], busy_timeout: float) -> sqlit
             # last connection writes its log into the file, which would hide a damaged one)
             con.execute("PRAGMA schema_version").fetchone()
         except sqlite3.DatabaseError:
-            _DAMAGED.append(kept[1])  # never closed: it would write over the damaged file
+            _NEVER_CLOSE.append(kept[1])  # never closed: it would write over the damaged file
             con.close()
             raise
         with contextlib.suppress(sqlite3.Error):
@@ -114,7 +114,7 @@ def _prune() -> None:
             with contextlib.suppress(sqlite3.Error):
                 con.close()
         else:
-            _DAMAGED.append(con)  # inherited through fork: never used here, never closed (its parent's locks)
+            _NEVER_CLOSE.append(con)  # inherited through fork: never used here, never closed (its parent's locks)
     _POOL_PRUNE_AT = max(256, 2 * len(_POOL))
 
 

@@ -50,7 +50,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from fedgov.config._base import ConfigPath, StrictModel, load_toml, problems_from_validation
+from fedgov.config._base import ConfigPath, StrictModel, load_toml, parse_toml, problems_from_validation
 from fedgov.config.contract import Contract
 from fedgov.config.task import MODEL_NAMES, Task
 from fedgov.errors import ConfigError, Problem
@@ -496,7 +496,7 @@ def load_policy(path: Path | str) -> NodePolicy:
         raw = p.read_bytes()
     except OSError:
         raw = None  # load_toml says what is wrong
-    data = load_toml(p) if raw is None else _toml_of(p, raw)
+    data = load_toml(p) if raw is None else parse_toml(raw, p)
     # the key holds where each path of the file leads now: a symlink re-pointed is a new policy
     key = (str(p), str(base), raw, tuple(os.path.realpath(base / v) for v in _path_values(data)))
     policy = _PARSED.get(key) if raw is not None else None
@@ -532,15 +532,6 @@ def _path_values(data: Any) -> list[str]:
         for v in data:
             out.extend(_path_values(v))
     return out
-
-
-def _toml_of(p: Path, raw: bytes) -> dict[str, Any]:
-    try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p} is not valid TOML", [Problem(str(p), "", f"TOML syntax error: {exc}")]) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{p} is not UTF-8 text", [Problem(str(p), "", str(exc))]) from exc
 
 
 # --- the decision ----------------------------------------------------------------------------
