@@ -121,17 +121,27 @@ def patch_waits(module: types.ModuleType | None = None, pacer: Pacer | None = No
         # ready while no message came (a ClientApp that finished after its run was stopped)
         # would otherwise wait for the next message, and be sent in place of that message's
         # own reply. Push it now: the loop does when this returns a run id.
-        state = kwargs.get("state")
-        try:
-            pending = bool(state is not None and state.get_messages_legacy(is_reply=True))
-        except Exception:  # noqa: BLE001 - a NodeState without this query: Flower's behaviour
-            pending = False
-        return -1 if pending else None
+        return -1 if _reply_waiting(kwargs.get("state")) else None
 
     setattr(module, "time", pacer)  # noqa: B010 - the loop looks the name up at call time
     shorten_object_pulls(module)  # the message's objects, pulled from the SuperLink
     setattr(module, "_pull_and_store_message", pull_and_store)  # noqa: B010
     return pacer
+
+
+def _reply_waiting(state: Any) -> bool:
+    """Whether the SuperNode's state holds a reply not yet taken for sending, looked at without
+    taking it: Flower's ``get_messages_legacy`` marks what it returns as retrieved, and a reply
+    taken here would never be sent (the loop would then wait for it forever). A state that is
+    not Flower 1.42's in-memory one: False (Flower's own behaviour)."""
+    store, lock = getattr(state, "msg_store", None), getattr(state, "lock_msg_store", None)
+    if not isinstance(store, dict) or lock is None:
+        return False
+    try:
+        with lock:
+            return any(not e.is_retrieved and e.message.metadata.reply_to_message_id != "" for e in store.values())
+    except AttributeError:  # entries of another shape
+        return False
 
 
 def _subreaper() -> bool:

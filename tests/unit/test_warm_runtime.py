@@ -438,12 +438,23 @@ def test_a_reply_that_is_ready_goes_out_without_waiting_for_the_next_message() -
     finally:
         inspect.getsource = old_getsource  # type: ignore[assignment]
 
-    class State:
-        def __init__(self, replies: list[Any]) -> None:
-            self.replies = replies
+    # Flower's own node state: a reply waiting is seen, and NOT taken (get_messages_legacy marks
+    # what it returns as retrieved: a reply taken by the check was never sent, and the loop then
+    # waited for it forever, deaf to every later message: seen after a stopped run)
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
-        def get_messages_legacy(self, is_reply: bool) -> list[Any]:
-            return self.replies if is_reply else []
-
-    assert mod._pull_and_store_message(state=State(["a late reply"])) is not None  # the loop pushes now
-    assert mod._pull_and_store_message(state=State([])) is None  # nothing to push: the loop waits
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 5, 1, 9
+    state = InMemoryNodeState(ObjectStoreFactory().store())
+    assert mod._pull_and_store_message(state=state) is None  # nothing to push: the loop waits
+    ins = Message(RecordDict({"c": ConfigRecord({"i": 1})}), dst_node_id=2, message_type="query")
+    ins.metadata.__dict__["_message_id"] = ins.object_id
+    late = Message(RecordDict({"c": ConfigRecord({"i": 2})}), reply_to=ins)
+    late.metadata.__dict__["_message_id"] = late.object_id
+    state.store_message(late)
+    assert mod._pull_and_store_message(state=state) is not None  # the loop pushes now
+    assert mod._pull_and_store_message(state=state) is not None  # still there: the check took nothing
+    assert [m.metadata.message_id for m in state.get_messages_legacy(is_reply=True)] == [late.metadata.message_id]
+    assert mod._pull_and_store_message(state=state) is None  # taken by the loop's push: nothing waits
