@@ -14,7 +14,8 @@ documented exit code (:class:`ExitCode`, :data:`EXIT_HELP`) instead of a traceba
     ├── PrivacyError                 14  a privacy target cannot be met (no noise multiplier reaches it)
     │   └── LedgerError              14  the privacy ledger refuses an operation; nothing was recorded
     │       └── BudgetExceeded       14  a reservation would overspend a data set's budget
-    ├── FederationError              20  the federation cannot run (too few nodes, a failed Flower process)
+    ├── FederationError              20  the federation cannot run (too few nodes, a failed Flower process),
+    │                                    or a report shows a failed or unfinished run (fedgov report)
     ├── ReportError                  10  a run's report file is missing, not JSON, or not a fedgov report
     ├── LedgerCorrupted              31  the ledger file is not fedgov's, or SQLite reports it damaged
     ├── AuditError                    1  the audit log refuses an entry (payload too large, not JSON)
@@ -108,7 +109,8 @@ EXIT_HELP: dict[ExitCode, str] = {
     ExitCode.MODEL: "The model is unknown, or Opacus rejects it and it cannot be fixed.",
     ExitCode.PRIVACY: "The privacy target cannot be met with the task's settings.",
     ExitCode.FEDERATION: "The federation could not run: too few nodes accepted, "
-    "or a Flower process failed.",
+    "or a Flower process failed; also what `fedgov report` ends in for a run (training or query) "
+    "that failed or never finished.",
     ExitCode.AUDIT_TAMPERED: "The node's audit log failed verification: an entry was changed, "
     "removed or reordered; the message names the first bad entry.",
     ExitCode.STATE_CORRUPTED: "A node database (ledger, audit log, node state) is corrupted or is not "

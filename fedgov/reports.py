@@ -11,7 +11,7 @@ import json
 import statistics
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -24,6 +24,7 @@ __all__ = [
     "TrainingReport",
     "write_json_atomic",
     "load_report",
+    "read_report",
     "plot_report",
 ]
 
@@ -148,11 +149,12 @@ def write_json_atomic(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-_EXPECTED = "expected a fedgov training report (the report.json of a run directory)"
+_TRAINING = "a fedgov training report (the report.json of a run directory)"
+_R = TypeVar("_R", bound=BaseModel)
 
 
-def load_report(path: Path) -> TrainingReport:
-    """Read a run's ``report.json``.
+def read_report(path: Path, model: type[_R], what: str) -> _R:
+    """Read a report file as ``model`` (``what`` names it in errors: "a fedgov ... report (...)").
 
     A file that is missing, unreadable, not JSON (cut short by a crash or a full disk) or JSON
     of another shape raises :class:`~fedgov.errors.ReportError`, which names the file and what
@@ -160,25 +162,31 @@ def load_report(path: Path) -> TrainingReport:
     traceback.
     """
     path = Path(path)
+    expected = f"expected {what}"
     try:
         text = path.read_text("utf-8")
     except FileNotFoundError:
-        raise ReportError(f"{path}: no such file; {_EXPECTED}") from None
+        raise ReportError(f"{path}: no such file; {expected}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ReportError(f"{path}: cannot be read ({exc}); {_EXPECTED}") from exc
+        raise ReportError(f"{path}: cannot be read ({exc}); {expected}") from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ReportError(
-            f"{path}: not JSON, or cut short (line {exc.lineno}, column {exc.colno}: {exc.msg}); {_EXPECTED}"
+            f"{path}: not JSON, or cut short (line {exc.lineno}, column {exc.colno}: {exc.msg}); {expected}"
         ) from exc
     try:
-        return TrainingReport.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         problems = [
             Problem(str(path), ".".join(str(part) for part in err["loc"]), err["msg"]) for err in exc.errors()
         ]
-        raise ReportError(f"{path}: not a fedgov training report (report.json of a run directory)", problems) from exc
+        raise ReportError(f"{path}: not {what}", problems) from exc
+
+
+def load_report(path: Path) -> TrainingReport:
+    """Read a run's ``report.json`` (:func:`read_report`: a damaged file is a ReportError)."""
+    return read_report(Path(path), TrainingReport, _TRAINING)
 
 
 def plot_report(report: TrainingReport, path: Path) -> Path:

@@ -4,7 +4,8 @@ quantiles over the municipalities' data.
 A query file (:mod:`fedgov.analytics.query`) says what to compute and with which budget; each
 node computes its local aggregates and adds OpenDP noise (:mod:`fedgov.analytics.local`); the
 coordinator adds the noisy parts up nationally, per region and per node and derives means,
-ratios and quantiles with their errors (:mod:`fedgov.analytics.combine`); the report and its
+ratios and quantiles with their errors (:mod:`fedgov.analytics.combine`), post-processed to be
+fit to publish, in one number format (:mod:`fedgov.analytics.publish`); the report and its
 files are in :mod:`fedgov.analytics.report`. Under secure aggregation a node's release travels
 as one masked integer vector, and only national figures come back
 (:mod:`fedgov.analytics.secure`).
@@ -53,6 +54,14 @@ from fedgov.analytics.query import (
     ensure_valid,
     load_query,
 )
+from fedgov.analytics.publish import (
+    POST_PROCESSING,
+    clamp_figure,
+    feasible_range,
+    format_interval,
+    format_number,
+    format_percent,
+)
 from fedgov.analytics.report import (
     CSV_COLUMNS,
     QueryNode,
@@ -70,6 +79,7 @@ __all__ = [
     "LAPLACE_Z",
     "MAX_CELLS",
     "MISSING_LEVEL",
+    "POST_PROCESSING",
     "Z95",
     "CellGrid",
     "Comparison",
@@ -96,10 +106,15 @@ __all__ = [
     "bound_contributions",
     "cell_grid",
     "check_query",
+    "clamp_figure",
     "combine",
     "combine_secure",
     "compare",
     "ensure_valid",
+    "feasible_range",
+    "format_interval",
+    "format_number",
+    "format_percent",
     "load_query",
     "load_query_report",
     "local_release",

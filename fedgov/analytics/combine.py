@@ -11,10 +11,10 @@ region column and per node, and derives every figure with an estimate, a standar
   nodes' noise variances (the noise of different nodes, and of different parts, is
   independent). The interval is ``estimate +- 1.96 se`` (normal approximation), except when
   a count or sum rests on one node of a Laplace query: then it is the exact Laplace interval,
-  ``estimate +- 2.12 se`` (:data:`LAPLACE_Z`). Count intervals are cut at 0 below.
-* means and ratios: ratio estimates ``S / C`` and ``N / D`` of noisy totals, clamped into the
-  contract's ``[min, max]`` and ``[0, 1]``; their standard error by the delta method,
-  ``sqrt(var S + m^2 var C) / C``. A denominator below 1 gives no estimate.
+  ``estimate +- 2.12 se`` (:data:`LAPLACE_Z`).
+* means and ratios: ratio estimates ``S / C`` and ``N / D`` of noisy totals; their standard
+  error by the delta method, ``sqrt(var S + m^2 var C) / C`` (``m`` the estimate clamped into
+  its range). A denominator below 1 gives no estimate.
 * quantiles: from the combined noisy histogram's cumulative counts, made monotone (the mean of
   the running maximum from the left and the running minimum from the right: a vectorised
   stand-in for isotonic regression), cut at 0, and inverted with linear interpolation within a
@@ -23,6 +23,13 @@ region column and per node, and derives every figure with an estimate, a standar
   rests on one node of a Laplace query); the interval is then widened to the edges of the
   bins its ends fall in, so that it also covers the binning error (how the values lie within
   a bin is not released). The standard error is the noise's alone.
+
+Every figure is then post-processed to be fit to publish (:mod:`fedgov.analytics.publish`,
+no privacy cost): its estimate and interval are clamped into the range the statistic can take
+(counts at least 0, shares in ``[0, 1]``, means within the column's bounds), the interval
+widened to hold its estimate. ``estimate``, ``ci_low`` and ``ci_high`` are these published
+values; ``raw_estimate``, ``raw_ci_low`` and ``raw_ci_high`` the unbiased ones before (which
+national = sum of the regions = sum of the nodes holds for, for counts and sums).
 
 The figures estimate the population statistic of the bounded, clamped data: the only random
 error is the DP noise, so a standard error is the noise's, not a sampling error.
@@ -48,6 +55,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedgov.analytics.local import LocalRelease, PartRelease, prepare, true_parts
+from fedgov.analytics.publish import POST_PROCESSING, clamp_figure, feasible_range
 from fedgov.analytics.query import CellGrid, Measure, MeasureKind, Query, cell_grid, ensure_valid
 from fedgov.config.contract import Contract
 
@@ -84,6 +92,11 @@ class Figure(_Model):
     bin or ``q=0.5`` for a quantile ("" for a measure without ``by``). ``nodes`` counts the
     nodes whose data are in the figure, ``withheld`` those in the scope that sent nothing for
     the cell.
+
+    ``estimate``, ``ci_low`` and ``ci_high`` are the published values, post-processed into the
+    figure's feasible range (:mod:`fedgov.analytics.publish`); ``raw_estimate``, ``raw_ci_low``
+    and ``raw_ci_high`` are the unbiased values before post-processing (equal where nothing
+    was clamped; None where the figure has no value).
     """
 
     measure: str
@@ -99,6 +112,14 @@ class Figure(_Model):
     withheld: int = 0
     incomplete: bool = False
     suppressed: bool = False
+    raw_estimate: float | None = Field(default=None, description="the unbiased estimate before post-processing")
+    raw_ci_low: float | None = Field(default=None, description="the 95% interval's lower end before post-processing")
+    raw_ci_high: float | None = Field(default=None, description="the 95% interval's upper end before post-processing")
+
+    @property
+    def clamped(self) -> bool:
+        """Whether post-processing changed the estimate or its interval."""
+        return (self.estimate, self.ci_low, self.ci_high) != (self.raw_estimate, self.raw_ci_low, self.raw_ci_high)
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -120,6 +141,7 @@ class QueryResult(_Model):
     regions: dict[str, list[str]] = Field(default_factory=dict)
     figures: list[Figure] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    post_processing: str = Field(default=POST_PROCESSING, description="which of a figure's values are published, which raw")
 
     def select(
         self, measure: str | None = None, scope: Scope | None = None, scope_value: str | None = None
@@ -269,16 +291,19 @@ class _Builder:
             col = contract.column(m.column)
             assert col.min is not None and col.max is not None
             self.lo, self.hi = float(col.min), float(col.max)
+        self.feasible = feasible_range(m.kind, self.lo, self.hi)
 
     def _fig(
         self, scope: Scope, value: str, cell: str, *, estimate: float | None, std_error: float | None = None,
         ci_low: float | None = None, ci_high: float | None = None, nodes: int = 0, withheld: int = 0,
         incomplete: bool = False, suppressed: bool = False,
     ) -> Figure:
+        """A figure from its raw (unbiased) values, published post-processed into its feasible range."""
+        est, lo, hi = clamp_figure(estimate, ci_low, ci_high, *self.feasible)
         return Figure(
-            measure=self.m.name, kind=self.m.kind, scope=scope, scope_value=value, cell=cell, estimate=estimate,
-            std_error=std_error, ci_low=ci_low, ci_high=ci_high, nodes=nodes, withheld=withheld,
-            incomplete=incomplete, suppressed=suppressed,
+            measure=self.m.name, kind=self.m.kind, scope=scope, scope_value=value, cell=cell, estimate=est,
+            std_error=std_error, ci_low=lo, ci_high=hi, nodes=nodes, withheld=withheld,
+            incomplete=incomplete, suppressed=suppressed, raw_estimate=estimate, raw_ci_low=ci_low, raw_ci_high=ci_high,
         )
 
     def suppressed(self, scope: Scope, value: str, cell: str, nodes: int, withheld: int) -> Figure:
@@ -290,7 +315,6 @@ class _Builder:
     ) -> list[Figure]:
         """count, sum, histogram: one figure per cell."""
         out = []
-        is_count = self.m.kind in ("count", "histogram")
         for i, cell in enumerate(self.keys):
             n, w = int(sent[i]), n_scope - int(sent[i])
             if suppress[i]:
@@ -303,8 +327,6 @@ class _Builder:
             z = LAPLACE_Z if (laplace_single and n == 1) else Z95
             e = float(est[i])
             lo, hi = e - z * se, e + z * se
-            if is_count:
-                lo = max(lo, 0.0)
             out.append(self._fig(scope, value, cell, estimate=e, std_error=se, ci_low=lo, ci_high=hi, nodes=n, withheld=w, incomplete=w > 0))
         return out
 
@@ -313,7 +335,7 @@ class _Builder:
         sent: np.ndarray, n_scope: int, suppress: np.ndarray,
     ) -> list[Figure]:
         """mean (S / C) and ratio (N / D): delta-method standard errors."""
-        lo_b, hi_b = (self.lo, self.hi) if self.m.kind == "mean" else (0.0, 1.0)
+        lo_b, hi_b = self.feasible  # the column's bounds for a mean, [0, 1] for a ratio
         out = []
         for i, cell in enumerate(self.keys):
             n, w = int(sent[i]), n_scope - int(sent[i])
@@ -324,10 +346,11 @@ class _Builder:
             if n == 0 or not d >= 1.0:
                 out.append(self._fig(scope, value, cell, estimate=None, nodes=n, withheld=w, incomplete=w > 0))
                 continue
-            est = min(max(float(num[i]) / d, lo_b), hi_b)
-            se = math.sqrt(max(float(var_num[i]) + est * est * float(var_den[i]), 0.0)) / d
-            lo, hi = max(est - Z95 * se, lo_b), min(est + Z95 * se, hi_b)
-            out.append(self._fig(scope, value, cell, estimate=est, std_error=se, ci_low=lo, ci_high=hi, nodes=n, withheld=w, incomplete=w > 0))
+            raw = float(num[i]) / d
+            r = min(max(raw, lo_b), hi_b)  # the delta method's ratio: within its range
+            se = math.sqrt(max(float(var_num[i]) + r * r * float(var_den[i]), 0.0)) / d
+            lo, hi = raw - Z95 * se, raw + Z95 * se
+            out.append(self._fig(scope, value, cell, estimate=raw, std_error=se, ci_low=lo, ci_high=hi, nodes=n, withheld=w, incomplete=w > 0))
         return out
 
     def quantiles(

@@ -2,7 +2,10 @@
 
 ``query.json`` is the whole :class:`QueryReport` (written atomically); ``query.csv`` has one
 row per figure (national, per region value, per node), with the true value and the relative
-error when a simulation knows them; ``query.png`` has one panel per measure with the national
+error when a simulation knows them. Its ``estimate``, ``ci_low`` and ``ci_high`` are the
+published (post-processed) values, ``raw_estimate``, ``raw_ci_low`` and ``raw_ci_high`` the
+unbiased ones before post-processing (:mod:`fedgov.analytics.publish`); numbers are written in
+full precision, for machines (tables for people use :func:`~fedgov.analytics.publish.format_number`); ``query.png`` has one panel per measure with the national
 estimates, their 95% intervals and, if known, the true values.
 """
 
@@ -18,7 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedgov.analytics.combine import Comparison, Figure, QueryResult
-from fedgov.reports import write_json_atomic
+from fedgov.reports import read_report, write_json_atomic
 
 __all__ = ["QueryNode", "QueryReport", "CSV_COLUMNS", "write_outputs", "write_csv", "plot_query", "load_query_report"]
 
@@ -39,6 +42,9 @@ CSV_COLUMNS = [
     "true_value",
     "abs_error",
     "rel_error",
+    "raw_estimate",
+    "raw_ci_low",
+    "raw_ci_high",
 ]
 
 _MAX_CELLS_PLOTTED = 60
@@ -101,7 +107,9 @@ class QueryReport(_Model):
 
 
 def load_query_report(path: Path | str) -> QueryReport:
-    return QueryReport.model_validate_json(Path(path).read_text("utf-8"))
+    """Read a query run's ``query.json``; a missing, damaged or foreign file is a
+    :class:`~fedgov.errors.ReportError` naming the file and what was expected."""
+    return read_report(Path(path), QueryReport, "a fedgov query report (the query.json of a query run directory)")
 
 
 def _num(x: float | None) -> str:
@@ -128,6 +136,7 @@ def write_csv(report: QueryReport, path: Path) -> Path:
                 _num(f.estimate), _num(f.std_error), _num(f.ci_low), _num(f.ci_high),
                 f.nodes, f.withheld, str(f.incomplete).lower(), str(f.suppressed).lower(),
                 _num(t.estimate if t else None), _num(e.abs_error if e else None), _num(e.rel_error if e else None),
+                _num(f.raw_estimate), _num(f.raw_ci_low), _num(f.raw_ci_high),
             ]
         )
     atomic_write_bytes(path, buf.getvalue().encode("utf-8"))

@@ -14,10 +14,10 @@ from rich.table import Table
 import fedgov
 from fedgov.cli.console import console, new_typer, print_error, usage_error
 from fedgov.cli.options import Approval, Cpus, JsonOut, NodeBudget, RayAddress, RunsDir, StateDir, simulation_options
-from fedgov.cli.summary import print_summary, run_with_progress
+from fedgov.cli.summary import print_query_summary, print_summary, run_with_progress
 from fedgov.config import load_contract, load_federation, load_task
 from fedgov.config._base import load_toml
-from fedgov.errors import EXIT_HELP, ExitCode, FedgovError
+from fedgov.errors import EXIT_HELP, ExitCode, FederationError, FedgovError
 
 __all__ = ["check", "data_app", "data_validate", "exit_codes", "report", "run", "version"]
 
@@ -115,20 +115,47 @@ def data_validate(
 
 
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<timestamp>-<task>), or its report.json")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory (runs/<timestamp>-<task or query>), or its report.json or query.json")
+    ],
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
 ) -> None:
-    """Show the summary of a finished run."""
+    """Show the summary of a run: a training run (report.json) or a statistics query (query.json).
+
+    Exits non-zero (20, as the run itself did) when the run failed or never finished.
+    """
     from fedgov.reports import load_report  # lazy: pydantic models (fedgov --help)
 
-    path = run_dir if run_dir.is_file() else run_dir / "report.json"
-    if not path.is_file():
-        usage_error(f"no report.json in {run_dir}")
-    r = load_report(path)  # a damaged file: ReportError, a message and exit 10
-    if json_out:
-        print(r.model_dump_json(indent=2))
+    if run_dir.is_file():
+        path = run_dir
     else:
-        print_summary(r, path.parent)
+        found = [run_dir / name for name in ("report.json", "query.json") if (run_dir / name).is_file()]
+        if not found:
+            usage_error(f"no report.json (training run) or query.json (query) in {run_dir}")
+        path = found[0]
+    # a damaged file: ReportError, a message and exit 10
+    if path.name == "query.json":
+        from fedgov.analytics import load_query_report  # lazy: pandas, numpy (fedgov --help)
+
+        q = load_query_report(path)
+        status, message = q.status, q.message
+        if json_out:
+            print(q.model_dump_json(indent=2))
+        else:
+            print_query_summary(q, path.parent)
+    else:
+        r = load_report(path)
+        status, message = r.status, r.message
+        if json_out:
+            print(r.model_dump_json(indent=2))
+        else:
+            print_summary(r, path.parent)
+    if status == "failed":
+        raise FederationError(f"the run failed: {message or 'no reason recorded'} (report: {path})")
+    if status != "completed":
+        raise FederationError(
+            f"the run has not finished: its report says '{status}' (still running, or stopped before it could end; report: {path})"
+        )
 
 
 def exit_codes() -> None:

@@ -170,7 +170,13 @@ def _print_failed_run(run_dir: Path | None) -> None:
 
 
 def print_query_summary(report: QueryReport, run_dir: Path, *, max_rows: int = 40) -> None:
-    """The national figures of a query, with their 95% intervals (and true values in simulation)."""
+    """The national figures of a query, with their 95% intervals (and true values in simulation).
+
+    Every number in the table follows one rule (:func:`~fedgov.analytics.publish.format_number`);
+    the figures are the published, post-processed ones (the raw values are in the report).
+    """
+    from fedgov.analytics.publish import format_interval, format_number, format_percent  # lazy: fedgov --help
+
     acc, ref = report.accepted(), report.refused()
     console.print(
         f"[bold]{report.query}[/] ({report.mode}): {report.status}; {len(acc)} node(s) answered, {len(ref)} refused; "
@@ -188,23 +194,31 @@ def print_query_summary(report: QueryReport, run_dir: Path, *, max_rows: int = 4
     table = Table(title="national figures (95% interval)" + ("; true value from the simulated data" if truth else ""))
     for col in ("measure", "cell", "estimate", "95% interval") + (("true", "error") if truth else ()):
         table.add_column(col, justify="right" if col not in ("measure", "cell") else "left")
-    shown = 0
+    shown = clamped = 0
     for f in report.result.figures:
         if f.scope != "national":
             continue
         shown += 1
+        clamped += f.clamped
         if shown > max_rows:
             continue
-        est = "suppressed" if f.estimate is None else f"{f.estimate:,.4g}" + (" (incomplete)" if f.incomplete else "")
-        ci = "" if f.ci_low is None or f.ci_high is None else f"{f.ci_low:,.4g} .. {f.ci_high:,.4g}"
-        row = [f.measure, f.cell or "-", est, ci]
+        est = "suppressed" if f.estimate is None else format_number(f.estimate) + (" (incomplete)" if f.incomplete else "")
+        row = [f.measure, f.cell or "-", est, format_interval(f.ci_low, f.ci_high)]
         if truth:
             t = truth.get(f.key)
             tv = None if t is None else t.estimate
-            err = "" if tv is None or f.estimate is None else (f"{(f.estimate - tv) / tv:+.2%}" if tv else f"{f.estimate - tv:+.3g}")
-            row += ["" if tv is None else f"{tv:,.4g}", err]
+            err = "" if tv is None or f.estimate is None else (
+                format_percent((f.estimate - tv) / tv, signed=True) if tv else format_number(f.estimate - tv, signed=True)
+            )
+            row += [format_number(tv), err]
         table.add_row(*row)
     console.print(table)
+    if clamped:
+        console.print(
+            f"{clamped} national figure(s) post-processed into their feasible range (counts at least 0, shares in [0, 1], "
+            "intervals holding their estimate; no privacy cost, but a small count's estimate is biased upward): "
+            "the raw unbiased values are in query.json and query.csv (raw_estimate, raw_ci_low, raw_ci_high)"
+        )
     if shown > max_rows:
         console.print(f"... {shown - max_rows} more national figures, and all regional and per-node ones, in {run_dir / 'query.csv'}")
     console.print(f"report: {run_dir / 'query.json'}, table: {run_dir / 'query.csv'}, chart: {run_dir / 'query.png'}")

@@ -24,7 +24,7 @@ runner = CliRunner()
 def _report() -> TrainingReport:
     return TrainingReport(
         fedgov_version="0", run_id="r", task="demo-task", task_file="t.toml", federation="f", contract="c@1.0",
-        started=datetime(2026, 1, 1, tzinfo=timezone.utc), model="logreg", strategy="fedavg", rounds_planned=2,
+        started=datetime(2026, 1, 1, tzinfo=timezone.utc), model="logreg", strategy="fedavg", rounds_planned=2, status="completed",
         nodes=[NodeResult(node="GM0363", name="Amsterdam", status="accepted", train_rows=900, epsilon=1.9, gain=0.02)],
     )
 
@@ -89,7 +89,8 @@ def test_fedgov_report_on_a_damaged_report_exits_with_a_message(tmp_path: Path, 
 
 def test_fedgov_report_on_a_directory_without_a_report_is_a_usage_error(tmp_path: Path) -> None:
     out = runner.invoke(app, ["report", str(tmp_path)])
-    assert out.exit_code == int(ExitCode.USAGE) and f"no report.json in {tmp_path}" in out.stderr.replace("\n", "")
+    assert out.exit_code == int(ExitCode.USAGE)
+    assert f"no report.json (training run) or query.json (query) in {tmp_path}" in out.stderr.replace("\n", "")
     out = runner.invoke(app, ["report", str(tmp_path / "garbage.json")])
     assert out.exit_code == int(ExitCode.USAGE)
 
