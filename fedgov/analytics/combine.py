@@ -118,8 +118,10 @@ class Figure(_Model):
 
     @property
     def clamped(self) -> bool:
-        """Whether post-processing changed the estimate or its interval."""
-        return (self.estimate, self.ci_low, self.ci_high) != (self.raw_estimate, self.raw_ci_low, self.raw_ci_high)
+        """Whether post-processing changed the estimate or its interval (False for a figure of a
+        report written before fedgov kept raw values: it has none)."""
+        raw = (self.raw_estimate, self.raw_ci_low, self.raw_ci_high)
+        return raw != (None, None, None) and (self.estimate, self.ci_low, self.ci_high) != raw
 
     @property
     def key(self) -> tuple[str, str, str, str]:

@@ -6,7 +6,8 @@ error when a simulation knows them. Its ``estimate``, ``ci_low`` and ``ci_high``
 published (post-processed) values, ``raw_estimate``, ``raw_ci_low`` and ``raw_ci_high`` the
 unbiased ones before post-processing (:mod:`fedgov.analytics.publish`); numbers are written in
 full precision, for machines (tables for people use :func:`~fedgov.analytics.publish.format_number`); ``query.png`` has one panel per measure with the national
-estimates, their 95% intervals and, if known, the true values.
+estimates (published, post-processed), their 95% intervals and, if known, the true values,
+its axes in the tables' number format.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedgov.analytics.combine import Comparison, Figure, QueryResult
+from fedgov.analytics.publish import format_number
 from fedgov.reports import read_report, write_json_atomic
 
 __all__ = ["QueryNode", "QueryReport", "CSV_COLUMNS", "write_outputs", "write_csv", "plot_query", "load_query_report"]
@@ -149,6 +151,7 @@ def plot_query(report: QueryReport, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     from fedgov.data.io import atomic_write_bytes
 
@@ -185,6 +188,7 @@ def plot_query(report: QueryReport, path: Path) -> Path:
             ax.set_xticks(xs, [f.cell or "all" for f in shown], rotation=60, ha="right", fontsize=7)
         else:
             ax.set_xlabel("cell")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: format_number(v)))  # the tables' number format
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     eps = f"epsilon {report.epsilon:g}" + (f", delta {report.delta:g}" if report.delta else "")

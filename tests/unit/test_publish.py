@@ -7,11 +7,12 @@ import math
 import re
 import pandas as pd
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedgov.analytics import (
     POST_PROCESSING,
+    Figure,
     LocalRelease,
     Query,
     clamp_figure,
@@ -201,6 +202,36 @@ def test_combine_publishes_clamped_figures_and_keeps_the_raw_ones() -> None:
     # per node: GM0001's own count of cat=a is -80, published as 0
     node = res.figure("n", "cat=a", "node", "GM0001")
     assert node.raw_estimate == -80.0 and node.estimate == 0.0
+
+
+values = st.floats(min_value=-500, max_value=500, allow_nan=False)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(values, min_size=10, max_size=10), st.lists(values, min_size=10, max_size=10))
+def test_every_combined_figure_is_fit_to_publish(x: list[float], y: list[float]) -> None:
+    """Whatever the noise did to two nodes' releases: counts never negative, every estimate in
+    its interval and its feasible range, post-processing idempotent, the raw figures additive."""
+    def values_of(v: list[float]) -> dict[tuple[str, str], list[float]]:
+        return {("n", "counts"): v[0:2], ("m", "sum"): v[2:3], ("m", "count"): [abs(v[3]) + 1],
+                ("r", "numerator"): v[4:5], ("r", "denominator"): [abs(v[5]) + 1]}
+
+    res = combine({"GM0001": _release(values_of(x)), "GM0002": _release(values_of(y))}, QUERY, CONTRACT, draws=0)
+    bounds = {"n": feasible_range("count"), "m": feasible_range("mean", 1, 100), "r": feasible_range("ratio")}
+    for f in res.figures:
+        assert f.estimate is not None and f.ci_low is not None and f.ci_high is not None
+        lo, hi = bounds[f.measure]
+        assert lo <= f.ci_low <= f.estimate <= f.ci_high <= hi
+        assert clamp_figure(f.estimate, f.ci_low, f.ci_high, lo, hi) == (f.estimate, f.ci_low, f.ci_high)
+        assert clamp_figure(f.raw_estimate, f.raw_ci_low, f.raw_ci_high, lo, hi) == (f.estimate, f.ci_low, f.ci_high)
+    for i, cell in enumerate(("cat=a", "cat=b")):
+        assert res.figure("n", cell).raw_estimate == pytest.approx(x[i] + y[i])
+
+
+def test_a_figure_without_raw_values_was_not_clamped() -> None:
+    # a query.json written before fedgov kept raw values still reads, and claims no clamping
+    old = Figure(measure="n", kind="count", scope="national", estimate=-3.0, ci_low=0.0, ci_high=4.0)
+    assert not old.clamped
 
 
 # --------------------------------------------------------------------------- number format
