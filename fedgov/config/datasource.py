@@ -162,7 +162,7 @@ def _normalised_url(value: str, info: ValidationInfo) -> str:
         if not path.is_absolute() and base is not None:
             path = (Path(base) / path).resolve()
         return f"sqlite:///{path}"
-    return url.set(drivername=driver).render_as_string(hide_password=False)
+    return str(url.set(drivername=driver).render_as_string(hide_password=False))
 
 
 class SqlSource(StrictModel):

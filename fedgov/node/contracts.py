@@ -249,7 +249,10 @@ class DataCheck:
 
 
 def _files(ds: DatasetSpec) -> list[DataSource]:
-    return ds.sources
+    """Where a data set's rows are read: its files, or its SQL queries."""
+    if getattr(ds, "sql", None) is not None:
+        return ds.sources
+    return [p for p in (ds.path, ds.test_path) if p is not None]
 
 
 # --- SQL data sets: one read per message --------------------------------------------------------
