@@ -17,7 +17,7 @@ Example (``configs/policies/GM0363.toml`` is a complete one)::
     name = "adult"
     contract = "adult-income"
     versions = ["1.0"]
-    path = "data/train.csv"           # relative to this file
+    path = "data/train.csv"           # relative to this file; or a [datasets.sql] query
     [datasets.budget]
     epsilon = 10.0
     delta = 1e-5
@@ -142,6 +142,11 @@ class DatasetSpec(StrictModel):
     task's contract must be byte for byte that file's canonical JSON, or the node refuses it
     (``contract-mismatch``) before its data is touched. A version listed in ``versions``
     without a pinned file is not served.
+
+    The rows are a file (``path``, optionally ``test_path``: CSV or Parquet) or a SQL query on
+    a database (``[datasets.sql]``, :class:`~fedgov.config.datasource.SqlSource`: the URL
+    without a password, the password from an environment variable or a file only the node's
+    user can read, one read-only SELECT), never both.
     """
 
     name: str = Field(min_length=1, pattern=_NAME, description="the data set id (the ledger's key)")

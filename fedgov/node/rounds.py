@@ -17,6 +17,8 @@ handlers. What a node does, per message:
 Validated and encoded data are cached per process (keyed by each file's SHA-256), so a node
 does not re-read and re-validate its export every round; in a deployment that process is the
 node's warm worker (:mod:`fedgov.deploy.worker`), which lives across messages, tasks and runs.
+A SQL data set (the policy's ``[datasets.sql]``) is queried once per message and keyed by the
+SHA-256 of its rows (:func:`fedgov.node.contracts.one_read`): unchanged rows hit the same cache.
 """
 
 from __future__ import annotations
