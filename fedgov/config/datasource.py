@@ -108,8 +108,8 @@ def check_select(sql: str) -> str:
     if not words:
         raise ValueError("the query is empty")
     body = sql.rstrip()
-    if semicolons and semicolons[-1] == len(body) - 1:
-        body = body[:-1].rstrip()
+    if semicolons and not any(_words(sql[semicolons[-1] + 1 :])):  # only blanks or comments after it
+        body = sql[: semicolons[-1]].rstrip()
         semicolons = semicolons[:-1]
     if semicolons:
         raise ValueError("the query holds more than one statement (a ';' before its end): give one SELECT")

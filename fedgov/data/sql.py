@@ -231,12 +231,17 @@ def read_sql(q: SqlQuery) -> pd.DataFrame:
     return df
 
 
-def _fetch(conn: Any, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+def _fetch(conn: Any, sql: str, *, postgres: bool) -> tuple[list[str], list[tuple[Any, ...]]]:
     """The query's column names and rows, run on the driver's own cursor of the transaction
-    SQLAlchemy opened: without parameters, so that a '%' or ':name' in the query is text."""
+    SQLAlchemy opened: without parameters, so that a '%' or ':name' in the query is text. One
+    statement only, by the server too: psycopg prepares it (PostgreSQL refuses to prepare two
+    commands), and SQLite's ``execute`` runs one statement at a time."""
     cursor = conn.connection.dbapi_connection.cursor()
     try:
-        cursor.execute(sql)
+        if postgres:
+            cursor.execute(sql, prepare=True)
+        else:
+            cursor.execute(sql)
         names = [str(d[0]) for d in cursor.description or ()]
         rows = [tuple(r) for r in cursor.fetchall()]
     finally:
@@ -262,7 +267,7 @@ def _run_postgres(q: SqlQuery, sql: str, secret: str | None) -> tuple[list[str],
         with engine.connect() as conn:
             conn.exec_driver_sql("SET TRANSACTION READ ONLY")
             conn.exec_driver_sql(f"SET LOCAL statement_timeout = {timeout_ms}")
-            names, rows = _fetch(conn, sql)
+            names, rows = _fetch(conn, sql, postgres=True)
             conn.rollback()
     finally:
         engine.dispose()
@@ -290,7 +295,7 @@ def _run_sqlite(q: SqlQuery, sql: str) -> tuple[list[str], list[tuple[Any, ...]]
     engine = create_engine("sqlite+pysqlite://", creator=connect, poolclass=NullPool)
     try:
         with engine.connect() as conn:
-            names, rows = _fetch(conn, sql)
+            names, rows = _fetch(conn, sql, postgres=False)
             conn.rollback()
     finally:
         engine.dispose()

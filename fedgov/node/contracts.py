@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -62,6 +63,8 @@ __all__ = [
     "report_path",
     "append_private",
 ]
+
+log = logging.getLogger(__name__)
 
 CONTRACTS_DIR = "contracts"
 REPORTS_DIR = "reports"
@@ -376,7 +379,9 @@ def data_sha256(ds: DatasetSpec) -> str | None:
         return None
     try:
         hashes = [_hash(p) for p in files]
-    except FedgovError:  # a query that cannot be run: check_dataset says why
+    except FedgovError as exc:  # a query that cannot be run: check_dataset says why
+        # the query's label and the reason only: no password, no value of the rows (fedgov.data.sql)
+        log.warning("data set %s cannot be read: %s", ds.name, str(exc).splitlines()[0])
         return None
     return hashes[0] if len(hashes) == 1 else hashlib.sha256(":".join(hashes).encode()).hexdigest()
 

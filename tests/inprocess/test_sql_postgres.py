@@ -263,6 +263,24 @@ def test_the_query_runs_read_only_and_under_its_timeout(postgres: Postgres, read
         _source(postgres, "INSERT INTO kept VALUES (3)")
 
 
+def test_a_second_statement_is_refused_by_the_server_too(postgres: Postgres, reader_password: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behind fedgov's own check (switched off here), the server refuses to prepare two commands,
+    and the read-only transaction refuses the write."""
+    import fedgov.data.sql as S
+
+    postgres.execute("DROP TABLE IF EXISTS kept2", "CREATE TABLE kept2 (x int)", "INSERT INTO kept2 VALUES (1)",
+                     "GRANT ALL ON kept2 TO fedgov_reader", database="sociaal")
+    q = _source(postgres, "SELECT * FROM kept2")
+    monkeypatch.setattr(S, "check_select", lambda sql: sql)
+    forged = SqlQuery(SqlSource.model_construct(**{**q.source.model_dump(), "query": "SELECT 1; DELETE FROM kept2"}))
+    with pytest.raises(DataFileError, match="cannot insert multiple commands"):
+        read_sql(forged)
+    forged = SqlQuery(SqlSource.model_construct(**{**q.source.model_dump(), "query": "DELETE FROM kept2 RETURNING x"}))
+    with pytest.raises(DataFileError, match="read-only transaction"):
+        read_sql(forged)
+    assert postgres.fetch("SELECT x FROM kept2", database="sociaal") == [(1,)]
+
+
 # --- the operator's data check -----------------------------------------------------------------------------
 
 

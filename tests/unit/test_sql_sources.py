@@ -59,6 +59,7 @@ def _query(db: Path, sql: str = "SELECT age, score, flag, label FROM people", **
         "SELECT 'a;b' AS x, \"delete\" FROM people -- ; insert\n",
         "SELECT $$ ; update $$ AS x /* drop; /* nested */ into */ FROM people",
         "SELECT E'it\\'s; insert' AS x",
+        "SELECT age FROM people; -- the export of 2025\n",
     ],
 )
 def test_one_select_or_with_statement_is_accepted(sql: str) -> None:
