@@ -18,7 +18,8 @@ What the node does to stay read-only and keep its secrets:
   private key), and it is handed to the driver apart from the URL;
 * the query must be one ``SELECT`` (or ``WITH ... SELECT``) statement: a second statement,
   ``SELECT ... INTO``, a data-modifying ``WITH`` or a locking clause are refused when the
-  policy is loaded (:func:`check_select`);
+  policy is loaded (:func:`check_select`), and again before it runs; PostgreSQL also refuses
+  a second command itself (psycopg prepares the statement);
 * it runs in a read-only transaction (PostgreSQL: ``default_transaction_read_only`` for the
   session and ``SET TRANSACTION READ ONLY``; SQLite: the file opened with ``mode=ro`` and
   ``PRAGMA query_only``) that is rolled back, under a timeout (PostgreSQL's
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 __all__ = ["DataSource", "SqlQuery", "SqlSource", "frame_digest", "read_source", "read_sql"]
 
 log = logging.getLogger(__name__)
+
 
 # --- credentials ---------------------------------------------------------------------------------
 
@@ -184,7 +186,7 @@ def _frame(label: str, names: list[str], rows: list[tuple[Any, ...]]) -> pd.Data
         if any(c is None for c in cells):
             kind = next(type(r[i]).__name__ for r, c in zip(rows, cells, strict=True) if c is None)
             raise DataFileError(f"{label}: column '{name}' holds binary values ({kind}), which cannot be read as text")
-        columns[name] = cells  # type: ignore[assignment]  # no None left
+        columns[name] = [c or "" for c in cells]  # no None is left: the check above
     df = pd.DataFrame(columns, columns=names, dtype=str)
     order = np.argsort(pd.util.hash_pandas_object(df, index=False).to_numpy(), kind="stable")
     rank = np.empty(len(df), dtype=np.int64)
