@@ -51,6 +51,7 @@ from clients.mods import (
 )
 from fedgov import protocol as P
 from fedgov.config import Contract, Task
+from fedgov.config.datasource import DataSource
 from fedgov.config.municipalities import display_name
 from fedgov.errors import SecAggError
 from fedgov.node.context import config_int, data_of, node_of, query_of, task_of
@@ -162,8 +163,8 @@ def _stats(msg: Message, context: Context) -> Message:
     )
 
 
-def _incoming(msg: Message, context: Context) -> tuple[Task, Contract, str, Path, Path | None, dict[str, np.ndarray]]:
-    """Task, contract, node name, data files and the global model of a train/evaluate message."""
+def _incoming(msg: Message, context: Context) -> tuple[Task, Contract, str, DataSource, DataSource | None, dict[str, np.ndarray]]:
+    """Task, contract, node name, data files (or SQL queries) and the global model of a train/evaluate message."""
     task, contract = task_of(msg)
     node, home, _ = node_of(context)
     train_path, test_path = data_of(home, contract)

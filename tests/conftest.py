@@ -249,3 +249,21 @@ def node_home(tmp_path: Path) -> Callable[..., NodeHome]:
         return make_node_home(path or tmp_path / "node", code, **kw)
 
     return make
+
+
+def with_sql_(policy_text: str, block: str) -> str:
+    """A policy (``default_policy_text``'s template) whose data set is the SQL query ``block``
+    (the lines of ``[datasets.sql]``) instead of its file: ``path``/``test_path`` go, the table
+    comes after the data set's budget."""
+    import re
+
+    text = re.sub(r"^(test_)?path = .*\n", "", policy_text, flags=re.M)
+    marker = "\n# What this node takes part in."
+    assert marker in text
+    return text.replace(marker, "\n[datasets.sql]\n" + textwrap.dedent(block).strip() + "\n" + marker, 1)
+
+
+@pytest.fixture(scope="session")
+def with_sql() -> Callable[[str, str], str]:
+    """``with_sql(policy_text, block)``: the policy with its data set as the SQL query ``block``."""
+    return with_sql_

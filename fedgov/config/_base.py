@@ -50,7 +50,8 @@ def problems_from_validation(err: ValidationError, file: str) -> list[Problem]:
     problems = []
     for e in err.errors(include_url=False):
         msg = e["msg"]
-        if e["type"] not in ("missing", "extra_forbidden") and "input" in e:
+        # "secret": the value may hold a password (a database URL): the message never quotes it
+        if e["type"] not in ("missing", "extra_forbidden", "secret") and "input" in e:
             shown = repr(e["input"])
             if len(shown) > 80:
                 shown = shown[:77] + "..."

@@ -52,8 +52,8 @@ if TYPE_CHECKING:
     from fedgov.node.contracts import (
         add_contract, append_private, check_all, check_dataset, check_received, conforming_frame, contract_sha256,
         ContractCheck,
-        CONTRACTS_DIR, current_home, data_status, DataCheck, held_contracts, pin_new_contract, report_path,
-        REPORTS_DIR, serving,
+        CONTRACTS_DIR, current_home, data_status, DataCheck, held_contracts, one_read, pin_new_contract, read_text,
+        report_path, REPORTS_DIR, serving, validated_frame,
     )
     from fedgov.node.gate import (
         check_reply, DECLARATION, ERROR_KIND, GateContext, Release, table_markdown,
@@ -115,8 +115,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "contracts": (
         "add_contract", "append_private", "check_all", "check_dataset", "check_received", "conforming_frame",
         "contract_sha256",
-        "ContractCheck", "CONTRACTS_DIR", "current_home", "data_status", "DataCheck", "held_contracts",
-        "pin_new_contract", "report_path", "REPORTS_DIR", "serving",
+        "ContractCheck", "CONTRACTS_DIR", "current_home", "data_status", "DataCheck", "held_contracts", "one_read",
+        "pin_new_contract", "read_text", "report_path", "REPORTS_DIR", "serving", "validated_frame",
     ),
     "gate": (
         "check_reply", "DECLARATION", "ERROR_KIND", "GateContext", "Release", "table_markdown",
@@ -178,16 +178,17 @@ __all__ = [
     "GateContext", "GENESIS_HASH", "held_contracts", "hello", "hello_refusal", "Identity", "init_node", "is_admitted",
     "is_allowed", "keep_keys", "kind_of", "KINDS", "LedgerEvent", "LimitsSpec", "load_policy", "local_only_baseline",
     "mask_release", "mask_update", "MAX_PAYLOAD_BYTES", "Mechanism", "mechanism_of", "min_rows_for", "model_digest",
-    "model_dimension", "node_identity", "node_of", "NodeHome", "NodePolicy", "NodeState", "NoRoster", "PARAMS",
+    "model_dimension", "node_identity", "node_of", "NodeHome", "NodePolicy", "NodeState", "NoRoster", "one_read", "PARAMS",
     "parse_error_reason", "PendingTask", "pin_contract_text", "pin_new_contract", "PolicyCode", "precheck", "prepare",
     "PreparedData", "PrivacyLedger", "Proposal", "public_answer", "public_hello", "public_reason", "public_row_count",
-    "query_fingerprint", "query_gate_context", "query_id_of", "query_of", "read_node_frame", "receive_shares",
+    "query_fingerprint", "query_gate_context", "query_id_of", "query_of", "read_node_frame", "read_text", "receive_shares",
     "record_evaluation", "record_spend", "Refusal", "refusal_text", "Release", "release", "released_counts",
     "released_row_count", "report_path", "REPORTS_DIR", "Resend", "RoundResult", "ROW_COUNT_NOISE", "ROWS_NOTE",
     "Rule", "RULES", "run_stage", "RunState", "secagg_graph_key", "secagg_key", "SECAGG_STAGES",
     "secure_aggregation_text", "secure_coin", "SecureAggregationSpec", "SentUpdates", "serving", "SpendCheck",
     "spent", "spent_history", "StageRequest", "stop_blocked", "STRATEGIES", "table_markdown", "task_gate_context",
     "task_id", "task_of", "TaskState", "TaskStatus", "TEMPLATES", "train", "train_dp_round", "train_nonprivate_round",
+    "validated_frame",
 ]
 
 

@@ -16,6 +16,7 @@ from fedgov import protocol as P
 from fedgov.protocol import task_id_of
 from fedgov.analytics import Query
 from fedgov.config import Contract, Task
+from fedgov.config.datasource import DataSource
 from fedgov.errors import DataFileError
 from fedgov.node.home import NodeHome
 
@@ -95,12 +96,12 @@ def node_of(context: Context) -> tuple[str, NodeHome, bool]:
     return entry.code, NodeHome(entry.train_path.parent), True
 
 
-def data_of(home: NodeHome, contract: Contract) -> tuple[Path, Path | None]:
-    """The node's data files for a contract, as its policy names them."""
+def data_of(home: NodeHome, contract: Contract) -> tuple[DataSource, DataSource | None]:
+    """The node's data files (or SQL queries) for a contract, as its policy names them."""
     ds = home.policy().dataset_for(contract)
     if ds is None:
         raise DataFileError(f"the node's policy serves no data set under {contract.ref}")
-    return ds.path, ds.test_path
+    return ds.train_source, ds.test_source
 
 
 def _number(cfg: ConfigRecord, key: str) -> int | float | str | bytes:

@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from fedgov.config import Contract
+from fedgov.config.datasource import DataSource, SqlQuery, source_id, source_label
 from fedgov.errors import ConfigError, DataFileError, DataNotConforming, DataValidationError, FedgovError, Problem
 from fedgov.node.policy import DatasetSpec, NodePolicy, file_sha256, pin_contract_text, read_contract_file
 
@@ -54,10 +56,15 @@ __all__ = [
     "check_all",
     "data_status",
     "serving",
+    "one_read",
+    "read_text",
+    "validated_frame",
     "current_home",
     "report_path",
     "append_private",
 ]
+
+log = logging.getLogger(__name__)
 
 CONTRACTS_DIR = "contracts"
 REPORTS_DIR = "reports"
@@ -244,21 +251,99 @@ class DataCheck:
         return len(self.problems)
 
 
-def _files(ds: DatasetSpec) -> list[Path]:
+def _files(ds: DatasetSpec) -> list[DataSource]:
+    """Where a data set's rows are read: its files, or its SQL queries."""
+    if getattr(ds, "sql", None) is not None:
+        return ds.sources
     return [p for p in (ds.path, ds.test_path) if p is not None]
+
+
+# --- SQL data sets: one read per message --------------------------------------------------------
+#
+# A file has a digest that costs no read of its rows (its SHA-256, computed again only when its
+# size, inode or times change). A query has none: its rows are its version. So a node runs a
+# query once per message that needs the data (a hello, each round's train and evaluate, a
+# statistics query, a data check) and keeps that snapshot, with the SHA-256 of its rows in
+# canonical order (fedgov.data.sql.frame_digest), for that message only. Within one message the
+# recorded check, the released row count and the computation all come from the one snapshot;
+# across messages the digest plays the role of a file's: an unchanged table hits the recorded
+# check, the row-count release and the prepared-data cache; a changed one is checked again
+# (and refused when it no longer conforms) and gets a new released count at the next hello.
+
+_SNAPSHOTS: contextvars.ContextVar[dict[str, tuple[pd.DataFrame, str]] | None] = contextvars.ContextVar(
+    "fedgov_sql_snapshots", default=None
+)
+
+
+@contextlib.contextmanager
+def one_read() -> Iterator[None]:
+    """While a message (or a data check) is handled: each SQL query runs at most once, and every
+    use of its rows in between sees that one snapshot. Nested scopes share the outer one."""
+    if _SNAPSHOTS.get() is not None:
+        yield
+        return
+    token = _SNAPSHOTS.set({})
+    try:
+        yield
+    finally:
+        _SNAPSHOTS.reset(token)
+
+
+def _snapshot(q: SqlQuery) -> tuple[pd.DataFrame, str]:
+    from fedgov.data.sql import frame_digest, read_sql
+
+    scope = _SNAPSHOTS.get()
+    key = source_id(q)
+    if scope is not None and key in scope:
+        return scope[key]
+    frame = read_sql(q)
+    snap = (frame, frame_digest(frame))
+    if scope is not None:
+        scope[key] = snap
+    return snap
+
+
+def source_exists(src: DataSource) -> bool:
+    """A file is there; a query is taken to be (reading it says otherwise, as DataFileError)."""
+    return True if isinstance(src, SqlQuery) else Path(src).is_file()
+
+
+def read_text(src: DataSource) -> pd.DataFrame:
+    """A data source's rows as text cells: the file read now, or this message's snapshot of the query."""
+    if isinstance(src, SqlQuery):
+        return _snapshot(src)[0]
+    from fedgov.data import read_table
+
+    return read_table(src)
+
+
+def validated_frame(src: DataSource, contract: Contract, *, columns: list[str] | None = None) -> pd.DataFrame:
+    """A data source validated against ``contract`` (:func:`fedgov.data.validate_frame`; errors
+    name the file, or the query and its database), its rows in their canonical order (a
+    query's, independent of the order the database returned them in)."""
+    from fedgov.data import validate_frame
+
+    frame = validate_frame(read_text(src), contract, file=source_label(src), columns=columns)
+    if isinstance(src, SqlQuery):
+        frame = frame.sort_index().reset_index(drop=True)
+    return frame
 
 
 _HASHES: OrderedDict[tuple[str, int, int, int, int], str] = OrderedDict()
 
 
-def file_digest(path: Path) -> str:
+def file_digest(path: DataSource) -> str:
     """The SHA-256 of a file, computed again when its size, inode, modification or change time
     differ (a replacement that keeps the modification time, as ``cp -p`` does, changes the
-    inode or the change time)."""
+    inode or the change time); of a query, the SHA-256 of this message's snapshot of its rows."""
+    if isinstance(path, SqlQuery):
+        return _snapshot(path)[1]
     return _hash(path)
 
 
-def _hash(path: Path) -> str:
+def _hash(path: DataSource) -> str:
+    if isinstance(path, SqlQuery):
+        return _snapshot(path)[1]
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
     digest = _HASHES.get(key)
@@ -274,39 +359,60 @@ def _hash(path: Path) -> str:
 _FRAMES: OrderedDict[tuple[str, str, str], pd.DataFrame] = OrderedDict()
 
 
-def conforming_frame(path: Path, contract: Contract) -> pd.DataFrame | None:
+def conforming_frame(path: DataSource, contract: Contract) -> pd.DataFrame | None:
     """The typed frame of ``path`` as :func:`check_dataset` validated it against ``contract``
-    (every column conforms), while the file is unchanged; None when it was not checked here
-    lately. Spares the task's read (:func:`fedgov.node.prepare`) a second validation."""
-    return _FRAMES.get((str(path.resolve()), file_digest(path), contract_sha256(contract)))
+    (every column conforms), while the file (or the query's rows) is unchanged; None when it
+    was not checked here lately. Spares the task's read (:func:`fedgov.node.prepare`) a second
+    validation."""
+    try:
+        digest = file_digest(path)
+    except (OSError, FedgovError):
+        return None
+    return _FRAMES.get((source_id(path), digest, contract_sha256(contract)))
 
 
 def data_sha256(ds: DatasetSpec) -> str | None:
-    """The SHA-256 of a data set's files (training, then test); None when one is missing."""
+    """The SHA-256 of a data set's files or queries' rows (training, then test); None when one
+    is missing (a query: cannot be read)."""
     files = _files(ds)
-    if not all(p.is_file() for p in files):
+    if not all(source_exists(p) for p in files):
         return None
-    hashes = [_hash(p) for p in files]
+    try:
+        hashes = [_hash(p) for p in files]
+    except FedgovError as exc:  # a query that cannot be run: check_dataset says why
+        # the query's label and the reason only: no password, no value of the rows (fedgov.data.sql)
+        log.warning("data set %s cannot be read: %s", ds.name, str(exc).splitlines()[0])
+        return None
     return hashes[0] if len(hashes) == 1 else hashlib.sha256(":".join(hashes).encode()).hexdigest()
 
 
 def check_dataset(ds: DatasetSpec, contract: Contract) -> DataCheck:
-    """Read and validate a data set's files against ``contract``; every problem collected."""
-    from fedgov.data import read_table, validate_frame
+    """Read and validate a data set's files (or run its queries) against ``contract``; every problem collected."""
+    with one_read():
+        return _check_dataset(ds, contract)
 
+
+def _check_dataset(ds: DatasetSpec, contract: Contract) -> DataCheck:
     digest = data_sha256(ds)
     check = DataCheck(dataset=ds.name, contract=contract.ref, contract_sha256=contract_sha256(contract),
                       data_sha256=digest or "", conforms=False)
     if digest is None:
         check.missing = True
-        check.messages = [f"file not found: {p}" for p in _files(ds) if not p.is_file()]
+        for p in _files(ds):
+            if not source_exists(p):
+                check.messages.append(f"file not found: {p}")
+                continue
+            try:
+                _hash(p)
+            except FedgovError as exc:
+                check.messages.append(str(exc).splitlines()[0])
         return check
     for p in _files(ds):
         try:
             before = file_digest(p)
-            frame = validate_frame(read_table(p), contract, file=str(p))
+            frame = validated_frame(p, contract)
             if file_digest(p) == before:  # the file that was read: kept under its own digest only
-                _FRAMES[(str(p.resolve()), before, check.contract_sha256)] = frame
+                _FRAMES[(source_id(p), before, check.contract_sha256)] = frame
                 while len(_FRAMES) > 8:  # wanted only by the same message's prepare
                     _FRAMES.popitem(last=False)
         except DataValidationError as exc:
@@ -373,7 +479,8 @@ def check_all(home: NodeHome) -> list[tuple[DataCheck, Path]]:
         )
     out: list[tuple[DataCheck, Path]] = []
     for ds in policy.datasets:
-        checks = [check_dataset(ds, contract) for contract in held_contracts(ds).values()]
+        with one_read():  # a query runs once for all the contract versions it is checked against
+            checks = [check_dataset(ds, contract) for contract in held_contracts(ds).values()]
         if checks:
             path = record(home, checks)
             out.extend((check, path) for check in checks)
@@ -406,7 +513,8 @@ def serving(home: NodeHome) -> Iterator[None]:
     """While a message is handled: the node directory whose recorded data checks apply."""
     token = _HOME.set(home)
     try:
-        yield
+        with one_read():
+            yield
     finally:
         _HOME.reset(token)
 
@@ -415,7 +523,7 @@ def current_home() -> NodeHome | None:
     return _HOME.get()
 
 
-def require_conforming(contract: Contract, train_path: Path) -> None:
+def require_conforming(contract: Contract, train_path: DataSource) -> None:
     """For :func:`fedgov.node.prepare`: when a node directory is being served, its recorded
     data check must say the files conform (:class:`DataFileError` / :class:`DataNotConforming`
     otherwise). Without one (a direct call) nothing is looked up."""
@@ -423,7 +531,7 @@ def require_conforming(contract: Contract, train_path: Path) -> None:
     if home is None or not home.exists():
         return
     ds = home.policy().dataset_for(contract)
-    if ds is None or ds.path.resolve() != Path(train_path).resolve():
+    if ds is None or source_id(ds.train_source) != source_id(train_path):
         return
     status = data_status(home, ds, contract)
     if status == "missing":

@@ -17,7 +17,7 @@ Example (``configs/policies/GM0363.toml`` is a complete one)::
     name = "adult"
     contract = "adult-income"
     versions = ["1.0"]
-    path = "data/train.csv"           # relative to this file
+    path = "data/train.csv"           # relative to this file; or a [datasets.sql] query
     [datasets.budget]
     epsilon = 10.0
     delta = 1e-5
@@ -53,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from fedgov.config._base import ConfigPath, StrictModel, load_toml, parse_toml, problems_from_validation
 from fedgov.config.contract import Contract
 from fedgov.config.task import MODEL_NAMES, Task
+from fedgov.config.datasource import DataSource, SqlSource
 from fedgov.errors import ConfigError, Problem
 
 __all__ = [
@@ -141,17 +142,52 @@ class DatasetSpec(StrictModel):
     task's contract must be byte for byte that file's canonical JSON, or the node refuses it
     (``contract-mismatch``) before its data is touched. A version listed in ``versions``
     without a pinned file is not served.
+
+    The rows are a file (``path``, optionally ``test_path``: CSV or Parquet) or a SQL query on
+    a database (``[datasets.sql]``, :class:`~fedgov.config.datasource.SqlSource`: the URL
+    without a password, the password from an environment variable or a file only the node's
+    user can read, one read-only SELECT), never both.
     """
 
     name: str = Field(min_length=1, pattern=_NAME, description="the data set id (the ledger's key)")
     contract: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="contract name")
     versions: list[str] = Field(min_length=1, description="contract versions served")
-    path: ConfigPath = Field(description="training data (CSV or Parquet), relative to the policy file")
+    path: ConfigPath | None = Field(default=None, description="training data (CSV or Parquet), relative to the policy file")
     test_path: ConfigPath | None = Field(default=None, description="optional held-out test data")
+    sql: SqlSource | None = Field(default=None, description="instead of path: the data set as a SQL query on a database ([datasets.sql])")
     contract_files: dict[str, ContractPin] = Field(
         default_factory=dict, description="per served version: the contract file this node holds, pinned by SHA-256"
     )
     budget: BudgetSpec
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.path is None) == (self.sql is None):
+            raise ValueError(
+                "give the data set's rows either as a file (path, optionally test_path) or as a SQL query "
+                "([datasets.sql]), " + ("not both" if self.path is not None else "one of them")
+            )
+        if self.sql is not None and self.test_path is not None:
+            raise ValueError("test_path goes with path; a SQL data set gives its test split as [datasets.sql] test_query")
+        return self
+
+    @property
+    def train_source(self) -> DataSource:
+        """Where the training rows (or all rows) are read: the file, or the SQL query."""
+        if self.sql is not None:
+            return self.sql.queries()[0]
+        assert self.path is not None  # _one_source
+        return self.path
+
+    @property
+    def test_source(self) -> DataSource | None:
+        """Where a held-out test split is read, when the policy names one."""
+        return self.sql.queries()[1] if self.sql is not None else self.test_path
+
+    @property
+    def sources(self) -> list[DataSource]:
+        """The training source, then the test source when there is one."""
+        return [s for s in (self.train_source, self.test_source) if s is not None]
 
     @model_validator(mode="after")
     def _pins_are_served(self) -> DatasetSpec:
@@ -392,7 +428,8 @@ def _policy_model(data: dict[str, Any], file: str, base_dir: Path | None, sink: 
         policy = NodePolicy.model_validate(data, context={"base_dir": base_dir, _CONTEXT_SINK: sink})
     except ValidationError as exc:
         problems = problems_from_validation(exc, file)
-        raise ConfigError(f"Invalid policy file {file} ({len(problems)} problem(s)):", problems) from exc
+        # not chained: pydantic's own text quotes the input, which may be a database URL with a password
+        raise ConfigError(f"Invalid policy file {file} ({len(problems)} problem(s)):", problems) from None
     if sink:
         problems = [Problem(file, loc, msg) for loc, msg in sink]
         raise ConfigError(f"Invalid policy file {file} ({len(problems)} problem(s)):", problems)
@@ -516,7 +553,7 @@ _PARSED: OrderedDict[tuple[str, str, bytes | None, tuple[str, ...]], NodePolicy]
 where the paths in it lead (a node reads its policy several times per message; an edit changes
 the bytes, a re-pointed link the paths)."""
 
-_PATH_KEYS = frozenset({"path", "test_path", "roster"})
+_PATH_KEYS = frozenset({"path", "test_path", "roster", "password_file"})
 
 
 def _path_values(data: Any) -> list[str]:

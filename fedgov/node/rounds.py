@@ -17,10 +17,13 @@ handlers. What a node does, per message:
 Validated and encoded data are cached per process (keyed by each file's SHA-256), so a node
 does not re-read and re-validate its export every round; in a deployment that process is the
 node's warm worker (:mod:`fedgov.deploy.worker`), which lives across messages, tasks and runs.
+A SQL data set (the policy's ``[datasets.sql]``) is queried once per message and keyed by the
+SHA-256 of its rows (:func:`fedgov.node.contracts.one_read`): unchanged rows hit the same cache.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import zlib
@@ -28,7 +31,7 @@ from collections.abc import Callable
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -41,6 +44,8 @@ from fedgov.node.refusals import Refusal, refusal_text
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from fedgov.config.datasource import DataSource
 
 __all__ = [
     "PreparedData",
@@ -66,6 +71,9 @@ log = logging.getLogger(__name__)
 
 MIN_TRAIN_ROWS = 10
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
 
 @dataclass(frozen=True)
 class PreparedData:
@@ -84,29 +92,39 @@ node worker holds its own node's; a simulation's worker holds the data of every 
 it serves (all 342 municipalities' Adult split: about 20 MiB)."""
 
 
-def _file_key(path: Path | None) -> tuple[str, str] | None:
+def _file_key(path: DataSource | None) -> tuple[str, str] | None:
     """A file's identity for the caches: its path and the SHA-256 of its bytes (computed again
     only when its size or modification time changed), so that data is read again only when
-    its content changed."""
+    its content changed; a query's: its text and database, and the SHA-256 of its rows as this
+    message read them (:func:`fedgov.node.contracts.one_read`)."""
     if path is None:
         return None
+    from fedgov.config.datasource import source_id
     from fedgov.node.contracts import file_digest
 
-    return (str(path.resolve()), file_digest(path))
+    return (source_id(path), file_digest(path))
 
 
-def prepare(task: Task, contract: Contract, train_path: Path, test_path: Path | None) -> PreparedData:
-    """Read, validate and encode a node's data; cached while the files are unchanged.
+def prepare(task: Task, contract: Contract, train_path: DataSource, test_path: DataSource | None) -> PreparedData:
+    """Read, validate and encode a node's data; cached while the files (or the query's rows)
+    are unchanged.
 
     When a node directory is being served (:func:`fedgov.node.contracts.serving`), its
     recorded data check for the current files is looked up first (and made when the files
     changed): data that does not conform is not read here at all."""
-    from fedgov.data import Encoder, read_table, train_test_split, validate_frame
-    from fedgov.node.contracts import conforming_frame, require_conforming
+    from fedgov.node.contracts import one_read
 
-    if not train_path.is_file():
+    with one_read():
+        return _prepare(task, contract, train_path, test_path)
+
+
+def _prepare(task: Task, contract: Contract, train_path: DataSource, test_path: DataSource | None) -> PreparedData:
+    from fedgov.data import Encoder, train_test_split
+    from fedgov.node.contracts import conforming_frame, require_conforming, source_exists, validated_frame
+
+    if not source_exists(train_path):
         raise DataFileError(f"data file not found: {train_path}")
-    if test_path is not None and not test_path.is_file():
+    if test_path is not None and not source_exists(test_path):
         raise DataFileError(f"test data file not found: {test_path}")
     require_conforming(contract, train_path)
     key = (_file_key(train_path), _file_key(test_path), contract.model_dump_json(), tuple(task.features or ()), task.training.seed)
@@ -116,11 +134,11 @@ def prepare(task: Task, contract: Contract, train_path: Path, test_path: Path | 
         return hit
     encoder = Encoder.from_contract(contract, task.features)
     columns = [*contract.feature_names(task.features), str(contract.target)]
-    def validated(path: Path) -> pd.DataFrame:
+    def validated(path: DataSource) -> pd.DataFrame:
         checked = conforming_frame(path, contract)  # this message's data check validated it all
         if checked is not None:
             return checked[list(dict.fromkeys(columns))]
-        return validate_frame(read_table(path), contract, file=str(path), columns=columns)
+        return validated_frame(path, contract, columns=columns)
 
     train_df = validated(train_path)
     if test_path is not None:
@@ -134,6 +152,20 @@ def prepare(task: Task, contract: Contract, train_path: Path, test_path: Path | 
     while len(_CACHE) > 1 and sum(_nbytes(d) for d in _CACHE.values()) > _CACHE_BYTES:
         _CACHE.popitem(last=False)
     return data
+
+
+def _one_read(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` with each SQL query read at most once (:func:`fedgov.node.contracts.one_read`):
+    a hello's data check, row count and plan, or a baseline's rounds, all see one snapshot."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        from fedgov.node.contracts import one_read
+
+        with one_read():
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def _nbytes(d: PreparedData) -> int:
@@ -152,14 +184,15 @@ def model_dimension(task: Task, n_features: int, n_classes: int) -> int:
     return int(sum(p.numel() for p in model.state_dict().values()))
 
 
+@_one_read
 def hello(
     task: Task,
     contract: Contract,
     *,
     node: str,
     node_name: str,
-    train_path: Path,
-    test_path: Path | None,
+    train_path: DataSource,
+    test_path: DataSource | None,
     workdir: Path | None = None,
     release_rows: Callable[[int], int] | None = None,
     min_rows: int = 0,
@@ -256,16 +289,17 @@ def public_row_count(released: int) -> int:
     return max(2, int(released))
 
 
-def _file_sha256(path: Path) -> str:
+def _file_sha256(path: DataSource) -> str:
     from fedgov.node.contracts import file_digest
 
     return file_digest(path)
 
 
-def released_row_count(home: Any, contract: Contract, train_path: Path, n: int) -> int:
+def released_row_count(home: Any, contract: Contract, train_path: DataSource, n: int) -> int:
     """The node's released training row count for the data set serving ``contract``: ``n``
     plus Gaussian noise (standard deviation :data:`ROW_COUNT_NOISE`, the secure generator),
-    rounded and at least 0. Released once per version of the data file (its SHA-256): the
+    rounded and at least 0. Released once per version of the data file (its SHA-256; of a SQL
+    data set, the SHA-256 of the query's rows, whatever their order): the
     ledger records the release (a reservation, its spend with the value in the note, and its
     close, under the key ``rows-<data set>-<sha>``) before the value is used, and every later
     hello reads it back from the ledger, so repeating hellos cannot average the noise away.
@@ -364,13 +398,14 @@ def _model(task: Task, data: PreparedData, state: dict[str, np.ndarray] | None) 
     return model
 
 
+@_one_read
 def train(
     task: Task,
     contract: Contract,
     *,
     node: str,
-    train_path: Path,
-    test_path: Path | None,
+    train_path: DataSource,
+    test_path: DataSource | None,
     state: dict[str, np.ndarray],
     server_round: int,
     dp: DPState,
@@ -429,8 +464,9 @@ def train(
     return res.state, metrics, dp
 
 
+@_one_read
 def evaluate_global(
-    task: Task, contract: Contract, *, train_path: Path, test_path: Path | None, state: dict[str, np.ndarray],
+    task: Task, contract: Contract, *, train_path: DataSource, test_path: DataSource | None, state: dict[str, np.ndarray],
     evaluation_noise: float | None,
 ) -> dict[str, float]:
     """The global model on this node's own test split, as it may leave the node: the correct
@@ -461,8 +497,9 @@ class Baseline:
     epsilon: float
 
 
+@_one_read
 def local_only_baseline(
-    task: Task, contract: Contract, train_path: Path, test_path: Path | None, *, node: str, plan_json: str | None = None,
+    task: Task, contract: Contract, train_path: DataSource, test_path: DataSource | None, *, node: str, plan_json: str | None = None,
     rows: int | None = None,
 ) -> Baseline:
     """The same model trained on this node's data alone, with the same DP guarantee and rounds.
@@ -494,7 +531,7 @@ def local_only_baseline(
 
 
 def baseline(
-    task: Task, contract: Contract, train_path: Path, test_path: Path | None, *, node: str, simulated: bool, dp: DPState
+    task: Task, contract: Contract, train_path: DataSource, test_path: DataSource | None, *, node: str, simulated: bool, dp: DPState
 ) -> Refusal | Baseline:
     """The local-only baseline a simulation's report compares with (:func:`local_only_baseline`),
     from the plan and released row count fixed at hello (``dp``): its accuracy and, as its

@@ -35,7 +35,8 @@ from fedgov.config import Contract
 from fedgov.config.municipalities import display_name
 from fedgov.errors import BudgetExceeded, DataValidationError, FedgovError
 from fedgov.node.admission import awaiting_approval
-from fedgov.node.contracts import data_status
+from fedgov.config.datasource import DataSource, SqlQuery
+from fedgov.node.contracts import data_status, one_read, source_exists, validated_frame
 from fedgov.node.home import NodeHome, budget_of
 from fedgov.privacy.events import Mechanism
 from fedgov.node.policy import DatasetSpec, LimitsSpec, check_query
@@ -61,16 +62,13 @@ def mechanism_of(query: Query) -> Mechanism:
     return Mechanism(kind="laplace", epsilon=query.privacy.epsilon, delta=query.privacy.delta)
 
 
-def read_node_frame(contract: Contract, paths: Iterable[Path | None]) -> pd.DataFrame:
-    """All of a node's rows for a query (training and test files together), validated."""
-    from fedgov.data import read_table, validate_frame
-
+def read_node_frame(contract: Contract, paths: Iterable[DataSource | None]) -> pd.DataFrame:
+    """All of a node's rows for a query (training and test files, or queries, together), validated."""
     frames = []
     for p in paths:
-        if p is None or not Path(p).is_file():
+        if p is None or not source_exists(p):
             continue
-        raw = read_table(p)
-        frames.append(validate_frame(raw, contract, file=str(p)))
+        frames.append(validated_frame(p if isinstance(p, SqlQuery) else Path(p), contract))
     if not frames:
         raise DataValidationError("the node has no data file for this contract", [])
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
@@ -90,7 +88,15 @@ def answer_query(
     coordinator: str | None = None,
 ) -> P.StatsAnswer:
     """Everything a node does with one statistics query (see the module docstring): each step
-    returns the refusal that ends it, or None to go on."""
+    returns the refusal that ends it, or None to go on. A SQL data set is read once for it:
+    its check and its release come from the same rows."""
+    with one_read():
+        return _answer_query(home, node, query, contract, query_id=query_id, coordinator=coordinator)
+
+
+def _answer_query(
+    home: NodeHome, node: str, query: Query, contract: Contract, *, query_id: str, coordinator: str | None,
+) -> P.StatsAnswer:
     if not home.exists():
         return _refuse(node, P.RefusalCode.NO_POLICY.value, "this node has no policy: it takes part in nothing")
     paused, _ = home.state.paused()
@@ -154,7 +160,7 @@ def _read_conforming(home: NodeHome, node: str, ds: DatasetSpec, contract: Contr
         code = missing if status == "missing" else invalid
         return _refuse(node, code, refusal_text(code, contract=contract.ref))
     try:
-        frame = read_node_frame(contract, [ds.path, ds.test_path])
+        frame = read_node_frame(contract, ds.sources)
     except DataValidationError:
         return _refuse(node, invalid, refusal_text(invalid, contract=contract.ref))
     except FedgovError:
