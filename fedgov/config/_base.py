@@ -50,7 +50,7 @@ def problems_from_validation(err: ValidationError, file: str) -> list[Problem]:
     problems = []
     for e in err.errors(include_url=False):
         msg = e["msg"]
-        if e["type"] not in ("missing", "extra_forbidden") and "input" in e:
+        if e["type"] not in ("missing", "extra_forbidden") and "input" in e and not (e.get("ctx") or {}).get("input_shown"):
             shown = repr(e["input"])
             if len(shown) > 80:
                 shown = shown[:77] + "..."
