@@ -15,6 +15,7 @@ Three ways to give members data:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +29,7 @@ from fedgov.errors import ConfigError, Problem
 __all__ = ["Member", "PartitionSpec", "Federation", "load_federation"]
 
 
-def _errors(items: list[tuple[tuple[int | str, ...], str, str]]) -> ValidationError:
+def _errors(items: Sequence[tuple[tuple[int | str, ...], str, str]]) -> ValidationError:
     """A validation error with one line per (location, message, input): a member's own place."""
     return ValidationError.from_exception_data(
         "Federation",
