@@ -53,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from fedgov.config._base import ConfigPath, StrictModel, load_toml, parse_toml, problems_from_validation
 from fedgov.config.contract import Contract
+from fedgov.config.registry import CODE_PATTERN
 from fedgov.config.task import MODEL_NAMES, Task
 from fedgov.errors import ConfigError, Problem
 
@@ -310,7 +311,7 @@ class NodePolicy(StrictModel):
     """A node's whole policy file."""
 
     node: str = Field(
-        min_length=1, pattern=_NAME, description="the node's code, e.g. the CBS code GM0363, or its code in the federation's registry"
+        min_length=1, pattern=CODE_PATTERN, description="the node's code, e.g. the CBS code GM0363, or its code in the federation's registry"
     )
     name: str | None = Field(
         default=None, min_length=1, max_length=200,

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from fedgov.config import load_contract, load_federation
 from fedgov.config.registry import CODE_PATTERN, default_registry, load_registry
 from fedgov.errors import ConfigError
+from fedgov.node.home import NodeHome
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -265,3 +266,38 @@ def test_regions_come_from_the_registry(tmp_path: Path) -> None:
     assert regions_of(["K0301", "K4601", "X"], ["region"], registry=reg) == {"K0301": {"region": "Oslo"}, "K4601": {"region": "Vestland"}, "X": {}}
     assert regions_of(["GM0363"], ["province"]) == {"GM0363": {"province": "North Holland"}}
     assert json.dumps(regions_of(["K0301"], ["province"], registry=reg)) == '{"K0301": {}}'
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_the_command_line_uses_the_registrys_names(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedgov.cli import app
+    from fedgov.privacy.roster import IDENTITY_PUB, ensure_identity
+
+    runner = CliRunner()
+    (tmp_path / "orgs.csv").write_text(ORGS, encoding="utf-8")
+    # fedgov check: a federation of another registry says which
+    fed = _fed(tmp_path / "f.toml", ["K0301", "K4601"])
+    out = runner.invoke(app, ["check", str(fed)])
+    assert out.exit_code == 0 and "2 members of registry" in out.output, out.output
+    # fedgov node init --organisation: the node states its organisation's name
+    node = tmp_path / "oslo"
+    out = runner.invoke(app, [
+        "node", "init", str(node), "--name", "K0301", "--organisation", "Oslo kommune",
+        "-c", str(ROOT / "configs/contracts/adult-income.toml"), "--data", str(ROOT / "data/adult/adult_test.csv"),
+    ])
+    assert out.exit_code == 0, out.output
+    assert NodeHome(node).policy().name == "Oslo kommune"
+    # fedgov roster show --registry: each member's organisation beside its code
+    roster = tmp_path / "roster.json"
+    assert runner.invoke(app, ["roster", "init", str(roster), "--federation", "abroad"]).exit_code == 0
+    ensure_identity(tmp_path / "bergen", "K4601")
+    assert runner.invoke(app, ["roster", "add", str(roster), "K4601", str(tmp_path / "bergen" / IDENTITY_PUB)]).exit_code == 0
+    assert runner.invoke(app, ["roster", "add", str(roster), "K0301", str(node / IDENTITY_PUB)]).exit_code == 0
+    shown = runner.invoke(app, ["roster", "show", str(roster), "--registry", str(tmp_path / "orgs.csv")], terminal_width=200)
+    assert shown.exit_code == 0 and "Bergen" in shown.output and "Oslo" in shown.output, shown.output
+    plain = runner.invoke(app, ["roster", "show", str(roster)], terminal_width=200)
+    assert plain.exit_code == 0 and "Bergen" not in plain.output and "organisation" not in plain.output
