@@ -9,8 +9,10 @@ Three ways to give members data:
 * ``files``: each member names its own CSV or Parquet file (``members[i].data``);
 * ``column``: one source file with a column naming each row's organisation (a natural
   partition); a member takes the rows whose value is in its ``values`` (default: its code);
-* ``population``: one source file split with sizes following the municipalities'
-  populations (long-tailed), with label or feature skew from a Dirichlet parameter and a seed.
+* ``population``: one source file split with sizes following the members' populations in
+  the registry (long-tailed), with label or feature skew from a Dirichlet parameter and a
+  seed; every member needs a population (a registry file may leave it out: then use
+  ``column`` or ``files``).
 """
 
 from __future__ import annotations
@@ -131,10 +133,6 @@ class Federation(StrictModel):
         dupes = sorted({c for c in codes if codes.count(c) > 1})
         if dupes:
             raise ValueError(f"an organisation may take part once; repeated: {', '.join(dupes)}")
-        folded = [c.lower() for c in codes]
-        clash = sorted({c for c in codes if folded.count(c.lower()) > 1} - set(dupes))
-        if clash:
-            raise ValueError(f"member codes must differ in more than upper and lower case: {', '.join(clash)}")
         if self.partition.kind == "files":
             missing = [m.code for m in self.members if m.data is None]
             if missing:

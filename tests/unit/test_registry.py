@@ -201,13 +201,6 @@ def test_population_partitioning_follows_the_registrys_populations(tmp_path: Pat
     assert len(parts["big"]) > 4 * len(parts["small"])
 
 
-def test_codes_that_differ_only_in_case_cannot_both_take_part(tmp_path: Path) -> None:
-    (tmp_path / "orgs.csv").write_text("code,name\nab,One\nAb2,Two\n", encoding="utf-8")
-    fed = _fed(tmp_path / "f.toml", ["ab", "AB"])
-    with pytest.raises(ConfigError):  # 'AB' is not in the registry, and could not be beside 'ab' anyway
-        load_federation(fed)
-
-
 def test_the_shipped_safety_region_federation_loads() -> None:
     fed = load_federation(ROOT / "configs" / "federations" / "safety-regions-wmo.toml")
     assert fed.registry is not None and fed.registry.name == "nl-veiligheidsregios.csv"
