@@ -52,8 +52,8 @@ from clients.mods import (
 from fedgov import protocol as P
 from fedgov.config import Contract, Task
 from fedgov.config.datasource import DataSource
-from fedgov.config.municipalities import display_name
 from fedgov.errors import SecAggError
+from fedgov.node.admission import node_display_name
 from fedgov.node.context import config_int, data_of, node_of, query_of, task_of
 from fedgov.node.contracts import append_private
 from fedgov.node.policy import min_rows_for
@@ -127,7 +127,7 @@ def query(msg: Message, context: Context) -> Message:
         return Message(RecordDict({P.METRICS: MetricRecord({"accuracy": base.accuracy, "epsilon": base.epsilon})}), reply_to=msg)
     min_rows, setting = min_rows_for(home.policy(), task) if home.exists() else (0, "limits.min_rows")
     answer, dp = N.hello(
-        task, contract, node=node, node_name=display_name(node), train_path=train_path, test_path=test_path, workdir=home.path,
+        task, contract, node=node, node_name=node_display_name(home, node), train_path=train_path, test_path=test_path, workdir=home.path,
         release_rows=lambda n: N.released_row_count(home, contract, train_path, n),
         min_rows=min_rows, min_rows_setting=setting,
     )
@@ -151,7 +151,7 @@ def _stats(msg: Message, context: Context) -> Message:
             return Message(Error(code=ERROR_REFUSED, reason=error_reason("secure-aggregation")), reply_to=msg)
     answer = N.answer_query(home, node, q, contract, query_id=N.query_id_of(q, contract, msg.metadata.run_id))
     # the detailed reason of a refusal stays at the node (its audit log); a fixed text leaves
-    answer = N.public_answer(answer, q, contract, home)
+    answer = N.public_answer(answer, q, contract, home).model_copy(update={"node_name": node_display_name(home, node)})
     if secure is None or not answer.accepted or not answer.release_json:
         return Message(RecordDict({P.STATS: ConfigRecord({P.ANSWER_JSON: answer.model_dump_json()})}), reply_to=msg)
     st, survivors = secure

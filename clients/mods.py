@@ -115,7 +115,9 @@ def _items(rec: ConfigRecord, key: str) -> list[Any]:
 # --- replies -----------------------------------------------------------------------------------
 
 
-def _hello_reply(msg: Message, hello: P.NodeHello) -> Message:
+def _hello_reply(msg: Message, hello: P.NodeHello, home: Any) -> Message:
+    """A hello reply, naming the node by its own policy's name (:func:`~fedgov.node.admission.node_display_name`)."""
+    hello = hello.model_copy(update={"node_name": admission.node_display_name(home, hello.node)})
     return Message(RecordDict({P.HELLO: ConfigRecord({P.NODE_JSON: hello.model_dump_json()})}), reply_to=msg)
 
 
@@ -220,6 +222,15 @@ def gate_kind(msg: Message) -> str:
 
 
 def _gate_context(msg: Message, context: Context, kind: str) -> GateContext:
+    """What the gate checks a reply against; a hello or answer must name this node as it names itself."""
+    from dataclasses import replace
+
+    node, home, _ = node_of(context)
+    ctx = _gate_context_of(msg, context, kind)
+    return replace(ctx, identity=(node, admission.node_display_name(home, node))) if kind in (P.HELLO, P.STATS) else ctx
+
+
+def _gate_context_of(msg: Message, context: Context, kind: str) -> GateContext:
     _, home, simulated = node_of(context)
     cfg = msg.content.config_records[P.CONFIG] if P.CONFIG in msg.content else None
     server_round = config_int(cfg, "server-round") if cfg is not None and "server-round" in cfg else None
@@ -279,7 +290,7 @@ def pause_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         if paused:
             log.warning("node %s: paused, refusing %s", node, kind)
             if kind == P.HELLO:
-                return _hello_reply(msg, admission.hello_refusal(node, P.RefusalCode.PAUSED.value, refusal_text("paused")))
+                return _hello_reply(msg, admission.hello_refusal(node, P.RefusalCode.PAUSED.value, refusal_text("paused")), home)
             return _refused(msg, "paused")
     return call_next(msg, context)
 
@@ -316,7 +327,7 @@ def contract_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
         home.audit.append("refused", task_id=tid, payload={"kind": kind, "code": P.RefusalCode.CONTRACT_MISMATCH.value, "contract": ref})
         if kind == P.HELLO:
             text = refusal_text(P.RefusalCode.CONTRACT_MISMATCH.value, contract=ref)
-            return _hello_reply(msg, admission.hello_refusal(node, P.RefusalCode.CONTRACT_MISMATCH.value, text))
+            return _hello_reply(msg, admission.hello_refusal(node, P.RefusalCode.CONTRACT_MISMATCH.value, text), home)
         return _refused(msg, P.RefusalCode.CONTRACT_MISMATCH.value, contract=ref)
     with serving(home):
         return call_next(msg, context)
@@ -337,7 +348,7 @@ def admission_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
         return _refusal(msg, refusal) if refusal is not None else call_next(msg, context)
     early = admission.before_hello(home, task, contract, node=node, task_id=tid, simulated=simulated)
     if early is not None:
-        return _hello_reply(msg, early)
+        return _hello_reply(msg, early, home)
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
@@ -346,7 +357,7 @@ def admission_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
     public, resumed = admission.after_hello(home, task, contract, hello, task_id=tid, accountant=state.get(key))
     if resumed is not None:
         state.put(key, resumed)
-    return _hello_reply(msg, public)
+    return _hello_reply(msg, public, home)
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

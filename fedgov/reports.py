@@ -110,7 +110,8 @@ class TrainingReport(_Model):
     run_id: str
     task: str
     task_file: str
-    federation: str
+    federation: str = Field(description="the federation's name (its 'name'), or '(deployment)'")
+    federation_file: str = Field(default="", description="the federation file (simulation)")
     contract: str
     mode: Literal["simulation", "deployment"] = "simulation"
     flower_run_id: int | None = Field(default=None, description="the run's id at the SuperLink (flwr ls, fedgov task status)")

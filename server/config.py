@@ -40,6 +40,7 @@ class QueryArguments(TypedDict):
     query_file: str
     expected_nodes: int
     federation: str
+    federation_file: str
     mode: Literal["simulation", "deployment"]
     truth_paths: dict[str, list[Path]] | None
     node_wait: float
@@ -79,6 +80,14 @@ class RunConfig(BaseModel):
             )
         return self.task_path
 
+    def federation_name(self) -> str:
+        """The federation's own name (its ``name``), or ``(deployment)`` without a federation file."""
+        if self.federation_path is None:
+            return "(deployment)"
+        from fedgov.config import load_federation
+
+        return load_federation(self.federation_path).name
+
     def training_options(self, task: Task, *, flower_run_id: int) -> TrainingOptions:
         """How to run ``task`` (:func:`fedgov.coordinator.run_training`): simulated nodes from the
         manifest, deployed ones as many as ``training.min_nodes`` asks for."""
@@ -89,7 +98,7 @@ class RunConfig(BaseModel):
             run_dir=self.run_dir or Path("runs") / f"flwr-{task.name}",
             expected_nodes=expected,
             task_file=str(self.task_file()),
-            federation=self.federation_path.stem if self.federation_path is not None else "(deployment)",
+            federation=self.federation_name(),
             federation_file=str(self.federation_path) if self.federation_path is not None else "",
             local_baseline=self.local_baseline,
             mode=self.mode,
@@ -115,7 +124,8 @@ class RunConfig(BaseModel):
             run_dir=self.run_dir or Path("runs") / f"flwr-{query_name}",
             query_file=str(self.query_path),
             expected_nodes=expected,
-            federation=(self.federation_path.stem if self.federation_path is not None else "") or "(deployment)",
+            federation=self.federation_name(),
+            federation_file=str(self.federation_path) if self.federation_path is not None else "",
             mode=self.mode,
             truth_paths=truth,
             node_wait=self.node_wait,

@@ -83,7 +83,8 @@ class QueryReport(_Model):
     query: str
     query_file: str
     contract: str
-    federation: str = ""
+    federation: str = Field(default="", description="the federation's name")
+    federation_file: str = Field(default="", description="the federation file (simulation)")
     mode: Literal["simulation", "deployment"] = "simulation"
     flower_run_id: int | None = Field(default=None, description="the run's id at the SuperLink")
     status: Literal["completed", "failed", "running"] = "running"

@@ -51,12 +51,16 @@ def _home(node_dir: Path | None) -> NodeHome:
 @node_app.command()
 def init(
     node_dir: Annotated[Path, typer.Argument(help="The new node directory")],
-    name: Annotated[str, typer.Option("--name", help="The node's name: the municipality's CBS code, e.g. GM0363")],
+    name: Annotated[str, typer.Option("--name", help="The node's name: the municipality's CBS code, e.g. GM0363, or its code in the federation's registry")],
     contract: Annotated[Path, typer.Option("--contract", "-c", help="The data contract the data set follows")],
     data: Annotated[Path, typer.Option("--data", help="The data set (CSV or Parquet), checked against the contract now")],
     test_data: Annotated[Path | None, typer.Option("--test-data", help="A held-out test split (optional)")] = None,
     budget_epsilon: Annotated[float, typer.Option("--budget", help="Total epsilon for the data set per calendar year")] = 10.0,
     approval: Annotated[str, typer.Option(help="auto, manual or deny")] = "manual",
+    organisation: Annotated[
+        str | None,
+        typer.Option("--organisation", help="The organisation's name as reports show it (default: the CBS name of a GM code, else the code)"),
+    ] = None,
 ) -> None:
     """Create a node directory: key pair, policy to edit, privacy ledger and audit log."""
     from fedgov.data import read_table, validate_frame  # lazy: pandas (fedgov --help)
@@ -71,7 +75,7 @@ def init(
             rows = len(validate_frame(read_table(f), c, file=str(f)))
             console.print(f"[green]ok[/] {f}: {rows} rows conform to {c.ref}")
     home = init_node(
-        node_dir, node=name, contract=c, data=data, test_data=test_data, budget_epsilon=budget_epsilon,
+        node_dir, node=name, name=organisation, contract=c, data=data, test_data=test_data, budget_epsilon=budget_epsilon,
         approval=approval, contract_path=contract,
     )
     check_all(home)  # the data is registered: its check is recorded for task time

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from fedgov.cli.console import console, new_typer
@@ -72,6 +73,10 @@ def roster_sign(
 def roster_show(
     roster: Annotated[Path, typer.Argument(help="The roster file")],
     authority: Annotated[str | None, typer.Option("--authority", help="Check it against this authority (fingerprint or base64 key)")] = None,
+    registry: Annotated[
+        Path | None,
+        typer.Option("--registry", help="An organisation registry (CSV: code,name,...): show each member's organisation; 'cbs': the CBS municipalities"),
+    ] = None,
 ) -> None:
     """The members and their fingerprints; with ``--authority``, whether the roster checks out."""
     from fedgov.privacy.roster import _unb64, fingerprint, load_roster_file  # lazy: the fedgov.privacy package loads numpy (fedgov --help)
@@ -79,9 +84,19 @@ def roster_show(
     r = load_roster_file(roster)
     t = Table(title=f"Roster of {r.federation}")
     t.add_column("name")
+    names: dict[str, str] | None = None
+    if registry is not None:
+        from fedgov.config.registry import default_registry, load_registry
+
+        reg = default_registry() if str(registry) == "cbs" else load_registry(registry)
+        names = {m.name: reg.name(m.name) if m.name in reg else "(not in the registry)" for m in r.members}
+        t.add_column("organisation")
     t.add_column("identity key SHA-256")
     for m in r.members:
-        t.add_row(m.name, m.fingerprint)
+        if names is not None:
+            t.add_row(m.name, escape(names[m.name]), m.fingerprint)
+        else:
+            t.add_row(m.name, m.fingerprint)
     console.print(t)
     console.print(f"Authority fingerprint: {fingerprint(_unb64(r.authority))}")
     console.print(f"Signed: {'yes' if r.signature else 'no'}; digest {r.digest.hex()}")

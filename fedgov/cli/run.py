@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 import fedgov
@@ -85,7 +86,8 @@ def check(
                 console.print(f"[green]ok[/] {f}: policy of node {pol.node} ({len(pol.datasets)} data set(s), approval {pol.approval})")
             elif "members" in raw:
                 fed = load_federation(f)
-                console.print(f"[green]ok[/] {f}: federation {fed.name} ({len(fed.members)} members)")
+                of = "" if fed.registry is None else f" of registry {escape(str(fed.registry))}"
+                console.print(f"[green]ok[/] {f}: federation {fed.name} ({len(fed.members)} members{of})")
             elif "measures" in raw:
                 from fedgov.analytics import load_query  # lazy: pandas, numpy (fedgov --help)
 

@@ -42,7 +42,7 @@ def print_summary(report: TrainingReport, run_dir: Path) -> None:
     for n in sorted(report.nodes, key=lambda n: -n.train_rows):
         status = n.status if n.status == "accepted" else f"{n.status}: {n.refusal_code or ''} {n.refusal_reason}"
         t.add_row(
-            n.node, n.name, str(n.train_rows) if n.train_rows else "-", _fmt(n.epsilon),
+            n.node, escape(n.name), str(n.train_rows) if n.train_rows else "-", _fmt(n.epsilon),
             _fmt(n.federated_accuracy) + ("" if n.federated_accuracy_sd is None else f" ± {n.federated_accuracy_sd:.3f}"),
             _fmt(n.local_only_accuracy),
             "-" if n.gain is None else f"{100 * n.gain:+.1f} pt", status,

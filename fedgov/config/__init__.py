@@ -3,7 +3,9 @@
 * :mod:`~fedgov.config.task`, :mod:`~fedgov.config.federation`, :mod:`~fedgov.config.contract`:
   a task, a federation of municipalities and a data contract, each a frozen pydantic model
   with ``extra="forbid"``, loaded with every problem reported at once (file and field);
-* :mod:`~fedgov.config.municipalities`: the CBS municipality codes and names;
+* :mod:`~fedgov.config.registry`: organisation registries, the CBS municipalities by default
+  or a registry file a federation names; :mod:`~fedgov.config.municipalities`: the CBS
+  municipality codes and names;
 * the building blocks other configuration files use (a node's policy, a query): ``StrictModel``,
   ``ConfigPath`` and the loaders that collect problems.
 """
@@ -19,6 +21,7 @@ from fedgov.config._base import (
 from fedgov.config.contract import Column, ColumnType, Contract, load_contract
 from fedgov.config.federation import Federation, Member, PartitionSpec, load_federation
 from fedgov.config.municipalities import Municipality, all_municipalities, display_name, municipality
+from fedgov.config.registry import Organisation, Registry, default_registry, load_registry
 from fedgov.config.task import (
     MODEL_NAMES,
     EvaluationSpec,
@@ -40,15 +43,19 @@ __all__ = [
     "Member",
     "ModelSpec",
     "Municipality",
+    "Organisation",
     "PartitionSpec",
     "PrivacySpec",
+    "Registry",
     "StrictModel",
     "Task",
     "TrainingSpec",
     "all_municipalities",
+    "default_registry",
     "display_name",
     "load_contract",
     "load_federation",
+    "load_registry",
     "load_referenced",
     "load_task",
     "load_toml",

@@ -51,7 +51,7 @@ def problems_from_validation(err: ValidationError, file: str) -> list[Problem]:
     for e in err.errors(include_url=False):
         msg = e["msg"]
         # "secret": the value may hold a password (a database URL): the message never quotes it
-        if e["type"] not in ("missing", "extra_forbidden", "secret") and "input" in e:
+        if e["type"] not in ("missing", "extra_forbidden", "secret") and "input" in e and not (e.get("ctx") or {}).get("input_shown"):
             shown = repr(e["input"])
             if len(shown) > 80:
                 shown = shown[:77] + "..."

@@ -1,44 +1,60 @@
-"""Simulated federations: which municipalities take part and where each one's data comes from.
+"""Simulated federations: which organisations take part and where each one's data comes from.
+
+Members are named by their code in an organisation registry (:mod:`fedgov.config.registry`):
+by default the 342 CBS municipalities (``GM0363``), or the registry file the federation names
+(``registry = "orgs.csv"``, relative to the federation file) for any other organisations.
 
 Three ways to give members data:
 
 * ``files``: each member names its own CSV or Parquet file (``members[i].data``);
 * ``column``: one source file with a column naming each row's organisation (a natural
   partition); a member takes the rows whose value is in its ``values`` (default: its code);
-* ``population``: one source file split with sizes following the municipalities'
-  populations (long-tailed), with label or feature skew from a Dirichlet parameter and a seed.
+* ``population``: one source file split with sizes following the members' populations in
+  the registry (long-tailed), with label or feature skew from a Dirichlet parameter and a
+  seed; every member needs a population (a registry file may leave it out: then use
+  ``column`` or ``files``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from fedgov.config._base import ConfigPath, StrictModel, validate_file
-from fedgov.config.municipalities import all_municipalities
+from fedgov.config.registry import CODE_PATTERN, Registry, default_registry, load_registry
+from fedgov.errors import ConfigError, Problem
 
 __all__ = ["Member", "PartitionSpec", "Federation", "load_federation"]
 
 
-class Member(StrictModel):
-    """One municipality in a simulated federation."""
+def _errors(items: Sequence[tuple[tuple[int | str, ...], str, str]]) -> ValidationError:
+    """A validation error with one line per (location, message, input): a member's own place."""
+    return ValidationError.from_exception_data(
+        "Federation",
+        [InitErrorDetails(type=PydanticCustomError("registry", "{text}", {"text": text, "input_shown": True}), loc=loc, input=value) for loc, text, value in items],
+    )
 
-    code: str = Field(pattern=r"^GM\d{4}$", description="CBS code, e.g. GM0363")
+
+class Member(StrictModel):
+    """One organisation in a simulated federation, by its code in the federation's registry."""
+
+    code: str = Field(
+        pattern=CODE_PATTERN,
+        description="the organisation's code in the registry: a CBS code such as GM0363 by default",
+    )
     data: ConfigPath | None = None
     test_data: ConfigPath | None = None
     values: list[str] | None = None
-
-    @model_validator(mode="after")
-    def _known(self) -> Member:
-        if self.code not in all_municipalities():
-            raise ValueError(f"'{self.code}' is not a CBS municipality code in nl_gemeenten.csv")
-        return self
+    _name: str = PrivateAttr(default="")
 
     @property
     def name(self) -> str:
-        return all_municipalities()[self.code].name
+        """The organisation's name in the federation's registry (the code before validation)."""
+        return self._name or self.code
 
 
 class PartitionSpec(StrictModel):
@@ -64,11 +80,15 @@ class PartitionSpec(StrictModel):
 
 
 class Federation(StrictModel):
-    """A simulated federation of municipalities."""
+    """A simulated federation of organisations (by default CBS municipalities)."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
     seed: int = 0
+    registry: ConfigPath | None = Field(
+        default=None,
+        description="the organisation registry (a CSV file: code, name[, region, population]); none: the CBS municipalities",
+    )
     source: ConfigPath | None = None
     generator: Literal["iwmo"] | None = Field(
         default=None,
@@ -77,12 +97,42 @@ class Federation(StrictModel):
     partition: PartitionSpec = PartitionSpec()
     members: list[Member] = Field(min_length=1)
 
+    @field_validator("registry")
+    @classmethod
+    def _registry_loads(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                load_registry(value)
+            except ConfigError as exc:
+                problems = exc.problems or [Problem(str(value), "", exc.summary)]
+                raise _errors([((), str(p), str(value)) for p in problems[:20]]) from None
+        return value
+
+    @field_validator("members")
+    @classmethod
+    def _members_known(cls, members: list[Member], info: ValidationInfo) -> list[Member]:
+        if "registry" not in info.data:
+            return members  # the registry itself is wrong (reported under 'registry')
+        path = info.data["registry"]
+        registry = default_registry() if path is None else load_registry(path)
+        unknown = [((i, "code"), registry.unknown(m.code), m.code) for i, m in enumerate(members) if m.code not in registry]
+        if unknown:
+            raise _errors(unknown)
+        for m in members:
+            m._name = registry.name(m.code)
+        return members
+
+    @property
+    def organisations(self) -> Registry:
+        """The federation's organisation registry (the CBS municipalities by default)."""
+        return default_registry() if self.registry is None else load_registry(self.registry)
+
     @model_validator(mode="after")
     def _check(self) -> Federation:
         codes = [m.code for m in self.members]
         dupes = sorted({c for c in codes if codes.count(c) > 1})
         if dupes:
-            raise ValueError(f"a municipality may take part once; repeated: {', '.join(dupes)}")
+            raise ValueError(f"an organisation may take part once; repeated: {', '.join(dupes)}")
         if self.partition.kind == "files":
             missing = [m.code for m in self.members if m.data is None]
             if missing:
@@ -92,7 +142,32 @@ class Federation(StrictModel):
                 raise ValueError(f"partition kind '{self.partition.kind}' needs 'source', the data set to split")
             if self.partition.kind == "population" and self.partition.min_rows * len(self.members) > 10**9:
                 raise ValueError("min_rows times the number of members is implausibly large")
+        if self.partition.kind == "population":
+            registry = self.organisations
+            missing = [m.code for m in self.members if (org := registry.get(m.code)) is None or org.population is None]
+            if missing:
+                shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+                raise _errors([(
+                    ("partition", "kind"),
+                    f"'population' splits the source by each member's population, and {registry.describe()} gives "
+                    f"none for {shown}: add a 'population' column to the registry, or use partition.kind = 'column' "
+                    "(a column naming each row's organisation) or 'files'",
+                    "population",
+                )])
         return self
+
+    def name_of(self, code: str) -> str:
+        """A member's name in the federation's registry (the code for one it does not hold)."""
+        return self.organisations.name(code)
+
+    def policy_name(self, code: str) -> str | None:
+        """The ``name`` a simulated node's policy states: the member's registry name, or None
+        where a node finds that name itself (a CBS municipality under its own name), so that
+        a Dutch municipality's policy stays as it always was."""
+        from fedgov.config.municipalities import display_name
+
+        name = self.name_of(code)
+        return None if name == display_name(code) else name
 
 
 def load_federation(path: Path | str) -> Federation:

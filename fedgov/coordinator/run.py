@@ -143,6 +143,7 @@ def _start(grid: Grid, task: Task, contract: Contract, options: TrainingOptions)
         task=task.name,
         task_file=options.task_file,
         federation=options.federation,
+        federation_file=options.federation_file,
         contract=contract.ref,
         mode=options.mode,
         flower_run_id=options.flower_run_id,

@@ -28,6 +28,7 @@ import fedgov
 from fedgov import protocol as P
 from fedgov.analytics import LocalRelease, Query, QueryNode, QueryReport, QueryResult, combine, compare, true_result, write_outputs
 from fedgov.config import Contract
+from fedgov.config.registry import Registry
 from fedgov.coordinator.events import EventWriter
 from fedgov.coordinator.grid import wait_for_nodes
 from fedgov.coordinator.secure import SecAggRound, secagg_setup, secagg_unmask
@@ -38,16 +39,31 @@ __all__ = ["regions_of", "run_query"]
 log = logging.getLogger(__name__)
 
 
-def regions_of(codes: Iterable[str], columns: Iterable[str]) -> dict[str, dict[str, str]]:
-    """Each node's region values (e.g. its province, from the municipalities table)."""
-    from fedgov.config.municipalities import all_municipalities
+def _registry_of(federation_file: str) -> Registry | None:
+    """The organisation registry of a simulated federation (None: the CBS municipalities)."""
+    if not federation_file:
+        return None
+    from fedgov.config import load_federation
 
-    table = all_municipalities()
+    return load_federation(federation_file).organisations
+
+
+def regions_of(codes: Iterable[str], columns: Iterable[str], registry: Registry | None = None) -> dict[str, dict[str, str]]:
+    """Each node's region values from the organisation registry: ``region`` (for the default
+    registry of CBS municipalities also ``province``, the same value)."""
+    from fedgov.config.registry import default_registry
+
+    table = registry if registry is not None else default_registry()
     cols = list(columns)
     out: dict[str, dict[str, str]] = {}
     for code in codes:
-        m = table.get(code)
-        out[code] = {c: str(getattr(m, c)) for c in cols if m is not None and getattr(m, c, None) is not None}
+        org = table.get(code)
+        values: dict[str, str] = {}
+        if org is not None and org.region is not None:
+            values["region"] = org.region
+            if table.default:
+                values["province"] = org.region
+        out[code] = {c: values[c] for c in cols if c in values}
     return out
 
 
@@ -72,6 +88,7 @@ def run_query(
     query_file: str,
     expected_nodes: int,
     federation: str = "",
+    federation_file: str = "",
     mode: Literal["simulation", "deployment"] = "simulation",
     truth_paths: dict[str, list[Path]] | None = None,
     node_wait: float = 120.0,
@@ -88,7 +105,7 @@ def run_query(
     t0 = time.monotonic()
     report = QueryReport(
         fedgov_version=fedgov.__version__, run_id=run_dir.name, query=query.name, query_file=query_file,
-        contract=contract.ref, federation=federation, mode=mode,
+        contract=contract.ref, federation=federation, federation_file=federation_file, mode=mode,
         status="running", started=datetime.now(timezone.utc), epsilon=query.privacy.epsilon, delta=query.privacy.delta,
         mechanism=query.privacy.mechanism, max_rows_per_person=query.privacy.max_rows_per_person,
         flower_run_id=flower_run_id,
@@ -103,7 +120,7 @@ def run_query(
         secure = _secure_setup(grid, node_ids, stage_config, reply_timeout, events) if query.secure_aggregation else None
         answers = _ask(grid, node_ids, stage_config, secure, reply_timeout)
         releases = _record_answers(report, answers, events)
-        regions = regions_of(releases, query.regions)
+        regions = regions_of(releases, query.regions, registry=_registry_of(federation_file))
         if secure is not None:
             report.result = _combine_secure(grid, secure, answers, releases, query, contract, stage_config, reply_timeout)
         else:

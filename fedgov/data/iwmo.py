@@ -350,7 +350,9 @@ def generate(seed: int = DEFAULT_SEED, *, scale: float = 1.0, codes: Sequence[st
         wanted = set(codes)
         unknown = sorted(wanted - set(known))
         if unknown:
-            raise ValueError(f"not CBS municipality codes in nl_gemeenten.csv: {', '.join(unknown)}")
+            from fedgov.config.registry import default_registry
+
+            raise ValueError(f"not CBS municipality codes in {default_registry().describe()}: {', '.join(unknown)}")
         chosen = [c for c in known if c in wanted]
 
     if not chosen:

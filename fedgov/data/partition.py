@@ -29,7 +29,6 @@ from fedgov.config.federation import Federation
 from fedgov.data.io import atomic_write_bytes, read_table, write_csv
 from fedgov.data.validate import validate_frame
 from fedgov.errors import ConfigError, DataFileError, DataValidationError, Problem
-from fedgov.config.municipalities import all_municipalities
 
 __all__ = [
     "NodeData",
@@ -210,8 +209,16 @@ def _split_population(
     federation: Federation, contract: Contract, df: pd.DataFrame, rng: np.random.Generator
 ) -> list[np.ndarray]:
     spec = federation.partition
-    munis = all_municipalities()
-    weights = [munis[m.code].approx_population or spec.min_rows for m in federation.members]
+    registry = federation.organisations
+    weights = []
+    for m in federation.members:
+        org = registry.get(m.code)
+        if org is None or org.population is None:  # Federation refuses this; a hand-made one may not
+            raise ConfigError(
+                f"{_where(federation)}: partition.kind = 'population' needs a population for every member",
+                [Problem(_where(federation), "partition.kind", f"{registry.describe()} gives no population for {m.code}")],
+            )
+        weights.append(org.population or spec.min_rows)
     n = len(df)
     try:
         sizes = population_sizes(weights, n, spec.min_rows)
@@ -296,7 +303,7 @@ def _split_column(federation: Federation, df: pd.DataFrame) -> list[np.ndarray]:
 
 
 def split_federation(federation: Federation, contract: Contract, df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Split one source frame over the federation's members; keys are CBS codes in member order.
+    """Split one source frame over the federation's members; keys are member codes in member order.
 
     ``df`` is the typed frame of the whole source (from :func:`~fedgov.data.validate_frame`);
     for kind ``column`` it must also hold the partition column. Each row goes to at most one
@@ -304,11 +311,11 @@ def split_federation(federation: Federation, contract: Contract, df: pd.DataFram
     be checked on the index).
 
     * ``population``: sizes from :func:`population_sizes` over the members' approximate
-      populations (a municipality listed with population 0 counts as ``min_rows``), then a
+      populations in the federation's registry (one listed with population 0 counts as ``min_rows``), then a
       label-, feature- or un-skewed draw (see the module docstring), seeded with
       ``federation.seed``;
     * ``column``: each member takes the rows whose partition column holds one of its
-      ``values`` (default: its CBS code); a member without rows is a :class:`ConfigError`;
+      ``values`` (default: its code); a member without rows is a :class:`ConfigError`;
     * ``files``: each member has its own file, nothing to split: :class:`ValueError`.
     """
     kind = federation.partition.kind

@@ -90,7 +90,7 @@ def _prepare_nodes(base: Path, n: int, task_path: Path, budget: float) -> list[t
         node_dir = base / "nodes" / m.code
         if not NodeHome(node_dir).exists():
             init_node(
-                node_dir, node=m.code, contract=contract, data=data_dir / m.code / "train.csv",
+                node_dir, node=m.code, name=federation.policy_name(m.code), contract=contract, data=data_dir / m.code / "train.csv",
                 test_data=data_dir / m.code / "test.csv", budget_epsilon=budget, approval="auto",
             )
         out.append((m.code, node_dir.resolve()))

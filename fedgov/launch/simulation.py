@@ -301,7 +301,7 @@ def prepare_nodes(
         home = NodeHome.create(
             n.train_path.parent,
             policy_text=default_policy_text(
-                n.code, dataset=contract.name, contract=contract.name, version=contract.version,
+                n.code, name=federation.policy_name(n.code), dataset=contract.name, contract=contract.name, version=contract.version,
                 path=n.train_path.name, test_path=n.test_path.name, budget_epsilon=options.node_budget,
                 approval=options.approval,
                 max_epsilon_per_task=min(options.node_budget, max(3.0, max_epsilon)),

@@ -34,7 +34,7 @@ from fedgov._lazy import lazy_exports
 if TYPE_CHECKING:
     from fedgov.node.admission import (
         admit, after_hello, audit_decision, awaiting_approval, before_hello, check_admitted, dataset_name,
-        evaluated_rounds, EVALUATION_NOTE, hello_refusal, is_admitted, precheck, public_answer, public_hello,
+        evaluated_rounds, EVALUATION_NOTE, hello_refusal, is_admitted, node_display_name, precheck, public_answer, public_hello,
         public_reason, query_gate_context, record_evaluation, record_spend, release, released_counts, spent,
         spent_history, stop_blocked, task_gate_context,
     )
@@ -97,7 +97,7 @@ if TYPE_CHECKING:
 _MODULES: dict[str, tuple[str, ...]] = {
     "admission": (
         "admit", "after_hello", "audit_decision", "awaiting_approval", "before_hello", "check_admitted",
-        "dataset_name", "evaluated_rounds", "EVALUATION_NOTE", "hello_refusal", "is_admitted", "precheck",
+        "dataset_name", "evaluated_rounds", "EVALUATION_NOTE", "hello_refusal", "is_admitted", "node_display_name", "precheck",
         "public_answer", "public_hello", "public_reason", "query_gate_context", "record_evaluation", "record_spend",
         "release", "released_counts", "spent", "spent_history", "stop_blocked", "task_gate_context",
     ),
@@ -178,7 +178,7 @@ __all__ = [
     "GateContext", "GENESIS_HASH", "held_contracts", "hello", "hello_refusal", "Identity", "init_node", "is_admitted",
     "is_allowed", "keep_keys", "kind_of", "KINDS", "LedgerEvent", "LimitsSpec", "load_policy", "local_only_baseline",
     "mask_release", "mask_update", "MAX_PAYLOAD_BYTES", "Mechanism", "mechanism_of", "min_rows_for", "model_digest",
-    "model_dimension", "node_identity", "node_of", "NodeHome", "NodePolicy", "NodeState", "NoRoster", "one_read", "PARAMS",
+    "model_dimension", "node_display_name", "node_identity", "node_of", "NodeHome", "NodePolicy", "NodeState", "NoRoster", "one_read", "PARAMS",
     "parse_error_reason", "PendingTask", "pin_contract_text", "pin_new_contract", "PolicyCode", "precheck", "prepare",
     "PreparedData", "PrivacyLedger", "Proposal", "public_answer", "public_hello", "public_reason", "public_row_count",
     "query_fingerprint", "query_gate_context", "query_id_of", "query_of", "read_node_frame", "read_text", "receive_shares",

@@ -41,6 +41,7 @@ __all__ = [
     "before_hello",
     "check_admitted",
     "hello_refusal",
+    "node_display_name",
     "precheck",
     "public_answer",
     "public_hello",
@@ -61,6 +62,22 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def node_display_name(home: NodeHome, node: str) -> str:
+    """The name this node gives itself in its hellos and answers: its policy's ``name``, else
+    the CBS name of its code (a Dutch municipality), else the code itself."""
+    from fedgov.config.municipalities import display_name
+    from fedgov.errors import FedgovError
+
+    try:
+        if home.exists():
+            name = home.policy().name
+            if name:
+                return name
+    except FedgovError:  # a policy that does not load: the node refuses; its code names it
+        pass
+    return display_name(node)
 
 
 def hello_refusal(node: str, code: str, reason: str) -> P.NodeHello:

@@ -161,6 +161,22 @@ class GateContext:
     round_spent: Callable[[int], bool] = field(default=lambda r: False)
     round_evaluated: Callable[[int], bool] = field(default=lambda r: False)
     query_spent: Callable[[], bool] = field(default=lambda: False)
+    # (code, name) this node states in its answers: its policy's node and name
+    # (:func:`fedgov.node.admission.node_display_name`); None: not checked
+    identity: tuple[str, str] | None = None
+
+
+def _identity_problem(raw: dict[str, Any], ctx: GateContext, what: str) -> str | None:
+    """A hello or answer names the node by its own code and name only: the name is free text
+    from the node's policy, and must not carry anything else."""
+    if ctx.identity is None:
+        return None
+    code, name = ctx.identity
+    if raw.get("node") != code:
+        return f"{what}: node is not this node's code"
+    if raw.get("node_name") not in (None, "", name):
+        return f"{what}: node_name is not this node's name"
+    return None
 
 
 def _declared(kind: str) -> dict[tuple[str, str], Release]:
@@ -231,6 +247,9 @@ def _check_hello(text: str, ctx: GateContext) -> str | None:
             continue
         if v not in (None, 0):
             return f"node-json field {k} is not public"
+    who = _identity_problem(raw, ctx, "node-json")
+    if who is not None:
+        return who
     if raw.get("accepted"):
         if raw.get("reason"):
             return "node-json: an acceptance carries a text"
@@ -261,6 +280,9 @@ def _check_stats(text: str, ctx: GateContext) -> str | None:
     extra = [k for k, v in raw.items() if k not in _STATS_PUBLIC | {"release_json"} and v not in (None, 0, "")]
     if extra:
         return f"answer-json field {extra[0]} is not declared"
+    who = _identity_problem(raw, ctx, "answer-json")
+    if who is not None:
+        return who
     if raw.get("accepted"):
         if raw.get("release_json") and not ctx.query_spent():
             return "answer-json: a release whose spend is not in the ledger"

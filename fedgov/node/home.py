@@ -96,6 +96,7 @@ def init_node(
     node: str,
     contract: Contract,
     data: Path,
+    name: str | None = None,
     test_data: Path | None = None,
     budget_epsilon: float = 10.0,
     approval: str = "manual",
@@ -109,6 +110,7 @@ def init_node(
 
     Refuses a directory that already holds a policy or a key: a node's ledger and keys are
     never overwritten. The new policy starts in ``manual`` approval unless told otherwise.
+    ``name``: the organisation's name as reports show it (none: the CBS name of a GM code).
     """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -139,7 +141,7 @@ def init_node(
 
     pinned = pin_new_contract(home.path, contract, contract_path)
     text = default_policy_text(
-        node, dataset=contract.name, contract=contract.name, version=contract.version,
+        node, name=name, dataset=contract.name, contract=contract.name, version=contract.version,
         path=data.resolve(), test_path=test_data.resolve() if test_data else None,
         budget_epsilon=budget_epsilon, approval=cast(Literal["auto", "manual", "deny"], approval),  # the policy checks it
         kinds=("training", "statistics"), contract_files={contract.version: pinned},

@@ -41,6 +41,7 @@ import math
 import os
 import re
 import tomllib
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from fedgov.config._base import ConfigPath, StrictModel, load_toml, parse_toml, problems_from_validation
 from fedgov.config.contract import Contract
+from fedgov.config.registry import CODE_PATTERN
 from fedgov.config.task import MODEL_NAMES, Task
 from fedgov.config.datasource import DataSource, SqlSource
 from fedgov.errors import ConfigError, Problem
@@ -344,7 +346,13 @@ class SecureAggregationSpec(StrictModel):
 class NodePolicy(StrictModel):
     """A node's whole policy file."""
 
-    node: str = Field(min_length=1, pattern=_NAME, description="the node's name, e.g. CBS code GM0363")
+    node: str = Field(
+        min_length=1, pattern=CODE_PATTERN, description="the node's code, e.g. the CBS code GM0363, or its code in the federation's registry"
+    )
+    name: str | None = Field(
+        default=None, min_length=1, max_length=200,
+        description="the organisation's name, as reports show it; none: the CBS name of a GM code, else the code",
+    )
     approval: Literal["auto", "manual", "deny"] = Field(
         default="manual",
         description="auto: accept conforming tasks; manual: queue them for an operator; deny: refuse all",
@@ -355,6 +363,19 @@ class NodePolicy(StrictModel):
     secure_aggregation: SecureAggregationSpec | None = Field(
         default=None, description="the federation roster for secure aggregation; none: secure aggregation is refused",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        if value is not None and (value != value.strip() or any(unicodedata.category(ch).startswith("C") for ch in value)):
+            raise ValueError("must be plain text: no control characters, no leading or trailing spaces")
+        return value
+
+    def display_name(self) -> str:
+        """The name this node gives itself in its answers: ``name``, else the CBS name of its code."""
+        from fedgov.config.municipalities import display_name
+
+        return self.name or display_name(self.node)
 
     @model_validator(mode="after")
     def _cross_check(self, info: ValidationInfo) -> NodePolicy:
@@ -1031,6 +1052,7 @@ authority_key = {_s(authority_key)}
 def default_policy_text(
     node: str,
     *,
+    name: str | None = None,
     dataset: str,
     contract: str,
     version: str,
@@ -1072,12 +1094,13 @@ def default_policy_text(
         if test_path is not None
         else '# test_path = "test.csv"'
     )
+    name_line = "" if name is None else f"\n# The organisation's name, as reports show it.\nname = {_s(name)}"
     text = f"""\
 # fedgov node policy: what this node takes part in. The municipality owns this file;
 # the coordinator cannot change it. Relative paths are taken from this file's directory.
 
 # This node's name (its CBS code).
-node = {_s(node)}
+node = {_s(node)}{name_line}
 # auto: accept every task that fits this policy; manual: queue each task until an
 # operator approves it; deny: refuse every task (e.g. while on hold).
 approval = {_s(approval)}

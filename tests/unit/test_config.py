@@ -169,7 +169,7 @@ def test_federation_lists_every_problem(tmp_path: Path, write_file) -> None:
     with pytest.raises(ConfigError) as ei:
         load_federation(p)
     locs = locations(ei.value)
-    assert {"partition.dirichlet_alpha", "partition.test_fraction", "members[0]", "members[1].code"} <= locs
+    assert {"partition.dirichlet_alpha", "partition.test_fraction", "members[0].code", "members[1].code"} <= locs
     assert "GM9999" in str(ei.value)
 
 

@@ -52,11 +52,17 @@ def test_training_options_follow_the_run_config(demo_task_path: Path, tmp_path: 
     assert opts.federation == "(deployment)" and opts.federation_file == ""
     assert opts.expected_nodes == task.training.min_nodes and not opts.local_baseline and opts.flower_run_id == 7
     assert opts.connect_timeout == task.training.node_wait and opts.reply_timeout == task.training.reply_timeout
+    # the report names the federation by its own name, not its file's (the file is kept apart)
+    fed_file = tmp_path / "cities.toml"
+    fed_file.write_text(
+        (demo_task_path.parents[1] / "federations" / "demo-12.toml").read_text().replace('name = "demo-12"', 'name = "cities-12"')
+        .replace('source = "../../data/adult/adult.csv"', f'source = "{demo_task_path.parents[2] / "data/adult/adult.csv"}"')
+    )
     simulated = RunConfig.from_flower({
-        "task-path": str(demo_task_path), "federation-path": "/x/cities-12.toml", "run-dir": str(tmp_path), "resume": True,
+        "task-path": str(demo_task_path), "federation-path": str(fed_file), "run-dir": str(tmp_path), "resume": True,
     })
     opts = simulated.training_options(task, flower_run_id=8)
-    assert opts.federation == "cities-12" and opts.federation_file == "/x/cities-12.toml"
+    assert opts.federation == "cities-12" and opts.federation_file == str(fed_file)
     assert opts.run_dir == tmp_path and opts.resume
 
 
@@ -66,7 +72,7 @@ def test_query_arguments_follow_the_run_config() -> None:
     )
     assert args == {
         "run_dir": Path("runs") / "flwr-overview", "query_file": "/q/overview.toml", "expected_nodes": 4,
-        "federation": "(deployment)", "mode": "simulation", "truth_paths": None, "node_wait": 30.0, "flower_run_id": 9,
+        "federation": "(deployment)", "federation_file": "", "mode": "simulation", "truth_paths": None, "node_wait": 30.0, "flower_run_id": 9,
     }
 
 
