@@ -196,11 +196,11 @@ def line_chart(
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         body.append(f'<path d="{" ".join(path)}" fill="none" stroke="{colour}" stroke-width="2"{dash_attr}/>')
         labels = list(s.labels)
-        for j, (x, y) in enumerate(s.points):
-            if y is None:
+        for j, (x, maybe) in enumerate(s.points):
+            if maybe is None:
                 continue
-            tip = f"{s.name}: {_fmt(y)}" + (f" ({labels[j]})" if j < len(labels) and labels[j] else f" at {x_format(x)}")
-            body.append(_marker(i, X(x), Y(y), colour, tip))
+            tip = f"{s.name}: {_fmt(maybe)}" + (f" ({labels[j]})" if j < len(labels) and labels[j] else f" at {x_format(x)}")
+            body.append(_marker(i, X(x), Y(maybe), colour, tip))
         lx, ly = slot(k)
         k += 1
         legend.append(

@@ -88,17 +88,34 @@ def _read(path: Path) -> RunEntry:
     name = path.name
     try:
         if (path / "report.json").is_file():
-            report = load_report(path / "report.json")
             try:
                 raw = json.loads((path / "report.json").read_text("utf-8")).get("nodes", [])
             except (OSError, ValueError, AttributeError):
                 raw = []
-            return RunEntry(name, path, "training", training=report, raw_nodes=[n for n in raw if isinstance(n, dict)])
+            raw_nodes = [n for n in raw if isinstance(n, dict)]
+            try:
+                report = load_report(path / "report.json")
+            except FedgovError:
+                report = _lenient(path / "report.json")  # a newer fedgov's report: per-node fields this one does not know
+            return RunEntry(name, path, "training", training=report, raw_nodes=raw_nodes)
         return RunEntry(name, path, "query", query=load_query_report(path / "query.json"))
     except FedgovError as exc:
         return RunEntry(name, path, "unreadable", error=str(exc))
     except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
         return RunEntry(name, path, "unreadable", error=f"{path}: {str(exc).splitlines()[0]}")
+
+
+def _lenient(path: Path) -> TrainingReport:
+    """A training report whose nodes carry fields this fedgov does not know (such as a newer
+    fedgov's personalised accuracy), read without them; else the error ``load_report`` gives."""
+    from fedgov.reports import NodeResult, load_report
+
+    try:
+        data = json.loads(path.read_text("utf-8"))
+        data["nodes"] = [{k: v for k, v in n.items() if k in NodeResult.model_fields} for n in data["nodes"]]
+        return TrainingReport.model_validate(data)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return load_report(path)  # raises the clear error
 
 
 def scan_runs(runs_dir: Path) -> list[RunEntry]:
