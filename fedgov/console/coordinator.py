@@ -246,20 +246,25 @@ class _CoordinatorConsole:
         return {"runs_dir": str(self.runs_dir), "coordinator_dir": str(self.coordinator_dir or "")}
 
     def _flower(self) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
-        """Flower's view (run id -> info, nodes) of the running coordinator, or why there is none."""
+        """Flower's view (run directory name -> its run at the SuperLink, nodes) of the running
+        coordinator, or why there is none; remembered for a few seconds, answer or not."""
         if self.coordinator_dir is None:
             return {}, [], ""
-        from fedgov.deploy.superlink import nodes
-        from fedgov.deploy.tasks import list_runs
-
         base = self.coordinator_dir
-        try:
-            infos = self.cache.get("runs", lambda: list_runs(base, self.runs_dir))
-            online = self.cache.get("nodes", lambda: nodes(base))
-        except FedgovError as exc:
-            return {}, [], f"the coordinator's SuperLink does not answer ({str(exc).splitlines()[0][:300]}); is it running ('fedgov coordinator start')?"
-        by_dir = {Path(i.run_dir).name: i.model_dump() for i in infos if i.run_dir}
-        return by_dir, [dict(n) for n in online], ""
+
+        def ask() -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+            from fedgov.deploy.superlink import nodes
+            from fedgov.deploy.tasks import list_runs
+
+            try:
+                infos = list_runs(base, self.runs_dir)
+                online = nodes(base)
+            except FedgovError as exc:
+                first = " ".join(str(exc).split())[:300]
+                return {}, [], f"the coordinator's SuperLink does not answer ({first}); is it running ('fedgov coordinator start')?"
+            return {Path(i.run_dir).name: i.model_dump() for i in infos if i.run_dir}, [dict(n) for n in online], ""
+
+        return self.cache.get("flower", ask)
 
     async def runs(self, request: Request) -> Response:
         def build() -> dict[str, Any]:

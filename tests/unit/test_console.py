@@ -19,6 +19,7 @@ from fedgov.cli import app
 from fedgov.console.coordinator import coordinator_console, figures_csv, participation, select_figures
 from fedgov.console.node import budget_series, node_console, releases_of
 from fedgov.console.security import Guard, check_binding, is_loopback, read_password_file
+from fedgov.console.server import free_port, tls_files
 from fedgov.console.web import LOOPBACK_HOSTS
 from fedgov.errors import ConfigError, ExitCode
 from fedgov.node.audit import AuditEntry
@@ -418,3 +419,48 @@ def test_the_console_commands_refuse_an_open_address_without_tls_and_a_loose_pas
     assert r.exit_code == int(ExitCode.USAGE)
     r = runner.invoke(app, ["node", "console", "--node-dir", str(home.path), "--tls-cert", str(pw)])
     assert r.exit_code == int(ExitCode.CONFIG) and "both" in r.output
+
+
+def test_the_coordinator_console_says_when_its_superlink_does_not_answer(tmp_path: Path, guard: Guard) -> None:
+    from fedgov.deploy.superlink import init_coordinator
+
+    init_coordinator(tmp_path / "coord", port=free_port(), superlink_port=free_port())
+    (tmp_path / "runs").mkdir()
+    c = _client(coordinator_console(tmp_path / "runs", guard, coordinator_dir=tmp_path / "coord"))
+    _login(c)
+    page = c.get("/").text
+    assert "does not answer" in page and "fedgov coordinator start" in page and "No run yet" in page
+
+
+def test_beyond_loopback_the_console_speaks_tls_only(tmp_path: Path, node_home: Any) -> None:
+    """A real server with a development certificate from fedgov's PKI helper: HTTPS with its CA
+    works; plain HTTP gets no page."""
+    import ssl
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    import uvicorn
+
+    tls = tls_files("0.0.0.0", None, None, tmp_path / "tls")
+    assert tls is not None and tls.ca is not None and (tmp_path / "tls" / "server.key").stat().st_mode & 0o077 == 0
+    port = free_port()
+    guard = Guard(SECRET, secure=True)  # as `fedgov node console` makes it under TLS
+    server = uvicorn.Server(uvicorn.Config(node_console(node_home(tmp_path / "node"), guard), host="127.0.0.1", port=port,
+                                           log_level="warning", ssl_certfile=str(tls.cert), ssl_keyfile=str(tls.key)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        context = ssl.create_default_context(cafile=str(tls.ca))
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/login", context=context, timeout=10) as r:  # noqa: S310 - https
+            assert r.status == 200 and "Log in" in r.read().decode()
+            assert r.headers["strict-transport-security"]
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=10)  # noqa: S310 - the point
+    finally:
+        server.should_exit = True
+        thread.join(10)
