@@ -137,8 +137,16 @@ def line_chart(
     xs = [x for s in series for x, y in s.points if y is not None]
     ys = [y for s in series for _, y in s.points if y is not None] + [v for v, _ in hlines]
     drawn = [s for s in series if any(y is not None for _, y in s.points)]
-    rows = (len(drawn) + len(hlines) + 2) // 3
-    height = H + LEGEND_ROW * rows
+    # the legend below the plot, entries side by side, wrapped (about 7 px a character)
+    places: list[tuple[float, float]] = []
+    lx, row = float(LEFT), 0
+    for name in [s.name for s in drawn] + [name for _, name in hlines]:
+        width = 40 + 7.0 * len(name)
+        if lx + width > W - RIGHT and lx > LEFT:
+            lx, row = float(LEFT), row + 1
+        places.append((lx, H + 4 + LEGEND_ROW * row))
+        lx += width + 16
+    height = H + LEGEND_ROW * (row + 1)
     bottom = H - BOTTOM
     if not xs:
         return _frame(title, "no data yet", [f'<text x="{W / 2}" y="{H / 2}" text-anchor="middle" fill="#222">no data yet</text>'], [])
@@ -172,7 +180,7 @@ def line_chart(
     legend: list[str] = []
 
     def slot(k: int) -> tuple[float, float]:
-        return LEFT + 250 * (k % 3), H + 4 + LEGEND_ROW * (k // 3)
+        return places[k]
 
     for v, name in hlines:
         body.append(

@@ -464,3 +464,17 @@ def test_beyond_loopback_the_console_speaks_tls_only(tmp_path: Path, node_home: 
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_charts_escape_their_text_and_draw_every_interval() -> None:
+    from fedgov.console.charts import Bar, Series, errorbar_chart, line_chart, nice_ticks
+
+    assert nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert nice_ticks(3.2, 3.2)[0] <= 3.2 <= nice_ticks(3.2, 3.2)[-1]
+    evil = "<script>alert(1)</script>"
+    svg = str(line_chart([Series(evil, [(1, 0.5), (2, None), (3, 0.7)])], title=evil, x_label="round", y_label="accuracy"))
+    assert "<script" not in svg and "&lt;script&gt;" in svg and svg.count("<circle") == 3  # two points (the gap is none) and the legend's
+    svg = str(errorbar_chart([Bar(evil, 10.0, 8.0, 12.0), Bar("b", None, None, None, "suppressed"), Bar("c", 5.0, 4.0, 6.0)],
+                             title="t", y_label="count"))
+    assert "<script" not in svg and svg.count('class="errorbar"') == 2 and "suppressed" in svg
+    assert 'role="img"' in svg and "<title id=" in svg and "<desc id=" in svg
