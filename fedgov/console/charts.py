@@ -20,7 +20,7 @@ from itertools import count
 
 from markupsafe import Markup, escape
 
-__all__ = ["Bar", "Series", "errorbar_chart", "line_chart", "nice_ticks"]
+__all__ = ["Bar", "Series", "errorbar_chart", "line_chart", "nice_ticks", "tick_labels"]
 
 COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9")
 DASHES = ("", "6 3", "2 3", "8 3 2 3")
@@ -102,12 +102,22 @@ def _frame(title: str, desc: str, body: list[str], legend: list[str], *, height:
     return Markup(head + "".join(body) + "".join(legend) + "</svg>")
 
 
+def tick_labels(ticks: Sequence[float]) -> list[str]:
+    """Tick values as text, with as many decimals as the ticks need (592.5 stays 592.5)."""
+    if any(abs(t) >= 1e6 for t in ticks) or all(0 < abs(t) < 1e-3 for t in ticks if t):
+        return [_fmt(t) for t in ticks]
+    for d in range(7):
+        if all(abs(round(t, d) - t) <= 1e-9 * max(1.0, abs(t)) for t in ticks):
+            return [f"{t:,.{d}f}" for t in ticks]
+    return [_fmt(t) for t in ticks]
+
+
 def _y_axis(ticks: list[float], y: Callable[[float], float], label: str, *, bottom: float) -> list[str]:
     out = []
-    for t in ticks:
+    for t, text in zip(ticks, tick_labels(ticks), strict=True):
         yy = y(t)
         out.append(f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#d0d0d0" stroke-width="1"/>')
-        out.append(f'<text x="{LEFT - 6}" y="{yy + 4:.1f}" text-anchor="end" fill="#222">{escape(_fmt(t))}</text>')
+        out.append(f'<text x="{LEFT - 6}" y="{yy + 4:.1f}" text-anchor="end" fill="#222">{escape(text)}</text>')
     out.append(f'<line x1="{LEFT}" x2="{LEFT}" y1="{TOP}" y2="{bottom}" stroke="#444"/>')
     out.append(f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{bottom}" y2="{bottom}" stroke="#444"/>')
     mid = (TOP + bottom) / 2

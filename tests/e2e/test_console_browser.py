@@ -38,6 +38,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 CODES = ["GM0363", "GM0473", "GM0344", "GM0589"]  # Amsterdam, Zandvoort (North Holland); Utrecht, Oudewater (Utrecht)
 MANUAL = "GM0473"  # the node whose operator the browser plays
 
+pytestmark = pytest.mark.slow  # about 30 s: the federation's runs, two console processes, a browser
+
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright
 except ImportError:  # pragma: no cover - the test extra installs it

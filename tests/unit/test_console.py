@@ -467,9 +467,11 @@ def test_beyond_loopback_the_console_speaks_tls_only(tmp_path: Path, node_home: 
 
 
 def test_charts_escape_their_text_and_draw_every_interval() -> None:
-    from fedgov.console.charts import Bar, Series, errorbar_chart, line_chart, nice_ticks
+    from fedgov.console.charts import Bar, Series, errorbar_chart, line_chart, nice_ticks, tick_labels
 
     assert nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert tick_labels([590.0, 592.5, 595.0]) == ["590.0", "592.5", "595.0"]
+    assert tick_labels([0.0, 1000.0, 2000.0]) == ["0", "1,000", "2,000"]
     assert nice_ticks(3.2, 3.2)[0] <= 3.2 <= nice_ticks(3.2, 3.2)[-1]
     evil = "<script>alert(1)</script>"
     svg = str(line_chart([Series(evil, [(1, 0.5), (2, None), (3, 0.7)])], title=evil, x_label="round", y_label="accuracy"))
