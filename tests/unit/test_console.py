@@ -480,3 +480,20 @@ def test_charts_escape_their_text_and_draw_every_interval() -> None:
                              title="t", y_label="count"))
     assert "<script" not in svg and svg.count('class="errorbar"') == 2 and "suppressed" in svg
     assert 'role="img"' in svg and "<title id=" in svg and "<desc id=" in svg
+
+
+def test_the_console_commands_say_when_they_cannot_listen(tmp_path: Path) -> None:
+    import socket
+
+    from fedgov.deploy.superlink import init_coordinator
+
+    runner = CliRunner()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = runner.invoke(app, ["console", "--runs-dir", str(tmp_path), "--port", str(port)])
+        assert r.exit_code == int(ExitCode.CONFIG) and f"cannot listen on 127.0.0.1:{port}" in r.output
+    init_coordinator(tmp_path / "coord", port=free_port(), superlink_port=free_port())
+    r = runner.invoke(app, ["coordinator", "console", "-C", str(tmp_path / "coord"), "--tls-key", str(tmp_path / "k")])
+    assert r.exit_code == int(ExitCode.CONFIG) and "both" in r.output
