@@ -405,7 +405,7 @@ class _NodeConsole:
                     elif e.kind == "decision":
                         row["decision"] = "accepted" if e.payload.get("accepted") else f"refused ({e.payload.get('code')})"
             for ev in events:
-                row = ids.setdefault(ev.task_id, {"first": ev.time, "sent": 0, "received": 0, "state": "-", "decision": ""})
+                ids.setdefault(ev.task_id, {"first": ev.time, "sent": 0, "received": 0, "state": "-", "decision": ""})
             for tid, row in ids.items():
                 row["state"] = self.home.ledger.task_state(tid)
             return {"tasks": sorted(ids.items(), key=lambda kv: kv[1]["first"], reverse=True)}
