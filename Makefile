@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedgov-installed
 
-.PHONY: demo test test-fast test-statistical lint clean venv bench
+.PHONY: demo test test-fast test-statistical lint clean venv bench browser
 
 venv: $(STAMP)
 
@@ -25,10 +25,15 @@ demo: $(STAMP)
 # One gate: lint, types, then the whole test suite (CI runs exactly this), on two workers
 # (pytest-xdist): the end-to-end tests, which start Flower processes, one after the other on one
 # worker; every other test module whole on either (tests/conftest.py groups them).
-PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+PYTEST := $(BIN)/python -m pytest -q -rs -n 2 --dist loadgroup
 
-test: lint
+test: lint browser
 	$(PYTEST)
+
+# The web consoles' browser tests drive the system's Chromium: installed here where the machine
+# allows (root and apt-get); what could not be installed is said, and those tests are skipped.
+browser:
+	@scripts/ensure_chromium.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedgov server clients tests benchmarks scripts

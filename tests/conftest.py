@@ -81,6 +81,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     class EndToEndTogether(LoadScopeScheduling):  # type: ignore[misc]  # pytest-xdist ships no type information
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
+            if path.endswith("test_console_browser.py"):
+                return path  # a browser against the web consoles: no Flower process, runs beside either group
             if path.startswith("tests/e2e/"):
                 # Two serial groups, one per worker at the start: simulations (Flower's
                 # simulation engine, Ray) and deployments (SuperLink, SuperNodes, gateway).

@@ -16,7 +16,7 @@ from fedgov.cli.deploy import app_app, coordinator_app, local_app, task_app
 from fedgov.cli.node import node_app
 from fedgov.cli.query import query
 from fedgov.cli.roster import roster_app
-from fedgov.cli.run import check, data_app, exit_codes, report, run, version
+from fedgov.cli.run import check, data_app, exit_codes, report, run, runs_console, version
 
 __all__ = ["app", "main"]
 
@@ -35,6 +35,7 @@ app.command()(check)
 app.command()(report)
 app.command("exit-codes")(exit_codes)
 app.command()(version)
+app.command("console")(runs_console)
 app.add_typer(data_app, name="data")
 app.add_typer(node_app, name="node")
 app.add_typer(roster_app, name="roster")

@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 
 from fedgov.cli.console import console, new_typer
-from fedgov.cli.daemon import foreground
+from fedgov.cli.daemon import ConsoleHost, ConsolePort, PasswordFile, TlsCert, TlsDev, TlsKey, foreground, serve_console
 from fedgov.cli.summary import print_summary, run_with_progress
 from fedgov.deploy.local import local_federation_down, local_federation_up
 
@@ -201,6 +201,31 @@ def coordinator_nodes(coordinator_dir: CoordDir) -> None:
     for n in nodes(coordinator_dir):
         t.add_row(str(n.get("node-id")), str(n.get("status")), str(n.get("created-at")), str(n.get("online-at")))
     console.print(t)
+
+
+@coordinator_app.command("console")
+def coordinator_console(
+    coordinator_dir: CoordDir,
+    runs_dir: RunsDir = Path("runs"),
+    host: ConsoleHost = "127.0.0.1",
+    port: ConsolePort = 8766,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_dev: TlsDev = None,
+    password_file: PasswordFile = None,
+) -> None:
+    """The coordinator's web console until Ctrl-C: runs and their reports, nodes online, query
+    figures. Beyond loopback it serves with the coordinator's own certificate unless given one."""
+    from fedgov.console.coordinator import coordinator_console as make  # lazy: Starlette, Jinja2 (fedgov --help)
+    from fedgov.deploy.superlink import load_coordinator  # lazy: cryptography (fedgov --help)
+
+    base, cfg = load_coordinator(coordinator_dir)
+    serve_console(
+        lambda guard, hosts: make(runs_dir, guard, coordinator_dir=base, allowed_hosts=hosts),
+        what=f"coordinator console of {base}", host=host, port=port, tls_cert=tls_cert, tls_key=tls_key,
+        tls_dev=tls_dev, password_file=password_file,
+        default_tls=(cfg.path(base, cfg.server_cert), cfg.path(base, cfg.server_key)),
+    )
 
 
 @local_app.command("up")

@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from fedgov.cli.console import console, err_console, new_typer, usage_error
-from fedgov.cli.daemon import foreground
+from fedgov.cli.daemon import ConsoleHost, ConsolePort, PasswordFile, TlsCert, TlsDev, TlsKey, foreground, serve_console
 from fedgov.config import load_contract
 from fedgov.errors import ExitCode
 
@@ -173,8 +173,7 @@ def approve(
 ) -> None:
     """Approve a queued task: the next time the coordinator asks, the node takes part."""
     home = _home(node_dir)
-    p = home.state.approve(task_id, by=by or os.environ.get("USER", ""))
-    home.audit.append("approved", task_id=task_id, payload={"by": p.decided_by, "summary": p.summary})
+    home.approve(task_id, by=by or os.environ.get("USER", ""))
     console.print(f"approved task {task_id}")
 
 
@@ -186,8 +185,7 @@ def reject(
 ) -> None:
     """Reject a queued task."""
     home = _home(node_dir)
-    home.state.reject(task_id, reason, by=os.environ.get("USER", ""))
-    home.audit.append("rejected", task_id=task_id, payload={"reason": reason})
+    home.reject(task_id, reason, by=os.environ.get("USER", ""))
     console.print(f"rejected task {task_id}")
 
 
@@ -198,8 +196,7 @@ def pause(
 ) -> None:
     """Stop taking part from the next message on (no restart needed)."""
     home = _home(node_dir)
-    home.state.pause(reason)
-    home.audit.append("paused", payload={"reason": reason})
+    home.pause(reason, by=os.environ.get("USER", ""))
     console.print(f"node {home.path.name} paused")
 
 
@@ -207,8 +204,7 @@ def pause(
 def resume(node_dir: NodeDir = None) -> None:
     """Take part again."""
     home = _home(node_dir)
-    home.state.resume()
-    home.audit.append("resumed", payload={})
+    home.resume(by=os.environ.get("USER", ""))
     console.print(f"node {home.path.name} resumed")
 
 
@@ -232,6 +228,27 @@ def start(
     proc = start_node(node_dir, coordinator, ca, port, check=False, runtime=runtime)
     console.print(f"SuperNode running for {node_dir} (pid {proc.pid}), coordinator {coordinator}; log: {proc.log_path}. Ctrl-C stops it.")
     foreground(proc, "SuperNode")
+
+
+@node_app.command("console")
+def node_console(
+    node_dir: NodeDir = None,
+    host: ConsoleHost = "127.0.0.1",
+    port: ConsolePort = 8765,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_dev: TlsDev = None,
+    password_file: PasswordFile = None,
+) -> None:
+    """The node's web console until Ctrl-C: budget, ledger, audit log, approvals, pause, policy,
+    what left the node. Prints a login token (or use --password-file)."""
+    from fedgov.console.node import node_console as make  # lazy: Starlette, Jinja2 (fedgov --help)
+
+    home = _home(node_dir)
+    serve_console(
+        lambda guard, hosts: make(home, guard, allowed_hosts=hosts), what=f"node console of {home.path}",
+        host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, tls_dev=tls_dev, password_file=password_file,
+    )
 
 
 @contract_app.command("add")

@@ -14,13 +14,14 @@ from rich.table import Table
 
 import fedgov
 from fedgov.cli.console import console, new_typer, print_error, usage_error
+from fedgov.cli.daemon import ConsoleHost, ConsolePort, PasswordFile, TlsCert, TlsDev, TlsKey, serve_console
 from fedgov.cli.options import Approval, Cpus, JsonOut, NodeBudget, RayAddress, RunsDir, StateDir, simulation_options
 from fedgov.cli.summary import print_query_summary, print_summary, run_with_progress
 from fedgov.config import load_contract, load_federation, load_task
 from fedgov.config._base import load_toml
 from fedgov.errors import EXIT_HELP, ExitCode, FederationError, FedgovError
 
-__all__ = ["check", "data_app", "data_validate", "exit_codes", "report", "run", "version"]
+__all__ = ["check", "data_app", "data_validate", "exit_codes", "report", "run", "runs_console", "version"]
 
 data_app = new_typer("Check data files against a data contract.")
 
@@ -180,3 +181,24 @@ def version() -> None:
         except md.PackageNotFoundError:
             parts[pkg] = "not installed"
     console.print(json.dumps(parts))
+
+
+def runs_console(
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="The run directories of 'fedgov run' and 'fedgov query'")] = Path("runs"),
+    host: ConsoleHost = "127.0.0.1",
+    port: ConsolePort = 8766,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_dev: TlsDev = None,
+    password_file: PasswordFile = None,
+) -> None:
+    """A web console of simulation runs until Ctrl-C: accuracy per round, per-node results,
+    participation, query figures with their error bars. Prints a login token."""
+    from fedgov.console.coordinator import coordinator_console  # lazy: Starlette, Jinja2 (fedgov --help)
+
+    if not runs_dir.is_dir():
+        usage_error(f"{runs_dir} is not a directory (--runs-dir: where 'fedgov run' and 'fedgov query' write runs)")
+    serve_console(
+        lambda guard, hosts: coordinator_console(runs_dir, guard, allowed_hosts=hosts), what=f"runs console of {runs_dir.resolve()}",
+        host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, tls_dev=tls_dev, password_file=password_file,
+    )

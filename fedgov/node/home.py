@@ -30,7 +30,7 @@ from fedgov.node.audit import AuditLog
 from fedgov.node.budget import Budget
 from fedgov.node.ledger import PrivacyLedger
 from fedgov.node.policy import DatasetSpec, NodePolicy, load_policy
-from fedgov.node.state import NodeState
+from fedgov.node.state import NodeState, PendingTask
 
 __all__ = ["NodeHome", "budget_of", "init_node"]
 
@@ -71,6 +71,31 @@ class NodeHome:
     @cached_property
     def state(self) -> NodeState:
         return NodeState(self.path / self.STATE)
+
+    # --- the operator's decisions: one place for the command line and the console ----------
+    # Each changes the node state and records who did it in the audit log, in that order.
+
+    def approve(self, task_id: str, *, by: str) -> PendingTask:
+        """Approve a queued task (:class:`~fedgov.errors.UnknownTask` if it is not queued)."""
+        p = self.state.approve(task_id, by=by)
+        self.audit.append("approved", task_id=task_id, payload={"by": p.decided_by, "summary": p.summary})
+        return p
+
+    def reject(self, task_id: str, reason: str, *, by: str) -> PendingTask:
+        """Reject a queued task, saying why."""
+        p = self.state.reject(task_id, reason, by=by)
+        self.audit.append("rejected", task_id=task_id, payload={"reason": reason, "by": by})
+        return p
+
+    def pause(self, reason: str, *, by: str) -> None:
+        """Stop taking part from the next message on."""
+        self.state.pause(reason)
+        self.audit.append("paused", payload={"reason": reason, "by": by})
+
+    def resume(self, *, by: str) -> None:
+        """Take part again."""
+        self.state.resume()
+        self.audit.append("resumed", payload={"by": by})
 
     @classmethod
     def create(cls, path: Path | str, *, policy_text: str, overwrite: bool = False) -> NodeHome:
