@@ -6,14 +6,16 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 import fedgov
 from fedgov.cli.console import console, new_typer, print_error, usage_error
-from fedgov.cli.options import Approval, Cpus, JsonOut, NodeBudget, RayAddress, RunsDir, StateDir, simulation_options
+from fedgov.cli.options import (
+    Approval, Cpus, JsonOut, NodeBudget, NodePolicyOption, RayAddress, RunsDir, StateDir, simulation_options,
+)
 from fedgov.cli.summary import print_summary, run_with_progress
 from fedgov.config import load_contract, load_federation, load_task
 from fedgov.config._base import load_toml
@@ -34,8 +36,9 @@ def run(
     cpus: Cpus = None,
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Skip the local-only baselines")] = False,
     state_dir: StateDir = None,
-    node_budget: NodeBudget = 10.0,
-    approval: Approval = "auto",
+    node_budget: NodeBudget = None,
+    approval: Approval = None,
+    node_policy: NodePolicyOption = None,
     ray_address: RayAddress = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -43,16 +46,20 @@ def run(
 
     The coordinator saves a checkpoint after every round; after a crash, ``fedgov run --resume
     RUN_DIR`` runs the remaining rounds, and no node's ledger is charged twice. With
-    ``--ray-address HOST:PORT`` the simulation runs on that Ray cluster.
+    ``--ray-address HOST:PORT`` the simulation runs on that Ray cluster. The simulated nodes'
+    policies: the federation's ``[node_policy]``, over it ``--node-policy KEY=VALUE``.
     """
     from fedgov.launch.simulation import resume_simulation, run_simulation  # lazy: numpy, Flower (fedgov --help)
     from fedgov.reports import load_report  # lazy: pydantic models (fedgov --help)
 
     if (task is None) == (resume is None):
         usage_error("give a task file, or --resume RUN_DIR (not both)")
+    if resume is not None and (node_policy or node_budget is not None or approval is not None):
+        usage_error("a resumed run keeps its nodes' policies: --node-policy, --node-budget and --approval are for a new run")
     opts = simulation_options(
         runs_dir=runs_dir, num_cpus=cpus, local_baseline=not no_baseline,
         state_dir=state_dir, node_budget=node_budget, approval=approval, ray_address=ray_address,
+        node_policy=node_policy,
     )
     if resume is not None:
         resume_dir = resume
@@ -94,11 +101,28 @@ def check(
             else:
                 t, c = load_task(f)
                 console.print(f"[green]ok[/] {f}: task {t.name} on {c.ref}")
+                if t.evaluation.centralized is None:
+                    console.print(f"[bold]notice:[/] {f}: {_global_figure(t)}")
         except FedgovError as exc:  # every file is checked; the first error's code is the exit code
             print_error(str(exc))
             worst = worst or exc
     if worst is not None:
         raise typer.Exit(int(worst.exit_code))
+
+
+def _global_figure(task: Any) -> str:
+    """Which global figure a task without a central test set will report."""
+    p = task.privacy
+    evals = task.evaluation.node_evaluations(task.training.rounds, enabled=p.mode == "local") if p.enabled else task.training.rounds
+    if evals:
+        return (
+            "no central test set ([evaluation] centralized): the global accuracy shown will be pooled over the nodes' own "
+            "test splits (the sum of the correct and total counts they release, with DP, in their evaluation: no extra budget)"
+        )
+    return (
+        "no central test set ([evaluation] centralized) and no evaluation at the nodes (evaluation.at_nodes, "
+        "evaluation.epsilon, privacy.mode): the run will show no global figure"
+    )
 
 
 @data_app.command("validate")
