@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 import fedgov
@@ -102,7 +103,7 @@ def check(
                 t, c = load_task(f)
                 console.print(f"[green]ok[/] {f}: task {t.name} on {c.ref}")
                 if t.evaluation.centralized is None:
-                    console.print(f"[bold]notice:[/] {f}: {_global_figure(t)}")
+                    console.print(f"[bold]notice:[/] {escape(str(f))}: {escape(_global_figure(t))}", soft_wrap=True)
         except FedgovError as exc:  # every file is checked; the first error's code is the exit code
             print_error(str(exc))
             worst = worst or exc

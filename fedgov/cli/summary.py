@@ -51,7 +51,7 @@ def print_summary(report: TrainingReport, run_dir: Path) -> None:
             continue
         status = n.status if n.status == "accepted" else f"{n.status}: {n.refusal_code or ''} {n.refusal_reason}"
         if n.detail:
-            status += f" [{n.detail}]"
+            status = escape(f"{status}; {n.detail}")
         t.add_row(
             n.node, n.name, str(n.train_rows) if n.train_rows else "-", _fmt(n.epsilon),
             _fmt(n.federated_accuracy) + ("" if n.federated_accuracy_sd is None else f" ± {n.federated_accuracy_sd:.3f}"),
@@ -136,7 +136,7 @@ def _show_event(progress: Progress, bar: TaskID, ev: dict[str, Any]) -> None:
         for node, why in (ev.get("nodes") or {}).items():
             progress.console.print(f"  [yellow]round {ev.get('round')}: update of {node} left out[/]: {why}")
     elif kind == "warning":
-        progress.console.print(f"[bold yellow]warning:[/] {ev.get('message')}")
+        progress.console.print(f"[bold yellow]warning:[/] {escape(str(ev.get('message')))}", soft_wrap=True)
     elif kind == "failed":
         progress.console.print(f"[red]run failed:[/] {ev.get('message')}")
     elif kind == "nodes-connected":
