@@ -93,7 +93,9 @@ def check(
                 console.print(f"[green]ok[/] {f}: policy of node {pol.node} ({len(pol.datasets)} data set(s), approval {pol.approval})")
             elif "members" in raw:
                 fed = load_federation(f)
-                console.print(f"[green]ok[/] {f}: federation {fed.name} ({len(fed.members)} members)")
+                given = fed.node_policy.given()
+                policy = f"; simulated nodes' policy: {', '.join(f'{k}={v}' for k, v in given.items())}" if given else ""
+                console.print(f"[green]ok[/] {f}: federation {fed.name} ({len(fed.members)} members){escape(policy)}")
             elif "measures" in raw:
                 from fedgov.analytics import load_query  # lazy: pandas, numpy (fedgov --help)
 
