@@ -316,7 +316,21 @@ def _policy_text(n: Any, contract: Any, settings: dict[str, Any], *, max_epsilon
                  pinned: tuple[str, str], roster: Path, authority: str) -> str:
     """A simulated node's new policy (validated by the node's own loader as it is made)."""
     budget = float(settings["budget_epsilon"])
-    limits = {k: settings[k] for k in ("min_rows", "min_rows_distributed", "require_privacy") if k in settings}
+    limits: dict[str, Any] = {k: settings[k] for k in ("min_rows", "min_rows_distributed", "require_privacy") if k in settings}
+    try:
+        return _template(n, contract, settings, budget, limits, max_epsilon=max_epsilon, kinds=kinds, pinned=pinned,
+                         roster=roster, authority=authority)
+    except ConfigError as exc:  # the node's own loader refused what [node_policy] or --node-policy asked
+        given = ", ".join(f"{k}={v}" for k, v in settings.items())
+        raise ConfigError(
+            f"the simulated policy of {n.code} ({given}; from [node_policy], the member's node_policy and "
+            "--node-policy) is not a valid node policy",
+            exc.problems,
+        ) from exc
+
+
+def _template(n: Any, contract: Any, settings: dict[str, Any], budget: float, limits: dict[str, Any], *, max_epsilon: float,
+              kinds: tuple[str, ...], pinned: tuple[str, str], roster: Path, authority: str) -> str:
     return default_policy_text(
         n.code, dataset=contract.name, contract=contract.name, version=contract.version,
         path=n.train_path.name, test_path=n.test_path.name, budget_epsilon=budget,

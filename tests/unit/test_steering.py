@@ -177,3 +177,17 @@ def test_node_policy_options_misused_exit_2(args: list[str], words: str) -> None
     out = runner.invoke(app, args, env={"COLUMNS": "400"})
     assert out.exit_code == int(ExitCode.USAGE), out.output
     assert words in out.output
+
+
+def test_a_node_policy_the_nodes_loader_refuses_names_the_member_and_the_settings() -> None:
+    from fedgov.data import NodeData
+    from fedgov.launch.simulation import _policy_text
+
+    node = NodeData(code="GM0363", name="Amsterdam", train_path=Path("/n/train.csv"), test_path=Path("/n/test.csv"),
+                    train_rows=1, test_rows=1)
+    settings = node_policy_settings(_federation({"budget_epsilon": 2.0, "max_epsilon_per_task": 5.0}), 0, SimulationOptions())
+    with pytest.raises(ConfigError) as ei:
+        _policy_text(node, load_contract(CONTRACT), settings, max_epsilon=1.0, kinds=("training",),
+                     pinned=("contracts/c.json", "0" * 64), roster=Path("roster.json"), authority="0" * 64)
+    assert "GM0363" in str(ei.value) and "max_epsilon_per_task=5.0" in str(ei.value)
+    assert ei.value.problems[0].location == "limits.max_epsilon_per_task"
