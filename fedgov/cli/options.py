@@ -24,19 +24,19 @@ Cpus = Annotated[int | None, typer.Option(help="CPUs for the simulation engine (
 StateDir = Annotated[Path | None, typer.Option(help="Keep the simulated nodes' directories (policy, ledger, audit log) here, between runs")]
 NodeBudget = Annotated[
     float | None,
-    typer.Option(help="Total epsilon per data set in a new simulated node's policy (default: the federation's "
-                      "[node_policy] budget_epsilon, else 10); the same as --node-policy budget_epsilon=E"),
+    typer.Option(help="Total epsilon per data set in a new simulated node's policy (default: the federation "
+                      "file's node_policy table, budget_epsilon, else 10); the same as --node-policy budget_epsilon=E"),
 ]
 Approval = Annotated[
     str | None,
-    typer.Option(help="Approval mode in a new simulated node's policy: auto, manual or deny (default: the federation's "
-                      "[node_policy] approval, else auto)"),
+    typer.Option(help="Approval mode in a new simulated node's policy: auto, manual or deny (default: the federation "
+                      "file's node_policy table, approval, else auto)"),
 ]
 NodePolicyOption = Annotated[
     list[str] | None,
     typer.Option(
         "--node-policy", metavar="KEY=VALUE",
-        help="What every new simulated node's policy says, over the federation file's [node_policy] (repeat it): "
+        help="What every new simulated node's policy says, over the federation file's node_policy table (repeat it): "
         "min_rows, min_rows_distributed, require_privacy, budget_epsilon, max_epsilon_per_task, approval; e.g. "
         "--node-policy min_rows=10 --node-policy require_privacy=false. Simulation only: a deployed node's policy is its own",
     ),

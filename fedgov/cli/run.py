@@ -48,7 +48,7 @@ def run(
     The coordinator saves a checkpoint after every round; after a crash, ``fedgov run --resume
     RUN_DIR`` runs the remaining rounds, and no node's ledger is charged twice. With
     ``--ray-address HOST:PORT`` the simulation runs on that Ray cluster. The simulated nodes'
-    policies: the federation's ``[node_policy]``, over it ``--node-policy KEY=VALUE``.
+    policies: the federation file's node_policy table, over it ``--node-policy KEY=VALUE``.
     """
     from fedgov.launch.simulation import resume_simulation, run_simulation  # lazy: numpy, Flower (fedgov --help)
     from fedgov.reports import load_report  # lazy: pydantic models (fedgov --help)
