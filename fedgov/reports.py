@@ -174,11 +174,12 @@ class TrainingReport(_Model):
 
 
 def refusal_groups(refusals: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
-    """``(node, reason)`` pairs grouped by reason, the most frequent first: ``[(reason, nodes)]``."""
+    """``(node, reason)`` pairs grouped by reason, the most frequent first: ``[(reason, nodes)]``,
+    each group's nodes in order."""
     groups: dict[str, list[str]] = {}
     for node, reason in refusals:
         groups.setdefault(reason, []).append(node)
-    return sorted(groups.items(), key=lambda g: (-len(g[1]), g[0]))
+    return sorted(((reason, sorted(nodes)) for reason, nodes in groups.items()), key=lambda g: (-len(g[1]), g[0]))
 
 
 def refusal_lines(refusals: Iterable[tuple[str, str]], *, examples: int = 3, limit: int = 6) -> list[str]:
