@@ -91,6 +91,13 @@ def check(
 
                 pol = load_policy(f)
                 console.print(f"[green]ok[/] {f}: policy of node {pol.node} ({len(pol.datasets)} data set(s), approval {pol.approval})")
+                from fedgov.node.policy import MIN_ROWS_LOCAL
+
+                if pol.limits.min_rows < MIN_ROWS_LOCAL:
+                    console.print(
+                        f"[bold]notice:[/] {escape(str(f))}: limits.min_rows = {pol.limits.min_rows} counts as {MIN_ROWS_LOCAL} for "
+                        f"training with local DP-SGD (its floor); statistics queries use {pol.limits.min_rows}", soft_wrap=True,
+                    )
             elif "members" in raw:
                 fed = load_federation(f)
                 given = fed.node_policy.given()

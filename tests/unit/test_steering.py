@@ -191,3 +191,12 @@ def test_a_node_policy_the_nodes_loader_refuses_names_the_member_and_the_setting
                      pinned=("contracts/c.json", "0" * 64), roster=Path("roster.json"), authority="0" * 64)
     assert "GM0363" in str(ei.value) and "max_epsilon_per_task=5.0" in str(ei.value)
     assert ei.value.problems[0].location == "limits.max_epsilon_per_task"
+
+
+def test_check_says_when_a_policys_min_rows_is_under_the_local_floor(node_home: Any) -> None:
+    low = node_home(min_rows=3)
+    high = node_home(low.path.parent / "n2", min_rows=60)
+    out = runner.invoke(app, ["check", str(low.policy_path), str(high.policy_path)], env={"COLUMNS": "400"})
+    assert out.exit_code == 0, out.output
+    assert f"limits.min_rows = 3 counts as {MIN_ROWS_LOCAL} for training with local DP-SGD" in out.output
+    assert out.output.count("notice:") == 1
