@@ -103,6 +103,10 @@ class NodeResult(_Model):
     status: Literal["accepted", "refused", "failed"]
     refusal_code: str | None = None
     refusal_reason: str = ""
+    detail: str = Field(
+        default="", description="simulation only: what the simulation's own check of this member's data found "
+        "(file, column and kind of problem; never a value); a deployed node's details stay at the node",
+    )
     train_rows: int = 0
     test_rows: int = 0
     epsilon: float | None = None
@@ -123,10 +127,6 @@ class NodeResult(_Model):
     local_only_accuracy: float | None = None
     local_only_epsilon: float | None = None
     gain: float | None = Field(default=None, description="federated minus local-only accuracy")
-    detail: str = Field(
-        default="", description="simulation only: what the simulation's own check of this member's data found "
-        "(file, column and kind of problem; never a value); a deployed node's details stay at the node",
-    )
 
 
 class TrainingReport(_Model):
