@@ -365,7 +365,7 @@ def _data_invalid(federation: Any, contract: Any, emit: EventCallback, found: di
             "event": "warning",
             "message": f"{m.code} ({m.name}): {', '.join(files)} does not conform to contract {contract.ref} "
             f"({'; '.join(classes[:3])}{'; ...' if len(classes) > 3 else ''}); its node will refuse (data-invalid), "
-            "the others go on. Check it with: fedgov data validate FILE --contract CONTRACT",
+            "the others go on. Every cell: fedgov data validate FILE --contract CONTRACT_FILE",
         })
 
     return on_invalid
@@ -425,9 +425,11 @@ def prepare_nodes(
     found: dict[str, dict[str, Any]] = {}
     errors: list[Problem] = []
 
+    tell = _data_invalid(federation, contract, emit, found)
+
     def on_invalid(i: int, exc: Any) -> None:
         errors.extend(exc.problems)
-        _data_invalid(federation, contract, emit, found)(i, exc)
+        tell(i, exc)
 
     settings = [node_policy_settings(federation, i, options) for i in range(len(federation.members))]
     nodes = materialize(federation, contract, state_dir / "nodes", on_invalid=on_invalid)
