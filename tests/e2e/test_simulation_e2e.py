@@ -132,7 +132,7 @@ def test_a_refusing_node_is_reported_and_the_others_go_on(tmp_path: Path, three_
 
 
 def test_invalid_member_data_below_min_nodes_stops_before_flower_starts(tmp_path: Path, three_files, sim_task, flower_processes) -> None:
-    """One member's bad data refuses that member and the others go on (tests/inprocess/test_steering.py);
+    """One member's bad data refuses that member and the others go on (tests/inprocess/test_simulation_steering.py);
     when the members left are fewer than training.min_nodes, nothing starts."""
     def spoil(d: "object") -> "object":
         d.loc[d.index[:3], "age"] = "twelve"  # type: ignore[attr-defined]
