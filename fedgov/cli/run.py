@@ -87,11 +87,10 @@ def check(
                 c = load_contract(f)
                 console.print(f"[green]ok[/] {f}: contract {c.ref} ({len(c.columns)} columns)")
             elif "datasets" in raw:
-                from fedgov.node.policy import load_policy  # lazy: pydantic models (fedgov --help)
+                from fedgov.node.policy import MIN_ROWS_LOCAL, load_policy  # lazy: pydantic models (fedgov --help)
 
                 pol = load_policy(f)
                 console.print(f"[green]ok[/] {f}: policy of node {pol.node} ({len(pol.datasets)} data set(s), approval {pol.approval})")
-                from fedgov.node.policy import MIN_ROWS_LOCAL
 
                 if pol.limits.min_rows < MIN_ROWS_LOCAL:
                     console.print(
