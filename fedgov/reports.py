@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -21,11 +22,15 @@ __all__ = [
     "RoundMetrics",
     "NodeResult",
     "GlobalMetrics",
+    "PooledMetrics",
+    "POOLED_LABEL",
     "TrainingReport",
     "write_json_atomic",
     "load_report",
     "read_report",
     "plot_report",
+    "refusal_groups",
+    "refusal_lines",
 ]
 
 
@@ -40,6 +45,25 @@ class GlobalMetrics(_Model):
     loss: float
     auc: float | None = None
     n: int = 0
+
+
+POOLED_LABEL = "pooled over the nodes' own test splits (DP counts)"
+"""What the pooled figure is, wherever it is shown (report, summary)."""
+
+
+class PooledMetrics(_Model):
+    """The global model's accuracy pooled over the nodes' own test splits: the sum of the correct
+    counts the nodes released in their last evaluation over the sum of their totals. Each count
+    is a DP release the nodes made anyway (through their release gate and ledger): no privacy
+    spent for it. The global figure of a task without a central test set
+    (``evaluation.centralized``)."""
+
+    accuracy: float = Field(description="sum of the nodes' released correct counts / sum of their released totals, in [0, 1]")
+    correct: float = Field(description="sum of the released (noisy) correct counts")
+    total: float = Field(description="sum of the released (noisy) totals")
+    nodes: int = Field(description="how many nodes' evaluations are pooled")
+    round: int = Field(description="the round of the evaluation pooled (the last one the nodes evaluated)")
+    label: str = POOLED_LABEL
 
 
 class RoundMetrics(_Model):
@@ -80,6 +104,10 @@ class NodeResult(_Model):
     status: Literal["accepted", "refused", "failed"]
     refusal_code: str | None = None
     refusal_reason: str = ""
+    detail: str = Field(
+        default="", description="simulation only: what the simulation's own check of this member's data found "
+        "(file, column and kind of problem; never a value); a deployed node's details stay at the node",
+    )
     train_rows: int = 0
     test_rows: int = 0
     epsilon: float | None = None
@@ -129,6 +157,10 @@ class TrainingReport(_Model):
     rounds: list[RoundMetrics] = Field(default_factory=list)
     nodes: list[NodeResult] = Field(default_factory=list)
     final: GlobalMetrics | None = None
+    pooled: PooledMetrics | None = Field(
+        default=None, description="the global model on the nodes' own test splits, pooled (their released counts): "
+        "the global figure when the task has no central test set",
+    )
     artifacts: dict[str, str] = Field(default_factory=dict)
 
     def accepted(self) -> list[NodeResult]:
@@ -141,6 +173,28 @@ class TrainingReport(_Model):
     def max_epsilon(self) -> float | None:
         eps = [n.epsilon for n in self.nodes if n.epsilon is not None]
         return max(eps) if eps else None
+
+
+def refusal_groups(refusals: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """``(node, reason)`` pairs grouped by reason, the most frequent first: ``[(reason, nodes)]``,
+    each group's nodes in order."""
+    groups: dict[str, list[str]] = {}
+    for node, reason in refusals:
+        groups.setdefault(reason, []).append(node)
+    return sorted(((reason, sorted(nodes)) for reason, nodes in groups.items()), key=lambda g: (-len(g[1]), g[0]))
+
+
+def refusal_lines(refusals: Iterable[tuple[str, str]], *, examples: int = 3, limit: int = 6) -> list[str]:
+    """A few lines for many refusals: per reason its count and a few of its nodes (the full list
+    is the report's ``nodes``)."""
+    groups = refusal_groups(refusals)
+    lines = []
+    for reason, nodes in groups[:limit]:
+        more = f" and {len(nodes) - examples} more" if len(nodes) > examples else ""
+        lines.append(f"{len(nodes)} node(s): {reason} ({', '.join(nodes[:examples])}{more})")
+    if len(groups) > limit:
+        lines.append(f"{sum(len(n) for _, n in groups[limit:])} node(s) for {len(groups) - limit} other reason(s)")
+    return lines
 
 
 def write_json_atomic(path: Path, text: str) -> None:

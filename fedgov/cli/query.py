@@ -9,7 +9,7 @@ import typer
 
 from fedgov.cli.console import usage_error
 from fedgov.cli.options import (
-    Approval, Cpus, JsonOut, NodeBudget, RayAddress, RunsDir, StateDir, from_command_line, simulation_options,
+    Approval, Cpus, JsonOut, NodeBudget, NodePolicyOption, RayAddress, RunsDir, StateDir, from_command_line, simulation_options,
 )
 from fedgov.cli.summary import print_query_summary, run_with_progress
 
@@ -27,8 +27,9 @@ def query(
     runs_dir: RunsDir = Path("runs"),
     cpus: Cpus = None,
     state_dir: StateDir = None,
-    node_budget: NodeBudget = 10.0,
-    approval: Approval = "auto",
+    node_budget: NodeBudget = None,
+    approval: Approval = None,
+    node_policy: NodePolicyOption = None,
     ray_address: RayAddress = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -41,8 +42,12 @@ def query(
         if ray_address and from_command_line("ray_address"):
             usage_error("--ray-address runs a simulation on a Ray cluster; with --coordinator-dir the query goes to real nodes")
         ray_address = ""  # a RAY_ADDRESS in the environment is for simulations
+        if node_policy or node_budget is not None or approval is not None:
+            usage_error("--node-policy, --node-budget and --approval set simulated nodes' policies; a real node's policy "
+                        "is its operator's own (fedgov node init, its policy.toml)")
     opts = simulation_options(
-        runs_dir=runs_dir, num_cpus=cpus, state_dir=state_dir, node_budget=node_budget, approval=approval, ray_address=ray_address,
+        runs_dir=runs_dir, num_cpus=cpus, state_dir=state_dir, node_budget=node_budget, approval=approval,
+        ray_address=ray_address, node_policy=node_policy,
     )
     if coordinator_dir is not None:
         coordinator = coordinator_dir

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -15,7 +15,9 @@ from rich.table import Table
 import fedgov
 from fedgov.cli.console import console, new_typer, print_error, usage_error
 from fedgov.cli.daemon import ConsoleHost, ConsolePort, PasswordFile, TlsCert, TlsDev, TlsKey, serve_console
-from fedgov.cli.options import Approval, Cpus, JsonOut, NodeBudget, RayAddress, RunsDir, StateDir, simulation_options
+from fedgov.cli.options import (
+    Approval, Cpus, JsonOut, NodeBudget, NodePolicyOption, RayAddress, RunsDir, StateDir, simulation_options,
+)
 from fedgov.cli.summary import print_query_summary, print_summary, run_with_progress
 from fedgov.config import load_contract, load_federation, load_task
 from fedgov.config._base import load_toml
@@ -36,8 +38,9 @@ def run(
     cpus: Cpus = None,
     no_baseline: Annotated[bool, typer.Option("--no-baseline", help="Skip the local-only baselines")] = False,
     state_dir: StateDir = None,
-    node_budget: NodeBudget = 10.0,
-    approval: Approval = "auto",
+    node_budget: NodeBudget = None,
+    approval: Approval = None,
+    node_policy: NodePolicyOption = None,
     ray_address: RayAddress = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -45,16 +48,20 @@ def run(
 
     The coordinator saves a checkpoint after every round; after a crash, ``fedgov run --resume
     RUN_DIR`` runs the remaining rounds, and no node's ledger is charged twice. With
-    ``--ray-address HOST:PORT`` the simulation runs on that Ray cluster.
+    ``--ray-address HOST:PORT`` the simulation runs on that Ray cluster. The simulated nodes'
+    policies: the federation file's node_policy table, over it ``--node-policy KEY=VALUE``.
     """
     from fedgov.launch.simulation import resume_simulation, run_simulation  # lazy: numpy, Flower (fedgov --help)
     from fedgov.reports import load_report  # lazy: pydantic models (fedgov --help)
 
     if (task is None) == (resume is None):
         usage_error("give a task file, or --resume RUN_DIR (not both)")
+    if resume is not None and (node_policy or node_budget is not None or approval is not None):
+        usage_error("a resumed run keeps its nodes' policies: --node-policy, --node-budget and --approval are for a new run")
     opts = simulation_options(
         runs_dir=runs_dir, num_cpus=cpus, local_baseline=not no_baseline,
         state_dir=state_dir, node_budget=node_budget, approval=approval, ray_address=ray_address,
+        node_policy=node_policy,
     )
     if resume is not None:
         resume_dir = resume
@@ -81,14 +88,22 @@ def check(
                 c = load_contract(f)
                 console.print(f"[green]ok[/] {f}: contract {c.ref} ({len(c.columns)} columns)")
             elif "datasets" in raw:
-                from fedgov.node.policy import load_policy  # lazy: pydantic models (fedgov --help)
+                from fedgov.node.policy import MIN_ROWS_LOCAL, load_policy  # lazy: pydantic models (fedgov --help)
 
                 pol = load_policy(f)
                 console.print(f"[green]ok[/] {f}: policy of node {pol.node} ({len(pol.datasets)} data set(s), approval {pol.approval})")
+
+                if pol.limits.min_rows < MIN_ROWS_LOCAL:
+                    console.print(
+                        f"[bold]notice:[/] {escape(str(f))}: limits.min_rows = {pol.limits.min_rows} counts as {MIN_ROWS_LOCAL} for "
+                        f"training with local DP-SGD (its floor); statistics queries use {pol.limits.min_rows}", soft_wrap=True,
+                    )
             elif "members" in raw:
                 fed = load_federation(f)
-                of = "" if fed.registry is None else f" of registry {escape(str(fed.registry))}"
-                console.print(f"[green]ok[/] {f}: federation {fed.name} ({len(fed.members)} members{of})")
+                of = "" if fed.registry is None else f" of registry {fed.registry}"
+                given = fed.node_policy.given()
+                policy = f"; simulated nodes' policy: {', '.join(f'{k}={v}' for k, v in given.items())}" if given else ""
+                console.print(f"[green]ok[/] {f}: federation {fed.name} ({len(fed.members)} members{escape(of)}){escape(policy)}")
             elif "measures" in raw:
                 from fedgov.analytics import load_query  # lazy: pandas, numpy (fedgov --help)
 
@@ -97,11 +112,28 @@ def check(
             else:
                 t, c = load_task(f)
                 console.print(f"[green]ok[/] {f}: task {t.name} on {c.ref}")
+                if t.evaluation.centralized is None:
+                    console.print(f"[bold]notice:[/] {escape(str(f))}: {escape(_global_figure(t))}", soft_wrap=True)
         except FedgovError as exc:  # every file is checked; the first error's code is the exit code
             print_error(str(exc))
             worst = worst or exc
     if worst is not None:
         raise typer.Exit(int(worst.exit_code))
+
+
+def _global_figure(task: Any) -> str:
+    """Which global figure a task without a central test set will report."""
+    p = task.privacy
+    evals = task.evaluation.node_evaluations(task.training.rounds, enabled=p.mode == "local") if p.enabled else task.training.rounds
+    if evals:
+        return (
+            "no central test set ([evaluation] centralized): the global accuracy shown will be pooled over the nodes' own "
+            "test splits (the sum of the correct and total counts they release, with DP, in their evaluation: no extra budget)"
+        )
+    return (
+        "no central test set ([evaluation] centralized) and no evaluation at the nodes (evaluation.at_nodes, "
+        "evaluation.epsilon, privacy.mode): the run will show no global figure"
+    )
 
 
 @data_app.command("validate")

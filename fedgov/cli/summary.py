@@ -29,25 +29,41 @@ def _fmt(v: float | str | bool | None, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+_FOLD = 10
+"""More refused nodes than this are summarised by reason (a few lines), not listed one by one."""
+
 _UNIT = {"distributed": " per citizen", "local": " per record"}
 """What the per-node epsilon column is per (each node's report line says it in words: per_citizen)."""
 
 
 def print_summary(report: TrainingReport, run_dir: Path) -> None:
     """The terminal summary of a training report."""
+    from fedgov.reports import refusal_lines  # lazy: pydantic models (fedgov --help)
+
     t = Table(title=f"{report.task}: per node (target epsilon {report.privacy.get('target_epsilon')})")
     unit = _UNIT.get(str(report.privacy.get("mode")), "") if report.privacy.get("enabled") else ""
     for col in ("node", "name", "rows (noisy)", f"epsilon{unit}", "federated acc.", "local-only acc.", "gain", "status"):
         t.add_column(col, justify="right" if col not in ("node", "name", "status") else "left")
+    refused = [n for n in report.nodes if n.status == "refused"]
+    fold = len(refused) > _FOLD  # many refusals: by reason under the table, not one row each
     for n in sorted(report.nodes, key=lambda n: -n.train_rows):
+        if fold and n.status == "refused":
+            continue
         status = n.status if n.status == "accepted" else f"{n.status}: {n.refusal_code or ''} {n.refusal_reason}"
+        if n.detail:
+            status = escape(f"{status}; {n.detail}")
         t.add_row(
             n.node, escape(n.name), str(n.train_rows) if n.train_rows else "-", _fmt(n.epsilon),
             _fmt(n.federated_accuracy) + ("" if n.federated_accuracy_sd is None else f" ± {n.federated_accuracy_sd:.3f}"),
             _fmt(n.local_only_accuracy),
             "-" if n.gain is None else f"{100 * n.gain:+.1f} pt", status,
         )
-    console.print(t)
+    if t.row_count:
+        console.print(t)
+    if fold:
+        console.print(f"{len(refused)} node(s) refused (each one's reason: {run_dir / 'report.json'}, nodes):")
+        for line in refusal_lines((n.node, f"{n.refusal_code or '?'}: {n.refusal_reason}") for n in refused):
+            console.print(f"  [yellow]refused[/] {escape(line)}", soft_wrap=True)
     meanings = sorted({n.per_citizen for n in report.nodes if n.per_citizen})
     if len(meanings) == 1:
         console.print(f"Per citizen, at every node that took part: {meanings[0]}.")
@@ -59,6 +75,14 @@ def print_summary(report: TrainingReport, run_dir: Path) -> None:
             f"Global model on the held-out test set ({report.final.n} rows): accuracy [bold]{report.final.accuracy:.4f}[/], "
             f"AUC {_fmt(report.final.auc, '.4f')}, loss {report.final.loss:.4f}; majority class {_fmt(report.majority_rate, '.4f')}"
         )
+    elif report.pooled is not None:  # no central test set: the nodes' released counts, pooled
+        pl = report.pooled
+        console.print(
+            f"Global model, {pl.label}: accuracy [bold]{pl.accuracy:.4f}[/] ({pl.nodes} nodes, round {pl.round}; "
+            "no central test set: evaluation.centralized)"
+        )
+    elif report.status == "completed":
+        console.print("No global figure: the task has no central test set (evaluation.centralized) and the nodes did not evaluate")
     gain = report.median_gain()
     if report.privacy.get("mode") == "distributed":
         console.print(
@@ -90,8 +114,11 @@ def _show_event(progress: Progress, bar: TaskID, ev: dict[str, Any]) -> None:
     elif kind == "admission":
         refused = ev.get("refused") or {}
         progress.console.print(f"{len(ev['accepted'])} node(s) accepted the task, {len(refused)} refused")
-        for node, why in refused.items():
-            progress.console.print(f"  [yellow]refused[/] {node}: {why}")
+        from fedgov.reports import refusal_lines  # lazy: pydantic models (fedgov --help)
+
+        lines = [f"{node}: {why}" for node, why in refused.items()] if len(refused) <= _FOLD else refusal_lines(refused.items())
+        for line in lines:
+            progress.console.print(f"  [yellow]refused[/] {escape(line)}", soft_wrap=True)
     elif kind == "resumed":
         progress.console.print(f"Resuming after round {ev['round']} of {ev['rounds']} (ledger key run {ev.get('task_run')})")
     elif kind == "training-start":
@@ -109,7 +136,7 @@ def _show_event(progress: Progress, bar: TaskID, ev: dict[str, Any]) -> None:
         for node, why in (ev.get("nodes") or {}).items():
             progress.console.print(f"  [yellow]round {ev.get('round')}: update of {node} left out[/]: {why}")
     elif kind == "warning":
-        progress.console.print(f"[bold yellow]warning:[/] {ev.get('message')}")
+        progress.console.print(f"[bold yellow]warning:[/] {escape(str(ev.get('message')))}", soft_wrap=True)
     elif kind == "failed":
         progress.console.print(f"[red]run failed:[/] {ev.get('message')}")
     elif kind == "nodes-connected":

@@ -13,6 +13,10 @@ Three ways to give members data:
   the registry (long-tailed), with label or feature skew from a Dirichlet parameter and a
   seed; every member needs a population (a registry file may leave it out: then use
   ``column`` or ``files``).
+
+``[node_policy]`` (and a member's own ``node_policy``) sets what the simulated nodes' policy
+files say (:class:`NodePolicyDefaults`). A simulation only: a deployed node's policy is its
+operator's file, which no federation file or command line touches.
 """
 
 from __future__ import annotations
@@ -28,7 +32,45 @@ from fedgov.config._base import ConfigPath, StrictModel, validate_file
 from fedgov.config.registry import CODE_PATTERN, Registry, default_registry, load_registry
 from fedgov.errors import ConfigError, Problem
 
-__all__ = ["Member", "PartitionSpec", "Federation", "load_federation"]
+__all__ = ["Member", "NODE_POLICY_KEYS", "NodePolicyDefaults", "PartitionSpec", "Federation", "load_federation"]
+
+
+class NodePolicyDefaults(StrictModel):
+    """What a simulated node's new policy file says, where it differs from fedgov's simulation
+    defaults (``fedgov run`` and ``fedgov query``). Each key is optional; what is not given keeps
+    the default. Order of precedence, last wins: fedgov's defaults, the federation's
+    ``[node_policy]``, a member's ``node_policy``, ``--node-policy KEY=VALUE`` (and
+    ``--node-budget``, ``--approval``) on the command line. The policy written is validated by
+    the node's own policy loader, like any other."""
+
+    approval: Literal["auto", "manual", "deny"] | None = Field(
+        default=None, description="approval: auto, manual (queue each task for 'fedgov node approve') or deny (default auto)"
+    )
+    budget_epsilon: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False,
+        description="the data set's total privacy budget, [datasets.budget] epsilon (default 10)",
+    )
+    max_epsilon_per_task: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False,
+        description="limits.max_epsilon_per_task (default: the task's epsilon, at least 3, at most the budget)",
+    )
+    min_rows: int | None = Field(
+        default=None, ge=1, description="limits.min_rows: fewest training rows for local DP-SGD and statistics (default 50)"
+    )
+    min_rows_distributed: int | None = Field(
+        default=None, ge=1, description="limits.min_rows_distributed: fewest training rows under distributed DP (default 1)"
+    )
+    require_privacy: bool | None = Field(
+        default=None, description="limits.require_privacy: refuse tasks without DP (default true)"
+    )
+
+    def given(self) -> dict[str, object]:
+        """The keys this table sets."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+NODE_POLICY_KEYS: tuple[str, ...] = tuple(NodePolicyDefaults.model_fields)
+"""The keys of ``[node_policy]`` and ``--node-policy``."""
 
 
 def _errors(items: Sequence[tuple[tuple[int | str, ...], str, str]]) -> ValidationError:
@@ -49,6 +91,9 @@ class Member(StrictModel):
     data: ConfigPath | None = None
     test_data: ConfigPath | None = None
     values: list[str] | None = None
+    node_policy: NodePolicyDefaults | None = Field(
+        default=None, description="this member's simulated node policy, over the federation's [node_policy]"
+    )
     _name: str = PrivateAttr(default="")
 
     @property
@@ -65,7 +110,11 @@ class PartitionSpec(StrictModel):
     skew: Literal["label", "feature", "none"] = "label"
     skew_column: str | None = None
     dirichlet_alpha: float = Field(default=1.0, gt=0)
-    min_rows: int = Field(default=50, ge=1)
+    min_rows: int = Field(
+        default=50, ge=1,
+        description="population split only: the smallest member's share of the source (all its rows, before the "
+        "test split). Whether a node trains is its policy's limits.min_rows, on its training rows ([node_policy])",
+    )
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
 
     @model_validator(mode="after")
@@ -95,6 +144,9 @@ class Federation(StrictModel):
         description="synthetic source: when 'source' does not exist it is generated, seeded with 'seed' (iwmo: fedgov.data.iwmo)",
     )
     partition: PartitionSpec = PartitionSpec()
+    node_policy: NodePolicyDefaults = Field(
+        default_factory=NodePolicyDefaults, description="what the simulated nodes' new policies say (simulation only)"
+    )
     members: list[Member] = Field(min_length=1)
 
     @field_validator("registry")

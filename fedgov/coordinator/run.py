@@ -48,7 +48,9 @@ from fedgov.coordinator.grid import AdmittedGrid, end_task, hello, query_message
 from fedgov.coordinator.recording import Recorder, build_strategy
 from fedgov.errors import FederationError
 from fedgov.privacy.distributed import DistributedPlan
-from fedgov.reports import GlobalMetrics, NodeResult, TrainingReport, write_json_atomic
+from fedgov.reports import (
+    POOLED_LABEL, GlobalMetrics, NodeResult, PooledMetrics, TrainingReport, refusal_lines, write_json_atomic,
+)
 
 __all__ = ["TrainingOptions", "run_training"]
 
@@ -220,10 +222,13 @@ def _admit(run: _Run) -> None:
         refused={a.node: f"{a.code or ''}: {a.reason}" for a in refused},
     )
     if len(run.admitted) < run.task.training.min_nodes:
+        # A few lines by reason, however many nodes refused; every node's reason is in the report.
+        lines = refusal_lines((a.node, f"{a.code or '?'}: {a.reason}") for a in sorted(refused, key=lambda a: a.node))
         raise FederationError(
             f"only {len(run.admitted)} of {len(node_ids)} connected nodes accepted the task; "
-            f"it needs at least {run.task.training.min_nodes} (training.min_nodes). "
-            + "; ".join(f"{a.node}: {a.code or '?'} ({a.reason})" for a in refused)
+            f"it needs at least {run.task.training.min_nodes} (training.min_nodes). Refused:\n"
+            + "\n".join(f"  {line}" for line in lines)
+            + "\nEvery node's answer is in the report's nodes (report.json)."
         )
 
 
@@ -407,9 +412,27 @@ def _collect(report: TrainingReport, recorder: Recorder, evaluator: CentralEvalu
             nr.federated_auc = None if auc is None or math.isnan(auc) else auc
         if nr.status == "accepted" and nr.rounds_trained == 0:
             nr.status = "failed"
+    report.pooled = pooled(report, recorder)
     last = report.rounds[-1] if report.rounds else None
     if last is not None and last.accuracy is not None:
         report.final = GlobalMetrics(accuracy=last.accuracy, loss=last.loss or 0.0, auc=last.auc, n=0 if evaluator.y is None else len(evaluator.y))
+
+
+def pooled(report: TrainingReport, recorder: Recorder) -> PooledMetrics | None:
+    """The nodes' last evaluation pooled: the sum of the correct counts they released over the
+    sum of their totals (noisy under DP: released through their gate, no privacy spent here)."""
+    last = next((r for r in reversed(report.rounds) if r.nodes_evaluated), None)
+    if last is None:
+        return None
+    counts = [recorder.node_eval.get(n, {}) for n in last.nodes_evaluated]
+    counts = [c for c in counts if "correct" in c and "total" in c and math.isfinite(c["correct"] + c["total"])]
+    correct, total = sum(c["correct"] for c in counts), sum(c["total"] for c in counts)
+    if not counts or total <= 0:
+        return None
+    label = POOLED_LABEL if report.privacy.get("enabled") else POOLED_LABEL.replace("(DP counts)", "(exact counts: no DP)")
+    return PooledMetrics(
+        accuracy=min(1.0, max(0.0, correct / total)), correct=correct, total=total, nodes=len(counts), round=last.round, label=label,
+    )
 
 
 def _baselines(run: _Run) -> None:

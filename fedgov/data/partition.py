@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ __all__ = [
     "split_federation",
     "train_test_split",
     "materialize",
+    "problem_classes",
     "write_manifest",
     "read_manifest",
 ]
@@ -291,8 +292,6 @@ def _split_column(federation: Federation, df: pd.DataFrame) -> list[np.ndarray]:
                     f"{m.code} ({m.name}) has no rows: no value of column '{col}' is one of {values}",
                 )
             )
-        elif rows.size < spec.min_rows:
-            log.warning("%s: %s has %d rows, fewer than min_rows %d", where, m.code, rows.size, spec.min_rows)
         out.append(rows)
     if problems:
         raise ConfigError(f"{where}: {len(problems)} member(s) have no rows in the source data", problems)
@@ -370,7 +369,40 @@ def ensure_source(federation: Federation) -> None:
         ensure(Path(federation.source), seed=federation.seed)
 
 
-def materialize(federation: Federation, contract: Contract, out_dir: Path | str) -> list[NodeData]:
+InvalidMember = Callable[[int, DataValidationError], None]
+"""``on_invalid(i, error)``: member ``i``'s data does not conform to the contract."""
+
+
+def problem_classes(error: DataValidationError) -> list[str]:
+    """What is wrong in a data file, by column and kind, without a row number or a found value:
+    ``"column 'sex': 2 cell(s), expected one of 2 categories (Female, Male)"``. For the
+    simulation's own summary of a member's data (a found value can identify a person)."""
+    import re
+
+    counts: dict[tuple[str, str], int] = {}
+    for p in error.problems:
+        m = re.fullmatch(r"row \d+, column '(.+)'", p.location)
+        if m is None:
+            if p.location:  # a column problem (missing, undeclared): no value in it
+                counts[(p.location, p.message)] = counts.get((p.location, p.message), 0) + 1
+            continue
+        expected = p.message.partition(", expected ")[2].split("; did you mean")[0] or "another value"
+        key = (f"column '{m.group(1)}'", f"expected {expected}")
+        counts[key] = counts.get(key, 0) + 1
+    return [
+        f"{where}: {what}" if what.startswith(("missing", "not declared")) else f"{where}: {n} cell(s), {what}"
+        for (where, what), n in counts.items()
+    ]
+
+
+def _write_raw(frame: pd.DataFrame, path: Path) -> None:
+    """A member's data as it was read (text cells), for its node to check and refuse."""
+    write_csv(frame, path)
+
+
+def materialize(
+    federation: Federation, contract: Contract, out_dir: Path | str, *, on_invalid: InvalidMember | None = None
+) -> list[NodeData]:
     """Write every member's ``train.csv`` and ``test.csv`` under ``out_dir/<code>/``.
 
     For kinds ``population`` and ``column`` the source is read, projected on the contract's
@@ -385,11 +417,17 @@ def materialize(federation: Federation, contract: Contract, out_dir: Path | str)
     Node files hold the contract's columns in the contract's order, missing values as empty
     cells, and are written atomically. Returns one :class:`NodeData` per member, in member
     order, with absolute paths.
+
+    ``on_invalid`` (a simulation): a member whose data does not conform (its file, for kind
+    ``files``; its rows of the source, for kind ``column``) does not stop the others. Its data
+    is written to its node as it was read, split the same way, so that its node checks it and
+    refuses as a real node would (``data-invalid``); ``on_invalid(i, error)`` is told.
     """
     out = Path(out_dir).resolve()
     spec = federation.partition
     ensure_source(federation)
     parts: list[tuple[pd.DataFrame, pd.DataFrame]] = []
+    invalid: set[int] = set()  # members whose data is written as read, for their node to refuse
     if spec.kind == "files":
         problems: list[Problem] = []
         for i, m in enumerate(federation.members):
@@ -401,7 +439,16 @@ def materialize(federation: Federation, contract: Contract, out_dir: Path | str)
                 else:
                     parts.append(train_test_split(full, spec.test_fraction, federation.seed + i))
             except DataValidationError as exc:
-                problems.extend(exc.problems)
+                if on_invalid is None:
+                    problems.extend(exc.problems)
+                    continue
+                on_invalid(i, exc)
+                raw = read_table(m.data)
+                parts.append(
+                    (raw, read_table(m.test_data)) if m.test_data is not None
+                    else train_test_split(raw, spec.test_fraction, federation.seed + i)
+                )
+                invalid.add(i)
         if problems:
             raise DataValidationError(
                 f"member data of {_where(federation)} does not conform to contract {contract.ref}", problems
@@ -427,15 +474,23 @@ def materialize(federation: Federation, contract: Contract, out_dir: Path | str)
         # The source is raw material for a simulation, not a node's export: each simulated
         # node gets only the columns its contract declares (missing ones are still errors).
         raw = raw[[c for c in raw.columns if c in set(contract.names())]]
-        typed = validate_frame(raw, contract, file=str(federation.source))
-        if org is not None:
-            typed = typed.assign(**{str(spec.column): org.str.strip()})
-        split = split_federation(federation, contract, typed)
-        for i, m in enumerate(federation.members):
-            node = split[m.code]
+        try:
+            typed = validate_frame(raw, contract, file=str(federation.source))
+        except DataValidationError as exc:
+            if on_invalid is None or spec.kind != "column":
+                raise
+            # One member's rows of the source do not stop the others: each member's rows are
+            # checked on their own, and a member whose rows do not conform refuses at its node.
+            parts, invalid = _column_parts(federation, contract, raw, org, on_invalid, exc)
+        else:
             if org is not None:
-                node = node.drop(columns=[spec.column])
-            parts.append(train_test_split(node, spec.test_fraction, federation.seed + i))
+                typed = typed.assign(**{str(spec.column): org.str.strip()})
+            split = split_federation(federation, contract, typed)
+            for i, m in enumerate(federation.members):
+                node = split[m.code]
+                if org is not None:
+                    node = node.drop(columns=[spec.column])
+                parts.append(train_test_split(node, spec.test_fraction, federation.seed + i))
 
     small = [
         Problem(
@@ -452,12 +507,16 @@ def materialize(federation: Federation, contract: Contract, out_dir: Path | str)
 
     order = [c for c in contract.names()]
     nodes: list[NodeData] = []
-    for m, (train, test) in zip(federation.members, parts, strict=True):
+    for i, (m, (train, test)) in enumerate(zip(federation.members, parts, strict=True)):
         cols = [c for c in order if c in train.columns]
         node_dir = out / m.code
         train_path, test_path = node_dir / "train.csv", node_dir / "test.csv"
-        write_csv(train[cols], train_path, contract)
-        write_csv(test[[c for c in order if c in test.columns]], test_path, contract)
+        if i in invalid:
+            _write_raw(train, train_path)
+            _write_raw(test, test_path)
+        else:
+            write_csv(train[cols], train_path, contract)
+            write_csv(test[[c for c in order if c in test.columns]], test_path, contract)
         nodes.append(
             NodeData(
                 code=m.code,
@@ -470,6 +529,32 @@ def materialize(federation: Federation, contract: Contract, out_dir: Path | str)
         )
     log.info("%s: wrote %d nodes under %s", _where(federation), len(nodes), out)
     return nodes
+
+
+def _column_parts(
+    federation: Federation, contract: Contract, raw: pd.DataFrame, org: pd.Series | None,
+    on_invalid: InvalidMember, error: DataValidationError,
+) -> tuple[list[tuple[pd.DataFrame, pd.DataFrame]], set[int]]:
+    """A ``column`` split of a source that does not conform as a whole: each member's rows,
+    checked on their own (typed when they conform, as read when not); rows of no member are
+    left out, as in a conforming source. All members' rows not conforming: ``error``."""
+    spec = federation.partition
+    keyed = raw if org is None else raw.assign(**{str(spec.column): org})
+    positions = _split_column(federation, keyed)
+    parts: list[tuple[pd.DataFrame, pd.DataFrame]] = []
+    invalid: set[int] = set()
+    for i, (m, pos) in enumerate(zip(federation.members, positions, strict=True)):
+        rows = raw.iloc[np.sort(pos)]
+        try:
+            node = validate_frame(rows, contract, file=f"{federation.source} (the rows of {m.code})")
+        except DataValidationError as exc:
+            on_invalid(i, exc)
+            invalid.add(i)
+            node = rows
+        parts.append(train_test_split(node, spec.test_fraction, federation.seed + i))
+    if len(invalid) == len(federation.members):
+        raise error
+    return parts, invalid
 
 
 def write_manifest(nodes: Sequence[NodeData], path: Path | str) -> None:

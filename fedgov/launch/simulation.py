@@ -24,8 +24,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +45,7 @@ __all__ = [
     "follow_run",
     "new_run_dir",
     "pin_roster_text",
+    "node_policy_settings",
     "prepare_nodes",
     "resume_simulation",
     "run_simulation",
@@ -66,8 +67,14 @@ class SimulationOptions:
     local_baseline: bool = True
     keep_flower_home: bool = False
     state_dir: Path | None = None
-    node_budget: float = 10.0
-    approval: Literal["auto", "manual", "deny"] = "auto"
+    node_budget: float | None = None
+    """``--node-budget``: every new simulated node's total epsilon (None: the federation's
+    ``[node_policy] budget_epsilon``, else 10)."""
+    approval: Literal["auto", "manual", "deny"] | None = None
+    """``--approval``: every new simulated node's approval mode (None: the federation's, else auto)."""
+    node_policy: Mapping[str, Any] = field(default_factory=dict)
+    """``--node-policy KEY=VALUE``: what every new simulated node's policy says, over the
+    federation file (keys of :class:`fedgov.config.federation.NodePolicyDefaults`)."""
     ray_address: str | None = None
     """``HOST:PORT`` of an existing Ray cluster's head to run the simulation on
     (:mod:`fedgov.launch.raycluster`); None: a Ray of the run's own on this machine, with
@@ -269,6 +276,125 @@ def pin_roster_text(policy_text: str, roster: Path | str, authority_key: str) ->
     return policy_text.rstrip("\n") + "\n" + secure_aggregation_text(roster, authority_key)
 
 
+SIMULATED_POLICY: dict[str, Any] = {"approval": "auto", "budget_epsilon": 10.0}
+"""What a simulated node's new policy says where neither the federation file nor the command
+line says otherwise (the rest: :func:`fedgov.node.policy.default_policy_text`'s defaults)."""
+
+
+def node_policy_settings(federation: Any, index: int, options: SimulationOptions) -> dict[str, Any]:
+    """What member ``index``'s new simulated policy says: fedgov's simulation defaults, then the
+    federation's ``[node_policy]``, the member's own ``node_policy``, and the command line
+    (``--node-policy``, ``--node-budget``, ``--approval``), the last one given winning.
+
+    A command-line key that is not a key of ``[node_policy]``, or a value of the wrong kind, is
+    a :class:`ConfigError` naming it (:class:`fedgov.config.federation.NodePolicyDefaults`)."""
+    from pydantic import ValidationError
+
+    from fedgov.config._base import problems_from_validation
+    from fedgov.config.federation import NodePolicyDefaults
+
+    cli: dict[str, Any] = dict(options.node_policy)
+    if options.node_budget is not None:
+        cli["budget_epsilon"] = options.node_budget
+    if options.approval is not None:
+        cli["approval"] = options.approval
+    try:
+        given = NodePolicyDefaults.model_validate(cli).given()
+    except ValidationError as exc:
+        problems = [Problem("--node-policy", pr.location, pr.message) for pr in problems_from_validation(exc, "--node-policy")]
+        raise ConfigError("Invalid simulated node policy on the command line", problems) from exc
+    member = federation.members[index].node_policy
+    return {
+        **SIMULATED_POLICY,
+        **federation.node_policy.given(),
+        **(member.given() if member is not None else {}),
+        **given,
+    }
+
+
+def _policy_text(n: Any, contract: Any, settings: dict[str, Any], *, name: str | None = None, max_epsilon: float,
+                 kinds: tuple[str, ...], pinned: tuple[str, str], roster: Path, authority: str) -> str:
+    """A simulated node's new policy (validated by the node's own loader as it is made)."""
+    budget = float(settings["budget_epsilon"])
+    limits: dict[str, Any] = {k: settings[k] for k in ("min_rows", "min_rows_distributed", "require_privacy") if k in settings}
+    try:
+        return _template(n, contract, settings, budget, limits, name=name, max_epsilon=max_epsilon, kinds=kinds,
+                         pinned=pinned, roster=roster, authority=authority)
+    except ConfigError as exc:  # the node's own loader refused what [node_policy] or --node-policy asked
+        given = ", ".join(f"{k}={v}" for k, v in settings.items())
+        raise ConfigError(
+            f"the simulated policy of {n.code} ({given}; from [node_policy], the member's node_policy and "
+            "--node-policy) is not a valid node policy",
+            exc.problems,
+        ) from exc
+
+
+def _template(n: Any, contract: Any, settings: dict[str, Any], budget: float, limits: dict[str, Any], *, name: str | None,
+              max_epsilon: float, kinds: tuple[str, ...], pinned: tuple[str, str], roster: Path, authority: str) -> str:
+    return default_policy_text(
+        n.code, name=name, dataset=contract.name, contract=contract.name, version=contract.version,
+        path=n.train_path.name, test_path=n.test_path.name, budget_epsilon=budget,
+        approval=settings["approval"],
+        max_epsilon_per_task=settings.get("max_epsilon_per_task", min(budget, max(3.0, max_epsilon))),
+        kinds=kinds, contract_files={contract.version: pinned},
+        roster=roster, authority_key=authority, **limits,
+    )
+
+
+def _kept_differs(policy: Any, settings: dict[str, Any]) -> list[str]:
+    """The settings a kept policy (``--state-dir``) does not have, as ``key=value``."""
+    ds, lim = policy.datasets[0], policy.limits
+    have = {
+        "approval": policy.approval, "budget_epsilon": ds.budget.epsilon, "max_epsilon_per_task": lim.max_epsilon_per_task,
+        "min_rows": lim.min_rows, "min_rows_distributed": lim.min_rows_distributed, "require_privacy": lim.require_privacy,
+    }
+    return [f"{k}={settings[k]}" for k in settings if k in have and have[k] != settings[k]]
+
+
+def _data_invalid(federation: Any, contract: Any, emit: EventCallback, found: dict[str, dict[str, Any]]) -> Callable[[int, Any], None]:
+    """What the simulation does with a member whose data does not conform: tell (no found value,
+    no row), and let its node refuse."""
+    from fedgov.data import problem_classes
+
+    def on_invalid(i: int, exc: Any) -> None:
+        m = federation.members[i]
+        files = sorted({p.file for p in exc.problems if p.file}) or [str(m.data or federation.source)]
+        classes = problem_classes(exc)
+        found[m.code] = {"files": files, "problems": classes}
+        emit({
+            "event": "warning",
+            "message": f"{m.code} ({m.name}): {', '.join(files)} does not conform to contract {contract.ref} "
+            f"({'; '.join(classes[:3])}{'; ...' if len(classes) > 3 else ''}); its node will refuse (data-invalid), "
+            "the others go on. Every cell: fedgov data validate FILE --contract CONTRACT_FILE",
+        })
+
+    return on_invalid
+
+
+def _warn_small(nodes: list[Any], homes: dict[str, NodeHome], task: Any, invalid: set[str], emit: EventCallback) -> None:
+    """One warning for the members whose training rows are under their node's minimum
+    (:func:`fedgov.node.policy.min_rows_for`, the rule the nodes apply): they will refuse."""
+    from fedgov.node.policy import MIN_ROWS_LOCAL, min_rows_for
+
+    small: dict[tuple[int, str], list[str]] = {}
+    for n in nodes:
+        if n.code in invalid:
+            continue
+        limit, setting = min_rows_for(homes[n.code].policy(), task)
+        if n.train_rows < limit:
+            small.setdefault((limit, setting), []).append(f"{n.code} ({n.train_rows})")
+    for (limit, setting), who in sorted(small.items()):
+        floor = f" (under local DP-SGD never fewer than {MIN_ROWS_LOCAL})" if setting == "limits.min_rows" and limit == MIN_ROWS_LOCAL else ""
+        key = setting.removeprefix("limits.")
+        emit({
+            "event": "warning",
+            "message": f"{len(who)} of {len(nodes)} members have fewer training rows than their node policy's minimum, "
+            f"{setting} = {limit}{floor}; they will refuse (too-few-rows): {', '.join(who[:8])}"
+            f"{f' and {len(who) - 8} more' if len(who) > 8 else ''}. A simulation's nodes take their policy from "
+            f"[node_policy] in the federation file or --node-policy {key}=N",
+        })
+
+
 def prepare_nodes(
     run_dir: Path,
     federation: Any,
@@ -277,16 +403,45 @@ def prepare_nodes(
     emit: EventCallback,
     *,
     max_epsilon: float,
+    task: Any = None,
 ) -> tuple[list[Any], Path]:
     """Give each simulated municipality a node directory (its data, policy, ledger and audit
     log) and write the run's manifest; with ``options.state_dir`` the directories persist
-    between runs (a policy is written once and then left to its operator)."""
+    between runs (a policy is written once and then left to its operator).
+
+    Each new policy says what :func:`node_policy_settings` gives (the federation's
+    ``[node_policy]``, the command line) and is validated by the node's own policy loader. A
+    member whose data does not conform to the contract does not stop the others: its node
+    refuses (``data-invalid``), and ``data-check.json`` in the run directory says why (by file,
+    column and kind, no value). ``task``: the training task (None: a statistics query), for
+    the warning on members under their node's minimum of rows and ``training.min_nodes``.
+    """
     from fedgov.data import materialize, write_manifest
+    from fedgov.errors import DataValidationError
 
     emit({"event": "run-dir", "path": str(run_dir)})
     emit({"event": "partition", "nodes": len(federation.members)})
     state_dir = (options.state_dir or run_dir / "state").resolve()
-    nodes = materialize(federation, contract, state_dir / "nodes")
+    found: dict[str, dict[str, Any]] = {}
+    errors: list[Problem] = []
+
+    tell = _data_invalid(federation, contract, emit, found)
+
+    def on_invalid(i: int, exc: Any) -> None:
+        errors.extend(exc.problems)
+        tell(i, exc)
+
+    settings = [node_policy_settings(federation, i, options) for i in range(len(federation.members))]
+    nodes = materialize(federation, contract, state_dir / "nodes", on_invalid=on_invalid)
+    min_nodes = int(task.training.min_nodes) if task is not None else 1
+    if found and len(nodes) - len(found) < min_nodes:
+        raise DataValidationError(
+            f"{len(found)} of {len(nodes)} members' data do not conform to contract {contract.ref}; "
+            f"the {len(nodes) - len(found)} others are fewer than the {min_nodes} the task needs (training.min_nodes)",
+            errors,
+        )
+    if found:
+        write_json_atomic(run_dir / "data-check.json", json.dumps(found, indent=2))
     from fedgov.node.contracts import pin_new_contract
     from fedgov.privacy.roster import federation_roster
 
@@ -295,23 +450,23 @@ def prepare_nodes(
     roster, authority = federation_roster(
         state_dir / "roster", str(getattr(federation, "name", "federation")), {n.code: n.train_path.parent for n in nodes}
     )
-    for n in nodes:
+    homes: dict[str, NodeHome] = {}
+    kept: dict[str, list[str]] = {}
+    for n, wanted in zip(nodes, settings, strict=True):
         # Each node holds the task's contract itself, pinned in its policy (as 'fedgov node init').
         pinned = pin_new_contract(n.train_path.parent, contract)
+        existed = (n.train_path.parent / "policy.toml").exists()
         home = NodeHome.create(
             n.train_path.parent,
-            policy_text=default_policy_text(
-                n.code, name=federation.policy_name(n.code), dataset=contract.name, contract=contract.name, version=contract.version,
-                path=n.train_path.name, test_path=n.test_path.name, budget_epsilon=options.node_budget,
-                approval=options.approval,
-                max_epsilon_per_task=min(options.node_budget, max(3.0, max_epsilon)),
-                kinds=("training", "statistics"), contract_files={contract.version: pinned},
-                roster=roster, authority_key=authority,
+            policy_text=_policy_text(
+                n, contract, wanted, name=federation.policy_name(n.code), max_epsilon=max_epsilon, kinds=("training", "statistics"), pinned=pinned,
+                roster=roster, authority=authority,
             ),
         )
-        kept = home.policy_path.read_text("utf-8")
-        if pin_roster_text(kept, roster, authority) != kept:  # a policy kept from before rosters: pin this one
-            NodeHome.create(home.path, policy_text=pin_roster_text(kept, roster, authority), overwrite=True)
+        homes[n.code] = home
+        text = home.policy_path.read_text("utf-8")
+        if pin_roster_text(text, roster, authority) != text:  # a policy kept from before rosters: pin this one
+            NodeHome.create(home.path, policy_text=pin_roster_text(text, roster, authority), overwrite=True)
         ds = next((d for d in home.policy().datasets if d.contract == contract.name), None)
         if ds is not None and contract.version not in ds.contract_files:  # a kept policy: pin this version too
             from fedgov.node.policy import pin_contract_text
@@ -319,6 +474,19 @@ def prepare_nodes(
             text = pin_contract_text(home.policy_path.read_text("utf-8"), dataset=ds.name, version=contract.version,
                                      path=pinned[0], sha256=pinned[1])
             NodeHome.create(home.path, policy_text=text, overwrite=True)
+        if existed:
+            differs = _kept_differs(home.policy(), wanted)
+            if differs:
+                kept[n.code] = differs
+    if kept:
+        shown = ", ".join(f"{code}: {' '.join(d)}" for code, d in list(kept.items())[:3])
+        emit({
+            "event": "warning",
+            "message": f"{len(kept)} node(s) keep the policy they have in {state_dir} (--state-dir), which differs from "
+            f"[node_policy] and the command line ({shown}"
+            f"{' ...' if len(kept) > 3 else ''}): a kept policy is its operator's; edit it, or remove its node directory",
+        })
+    _warn_small(nodes, homes, task, set(found), emit)
     manifest = run_dir / "manifest.json"
     write_manifest(nodes, manifest)
     emit({"event": "partitioned", "nodes": [n.model_dump(mode="json") for n in nodes]})
@@ -362,7 +530,7 @@ def run_simulation(
         log.warning(msg)
         emit({"event": "warning", "message": msg})
     run_dir = new_run_dir(options.runs_dir, task.name).resolve()
-    nodes, manifest = prepare_nodes(run_dir, federation, contract, options, emit, max_epsilon=task.privacy.target_epsilon)
+    nodes, manifest = prepare_nodes(run_dir, federation, contract, options, emit, max_epsilon=task.privacy.target_epsilon, task=task)
 
     values: dict[str, str | bool | int | float] = {
         "task-path": str(Path(task_path).resolve()),
@@ -405,6 +573,22 @@ def resume_simulation(run_dir: Path, options: SimulationOptions = SimulationOpti
     return _finish(run_dir, len(nodes), values, options, emit)
 
 
+def _add_data_check(run_dir: Path, report: Any) -> bool:
+    """What the simulation's own check found in the data of members whose node refused it
+    (``data-check.json``: file, column and kind, no value), into their report lines."""
+    path = run_dir / "data-check.json"
+    if not path.is_file():
+        return False
+    found = json.loads(path.read_text("utf-8"))
+    changed = False
+    for n in report.nodes:
+        if n.node in found and n.status != "accepted":
+            f = found[n.node]
+            n.detail = f"simulation's check of {', '.join(f['files'])}: {'; '.join(f['problems'])}"
+            changed = True
+    return changed
+
+
 def _finish(
     run_dir: Path, n_nodes: int, values: dict[str, str | bool | int | float], options: SimulationOptions, emit: EventCallback
 ) -> Path:
@@ -426,6 +610,8 @@ def _finish(
         err.run_dir = run_dir
         raise err
     report = load_report(report_path)
+    if _add_data_check(run_dir, report):
+        write_json_atomic(report_path, report.model_dump_json(indent=2))
     if report.status != "completed":
         err = FederationError(f"the run failed: {report.message} (report: {report_path})")
         err.run_dir = run_dir

@@ -119,10 +119,11 @@ def public_reason(code: str, *, task: Any = None, contract: Contract | None = No
         values["value"] = task.model.name
     elif code == "strategy-not-allowed":
         values["value"] = task.training.strategy
-    elif code == "too-few-rows" and task is not None and policy is not None:
+    elif code == "too-few-rows":
         from fedgov.node.policy import min_rows_for
 
-        values["setting"] = min_rows_for(policy, task)[1]
+        limit, values["setting"] = min_rows_for(policy, task) if policy is not None else (None, "limits.min_rows")
+        values["limit"] = "-" if limit is None else limit
     elif code == "epsilon-above-max":
         eps = getattr(task.privacy, "target_epsilon", None) or getattr(task.privacy, "epsilon", "-")
         values.update(value=eps, limit=lim.max_epsilon_per_task if lim else "-")

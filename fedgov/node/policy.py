@@ -77,6 +77,7 @@ __all__ = [
     "load_policy",
     "check_task",
     "min_rows_for",
+    "MIN_ROWS_LOCAL",
     "check_query",
     "default_policy_text",
     "secure_aggregation_text",
@@ -89,6 +90,12 @@ KINDS = ("training", "statistics")
 
 STRATEGIES = ("fedavg", "fedprox")
 """Flower strategies a training task can name (``training.strategy``)."""
+
+MIN_ROWS_LOCAL = 10
+"""The floor of ``limits.min_rows`` under local DP-SGD: a node trains with local DP-SGD on at
+least this many training rows, whatever its policy sets (a lower ``min_rows`` counts as this;
+DP-SGD's Poisson sampling needs a few batches' worth of rows). Statistics queries and
+distributed DP have no floor of their own."""
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _VERSION = r"^\d+\.\d+(\.\d+)?$"
@@ -282,8 +289,9 @@ class LimitsSpec(StrictModel):
     )
     min_rows: int = Field(
         default=50, ge=1,
-        description="smallest data set (training rows) this node trains on with local DP-SGD (privacy.mode = \"local\") "
-        "or answers statistics queries from",
+        description="smallest data set, in training rows (the data set's 'path', not its test data), this node trains "
+        "on with local DP-SGD (privacy.mode = \"local\") or answers statistics queries from; under local DP-SGD never "
+        f"fewer than {MIN_ROWS_LOCAL} (a lower value counts as {MIN_ROWS_LOCAL})",
     )
     min_rows_distributed: int = Field(
         default=1, ge=1,
@@ -816,11 +824,16 @@ def _noise(policy: NodePolicy, p: Proposal) -> Decision | None:
 
 
 def min_rows_for(policy: NodePolicy, task: Task | None) -> tuple[int, str]:
-    """The smallest data set this node serves ``task`` from (a statistics query: None), and the
-    policy setting it comes from: ``limits.min_rows_distributed`` for training under distributed
-    DP, ``limits.min_rows`` for everything else."""
+    """The fewest training rows (the data set's ``path``, not its test data) this node serves
+    ``task`` from (a statistics query: None), and the policy setting it comes from: the one rule
+    on a data set's size, checked by every part of the node and by the simulation's warning.
+
+    ``limits.min_rows_distributed`` for training under distributed DP; ``limits.min_rows`` for
+    everything else, and under local DP-SGD at least :data:`MIN_ROWS_LOCAL`."""
     if task is not None and task.privacy.enabled and task.privacy.mode == "distributed":
         return policy.limits.min_rows_distributed, "limits.min_rows_distributed"
+    if task is not None:  # training: local DP-SGD, or no DP at all (the same model, the same batches)
+        return max(MIN_ROWS_LOCAL, policy.limits.min_rows), "limits.min_rows"
     return policy.limits.min_rows, "limits.min_rows"
 
 
@@ -829,9 +842,10 @@ def _rows(policy: NodePolicy, p: Proposal) -> Decision | None:
     if p.rows is None or p.rows >= limit:
         return None
     name = _served(policy, p)
+    floor = f"; {MIN_ROWS_LOCAL} at least under local DP-SGD" if setting == "limits.min_rows" and limit > policy.limits.min_rows else ""
     return _refuse(
         PolicyCode.TOO_FEW_ROWS,
-        f"data set '{name}' has {p.rows} training rows; policy requires at least {limit} ({setting})",
+        f"data set '{name}' has {p.rows} training rows; policy requires at least {limit} ({setting}{floor})",
         name,
     )
 
@@ -1148,7 +1162,8 @@ max_epsilon_per_task = {_f(max_eps)}
 max_delta_per_task = {_f(max_delta)}
 # DP-SGD noise must be at least this (noise multiplier, sigma).
 min_noise_multiplier = {_f(min_noise_multiplier)}
-# Refuse tasks with local DP-SGD, and statistics queries, on fewer training rows than this.
+# Refuse tasks with local DP-SGD, and statistics queries, on fewer training rows than this
+# (the rows of 'path', not of 'test_path'; under local DP-SGD never fewer than {MIN_ROWS_LOCAL}).
 min_rows = {int(min_rows)}
 # The same under distributed DP (privacy.mode = "distributed"): the guarantee is per
 # municipality and the noise is added once, to the sum, so no minimum is needed (1).

@@ -73,7 +73,7 @@ TEMPLATES: dict[str, str] = {
     # --- after the data is looked at: a fixed text, no counts --------------------------------
     "data-missing": "the node's data set for {contract} cannot be read",
     "data-invalid": "the node's data set does not conform to contract {contract}",
-    "too-few-rows": "the node's data set is below this node's minimum size ({setting})",
+    "too-few-rows": "the node's data set has fewer training rows than this node's minimum of {limit} ({setting})",
     "privacy-unreachable": "the task's privacy target cannot be met at this node",
     "model-rejected": "model {value} cannot be trained with differential privacy",
     "budget-exhausted": "the task would take the data set beyond its privacy budget ({setting})",

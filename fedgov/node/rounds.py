@@ -40,6 +40,7 @@ from fedgov.privacy.plans import distributed_plan, node_evaluations, node_plan, 
 from fedgov.config import Contract, Task
 from fedgov.errors import DataFileError, DataValidationError, ModelError, PrivacyError
 from fedgov.errors import BudgetExceeded
+from fedgov.node.policy import MIN_ROWS_LOCAL
 from fedgov.node.refusals import Refusal, refusal_text
 
 if TYPE_CHECKING:
@@ -69,7 +70,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MIN_TRAIN_ROWS = 10
+MIN_TRAIN_ROWS = MIN_ROWS_LOCAL
+"""The floor of ``limits.min_rows`` under local DP-SGD (:data:`fedgov.node.policy.MIN_ROWS_LOCAL`):
+also without a policy (unit tests), a node trains with local DP-SGD on no fewer rows."""
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -203,8 +206,9 @@ def hello(
     Also returns the node's fresh accountant for the task, with the DP plan fixed now.
 
     The true row count meets only fixed thresholds that the coordinator cannot move: the
-    policy's ``min_rows`` for the task's privacy mode (``min_rows_setting`` names it), and under
-    local DP-SGD at least :data:`MIN_TRAIN_ROWS` (one bit, the same for every task of a mode).
+    policy's ``min_rows`` for the task's privacy mode (:func:`fedgov.node.policy.min_rows_for`,
+    ``min_rows_setting`` names it), and under local DP-SGD at least :data:`MIN_TRAIN_ROWS` (one
+    bit, the same for every task of a mode). The refusal names the setting and the minimum.
     Distributed DP needs no floor: the guarantee is per node and the noise is on the sum.
     Every decision that depends on the size through the task's parameters (whether the privacy
     target can be met, the DP-SGD plan, delta, the noise minimum, the FedAvg weight) is taken
@@ -235,7 +239,7 @@ def hello(
     distributed = task.privacy.enabled and task.privacy.mode == "distributed"
     floor = max(1, min_rows) if distributed else max(MIN_TRAIN_ROWS, min_rows)
     if len(data.y_train) < floor:  # a fixed threshold: one bit, no budget spent
-        return refuse(P.RefusalCode.TOO_FEW_ROWS, refusal_text("too-few-rows", setting=min_rows_setting))
+        return refuse(P.RefusalCode.TOO_FEW_ROWS, refusal_text("too-few-rows", setting=min_rows_setting, limit=floor))
     try:
         n = public_row_count(release_rows(len(data.y_train))) if release_rows is not None else len(data.y_train)
     except BudgetExceeded:

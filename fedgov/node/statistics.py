@@ -9,7 +9,7 @@ A query (:mod:`fedgov.analytics.query`) reaches the node as a Flower *query* mes
 2. looks up whether its data conforms to the contract (checked when the data was registered,
    ``fedgov node data check``; checked again when the files changed): refuses with the fixed
    ``data-invalid`` text, no counts, columns or values; and refuses with fewer than
-   ``limits.min_rows`` rows;
+   ``limits.min_rows`` training rows (the data set's ``path``; the answer uses its test rows too);
 3. reserves the query's whole epsilon and delta in its ledger (refuses with
    ``budget-exhausted`` and the reason when that would overspend the data set's budget);
 4. computes its noisy release with OpenDP (:func:`fedgov.analytics.local_release`: rows per
@@ -39,7 +39,7 @@ from fedgov.config.datasource import DataSource, SqlQuery
 from fedgov.node.contracts import data_status, one_read, source_exists, validated_frame
 from fedgov.node.home import NodeHome, budget_of
 from fedgov.privacy.events import Mechanism
-from fedgov.node.policy import DatasetSpec, LimitsSpec, check_query
+from fedgov.node.policy import DatasetSpec, LimitsSpec, check_query, min_rows_for
 from fedgov.node.refusals import refusal_text
 
 __all__ = ["answer_query", "mechanism_of", "query_fingerprint", "query_id_of", "read_node_frame"]
@@ -115,7 +115,7 @@ def _answer_query(
     refusal = _awaiting_approval(home, node, query, contract, ds) if policy.approval == "manual" else None
     if refusal is not None:
         return refusal
-    frame = _read_conforming(home, node, ds, contract, min_rows=policy.limits.min_rows)
+    frame = _read_conforming(home, node, ds, contract, min_rows=min_rows_for(policy, None)[0])
     if isinstance(frame, P.StatsAnswer):
         return frame
     mechanism = mechanism_of(query)
@@ -160,13 +160,17 @@ def _read_conforming(home: NodeHome, node: str, ds: DatasetSpec, contract: Contr
         code = missing if status == "missing" else invalid
         return _refuse(node, code, refusal_text(code, contract=contract.ref))
     try:
-        frame = read_node_frame(contract, ds.sources)
+        train = read_node_frame(contract, [ds.train_source])
+        test = read_node_frame(contract, [ds.test_source]) if ds.test_source is not None and source_exists(ds.test_source) else None
+        frame = train if test is None else pd.concat([train, test], ignore_index=True)
     except DataValidationError:
         return _refuse(node, invalid, refusal_text(invalid, contract=contract.ref))
     except FedgovError:
         return _refuse(node, missing, refusal_text(missing, contract=contract.ref))
-    if len(frame) < min_rows:
-        return _refuse(node, P.RefusalCode.TOO_FEW_ROWS.value, refusal_text("too-few-rows", setting="limits.min_rows"))
+    # limits.min_rows counts the training rows (the data set's path), as for training
+    # (fedgov.node.policy.min_rows_for); the answer uses the test rows too
+    if len(train) < min_rows:
+        return _refuse(node, P.RefusalCode.TOO_FEW_ROWS.value, refusal_text("too-few-rows", setting="limits.min_rows", limit=min_rows))
     return frame
 
 

@@ -114,7 +114,7 @@ def three_files(tmp_path: Path, write_file, adult_csv):
 
 
 def test_a_refusing_node_is_reported_and_the_others_go_on(tmp_path: Path, three_files, sim_task, flower_processes) -> None:
-    # Deventer's export has 11 rows: 9 for training, under the node's minimum of 10.
+    # Deventer's export has 11 rows: 9 for training, under the simulated node's minimum of 50 (limits.min_rows).
     fed = three_files(lambda d: d.iloc[:11])
     run_dir = run_simulation(
         sim_task(fed, rounds=1), None, SimulationOptions(runs_dir=tmp_path / "runs", local_baseline=False)
@@ -125,20 +125,22 @@ def test_a_refusing_node_is_reported_and_the_others_go_on(tmp_path: Path, three_
     assert by_node["GM0150"].status == "refused"
     assert by_node["GM0150"].refusal_code == "too-few-rows"
     # the fixed text: no row count leaves the node
-    assert by_node["GM0150"].refusal_reason == "the node's data set is below this node's minimum size (limits.min_rows)"
+    assert by_node["GM0150"].refusal_reason == "the node's data set has fewer training rows than this node's minimum of 50 (limits.min_rows)"
     assert by_node["GM0363"].status == by_node["GM0344"].status == "accepted"
     assert report.rounds[0].nodes_trained and "GM0150" not in report.rounds[0].nodes_trained
     assert flower_processes(tmp_path) == []
 
 
-def test_invalid_member_data_stops_before_flower_starts(tmp_path: Path, three_files, sim_task, flower_processes) -> None:
+def test_invalid_member_data_below_min_nodes_stops_before_flower_starts(tmp_path: Path, three_files, sim_task, flower_processes) -> None:
+    """One member's bad data refuses that member and the others go on (tests/inprocess/test_simulation_steering.py);
+    when the members left are fewer than training.min_nodes, nothing starts."""
     def spoil(d: "object") -> "object":
         d.loc[d.index[:3], "age"] = "twelve"  # type: ignore[attr-defined]
         return d
 
     fed = three_files(spoil)
     with pytest.raises(DataValidationError) as ei:
-        run_simulation(sim_task(fed, rounds=1), None, SimulationOptions(runs_dir=tmp_path / "runs"))
+        run_simulation(sim_task(fed, rounds=1, training={"min_nodes": 3}), None, SimulationOptions(runs_dir=tmp_path / "runs"))
     text = str(ei.value)
     assert "found 'twelve'" in text and "column 'age'" in text and str(tmp_path / "c.csv") in text
     assert flower_processes(tmp_path) == []
