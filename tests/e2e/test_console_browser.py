@@ -274,6 +274,9 @@ def test_log_in_see_the_budget_and_approve_a_pending_query(
     [pending] = home.state.pending()
     # keyboard only: the token field has the focus, Enter logs in
     page.goto(node.url + "/")
+    # the field takes the focus itself (autofocus); wait for it before typing, which a loaded
+    # machine can otherwise start before the page has applied it
+    expect(page.get_by_label("Token or password")).to_be_focused()
     page.keyboard.type(node.token)
     page.keyboard.press("Tab")
     page.keyboard.type("Anna de Vries")
