@@ -259,7 +259,8 @@ def _run_postgres(q: SqlQuery, sql: str, secret: str | None) -> tuple[list[str],
     connect_args: dict[str, Any] = {
         "connect_timeout": max(1, math.ceil(q.source.timeout_s)),
         # the session's default: every transaction read-only, every statement under the timeout
-        "options": f"-c default_transaction_read_only=on -c statement_timeout={timeout_ms}",
+        # standard_conforming_strings: a backslash ends no string, for the server as for check_select
+        "options": f"-c default_transaction_read_only=on -c statement_timeout={timeout_ms} -c standard_conforming_strings=on",
         "application_name": "fedgov-node",
     }
     if secret is not None:
