@@ -25,3 +25,19 @@ def test_an_honest_name_is_kept_as_it_is_and_a_long_one_is_cut() -> None:
     name = "Gemeente 's-Hertogenbosch – Zuid (Noord-Brabant) ä"
     assert P.NodeHello(node="GM0796", node_name=name, accepted=True).node_name == name
     assert len(P.StatsAnswer(node="GM0796", node_name="x" * 10_000, accepted=True).node_name) == 200
+
+
+def test_the_node_audit_log_shows_what_the_coordinator_sent_as_plain_text(node_home) -> None:  # type: ignore[no-untyped-def]
+    """A message kind (or error text) the coordinator chose is in the node's audit log; printing
+    it for the privacy officer must neither run it as Rich markup nor send its escape sequences
+    to the terminal (they could hide or forge lines)."""
+    from typer.testing import CliRunner
+
+    from fedgov.cli import app
+
+    home = node_home()
+    home.audit.append("received", task_id="t-1", payload={"kind": "[red]forged[/red]\x1b[2J\x1b[1A", "error": {"reason": "\x1b]0;x\x07"}})
+    out = CliRunner().invoke(app, ["node", "audit", "show", "--node-dir", str(home.path)])
+    assert out.exit_code == 0, out.output
+    assert "\x1b" not in out.output and "\x07" not in out.output
+    assert "[red]forged[/red]" in out.output.replace("\n", "").replace("│", "").replace(" ", "")
