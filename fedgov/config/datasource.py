@@ -52,18 +52,20 @@ def _effect(name: str) -> bool:
     return name in _EFFECTS or name.startswith(_EFFECT_PREFIXES)
 
 
-def _words(sql: str) -> tuple[list[str], list[int]]:
+def _words(sql: str, sqlite: bool = False) -> tuple[list[str], list[int]]:
     """The words of ``sql`` outside string literals, quoted identifiers and comments (lower
     case), and the offsets of every ``;`` outside them. ValueError for an unterminated one."""
-    words, semicolons, _ = _scan(sql)
+    words, semicolons, _ = _scan(sql, sqlite)
     return words, semicolons
 
 
-def _scan(sql: str) -> tuple[list[str], list[int], list[str]]:
+def _scan(sql: str, sqlite: bool = False) -> tuple[list[str], list[int], list[str]]:
     """:func:`_words`, and the names called as functions (a word or quoted name before ``(``,
     comments and blanks between them allowed; lower case). ValueError for an unterminated
     string, quoted name or comment, and for a Unicode-escaped name (``U&"..."``), which
-    could spell any function's name."""
+    could spell any function's name. ``sqlite``: read as SQLite does (names also in
+    `backticks` and [brackets]; no ``$$`` strings, no ``E'...'`` escapes)."""
+    quotes = "'\"`[" if sqlite else "'\""
     words: list[str] = []
     semicolons: list[int] = []
     calls: list[str] = []
@@ -92,10 +94,11 @@ def _scan(sql: str) -> tuple[list[str], list[int], list[str]]:
                     i += 1
             if depth:
                 raise ValueError("a /* comment is not closed")
-        elif c in "'\"":
+        elif c in quotes:
             if c == '"' and i >= 2 and sql[i - 1] == "&" and sql[i - 2] in "uU" and (i < 3 or not (sql[i - 3].isalnum() or sql[i - 3] == "_")):
                 raise ValueError('a Unicode-escaped name (U&"...") is not allowed in the query: write the name itself')
-            escapes = c == "'" and i > 0 and sql[i - 1] in "eE" and (i < 2 or not (sql[i - 2].isalnum() or sql[i - 2] == "_"))
+            close = "]" if c == "[" else c
+            escapes = not sqlite and c == "'" and i > 0 and sql[i - 1] in "eE" and (i < 2 or not (sql[i - 2].isalnum() or sql[i - 2] == "_"))
             j = i + 1
             while True:
                 if j >= n:
@@ -103,16 +106,16 @@ def _scan(sql: str) -> tuple[list[str], list[int], list[str]]:
                 if escapes and sql[j] == "\\":
                     j += 2
                     continue
-                if sql[j] == c:
-                    if j + 1 < n and sql[j + 1] == c:  # '' or "" inside: the quote itself
+                if sql[j] == close:
+                    if close != "]" and j + 1 < n and sql[j + 1] == c:  # '' or "" inside: the quote itself
                         j += 2
                         continue
                     break
                 j += 1
-            if c == '"':
-                last = sql[i + 1 : j].replace('""', '"').lower()
+            if c != "'":
+                last = sql[i + 1 : j].replace(c * 2, c).lower()
             i = j + 1
-        elif c == "$" and (i == 0 or not (sql[i - 1].isalnum() or sql[i - 1] == "_")):
+        elif c == "$" and not sqlite and (i == 0 or not (sql[i - 1].isalnum() or sql[i - 1] == "_")):
             j = sql.find("$", i + 1)
             tag = sql[i : j + 1] if j > 0 else ""
             if tag and all(ch.isalnum() or ch == "_" for ch in tag[1:-1]) and not tag[1:2].isdigit():
@@ -137,7 +140,7 @@ def _scan(sql: str) -> tuple[list[str], list[int], list[str]]:
     return words, semicolons, calls
 
 
-def check_select(sql: str) -> str:
+def check_select(sql: str, *, sqlite: bool = False) -> str:
     """The statement of ``sql`` (without a trailing ``;``) when it is one read-only ``SELECT``
     or ``WITH ... SELECT``; ValueError saying what is wrong otherwise.
 
@@ -146,13 +149,15 @@ def check_select(sql: str) -> str:
     data-modifying ``WITH``); a locking clause (``FOR UPDATE``, ``FOR SHARE``); a call of a
     function that acts beyond the read-only transaction (``dblink``, ``lo_export``,
     ``set_config``, ``query_to_xml``, ...: :data:`_EFFECTS`), also by a quoted name; a
-    Unicode-escaped name. Words inside string literals, quoted names and comments do not count. The read-only transaction the
-    query runs in (:func:`read_sql`) is the second line of defence."""
-    words, semicolons, calls = _scan(sql)
+    Unicode-escaped name. Words inside string literals, quoted names and comments do not
+    count, read as the database reads them (``sqlite``: SQLite's quoting, else PostgreSQL's).
+    The read-only transaction the query runs in (:func:`read_sql`) is the second line of
+    defence; a database role that may only SELECT is the last."""
+    words, semicolons, calls = _scan(sql, sqlite)
     if not words:
         raise ValueError("the query is empty")
     body = sql.rstrip()
-    if semicolons and not any(_words(sql[semicolons[-1] + 1 :])):  # only blanks or comments after it
+    if semicolons and not any(_words(sql[semicolons[-1] + 1 :], sqlite)):  # only blanks or comments after it
         body = sql[: semicolons[-1]].rstrip()
         semicolons = semicolons[:-1]
     if semicolons:
@@ -250,8 +255,9 @@ class SqlSource(StrictModel):
 
     @field_validator("query", "test_query")
     @classmethod
-    def _select(cls, value: str | None) -> str | None:
-        return None if value is None else check_select(value)
+    def _select(cls, value: str | None, info: ValidationInfo) -> str | None:
+        sqlite = str(info.data.get("url", "")).startswith("sqlite:")  # the url is checked first
+        return None if value is None else check_select(value, sqlite=sqlite)
 
     @model_validator(mode="after")
     def _credentials(self) -> SqlSource:

@@ -216,7 +216,7 @@ def read_sql(q: SqlQuery) -> pd.DataFrame:
     be reached, the query fails or times out, returns no rows, repeats a column or returns a
     binary column."""
     label = q.label
-    sql = check_select(q.text)  # again: a SqlQuery can be made without the policy's validation
+    sql = check_select(q.text, sqlite=q.source.is_sqlite)  # again: a SqlQuery can be made without the policy's validation
     secret = _password(q.source, label)
     started = time.monotonic()
     try:

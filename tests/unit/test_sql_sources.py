@@ -343,3 +343,25 @@ def test_postgres_sessions_read_strings_as_the_check_does(monkeypatch: pytest.Mo
         read_sql(q)
     options = str(seen["connect_args"]["options"])  # type: ignore[index]
     assert "default_transaction_read_only=on" in options and "standard_conforming_strings=on" in options
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # SQLite quotes names in `backticks` and [brackets], and has no $$ strings: what the
+        # PostgreSQL reading takes for a string there is not one
+        "SELECT 1 AS `'`; DELETE FROM people; SELECT `'`",
+        "SELECT 1 AS [']; DELETE FROM people; SELECT [']",
+        "SELECT $a$; DELETE FROM people; $a$",
+        "SELECT E'\\'; DELETE FROM people; --'",
+    ],
+)
+def test_the_check_reads_a_sqlite_query_as_sqlite_does(tmp_path: Path, sql: str) -> None:
+    with pytest.raises(ValueError, match="more than one statement"):
+        check_select(sql, sqlite=True)
+    with pytest.raises(Exception, match="more than one statement"):
+        SqlSource.model_validate({"url": f"sqlite:///{tmp_path / 'd.db'}", "query": sql})
+
+
+def test_a_sqlite_query_may_quote_names_as_sqlite_does() -> None:
+    assert check_select("SELECT `select`, [insert] FROM people", sqlite=True)
