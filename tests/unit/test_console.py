@@ -554,3 +554,14 @@ def test_a_console_bound_to_another_loopback_address_answers_to_it(tmp_path: Pat
     assert allowed_hosts_for("::1") == list(LOOPBACK_HOSTS)
     assert allowed_hosts_for("127.0.0.1") == list(LOOPBACK_HOSTS)
     assert allowed_hosts_for("192.0.2.7") is None  # TLS there: its certificate names the host
+
+
+def test_the_development_ca_a_browser_is_told_to_trust_can_sign_nothing_else(tmp_path: Path) -> None:
+    """A browser that trusts a CA trusts whatever it signs, for any site: the console's
+    development CA signs its one server certificate and its key is then gone (a copy left in
+    the directory could forge certificates for the operator's bank)."""
+    tls = tls_files("0.0.0.0", None, None, tmp_path / "tls")
+    assert tls is not None and tls.ca is not None and tls.ca.is_file() and tls.cert.is_file() and tls.key.is_file()
+    assert sorted(p.name for p in (tmp_path / "tls").iterdir()) == ["ca.crt", "server.key", "server.pem"]
+    again = tls_files("0.0.0.0", None, None, tmp_path / "tls")  # the next start reuses the certificate
+    assert again == tls
