@@ -122,15 +122,19 @@ def _read_password_file(path: Path, label: str) -> str:
 # --- running the query ---------------------------------------------------------------------------
 
 
+_VALUE_CLASSES = ("22", "23", "P0", "38", "39", "2F", "XX")
+
+
 def _db_message(exc: BaseException, secret: str | None) -> str:
     """What a database error may say: its SQLSTATE and first line, or only its code for the
-    classes whose text may quote a value of the data (22 data exception, 23 integrity)."""
+    classes whose text may quote a value of the data (22 data exception, 23 integrity, a
+    function's own RAISE P0 and external routines 38, 39, 2F, internal errors XX)."""
     orig = getattr(exc, "orig", None) or exc
     code = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "diag", None), "sqlstate", None)
-    if code and str(code)[:2] in ("22", "23"):
+    if code and str(code)[:2] in _VALUE_CLASSES:
         return (
-            f"the database refused a value of the query's rows (SQLSTATE {code}, {type(orig).__name__}); its message is not "
-            "shown because it may quote a value: run the query yourself to see it"
+            f"the database reported an error (SQLSTATE {code}, {type(orig).__name__}) whose message is not shown because it "
+            "may quote a value of the rows: run the query yourself to see it"
         )
     text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
     if secret:

@@ -365,3 +365,16 @@ def test_the_check_reads_a_sqlite_query_as_sqlite_does(tmp_path: Path, sql: str)
 
 def test_a_sqlite_query_may_quote_names_as_sqlite_does() -> None:
     assert check_select("SELECT `select`, [insert] FROM people", sqlite=True)
+
+
+@pytest.mark.parametrize("code", ["22P02", "23505", "P0001", "38001", "39P01", "2F005", "XX000"])
+def test_errors_whose_text_a_function_or_the_data_writes_are_shown_by_code_only(code: str) -> None:
+    """A function's RAISE (P0001, external routines 38/39/2F) writes whatever it is given, a row's
+    value too; an internal error (XX) may quote a value: only the code is shown."""
+    from fedgov.data.sql import _db_message
+
+    class Raised(Exception):
+        sqlstate = code
+
+    text = _db_message(Raised("row of citizen 123-45-678: income 91000"), None)
+    assert code in text and "123-45-678" not in text and "91000" not in text
