@@ -84,7 +84,7 @@ def _password(source: SqlSource, label: str) -> str | None:
 def _read_password_file(path: Path, label: str) -> str:
     """The first line of a password file that only its owner, the node's user, can read."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))  # a FIFO: no wait
     except FileNotFoundError:
         raise DataFileError(f"{label}: password file {path} (datasets.sql.password_file) not found") from None
     except OSError as exc:

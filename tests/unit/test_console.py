@@ -565,3 +565,17 @@ def test_the_development_ca_a_browser_is_told_to_trust_can_sign_nothing_else(tmp
     assert sorted(p.name for p in (tmp_path / "tls").iterdir()) == ["ca.crt", "server.key", "server.pem"]
     again = tls_files("0.0.0.0", None, None, tmp_path / "tls")  # the next start reuses the certificate
     assert again == tls
+
+
+def test_the_password_files_permissions_are_checked_on_the_file_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check and the read are of one open file: a name swapped between them (here: a stat
+    by name that sees another, private file) cannot pass a file others can read."""
+    loose, private = tmp_path / "pw", tmp_path / "private"
+    loose.write_text("correct horse battery staple\n")
+    loose.chmod(0o644)
+    private.write_text("x\n")
+    private.chmod(0o600)
+    real_stat = Path.stat
+    monkeypatch.setattr(Path, "stat", lambda self, **kw: real_stat(private if self == loose else self, **kw))
+    with pytest.raises(ConfigError, match="readable or writable by others"):
+        read_password_file(loose)
