@@ -16,10 +16,11 @@ names the keys and turns them into typed values, so that ``server/`` and ``clien
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from fedgov.config import Contract, Task
@@ -96,16 +97,33 @@ class RefusalCode(str, Enum):
     # A policy rule (fedgov.node.policy.PolicyCode) refuses with its own code, e.g. epsilon-above-max.
 
 
+def plain_text(text: str) -> str:
+    """``text`` without control or format characters (a tab or newline becomes a space): what
+    a node says of itself reaches the coordinator's terminal, logs and reports, where an escape
+    sequence or a bidirectional override could forge or hide what they show."""
+    return "".join(" " if c in "\t\n" else c for c in text if c in "\t\n" or not unicodedata.category(c).startswith("C"))
+
+
+def _name(text: str) -> str:
+    return plain_text(text)[:200]
+
+
+PlainText = Annotated[str, AfterValidator(plain_text)]
+NodeName = Annotated[str, AfterValidator(_name)]
+"""A node's name as the coordinator keeps it: plain text of at most 200 characters (a node's
+policy allows no more)."""
+
+
 class NodeHello(BaseModel):
     """A node's answer to ``hello``. Sizes are reported to the coordinator; rows are not."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    node: str = Field(description="the node's name, e.g. the CBS code GM0363")
-    node_name: str = ""
+    node: PlainText = Field(description="the node's name, e.g. the CBS code GM0363")
+    node_name: NodeName = ""
     accepted: bool
-    code: str | None = Field(default=None, description="a RefusalCode or a fedgov.node.policy.PolicyCode value")
-    reason: str = ""
+    code: PlainText | None = Field(default=None, description="a RefusalCode or a fedgov.node.policy.PolicyCode value")
+    reason: PlainText = ""
     train_rows: int = 0
     test_rows: int = 0
     delta: float | None = None
@@ -125,11 +143,11 @@ class StatsAnswer(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    node: str
-    node_name: str = ""
+    node: PlainText
+    node_name: NodeName = ""
     accepted: bool
-    code: str | None = None
-    reason: str = ""
+    code: PlainText | None = None
+    reason: PlainText = ""
     epsilon: float | None = None
     delta: float | None = None
     release_json: str | None = None

@@ -83,7 +83,7 @@ def serve_console(
     password in ``password_file``)."""
     from fedgov.console.security import Guard, check_binding, is_loopback, new_token, read_password_file  # lazy: the console (fedgov --help)
     from fedgov.console.server import Tls, serve, tls_files  # lazy: uvicorn, Starlette (fedgov --help)
-    from fedgov.console.web import LOOPBACK_HOSTS  # lazy: Starlette, Jinja2 (fedgov --help)
+    from fedgov.console.web import allowed_hosts_for  # lazy: Starlette, Jinja2 (fedgov --help)
 
     tls = tls_files(host, tls_cert, tls_key, tls_dev)
     if tls is None and default_tls is not None and not is_loopback(host):
@@ -96,7 +96,7 @@ def serve_console(
         except OSError as exc:
             raise ConfigError(f"the console cannot listen on {host}:{port}", [Problem("--port", str(port), exc.strerror or str(exc))]) from None
     guard = Guard(secret, secure=tls is not None)
-    app = make_app(guard, list(LOOPBACK_HOSTS) if is_loopback(host) else None)
+    app = make_app(guard, allowed_hosts_for(host))
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else (f"[{host}]" if ":" in host else host)
     print(f"{what} on {'https' if tls else 'http'}://{shown}:{port}/ (Ctrl-C stops it)", flush=True)
     if password_file is None:

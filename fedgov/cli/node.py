@@ -145,8 +145,19 @@ def audit_show(
     for e in entries:
         p = dict(e.payload)
         details = ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in p.items() if k not in ("config",))
-        t.add_row(str(e.seq), e.time.strftime("%Y-%m-%d %H:%M:%S"), e.kind, e.task_id or "-", details[:400])
+        t.add_row(str(e.seq), e.time.strftime("%Y-%m-%d %H:%M:%S"), _shown(e.kind), _shown(e.task_id or "-"), _shown(details[:400]))
     console.print(t)
+
+
+def _shown(text: str) -> str:
+    """Text the coordinator may have chosen (a message kind, a task's name, an error text) as a
+    table cell: no Rich markup, no control characters (an escape sequence could hide or forge
+    lines of what the privacy officer reads)."""
+    from rich.markup import escape
+
+    from fedgov.protocol import plain_text
+
+    return escape(plain_text(text))
 
 
 @node_app.command()
@@ -161,7 +172,7 @@ def pending(node_dir: NodeDir = None) -> None:
     for col in ("task id", "queued (UTC)", "what it would spend and send"):
         t.add_column(col, overflow="fold")
     for p in items:
-        t.add_row(p.task_id, p.queued_at.strftime("%Y-%m-%d %H:%M:%S"), ", ".join(f"{k}={v}" for k, v in p.summary.items()))
+        t.add_row(_shown(p.task_id), p.queued_at.strftime("%Y-%m-%d %H:%M:%S"), _shown(", ".join(f"{k}={v}" for k, v in p.summary.items())))
     console.print(t)
 
 

@@ -32,15 +32,54 @@ _SUPPORTED = "postgresql://user@host:port/database (psycopg) or sqlite:///path/t
 _WRITES = frozenset({"insert", "update", "delete", "merge", "into"})
 """Words that make a SELECT or WITH write (``WITH x AS (DELETE ...)``, ``SELECT ... INTO``, ``FOR UPDATE``)."""
 
+_EFFECTS = frozenset({
+    "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_rotate_logfile", "pg_promote", "pg_switch_wal",
+    "pg_create_restore_point", "pg_logical_emit_message", "pg_notify", "set_config", "pg_import_system_collations",
+    "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "cursor_to_xml", "cursor_to_xmlschema",
+    "load_extension", "writefile", "fts3_tokenizer",
+})
+_EFFECT_PREFIXES = ("dblink", "lo_", "pg_advisory", "pg_file_", "pg_stat_reset", "pg_replication_", "pg_create_", "pg_drop_", "pg_log_")
+"""Functions a read-only transaction does not stop: they act on another connection (``dblink``),
+on the server's files (large objects ``lo_*``, adminpack's ``pg_file_*``), on other sessions or
+the server (``pg_terminate_backend``, ``pg_reload_conf``, advisory locks, replication slots),
+change the session (``set_config``), run SQL given as a string (``query_to_xml``), or load code
+(SQLite's ``load_extension``). A list cannot know every such function (an extension's, or one a
+database administrator wrote): the database role the node connects as is the real boundary
+and should be allowed to SELECT only."""
 
-def _words(sql: str) -> tuple[list[str], list[int]]:
+
+def _effect(name: str) -> bool:
+    return name in _EFFECTS or name.startswith(_EFFECT_PREFIXES)
+
+
+def _words(sql: str, sqlite: bool = False) -> tuple[list[str], list[int]]:
     """The words of ``sql`` outside string literals, quoted identifiers and comments (lower
     case), and the offsets of every ``;`` outside them. ValueError for an unterminated one."""
+    words, semicolons, _ = _scan(sql, sqlite)
+    return words, semicolons
+
+
+def _scan(sql: str, sqlite: bool = False) -> tuple[list[str], list[int], list[str]]:
+    """:func:`_words`, and the names called as functions (a word or quoted name before ``(``,
+    comments and blanks between them allowed; lower case). ValueError for an unterminated
+    string, quoted name or comment, and for a Unicode-escaped name (``U&"..."``), which
+    could spell any function's name. ``sqlite``: read as SQLite does (names also in
+    `backticks` and [brackets]; no ``$$`` strings, no ``E'...'`` escapes)."""
+    quotes = "'\"`[" if sqlite else "'\""
     words: list[str] = []
     semicolons: list[int] = []
+    calls: list[str] = []
+    last: str | None = None  # the name just before, while only blanks and comments follow it
     i, n = 0, len(sql)
     while i < n:
         c = sql[i]
+        if c.isspace():
+            i += 1
+            continue
+        if c == "(" and last is not None:
+            calls.append(last)
+        if not (c == "-" and sql.startswith("--", i)) and not (c == "/" and sql.startswith("/*", i)):
+            last = None
         if c == "-" and sql.startswith("--", i):
             j = sql.find("\n", i)
             i = n if j < 0 else j + 1
@@ -55,8 +94,11 @@ def _words(sql: str) -> tuple[list[str], list[int]]:
                     i += 1
             if depth:
                 raise ValueError("a /* comment is not closed")
-        elif c in "'\"":
-            escapes = c == "'" and i > 0 and sql[i - 1] in "eE" and (i < 2 or not (sql[i - 2].isalnum() or sql[i - 2] == "_"))
+        elif c in quotes:
+            if c == '"' and i >= 2 and sql[i - 1] == "&" and sql[i - 2] in "uU" and (i < 3 or not (sql[i - 3].isalnum() or sql[i - 3] == "_")):
+                raise ValueError('a Unicode-escaped name (U&"...") is not allowed in the query: write the name itself')
+            close = "]" if c == "[" else c
+            escapes = not sqlite and c == "'" and i > 0 and sql[i - 1] in "eE" and (i < 2 or not (sql[i - 2].isalnum() or sql[i - 2] == "_"))
             j = i + 1
             while True:
                 if j >= n:
@@ -64,14 +106,16 @@ def _words(sql: str) -> tuple[list[str], list[int]]:
                 if escapes and sql[j] == "\\":
                     j += 2
                     continue
-                if sql[j] == c:
-                    if j + 1 < n and sql[j + 1] == c:  # '' or "" inside: the quote itself
+                if sql[j] == close:
+                    if close != "]" and j + 1 < n and sql[j + 1] == c:  # '' or "" inside: the quote itself
                         j += 2
                         continue
                     break
                 j += 1
+            if c != "'":
+                last = sql[i + 1 : j].replace(c * 2, c).lower()
             i = j + 1
-        elif c == "$" and (i == 0 or not (sql[i - 1].isalnum() or sql[i - 1] == "_")):
+        elif c == "$" and not sqlite and (i == 0 or not (sql[i - 1].isalnum() or sql[i - 1] == "_")):
             j = sql.find("$", i + 1)
             tag = sql[i : j + 1] if j > 0 else ""
             if tag and all(ch.isalnum() or ch == "_" for ch in tag[1:-1]) and not tag[1:2].isdigit():
@@ -89,26 +133,31 @@ def _words(sql: str) -> tuple[list[str], list[int]]:
             while j < n and (sql[j].isalnum() or sql[j] in "_$"):
                 j += 1
             words.append(sql[i:j].lower())
+            last = words[-1]
             i = j
         else:
             i += 1
-    return words, semicolons
+    return words, semicolons, calls
 
 
-def check_select(sql: str) -> str:
+def check_select(sql: str, *, sqlite: bool = False) -> str:
     """The statement of ``sql`` (without a trailing ``;``) when it is one read-only ``SELECT``
     or ``WITH ... SELECT``; ValueError saying what is wrong otherwise.
 
     Refused: anything but SELECT or WITH first; a second statement; ``SELECT ... INTO`` (it
     creates a table); INSERT, UPDATE, DELETE or MERGE anywhere (a
-    data-modifying ``WITH``); a locking clause (``FOR UPDATE``, ``FOR SHARE``). Words inside
-    string literals, quoted names and comments do not count. The read-only transaction the
-    query runs in (:func:`read_sql`) is the second line of defence."""
-    words, semicolons = _words(sql)
+    data-modifying ``WITH``); a locking clause (``FOR UPDATE``, ``FOR SHARE``); a call of a
+    function that acts beyond the read-only transaction (``dblink``, ``lo_export``,
+    ``set_config``, ``query_to_xml``, ...: :data:`_EFFECTS`), also by a quoted name; a
+    Unicode-escaped name. Words inside string literals, quoted names and comments do not
+    count, read as the database reads them (``sqlite``: SQLite's quoting, else PostgreSQL's).
+    The read-only transaction the query runs in (:func:`read_sql`) is the second line of
+    defence; a database role that may only SELECT is the last."""
+    words, semicolons, calls = _scan(sql, sqlite)
     if not words:
         raise ValueError("the query is empty")
     body = sql.rstrip()
-    if semicolons and not any(_words(sql[semicolons[-1] + 1 :])):  # only blanks or comments after it
+    if semicolons and not any(_words(sql[semicolons[-1] + 1 :], sqlite)):  # only blanks or comments after it
         body = sql[: semicolons[-1]].rstrip()
         semicolons = semicolons[:-1]
     if semicolons:
@@ -121,6 +170,12 @@ def check_select(sql: str) -> str:
     for a, b in zip(words, words[1:], strict=False):
         if a == "for" and b in ("share", "key", "no"):
             raise ValueError("the query must only read: a locking clause (FOR SHARE, FOR KEY SHARE) is not allowed in it")
+    for name in calls:
+        if _effect(name):
+            raise ValueError(
+                f"the query must only read: {name.upper()}() acts beyond the query's read-only transaction and is not "
+                "allowed in it (and give the node a database role that may only SELECT)"
+            )
     return body
 
 
@@ -145,7 +200,7 @@ def _normalised_url(value: str, info: ValidationInfo) -> str:
     driver = _DRIVERS.get(url.drivername)
     if driver is None:
         raise ValueError(f"database type {url.drivername!r} is not supported; expected {_SUPPORTED}")
-    if url.password is not None or "password" in url.query:
+    if url.password is not None or any("password" in str(k).lower() for k in url.query):
         raise ValueError(
             "the URL holds a password; a policy must never hold one: remove it from the URL and give "
             "password_env (an environment variable's name) or password_file (a file only the node's user can read)"
@@ -200,8 +255,9 @@ class SqlSource(StrictModel):
 
     @field_validator("query", "test_query")
     @classmethod
-    def _select(cls, value: str | None) -> str | None:
-        return None if value is None else check_select(value)
+    def _select(cls, value: str | None, info: ValidationInfo) -> str | None:
+        sqlite = str(info.data.get("url", "")).startswith("sqlite:")  # the url is checked first
+        return None if value is None else check_select(value, sqlite=sqlite)
 
     @model_validator(mode="after")
     def _credentials(self) -> SqlSource:

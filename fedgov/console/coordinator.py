@@ -201,13 +201,24 @@ def select_figures(figures: Sequence[Figure], *, measure: str = "", scope: str =
             if (not measure or f.measure == measure) and f.scope == kind and (not value or f.scope_value == value)]
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _text_cell(text: str) -> str:
+    """A text cell a spreadsheet shows as text: one starting as a formula would (= + - @, a
+    tab or a carriage return) gets a leading apostrophe (OWASP's CSV injection advice). The
+    text may come from a node or a registry (a region's name, a cell's value)."""
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
 def figures_csv(figures: Sequence[Figure]) -> str:
-    """The figures as CSV (the columns of the run's own ``query.csv`` up to ``suppressed``)."""
+    """The figures as CSV (the columns of the run's own ``query.csv`` up to ``suppressed``);
+    text that a spreadsheet would run as a formula is kept as text (:func:`_text_cell`)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(FIGURE_COLUMNS)
     for f in figures:
-        w.writerow([f.measure, f.kind, f.scope, f.scope_value, f.cell,
+        w.writerow([*(_text_cell(t) for t in (f.measure, f.kind, f.scope, f.scope_value, f.cell)),
                     "" if f.estimate is None else repr(f.estimate), "" if f.std_error is None else repr(f.std_error),
                     "" if f.ci_low is None else repr(f.ci_low), "" if f.ci_high is None else repr(f.ci_high),
                     f.nodes, f.withheld, str(f.incomplete).lower(), str(f.suppressed).lower()])

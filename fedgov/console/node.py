@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -44,7 +45,7 @@ from starlette.routing import Route
 
 from fedgov.console.charts import Series, line_chart
 from fedgov.console.security import Guard
-from fedgov.console.web import console_app, form, render, session_of
+from fedgov.console.web import console_app, form, local_path, render, session_of
 from fedgov.errors import FedgovError, PrivacyError
 from fedgov.node.audit import AuditEntry, AuditVerification
 from fedgov.node.budget import Budget, LedgerEvent, Mechanism, compose
@@ -378,7 +379,7 @@ class _NodeConsole:
             done = "rejected"
         else:
             raise HTTPException(404, "no such action")
-        return RedirectResponse(f"/approvals?done={done}&task={task_id}", status_code=303)
+        return RedirectResponse(f"/approvals?done={done}&task={quote(task_id, safe='')}", status_code=303)
 
     async def pause(self, request: Request) -> Response:
         fields = await form(request)
@@ -387,8 +388,7 @@ class _NodeConsole:
             await run_in_threadpool(self.home.pause, fields.get("reason", "").strip()[:500], by=who)
         else:
             await run_in_threadpool(self.home.resume, by=who)
-        back = fields.get("back", "/")
-        return RedirectResponse(back if back.startswith("/") and not back.startswith("//") else "/", status_code=303)
+        return RedirectResponse(local_path(fields.get("back")), status_code=303)
 
     async def tasks(self, request: Request) -> Response:
         def build() -> dict[str, Any]:

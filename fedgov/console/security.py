@@ -59,21 +59,28 @@ def read_password_file(path: Path) -> str:
     a password shorter than 12 characters."""
     p = Path(path)
     try:
-        st = p.stat()
+        # one open file for the checks and the read (no name looked up twice); a FIFO does not block
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise ConfigError(f"password file {p} cannot be read", [Problem(str(p), "", f"{exc.strerror or exc}")]) from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"password file {p} is not a regular file", [Problem(str(p), "", "expected a file")])
-    if st.st_mode & 0o077:
-        raise ConfigError(
-            f"password file {p} is readable or writable by others (mode {stat.S_IMODE(st.st_mode):04o})",
-            [Problem(str(p), "", "expected mode 0600 or 0400: chmod 600 " + str(p))],
-        )
-    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
-        raise ConfigError(f"password file {p} belongs to another user", [Problem(str(p), "", "expected a file of this user")])
     try:
-        text = p.read_text("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"password file {p} is not a regular file", [Problem(str(p), "", "expected a file")])
+        if st.st_mode & 0o077:
+            raise ConfigError(
+                f"password file {p} is readable or writable by others (mode {stat.S_IMODE(st.st_mode):04o})",
+                [Problem(str(p), "", "expected mode 0600 or 0400: chmod 600 " + str(p))],
+            )
+        if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+            raise ConfigError(f"password file {p} belongs to another user", [Problem(str(p), "", "expected a file of this user")])
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            raw = fh.read(64 * 1024)
+    finally:
+        os.close(fd)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"password file {p} cannot be read", [Problem(str(p), "", str(exc))]) from None
     password = text.splitlines()[0].strip() if text.strip() else ""
     if len(password) < 12:

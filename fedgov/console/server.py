@@ -2,7 +2,9 @@
 
 :func:`tls_files` decides the certificate: the operator's own (``--tls-cert``/``--tls-key``),
 or a development one made by fedgov's PKI helper (:func:`fedgov.deploy.pki.create_dev_pki`) in
-a directory the operator names (``--tls-dev DIR``; its ``ca.crt`` is what a browser must trust).
+a directory the operator names (``--tls-dev DIR``; its ``ca.crt`` is what a browser must trust;
+the CA's key is removed once it has signed the console's certificate, so that the CA a browser
+trusts can sign nothing else).
 :func:`serve` refuses to listen beyond loopback without one (:func:`~fedgov.console.security.check_binding`).
 """
 
@@ -45,6 +47,9 @@ def tls_files(host: str, cert: Path | None, key: Path | None, dev_dir: Path | No
             names = [] if host in ("0.0.0.0", "::") else [host]
             names.append(socket.gethostname())
             create_dev_pki(d, hosts=names)
+            # a browser is told to trust ca.crt, for every site: its key, once it has signed
+            # this one certificate, is destroyed (to renew, remove the directory)
+            (d / "ca.key").unlink(missing_ok=True)
         return Tls(d / "server.pem", d / "server.key", d / "ca.crt")
     return None
 

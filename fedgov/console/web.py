@@ -32,10 +32,10 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from fedgov.console.security import Guard, Session
+from fedgov.console.security import Guard, Session, is_loopback
 from fedgov.errors import FedgovError
 
-__all__ = ["LOOPBACK_HOSTS", "Page", "console_app", "form", "render", "session_of"]
+__all__ = ["LOOPBACK_HOSTS", "Page", "allowed_hosts_for", "console_app", "form", "local_path", "render", "session_of"]
 
 HERE = Path(__file__).resolve().parent
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -48,6 +48,16 @@ CSP = (
 )
 
 Page = Callable[[Request], Awaitable[Response]]
+
+
+def allowed_hosts_for(host: str) -> list[str] | None:
+    """The ``Host`` names a console bound to ``host`` answers: on a loopback address the
+    loopback names and that address (a DNS-rebinding page names its own site, refused); None
+    (any) elsewhere, where TLS is required and its certificate names the host."""
+    if not is_loopback(host):
+        return None
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return list(LOOPBACK_HOSTS) + ([shown] if shown not in LOOPBACK_HOSTS else [])
 
 
 # --------------------------------------------------------------------------- templates
@@ -164,15 +174,19 @@ async def form(request: Request) -> dict[str, str]:
 # --------------------------------------------------------------------------- login
 
 
-def _next(target: str | None) -> str:
-    """Where to go after login: a path of this console only (never another site)."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+def local_path(target: str | None) -> str:
+    """Where to go after a form (login, pause): a path of this console only, never another
+    site: "/" for anything else, also for what a browser would read as another site once it
+    drops tabs and newlines or reads a backslash as a slash (``/\\evil``, ``/<tab>/evil``)."""
+    if not target or not target.startswith("/") or target.startswith("//"):
+        return "/"
+    if any(c == "\\" or ord(c) < 0x20 or ord(c) == 0x7F for c in target):
         return "/"
     return target
 
 
 async def login_page(request: Request) -> Response:
-    return render(request, "login.html", {"next": _next(request.query_params.get("next")), "error": ""})
+    return render(request, "login.html", {"next": local_path(request.query_params.get("next")), "error": ""})
 
 
 async def login_submit(request: Request) -> Response:
@@ -180,7 +194,7 @@ async def login_submit(request: Request) -> Response:
     if not _same_origin(request):
         raise HTTPException(403, "refused: the login form was sent from another site")
     fields = _parse(await _body(request))
-    target = _next(fields.get("next"))
+    target = local_path(fields.get("next"))
     if guard.throttled():
         return render(request, "login.html", {"next": target, "error": "Too many failed logins; wait a minute."}, status=429)
     session = guard.login(fields.get("secret", ""), fields.get("name", ""))

@@ -84,7 +84,7 @@ def _password(source: SqlSource, label: str) -> str | None:
 def _read_password_file(path: Path, label: str) -> str:
     """The first line of a password file that only its owner, the node's user, can read."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))  # a FIFO: no wait
     except FileNotFoundError:
         raise DataFileError(f"{label}: password file {path} (datasets.sql.password_file) not found") from None
     except OSError as exc:
@@ -122,15 +122,19 @@ def _read_password_file(path: Path, label: str) -> str:
 # --- running the query ---------------------------------------------------------------------------
 
 
+_VALUE_CLASSES = ("22", "23", "P0", "38", "39", "2F", "XX")
+
+
 def _db_message(exc: BaseException, secret: str | None) -> str:
     """What a database error may say: its SQLSTATE and first line, or only its code for the
-    classes whose text may quote a value of the data (22 data exception, 23 integrity)."""
+    classes whose text may quote a value of the data (22 data exception, 23 integrity, a
+    function's own RAISE P0 and external routines 38, 39, 2F, internal errors XX)."""
     orig = getattr(exc, "orig", None) or exc
     code = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "diag", None), "sqlstate", None)
-    if code and str(code)[:2] in ("22", "23"):
+    if code and str(code)[:2] in _VALUE_CLASSES:
         return (
-            f"the database refused a value of the query's rows (SQLSTATE {code}, {type(orig).__name__}); its message is not "
-            "shown because it may quote a value: run the query yourself to see it"
+            f"the database reported an error (SQLSTATE {code}, {type(orig).__name__}) whose message is not shown because it "
+            "may quote a value of the rows: run the query yourself to see it"
         )
     text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
     if secret:
@@ -216,7 +220,7 @@ def read_sql(q: SqlQuery) -> pd.DataFrame:
     be reached, the query fails or times out, returns no rows, repeats a column or returns a
     binary column."""
     label = q.label
-    sql = check_select(q.text)  # again: a SqlQuery can be made without the policy's validation
+    sql = check_select(q.text, sqlite=q.source.is_sqlite)  # again: a SqlQuery can be made without the policy's validation
     secret = _password(q.source, label)
     started = time.monotonic()
     try:
@@ -259,7 +263,8 @@ def _run_postgres(q: SqlQuery, sql: str, secret: str | None) -> tuple[list[str],
     connect_args: dict[str, Any] = {
         "connect_timeout": max(1, math.ceil(q.source.timeout_s)),
         # the session's default: every transaction read-only, every statement under the timeout
-        "options": f"-c default_transaction_read_only=on -c statement_timeout={timeout_ms}",
+        # standard_conforming_strings: a backslash ends no string, for the server as for check_select
+        "options": f"-c default_transaction_read_only=on -c statement_timeout={timeout_ms} -c standard_conforming_strings=on",
         "application_name": "fedgov-node",
     }
     if secret is not None:

@@ -73,18 +73,21 @@ class NodeHome:
         return NodeState(self.path / self.STATE)
 
     # --- the operator's decisions: one place for the command line and the console ----------
-    # Each changes the node state and records who did it in the audit log, in that order.
+    # Each changes the node state and records who did it in the audit log, in that order; a
+    # decision that changes nothing (the same one by the same person again) records nothing.
 
     def approve(self, task_id: str, *, by: str) -> PendingTask:
         """Approve a queued task (:class:`~fedgov.errors.UnknownTask` if it is not queued)."""
-        p = self.state.approve(task_id, by=by)
-        self.audit.append("approved", task_id=task_id, payload={"by": p.decided_by, "summary": p.summary})
+        p, changed = self.state.decide(task_id, "approved", by=by)
+        if changed:
+            self.audit.append("approved", task_id=task_id, payload={"by": p.decided_by, "summary": p.summary})
         return p
 
     def reject(self, task_id: str, reason: str, *, by: str) -> PendingTask:
         """Reject a queued task, saying why."""
-        p = self.state.reject(task_id, reason, by=by)
-        self.audit.append("rejected", task_id=task_id, payload={"reason": reason, "by": by})
+        p, changed = self.state.decide(task_id, "rejected", by=by, reason=reason)
+        if changed:
+            self.audit.append("rejected", task_id=task_id, payload={"reason": reason, "by": by})
         return p
 
     def pause(self, reason: str, *, by: str) -> None:

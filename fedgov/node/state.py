@@ -396,12 +396,21 @@ class NodeState:
         return [self._row(r) for r in rows]
 
     def _decide(self, task_id: str, status: Literal["approved", "rejected"], by: str, reason: str) -> PendingTask:
+        return self.decide(task_id, status, by=by, reason=reason)[0]
+
+    def decide(
+        self, task_id: str, status: Literal["approved", "rejected"], *, by: str = "", reason: str = ""
+    ) -> tuple[PendingTask, bool]:
+        """Approve or reject a queued task: the task as decided, and whether this changed it
+        (False: the same decision by the same person again, as from a double click; decided in
+        one write transaction, so two at once change it once). :class:`UnknownTask` if it is not
+        queued."""
         with self._write() as conn:
             current = self._get(conn, task_id)
             if current is None:
                 raise UnknownTask(f"task {task_id} is not in the approval queue of {self.path}")
             if current.status == status and current.decided_by == by and current.reason == reason:
-                return current  # the same decision again: nothing to record
+                return current, False  # the same decision again: nothing to record
             conn.execute(
                 "UPDATE approvals SET status = ?, decided_at = ?, decided_by = ?, reason = ? WHERE task_id = ?",
                 (status, _now(), by, reason, task_id),
@@ -412,7 +421,7 @@ class NodeState:
             logger.warning("task %s was %s; now %s by %s", task_id, current.status, status, by or "(unnamed)")
         else:
             logger.info("task %s %s by %s", task_id, status, by or "(unnamed)")
-        return decided
+        return decided, True
 
     def approve(self, task_id: str, *, by: str = "") -> PendingTask:
         """Approve a queued task; :class:`UnknownTask` if it is not queued.

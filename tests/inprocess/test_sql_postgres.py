@@ -271,7 +271,7 @@ def test_a_second_statement_is_refused_by_the_server_too(postgres: Postgres, rea
     postgres.execute("DROP TABLE IF EXISTS kept2", "CREATE TABLE kept2 (x int)", "INSERT INTO kept2 VALUES (1)",
                      "GRANT ALL ON kept2 TO fedgov_reader", database="sociaal")
     q = _source(postgres, "SELECT * FROM kept2")
-    monkeypatch.setattr(S, "check_select", lambda sql: sql)
+    monkeypatch.setattr(S, "check_select", lambda sql, **kw: sql)
     forged = SqlQuery(SqlSource.model_construct(**{**q.source.model_dump(), "query": "SELECT 1; DELETE FROM kept2"}))
     with pytest.raises(DataFileError, match="cannot insert multiple commands"):
         read_sql(forged)

@@ -497,3 +497,85 @@ def test_the_console_commands_say_when_they_cannot_listen(tmp_path: Path) -> Non
     init_coordinator(tmp_path / "coord", port=free_port(), superlink_port=free_port())
     r = runner.invoke(app, ["coordinator", "console", "-C", str(tmp_path / "coord"), "--tls-key", str(tmp_path / "k")])
     assert r.exit_code == int(ExitCode.CONFIG) and "both" in r.output
+
+
+# --------------------------------------------------------------------------- review (issue 19/20): an attacker's reading
+
+
+def test_a_second_click_on_approve_writes_no_second_audit_entry(client: TestClient, home: NodeHome, guard: Guard) -> None:
+    """A double click (or the same decision again from the command line) changes nothing in the
+    node state; the audit log then records nothing either: one decision, one entry."""
+    csrf = _login(client)
+    for _ in range(2):
+        r = client.post("/approvals/approve", data={"csrf": csrf, "task_id": "task-1"}, follow_redirects=False)
+        assert r.status_code == 303
+    approved = [e for e in home.audit.entries() if e.kind == "approved"]
+    assert len(approved) == 1
+    home.reject("task-1", "changed my mind", by="operator")
+    home.reject("task-1", "changed my mind", by="operator")
+    assert [e.kind for e in home.audit.entries()][-2:] == ["approved", "rejected"]
+    assert home.audit.verify().ok
+
+
+def test_redirects_after_a_form_stay_on_this_console_and_carry_the_task_id_encoded(client: TestClient, home: NodeHome) -> None:
+    csrf = _login(client)
+    for back in ("/\\evil.example", "//evil.example", "https://evil.example", "/\t/evil.example"):
+        r = client.post("/pause", data={"csrf": csrf, "reason": "x", "back": back}, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/", back
+    home.state.enqueue("a&done=x", summary=SUMMARY)
+    r = client.post("/approvals/approve", data={"csrf": csrf, "task_id": "a&done=x"}, follow_redirects=False)
+    assert r.headers["location"] == "/approvals?done=approved&task=a%26done%3Dx"
+
+
+def test_the_figures_csv_cannot_start_a_spreadsheet_formula() -> None:
+    """Text a node or a registry gave (a region's name, a cell's value) that starts with = + - @
+    (or a tab or carriage return) is kept as text by spreadsheets: a leading apostrophe (OWASP);
+    numbers are left alone, negative ones too."""
+    import csv
+    import io
+
+    from fedgov.analytics.combine import Figure
+
+    figs = [Figure(measure="=HYPERLINK(\"http://evil\")", kind="count", scope="region", scope_value="+cmd|' /C calc'!A0",
+                   cell="@SUM(A1)", estimate=-1.5, ci_low=-3.0, ci_high=0.5),
+            Figure(measure="mean", kind="mean", scope="node", scope_value="-2+3", cell="\tx", estimate=2.0)]
+    rows = list(csv.reader(io.StringIO(figures_csv(figs))))
+    assert rows[1][:5] == ["'=HYPERLINK(\"http://evil\")", "count", "region", "'+cmd|' /C calc'!A0", "'@SUM(A1)"]
+    assert rows[1][5] == "-1.5" and rows[1][7] == "-3.0"
+    assert rows[2][3:5] == ["'-2+3", "'\tx"]
+
+
+def test_a_console_bound_to_another_loopback_address_answers_to_it(tmp_path: Path) -> None:
+    """127.0.0.2 is loopback, reachable from this machine only: the console answers a browser
+    that names it (and still refuses other names: DNS rebinding)."""
+    from fedgov.console.web import allowed_hosts_for
+
+    assert allowed_hosts_for("127.0.0.2") == [*LOOPBACK_HOSTS, "127.0.0.2"]
+    assert allowed_hosts_for("::1") == list(LOOPBACK_HOSTS)
+    assert allowed_hosts_for("127.0.0.1") == list(LOOPBACK_HOSTS)
+    assert allowed_hosts_for("192.0.2.7") is None  # TLS there: its certificate names the host
+
+
+def test_the_development_ca_a_browser_is_told_to_trust_can_sign_nothing_else(tmp_path: Path) -> None:
+    """A browser that trusts a CA trusts whatever it signs, for any site: the console's
+    development CA signs its one server certificate and its key is then gone (a copy left in
+    the directory could forge certificates for the operator's bank)."""
+    tls = tls_files("0.0.0.0", None, None, tmp_path / "tls")
+    assert tls is not None and tls.ca is not None and tls.ca.is_file() and tls.cert.is_file() and tls.key.is_file()
+    assert sorted(p.name for p in (tmp_path / "tls").iterdir()) == ["ca.crt", "server.key", "server.pem"]
+    again = tls_files("0.0.0.0", None, None, tmp_path / "tls")  # the next start reuses the certificate
+    assert again == tls
+
+
+def test_the_password_files_permissions_are_checked_on_the_file_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check and the read are of one open file: a name swapped between them (here: a stat
+    by name that sees another, private file) cannot pass a file others can read."""
+    loose, private = tmp_path / "pw", tmp_path / "private"
+    loose.write_text("correct horse battery staple\n")
+    loose.chmod(0o644)
+    private.write_text("x\n")
+    private.chmod(0o600)
+    real_stat = Path.stat
+    monkeypatch.setattr(Path, "stat", lambda self, **kw: real_stat(private if self == loose else self, **kw))
+    with pytest.raises(ConfigError, match="readable or writable by others"):
+        read_password_file(loose)

@@ -284,3 +284,97 @@ def test_a_node_data_check_runs_on_a_sqlite_data_set(tmp_path: Path, with_sql) -
     out = CliRunner().invoke(cli, ["node", "data", "check", "--node-dir", str(home.path)])
     assert out.exit_code == 0, out.output
     assert home.state.data_check(ds.name, data_sha256=check_dataset(ds, SMALL).data_sha256, contract_sha256=check.contract_sha256).conforms
+
+
+# --- review: side effects a read-only transaction does not stop (issue 19/20 review) -------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        # dblink runs its command on another connection: not in the read-only transaction
+        ("SELECT dblink_exec('dbname=sociaal', 'DROP TABLE people')", "DBLINK_EXEC"),
+        ("SELECT * FROM public.dblink('dbname=sociaal', 'DELETE FROM people RETURNING 1') AS t(x int)", "DBLINK"),
+        # large objects write files on the database server
+        ("SELECT lo_export(42, '/tmp/people.csv')", "LO_EXPORT"),
+        ("SELECT lo_import('/etc/passwd')", "LO_IMPORT"),
+        # a quoted name calls the same function; a Unicode-escaped one hides it
+        ('SELECT "lo_export"(42, \'/tmp/x\')', "LO_EXPORT"),
+        ('SELECT U&"lo\\005fexport"(42, \'/tmp/x\')', "Unicode-escaped"),
+        # SQL in a string, run by the server
+        ("SELECT query_to_xml('SELECT dblink_exec(''x'', ''y'')', true, true, '')", "QUERY_TO_XML"),
+        ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity", "PG_TERMINATE_BACKEND"),
+        ("SELECT set_config('default_transaction_read_only', 'off', false)", "SET_CONFIG"),
+        ("SELECT pg_advisory_lock(1)", "PG_ADVISORY_LOCK"),
+        ("SELECT load_extension('/tmp/evil.so')", "LOAD_EXTENSION"),
+    ],
+)
+def test_functions_with_side_effects_beyond_the_transaction_are_refused(sql: str, expected: str) -> None:
+    with pytest.raises(ValueError, match=expected):
+        check_select(sql)
+
+
+def test_names_of_such_functions_in_strings_or_as_columns_of_a_table_are_not_calls() -> None:
+    # a string or comment mentioning one is no call; the check is about calls
+    assert check_select("SELECT 'dblink_exec' AS x FROM people -- lo_export\n")
+
+
+@pytest.mark.parametrize("key", ["sslpassword", "PASSWORD", "Password"])
+def test_any_url_parameter_holding_a_password_is_refused(key: str) -> None:
+    with pytest.raises(ValueError, match="holds a password") as err:
+        SqlSource(url=f"postgresql://reader@db/sociaal?{key}=Sup3rSecret", query="SELECT 1")
+    assert "Sup3rSecret" not in str(err.value)
+
+
+def test_postgres_sessions_read_strings_as_the_check_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With standard_conforming_strings off a backslash ends no string for the check but does
+    for the server: the session sets it on, as it sets read-only."""
+    import sqlalchemy
+
+    seen: dict[str, object] = {}
+
+    def capture(url: str, **kw: object) -> object:
+        seen.update(kw)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(sqlalchemy, "create_engine", capture)
+    q = SqlSource(url="postgresql://reader@db/sociaal", query="SELECT 1").queries()[0]
+    with pytest.raises(DataFileError):
+        read_sql(q)
+    options = str(seen["connect_args"]["options"])  # type: ignore[index]
+    assert "default_transaction_read_only=on" in options and "standard_conforming_strings=on" in options
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # SQLite quotes names in `backticks` and [brackets], and has no $$ strings: what the
+        # PostgreSQL reading takes for a string there is not one
+        "SELECT 1 AS `'`; DELETE FROM people; SELECT `'`",
+        "SELECT 1 AS [']; DELETE FROM people; SELECT [']",
+        "SELECT $a$; DELETE FROM people; $a$",
+        "SELECT E'\\'; DELETE FROM people; --'",
+    ],
+)
+def test_the_check_reads_a_sqlite_query_as_sqlite_does(tmp_path: Path, sql: str) -> None:
+    with pytest.raises(ValueError, match="more than one statement"):
+        check_select(sql, sqlite=True)
+    with pytest.raises(Exception, match="more than one statement"):
+        SqlSource.model_validate({"url": f"sqlite:///{tmp_path / 'd.db'}", "query": sql})
+
+
+def test_a_sqlite_query_may_quote_names_as_sqlite_does() -> None:
+    assert check_select("SELECT `select`, [insert] FROM people", sqlite=True)
+
+
+@pytest.mark.parametrize("code", ["22P02", "23505", "P0001", "38001", "39P01", "2F005", "XX000"])
+def test_errors_whose_text_a_function_or_the_data_writes_are_shown_by_code_only(code: str) -> None:
+    """A function's RAISE (P0001, external routines 38/39/2F) writes whatever it is given, a row's
+    value too; an internal error (XX) may quote a value: only the code is shown."""
+    from fedgov.data.sql import _db_message
+
+    class Raised(Exception):
+        sqlstate = code
+
+    text = _db_message(Raised("row of citizen 123-45-678: income 91000"), None)
+    assert code in text and "123-45-678" not in text and "91000" not in text
