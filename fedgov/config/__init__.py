@@ -22,6 +22,7 @@ from fedgov.config.municipalities import Municipality, all_municipalities, displ
 from fedgov.config.task import (
     MODEL_NAMES,
     EvaluationSpec,
+    PersonalSpec,
     ModelSpec,
     PrivacySpec,
     Task,
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigPath",
     "Contract",
     "EvaluationSpec",
+    "PersonalSpec",
     "Federation",
     "Member",
     "ModelSpec",
