@@ -316,8 +316,8 @@ def model_show(
 ) -> None:
     """One personal model's provenance: task, run, contract, data file, the global model it was
     made from, the variant chosen and why."""
-    from fedgov.errors import FedgovError
-    from fedgov.node.personal import PersonalModels
+    from fedgov.errors import FedgovError  # lazy: with the store below
+    from fedgov.node.personal import PersonalModels  # lazy: numpy (fedgov --help)
 
     home = _home(node_dir)
     try:
@@ -340,11 +340,11 @@ def model_export(
     """Write a personal model's weights (and its provenance beside it, OUT.json) for use at the
     municipality. The model was fitted on the node's rows without differential privacy: it is as
     confidential as those rows, and must not leave the municipality."""
-    import numpy as np
+    import numpy as np  # lazy: numpy (fedgov --help)
 
-    from fedgov.data.io import atomic_write_bytes
-    from fedgov.errors import FedgovError
-    from fedgov.node.personal import PersonalModels
+    from fedgov.data.io import atomic_write_bytes  # lazy: pandas, through the data package (fedgov --help)
+    from fedgov.errors import FedgovError  # lazy: with the store below
+    from fedgov.node.personal import PersonalModels  # lazy: numpy (fedgov --help)
 
     home = _home(node_dir)
     store = PersonalModels(home.path)
@@ -357,11 +357,11 @@ def model_export(
     if out.exists():
         usage_error(f"--out {out}: the file exists; fedgov does not overwrite it")
     weights = store.weights(rec)
-    import io
+    import io  # lazy: only here
 
     buf = io.BytesIO()
     if out.suffix == ".pt":
-        import torch
+        import torch  # lazy: PyTorch (fedgov --help)
 
         torch.save({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, buf)
     else:

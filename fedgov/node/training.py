@@ -650,16 +650,16 @@ def fine_tune(
     start_acc, start_loss = _val_score(model, Xv, yv)
     best = (start_acc, -start_loss)
     best_state, best_epoch, best_acc, best_loss = get_state(model), 0, start_acc, start_loss
-    loader = DataLoader(
-        _Rows(Xt, yt), batch_size=batch_size, collate_fn=_pass_through,  # type: ignore[arg-type]  # whole batches, see _Rows
-        shuffle=True, generator=torch.Generator().manual_seed(_seeds(seed)[0]),
-    )
+    generator = torch.Generator().manual_seed(_seeds(seed)[0])
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
     criterion = nn.CrossEntropyLoss()
     anchor = [(p, p.detach().clone()) for p in model.parameters()] if proximal_mu > 0 else []
     for epoch in range(1, epochs + 1):
         model.train()
-        for xb, yb in loader:
+        order = torch.randperm(len(yt), generator=generator)
+        for start in range(0, len(yt), batch_size):
+            idx = order[start : start + batch_size]
+            xb, yb = Xt[idx], yt[idx]
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(model(xb), yb)
             if anchor:
