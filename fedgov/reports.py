@@ -236,19 +236,26 @@ def plot_report(report: TrainingReport, path: Path) -> Path:
     ax1.legend(loc="lower right", fontsize=8)
     ax1.grid(alpha=0.3)
 
-    nodes = [n for n in report.nodes if n.gain is not None]
+    nodes = [n for n in report.nodes if n.gain is not None or n.personal_gain is not None]
     nodes.sort(key=lambda n: n.train_rows, reverse=True)
+    personal = any(n.personal_gain is not None for n in nodes)
+    width = 0.4 if personal else 0.8
     if nodes:
         labels = [f"{n.name or n.node}\n(~{n.train_rows})" for n in nodes]
+        at = [i - width / 2 if personal else i for i in range(len(nodes))]
         gains = [100 * (n.gain or 0.0) for n in nodes]
         colors = ["tab:green" if g >= 0 else "tab:red" for g in gains]
         # the nodes' own accuracies are DP releases: their noise as error bars (1 sd)
         errors = [100 * (n.federated_accuracy_sd or 0.0) for n in nodes]
-        ax2.bar(range(len(nodes)), gains, color=colors, yerr=errors, capsize=2, ecolor="dimgray")
+        ax2.bar(at, gains, width=width, color=colors, yerr=errors, capsize=2, ecolor="dimgray", label="federated (noisy)")
+        if personal:
+            pgains = [100 * (n.personal_gain or 0.0) for n in nodes]
+            ax2.bar([i + width / 2 for i in range(len(nodes))], pgains, width=width, color="tab:blue", label="personalised (exact)")
+            ax2.legend(loc="upper right", fontsize=8)
         ax2.set_xticks(range(len(nodes)), labels, rotation=60, ha="right", fontsize=7)
         ax2.axhline(0, color="black", lw=0.8)
     ax2.set_ylabel("gain in accuracy (points)")
-    ax2.set_title("gain per node: federated over local-only (same DP budget)")
+    ax2.set_title("gain per node over local-only (same DP budget): federated" + (", personalised" if personal else ""))
     ax2.grid(axis="y", alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -102,6 +102,10 @@ def test_the_report_shows_local_only_federated_and_personalised_per_node(tmp_pat
     assert "gain (pers.)" in header
     assert "0.797 (fine-tuned)" in text and "+1.4 pt" in text and "0.850 (global)" in text and "-8.8 pt" in text
     assert "1 node(s) worse off" in text and "Zandvoort" in text
+    from fedgov.reports import plot_report
+
+    png = plot_report(report, tmp_path / "accuracy.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a run without personal figures (a deployment) has no such columns
     for n in nodes:
         n.personal_accuracy = n.personal_gain = n.personal_variant = None

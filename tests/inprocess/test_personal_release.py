@@ -42,10 +42,8 @@ def personal_task(tmp_path_factory: pytest.TempPathFactory, write_federation, wr
             tmp / "task.toml", name="personal", federation=fed,
             training={"rounds": 2, "batch_size": 128, "learning_rate": 0.5, "min_nodes": 2, "seed": 3, "reply_timeout": 5},
             privacy={"target_epsilon": 2.0, "delta": 1e-5, "accountant": "rdp", "reproducible_noise": reproducible},
-            evaluation={"centralized": adult_test_csv, "epsilon": 0.3, "at_nodes": "final"},
+            evaluation={"centralized": adult_test_csv, "epsilon": 0.3, "at_nodes": "final"}, personal={"epochs": 3},
         )
-        with task.open("a") as fh:
-            fh.write("\n[personal]\nepochs = 3\n")
         return fed, task
 
     return make
