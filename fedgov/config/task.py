@@ -209,7 +209,7 @@ class PersonalSpec(StrictModel):
 
     enabled: bool = Field(default=True, description="build and keep a personal model at every node after the final round")
     validation_fraction: float = Field(
-        default=0.2, gt=0, lt=1, description="share of the node's training rows held out to choose between the two variants"
+        default=0.3, gt=0, lt=1, description="share of the node's training rows held out to choose between the two variants"
     )
     epochs: int = Field(default=30, ge=1, le=200, description="fine-tuning epochs at most; the best epoch on the validation split is kept")
     learning_rate: float = Field(default=0.1, gt=0, le=10)

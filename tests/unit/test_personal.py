@@ -73,7 +73,7 @@ def test_a_node_whose_base_rate_differs_gets_a_fine_tuned_model_that_is_better_o
     assert personal.variant == "fine-tuned" and personal.epochs >= 1
     assert personal.val_accuracy is not None and personal.val_accuracy_global is not None
     assert personal.val_accuracy > personal.val_accuracy_global
-    assert personal.val_rows == 300 and personal.fit_rows == 1200
+    assert personal.val_rows == 450 and personal.fit_rows == 1050
     model = build_model(ModelSpec(name="logreg"), n_features=4, n_classes=2, seed=0)
     set_state(model, g)
     before = evaluate(model, Xt, yt).accuracy
@@ -84,7 +84,7 @@ def test_a_node_whose_base_rate_differs_gets_a_fine_tuned_model_that_is_better_o
 
 def test_too_few_rows_keep_the_global_model() -> None:
     g = _global_state()
-    X, y = _shifted(4 * MIN_VALIDATION_ROWS, 0.0, 3)  # 4 validation rows at 0.2
+    X, y = _shifted(3 * MIN_VALIDATION_ROWS - 2, 0.0, 3)  # 4 validation rows at 0.3
     personal = personalise(_task(), g, X, y, node="GM0589", n_features=4, n_classes=2)
     assert personal.variant == "global" and "too few" in personal.reason
     assert all(np.array_equal(personal.state[k], g[k]) for k in g)
