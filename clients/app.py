@@ -54,8 +54,9 @@ from fedgov.config import Contract, Task
 from fedgov.config.datasource import DataSource
 from fedgov.errors import SecAggError
 from fedgov.node.admission import node_display_name
-from fedgov.node.context import config_int, data_of, node_of, query_of, task_of
+from fedgov.node.context import config_int, data_of, node_of, query_of, task_id, task_of
 from fedgov.node.contracts import append_private
+from fedgov.node.personal import PersonalRecord, ensure_personal, personal_test_accuracy
 from fedgov.node.policy import min_rows_for
 from fedgov.node.refusals import Refusal, error_reason
 from fedgov.transport import UPDATE, encode_update
@@ -118,13 +119,22 @@ def query(msg: Message, context: Context) -> Message:
     node, home, simulated = node_of(context)
     key = state_key(msg)
     if kind == P.END:
+        if FlowerState(context).get(key) is not None:  # a task this node accepted: keep its personal model
+            _keep_personal(msg, context, task, contract)
         return Message(RecordDict({P.METRICS: MetricRecord({"ok": 1})}), reply_to=msg)
     train_path, test_path = data_of(home, contract)
     if kind == P.BASELINE:
         base = N.baseline(task, contract, train_path, test_path, node=node, simulated=simulated, dp=_dp(context, key))
         if isinstance(base, Refusal):
             return Message(Error(code=ERROR_REFUSED, reason=base.reason()), reply_to=msg)
-        return Message(RecordDict({P.METRICS: MetricRecord({"accuracy": base.accuracy, "epsilon": base.epsilon})}), reply_to=msg)
+        metrics: dict[str, int | float | list[int] | list[float]] = {"accuracy": base.accuracy, "epsilon": base.epsilon}
+        # a simulation only (N.baseline refused above otherwise): the personal model's exact
+        # figures, apart from the budget like the local-only ones (fedgov.node.personal)
+        if _keep_personal(msg, context, task, contract) is not None:
+            figures = personal_test_accuracy(home, task, contract, task_id=task_id(msg), train_path=train_path, test_path=test_path)
+            if figures is not None:
+                metrics |= {"personal-accuracy": figures[0], "personal-fine-tuned": figures[1], "test-rows": float(figures[2])}
+        return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
     min_rows, setting = min_rows_for(home.policy(), task) if home.exists() else (0, "limits.min_rows")
     answer, dp = N.hello(
         task, contract, node=node, node_name=node_display_name(home, node), train_path=train_path, test_path=test_path, workdir=home.path,
@@ -198,4 +208,29 @@ def evaluate(msg: Message, context: Context) -> Message:
     task, contract, _, train_path, test_path, state = _incoming(msg, context)
     z = _dp(context, state_key(msg)).fixed_plan(task).evaluation_noise if task.privacy.enabled else None
     metrics = N.evaluate_global(task, contract, train_path=train_path, test_path=test_path, state=state, evaluation_noise=z)
+    if _server_round(msg) == task.training.rounds:  # the final global model: the node keeps its personal model
+        _keep_personal(msg, context, task, contract)
     return Message(RecordDict({P.METRICS: MetricRecord(dict(metrics))}), reply_to=msg)
+
+
+def _keep_personal(msg: Message, context: Context, task: Task, contract: Contract) -> PersonalRecord | None:
+    """The node's personal model for this task, made once from the final global model that
+    ``msg`` carries (the final evaluation, the simulation's baseline, ``end``); nothing of it is
+    sent (:mod:`fedgov.node.personal`). None when the message carries no model, the task asks
+    for none, or it cannot be made (the reason goes to the node-local error report)."""
+    if P.ARRAYS not in msg.content.array_records or not task.personal.enabled:
+        return None
+    node, home, _ = node_of(context)
+    try:
+        train_path, test_path = data_of(home, contract)
+        state = {k: v.numpy() for k, v in msg.content.array_records[P.ARRAYS].items()}
+        return ensure_personal(
+            home, task, contract, node=node, task_id=task_id(msg), train_path=train_path, test_path=test_path, global_state=state,
+        )
+    except Exception as exc:  # noqa: BLE001 - the task's replies go on; the details stay at the node
+        log.error("node %s: no personal model for task %s: %s", node, task.name, type(exc).__name__)
+        try:
+            append_private(home.path, "errors.log", f"--- personal model of task {task.name}\n{''.join(traceback.format_exception(exc))}\n")
+        except OSError:
+            pass
+        return None

@@ -2,12 +2,15 @@
 
 The report answers every municipality's first question: what do we gain by joining? Per
 node it sets the accuracy of the federated model on the node's own test split beside the
-accuracy of the same model trained with the same DP budget on the node's data alone.
+accuracy of the same model trained with the same DP budget on the node's data alone, and (in a
+simulation) beside the node's personal model: the federated model, or it fine-tuned on the
+node's own rows, whichever is better on a validation split of its own.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Iterable
 from datetime import datetime
@@ -128,6 +131,27 @@ class NodeResult(_Model):
     local_only_accuracy: float | None = None
     local_only_epsilon: float | None = None
     gain: float | None = Field(default=None, description="federated minus local-only accuracy")
+    personal_accuracy: float | None = Field(
+        default=None,
+        description="the node's personal model (the global model, or it fine-tuned on the node's rows, whichever is "
+        "better on its validation split) on its test split: a simulation's exact figure, apart from the budget like "
+        "local-only; a deployed node keeps its personal model and sends nothing about it",
+    )
+    personal_variant: Literal["global", "fine-tuned"] | None = None
+    personal_gain: float | None = Field(default=None, description="personalised minus local-only accuracy")
+
+    def standard_error(self) -> float | None:
+        """The standard error of an accuracy on this node's test split (simulation: its size is known),
+        at the local-only accuracy."""
+        p = self.local_only_accuracy
+        if p is None or self.test_rows <= 0:
+            return None
+        return math.sqrt(max(p * (1 - p), 0.0) / self.test_rows)
+
+    def worse_off(self) -> bool:
+        """Personalised below local-only by more than the test split's standard error."""
+        se = self.standard_error()
+        return self.personal_gain is not None and se is not None and self.personal_gain < -se
 
 
 class TrainingReport(_Model):
@@ -169,6 +193,15 @@ class TrainingReport(_Model):
     def median_gain(self) -> float | None:
         gains = [n.gain for n in self.nodes if n.gain is not None]
         return statistics.median(gains) if gains else None
+
+    def median_personal_gain(self) -> float | None:
+        gains = [n.personal_gain for n in self.nodes if n.personal_gain is not None]
+        return statistics.median(gains) if gains else None
+
+    def worse_off(self) -> list[NodeResult]:
+        """The nodes whose personal model is below their local-only one by more than the standard
+        error of their test split (simulation)."""
+        return [n for n in self.nodes if n.worse_off()]
 
     def max_epsilon(self) -> float | None:
         eps = [n.epsilon for n in self.nodes if n.epsilon is not None]
@@ -266,19 +299,26 @@ def plot_report(report: TrainingReport, path: Path) -> Path:
     ax1.legend(loc="lower right", fontsize=8)
     ax1.grid(alpha=0.3)
 
-    nodes = [n for n in report.nodes if n.gain is not None]
+    nodes = [n for n in report.nodes if n.gain is not None or n.personal_gain is not None]
     nodes.sort(key=lambda n: n.train_rows, reverse=True)
+    personal = any(n.personal_gain is not None for n in nodes)
+    width = 0.4 if personal else 0.8
     if nodes:
         labels = [f"{n.name or n.node}\n(~{n.train_rows})" for n in nodes]
+        at = [i - width / 2 if personal else i for i in range(len(nodes))]
         gains = [100 * (n.gain or 0.0) for n in nodes]
         colors = ["tab:green" if g >= 0 else "tab:red" for g in gains]
         # the nodes' own accuracies are DP releases: their noise as error bars (1 sd)
         errors = [100 * (n.federated_accuracy_sd or 0.0) for n in nodes]
-        ax2.bar(range(len(nodes)), gains, color=colors, yerr=errors, capsize=2, ecolor="dimgray")
+        ax2.bar(at, gains, width=width, color=colors, yerr=errors, capsize=2, ecolor="dimgray", label="federated (noisy)")
+        if personal:
+            pgains = [100 * (n.personal_gain or 0.0) for n in nodes]
+            ax2.bar([i + width / 2 for i in range(len(nodes))], pgains, width=width, color="tab:blue", label="personalised (exact)")
+            ax2.legend(loc="upper right", fontsize=8)
         ax2.set_xticks(range(len(nodes)), labels, rotation=60, ha="right", fontsize=7)
         ax2.axhline(0, color="black", lw=0.8)
     ax2.set_ylabel("gain in accuracy (points)")
-    ax2.set_title("gain per node: federated over local-only (same DP budget)")
+    ax2.set_title("gain per node over local-only (same DP budget): federated" + (", personalised" if personal else ""))
     ax2.grid(axis="y", alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

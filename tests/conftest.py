@@ -196,16 +196,20 @@ def write_task_(
     federation: Path | None = None,
     contract: Path = CONTRACT,
     model: str | Mapping[str, Any] | None = "logreg",
+    personal: Mapping[str, Any] | None = None,
 ) -> Path:
     """A training task on the Adult contract: the sections as given (``model``: the model's name or
     its whole section, None for no ``[model]`` section; ``evaluation=None``: no ``[evaluation]``
-    section); a None value leaves its key out."""
+    section); a None value leaves its key out. ``personal`` is the ``[personal]`` section; by
+    default the nodes keep no personal model (fine-tuning at every node of every run would cost
+    the suite seconds a run; ``tests/inprocess/test_personal_release.py`` turns it on)."""
     text = toml_table(None, {"name": name, "contract": contract, "federation": federation})
     if model is not None:
         text += toml_table("model", {"name": model} if isinstance(model, str) else model)
     text += toml_table("training", training) + toml_table("privacy", privacy)
     if evaluation is not None:
         text += toml_table("evaluation", evaluation)
+    text += toml_table("personal", personal if personal is not None else {"enabled": False})
     return write_file_(path, text)
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from fedgov.cli.console import console, err_console, new_typer, usage_error
+from fedgov.cli.console import console, err_console, fail, new_typer, usage_error
 from fedgov.cli.daemon import ConsoleHost, ConsolePort, PasswordFile, TlsCert, TlsDev, TlsKey, foreground, serve_console
 from fedgov.config import load_contract
 from fedgov.errors import ExitCode
@@ -29,9 +29,11 @@ node_app = new_typer("Operate a municipality's node: budget, audit log, approval
 audit_app = new_typer("The node's hash-chained audit log.")
 contract_app = new_typer("The data contracts the node holds, pinned in its policy.")
 data_app = new_typer("The node's data, checked against the contracts it holds.")
+model_app = new_typer("The node's personal models: kept at the node, one per task run (no budget spent using them).")
 node_app.add_typer(audit_app, name="audit")
 node_app.add_typer(contract_app, name="contract")
 node_app.add_typer(data_app, name="data")
+node_app.add_typer(model_app, name="model")
 
 NodeDir = Annotated[
     Path | None,
@@ -304,3 +306,101 @@ def data_check(node_dir: NodeDir = None) -> None:
             "the rows, columns and values are in the report files above, readable only by this user"
         )
         raise typer.Exit(int(ExitCode.DATA_VALIDATION))
+
+
+def _acc(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+@model_app.command("list")
+def model_list(
+    node_dir: NodeDir = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """The personal models this node keeps, newest first: task, run, chosen variant, validation
+    accuracy (known only here: none of it left the node) and the weights' file."""
+    from fedgov.node.personal import PersonalModels  # lazy: numpy (fedgov --help)
+
+    home = _home(node_dir)
+    recs = PersonalModels(home.path).records()
+    if json_out:
+        print(json.dumps([r.model_dump(mode="json") for r in recs], indent=2))
+        return
+    if not recs:
+        console.print(f"no personal models in {home.path / PersonalModels.DIR} (one is kept after each training task's final round)")
+        return
+    t = Table(title=f"personal models of node {home.policy().node} (kept here; nothing about them was sent)")
+    for col in ("key", "task", "run", "created (UTC)", "variant", "val. acc. global", "val. acc. personal", "val. rows", "file"):
+        t.add_column(col, overflow="fold")
+    for r in recs:
+        t.add_row(
+            r.key, r.task, r.run, r.created.strftime("%Y-%m-%d %H:%M"), r.variant + (f" ({r.epochs} ep.)" if r.epochs else ""),
+            _acc(r.val_accuracy_global), _acc(r.val_accuracy), str(r.val_rows), r.path,
+        )
+    console.print(t)
+
+
+@model_app.command("show")
+def model_show(
+    ref: Annotated[str, typer.Argument(help="The model's key, its task id, or a task name (its newest run)")],
+    node_dir: NodeDir = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """One personal model's provenance: task, run, contract, data file, the global model it was
+    made from, the variant chosen and why."""
+    from fedgov.errors import FedgovError  # lazy: with the store below
+    from fedgov.node.personal import PersonalModels  # lazy: numpy (fedgov --help)
+
+    home = _home(node_dir)
+    try:
+        rec = PersonalModels(home.path).find(ref)
+    except FedgovError as exc:
+        fail(exc)
+    if json_out:
+        print(rec.model_dump_json(indent=2))
+        return
+    for k, v in rec.model_dump(mode="json").items():
+        console.print(f"[bold]{k}[/]: {v}", highlight=False)
+
+
+@model_app.command("export")
+def model_export(
+    ref: Annotated[str, typer.Argument(help="The model's key, its task id, or a task name (its newest run)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The file to write: .pt (PyTorch state dict) or .npz")],
+    node_dir: NodeDir = None,
+) -> None:
+    """Write a personal model's weights (and its provenance beside it, OUT.json) for use at the
+    municipality. The model was fitted on the node's rows without differential privacy: it is as
+    confidential as those rows, and must not leave the municipality."""
+    import numpy as np  # lazy: numpy (fedgov --help)
+
+    from fedgov.data.io import atomic_write_bytes  # lazy: pandas, through the data package (fedgov --help)
+    from fedgov.errors import FedgovError  # lazy: with the store below
+    from fedgov.node.personal import PersonalModels  # lazy: numpy (fedgov --help)
+
+    home = _home(node_dir)
+    store = PersonalModels(home.path)
+    try:
+        rec = store.find(ref)
+    except FedgovError as exc:
+        fail(exc)
+    if out.suffix not in (".pt", ".npz"):
+        usage_error(f"--out {out}: expected a file name ending in .pt (PyTorch) or .npz (NumPy)")
+    if out.exists():
+        usage_error(f"--out {out}: the file exists; fedgov does not overwrite it")
+    weights = store.weights(rec)
+    import io  # lazy: only here
+
+    buf = io.BytesIO()
+    if out.suffix == ".pt":
+        import torch  # lazy: PyTorch (fedgov --help)
+
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, buf)
+    else:
+        arrays: dict[str, Any] = dict(weights)
+        np.savez(buf, **arrays)
+    atomic_write_bytes(out, buf.getvalue())  # mode 0600
+    atomic_write_bytes(out.with_name(out.name + ".json"), rec.model_dump_json(indent=2, exclude={"path"}).encode())
+    home.audit.append("personal-model-exported", task_id=rec.task_id, payload={"key": rec.key, "file": str(out.resolve())})
+    console.print(f"wrote {out} ({rec.variant} model of task {rec.task}, run {rec.run}) and {out.name}.json; "
+                  "it was fitted without DP on this node's rows: keep it inside the municipality")

@@ -42,7 +42,10 @@ def print_summary(report: TrainingReport, run_dir: Path) -> None:
 
     t = Table(title=f"{report.task}: per node (target epsilon {report.privacy.get('target_epsilon')})")
     unit = _UNIT.get(str(report.privacy.get("mode")), "") if report.privacy.get("enabled") else ""
-    for col in ("node", "name", "rows (noisy)", f"epsilon{unit}", "federated acc.", "local-only acc.", "gain", "status"):
+    personal = any(n.personal_accuracy is not None for n in report.nodes)
+    cols = ["node", "name", "rows (noisy)", f"epsilon{unit}", "local-only acc.", "federated acc.", "gain"]
+    cols += ["personalised acc.", "gain (pers.)"] if personal else []
+    for col in (*cols, "status"):
         t.add_column(col, justify="right" if col not in ("node", "name", "status") else "left")
     refused = [n for n in report.nodes if n.status == "refused"]
     fold = len(refused) > _FOLD  # many refusals: by reason under the table, not one row each
@@ -52,12 +55,15 @@ def print_summary(report: TrainingReport, run_dir: Path) -> None:
         status = n.status if n.status == "accepted" else f"{n.status}: {n.refusal_code or ''} {n.refusal_reason}"
         if n.detail:
             status = escape(f"{status}; {n.detail}")
-        t.add_row(
-            n.node, escape(n.name), str(n.train_rows) if n.train_rows else "-", _fmt(n.epsilon),
+        row = [
+            n.node, escape(n.name), str(n.train_rows) if n.train_rows else "-", _fmt(n.epsilon), _fmt(n.local_only_accuracy),
             _fmt(n.federated_accuracy) + ("" if n.federated_accuracy_sd is None else f" ± {n.federated_accuracy_sd:.3f}"),
-            _fmt(n.local_only_accuracy),
-            "-" if n.gain is None else f"{100 * n.gain:+.1f} pt", status,
-        )
+            "-" if n.gain is None else f"{100 * n.gain:+.1f} pt",
+        ]
+        if personal:
+            mark = "" if n.personal_variant is None else (" (fine-tuned)" if n.personal_variant == "fine-tuned" else " (global)")
+            row += [_fmt(n.personal_accuracy) + mark, "-" if n.personal_gain is None else f"{100 * n.personal_gain:+.1f} pt" + (" [red]![/]" if n.worse_off() else "")]
+        t.add_row(*row, status)
     if t.row_count:
         console.print(t)
     if fold:
@@ -94,6 +100,20 @@ def print_summary(report: TrainingReport, run_dir: Path) -> None:
         f"Largest planned epsilon of a node: {_fmt(report.max_epsilon(), '.3f')}; median gain from federating: "
         f"{'-' if gain is None else f'{100 * gain:+.1f} points'}; wall time {_fmt(report.wall_seconds, '.0f')} s"
     )
+    if personal:
+        pgain = report.median_personal_gain()
+        worse = report.worse_off()
+        console.print(
+            f"Personal models (kept at each node, fedgov node model): median gain over local-only "
+            f"{'-' if pgain is None else f'{100 * pgain:+.1f} points'}; "
+            + (f"[red]{len(worse)} node(s) worse off[/] than local-only by more than their test split's standard error "
+               f"({', '.join(n.name or n.node for n in worse)})" if worse else
+               "no node worse off than local-only by more than its test split's standard error")
+        )
+        console.print(
+            "[dim]Local-only and personalised accuracies are a simulation's exact figures, apart from the budget; a deployed "
+            "node sends neither (its personal model stays with it).[/]"
+        )
     eval_eps = report.privacy.get("evaluation_epsilon")
     if any(n.federated_accuracy is not None for n in report.nodes) and eval_eps:
         console.print(

@@ -25,6 +25,7 @@ from fedgov.config.registry import Organisation, Registry, default_registry, loa
 from fedgov.config.task import (
     MODEL_NAMES,
     EvaluationSpec,
+    PersonalSpec,
     ModelSpec,
     PrivacySpec,
     Task,
@@ -39,6 +40,7 @@ __all__ = [
     "ConfigPath",
     "Contract",
     "EvaluationSpec",
+    "PersonalSpec",
     "Federation",
     "Member",
     "ModelSpec",

@@ -16,6 +16,7 @@ __all__ = [
     "TrainingSpec",
     "PrivacySpec",
     "EvaluationSpec",
+    "PersonalSpec",
     "Task",
     "load_task",
     "MODEL_NAMES",
@@ -200,6 +201,25 @@ class EvaluationSpec(StrictModel):
         return 1 if self.at_nodes == "final" else rounds
 
 
+class PersonalSpec(StrictModel):
+    """Each node's personal model (:mod:`fedgov.node.personal`): the final global model, or that
+    model fine-tuned on the node's own training rows, whichever is better on a validation split
+    carved from those rows. It stays at the node (``fedgov node model``); the fine-tuning spends
+    no budget because nothing of it leaves a deployed node."""
+
+    enabled: bool = Field(default=True, description="build and keep a personal model at every node after the final round")
+    validation_fraction: float = Field(
+        default=0.3, gt=0, lt=1, description="share of the node's training rows held out to choose between the two variants"
+    )
+    epochs: int = Field(default=30, ge=1, le=200, description="fine-tuning epochs at most; the best epoch on the validation split is kept")
+    learning_rate: float = Field(default=0.1, gt=0, le=10)
+    batch_size: int = Field(default=64, ge=1)
+    proximal_mu: float = Field(
+        default=0.0, ge=0, le=1000, allow_inf_nan=False,
+        description="pull towards the global model while fine-tuning (mu/2 * ||w - w_global||^2, as FedProx)",
+    )
+
+
 class Task(StrictModel):
     """A training task."""
 
@@ -213,6 +233,7 @@ class Task(StrictModel):
     training: TrainingSpec = TrainingSpec()
     privacy: PrivacySpec = PrivacySpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    personal: PersonalSpec = PersonalSpec()
 
     @model_validator(mode="after")
     def _check_mode(self) -> Task:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -169,11 +169,17 @@ def task_config(task: Task, contract: Contract) -> dict[str, str]:
     return {P.TASK_JSON: task.model_dump_json(), P.CONTRACT_JSON: contract.model_dump_json()}
 
 
-def query_messages(node_ids: Iterable[int], kind: str, config: Mapping[str, str]) -> list[Message]:
-    """One Flower *query* message of ``kind`` per node, each carrying ``config``."""
+def query_messages(
+    node_ids: Iterable[int], kind: str, config: Mapping[str, str], arrays: ArrayRecord | None = None
+) -> list[Message]:
+    """One Flower *query* message of ``kind`` per node, each carrying ``config`` (and ``arrays``,
+    the final global model, from which a node keeps its personal model)."""
     content = ConfigRecord({P.KIND: kind, **config})
+    records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {P.CONFIG: content}
+    if arrays is not None:
+        records[P.ARRAYS] = arrays
     return [
-        Message(content=RecordDict({P.CONFIG: content}), message_type=MessageType.QUERY, dst_node_id=nid)
+        Message(content=RecordDict(records), message_type=MessageType.QUERY, dst_node_id=nid)
         for nid in node_ids
     ]
 
@@ -228,10 +234,13 @@ def _hello_answer(nid: int, reply: Message) -> P.NodeHello:
         )
 
 
-def end_task(grid: Grid, node_ids: list[int], config: Mapping[str, str], timeout: float = 60.0) -> None:
+def end_task(
+    grid: Grid, node_ids: list[int], config: Mapping[str, str], timeout: float = 60.0, arrays: ArrayRecord | None = None
+) -> None:
     """Tell the nodes the task has ended, so that they release what they reserved and did not
-    spend. Best effort: a node that does not hear it keeps the reservation (never hands back)."""
+    spend (with ``arrays``, the final model: each node keeps its personal model from it). Best
+    effort: a node that does not hear it keeps the reservation (never hands back)."""
     try:
-        list(grid.send_and_receive(query_messages(node_ids, P.END, config), timeout=timeout))
+        list(grid.send_and_receive(query_messages(node_ids, P.END, config, arrays), timeout=timeout))
     except Exception:  # noqa: BLE001
         log.warning("could not tell every node that the task ended", exc_info=True)

@@ -96,6 +96,7 @@ class _Run:
     # Interrupted (SIGTERM, Ctrl-C, the process ending): the nodes are not told the task
     # ended, so that their reservations stay open and the run can be resumed from its checkpoint.
     interrupted: bool = True
+    final: ArrayRecord | None = None  # the final global model: sent with baseline and end (personal models)
 
     @property
     def config(self) -> dict[str, str]:
@@ -186,6 +187,12 @@ def _privacy_summary(task: Task) -> dict[str, float | str | bool | None]:
         ) + ", and noisy correct/total counts for evaluations; no row counts, losses or per-node epsilon (their "
         "release gate keeps them)",
         "local_only_baseline": "simulation only, computed apart from each node's budget (what it would cost: the task's target)",
+        "personal_models": (
+            "each node keeps the final global model or that model fine-tuned on its own rows, whichever is better on a "
+            "validation split of its own; it stays at the node (fedgov node model) and a deployed node sends nothing about "
+            "it; its accuracy in this report is a simulation's exact figure, apart from the budget like the local-only one"
+            if task.personal.enabled else "off"
+        ),
     }
 
 
@@ -354,6 +361,7 @@ def _complete(run: _Run, result: Result, recorder: Recorder, evaluator: CentralE
     import torch
 
     _collect(run.report, recorder, evaluator)
+    run.final = result.arrays
     if run.options.local_baseline:
         run.events.emit("baselines", nodes=len(run.admitted))
         _baselines(run)
@@ -379,7 +387,7 @@ def _close(run: _Run) -> None:
     """Whatever happened: tell the nodes the task ended (unless interrupted) and write the report."""
     report, run_dir = run.report, run.options.run_dir
     if run.admitted and not run.interrupted:
-        end_task(run.grid, run.admitted, run.config)
+        end_task(run.grid, run.admitted, run.config, arrays=run.final if run.task.personal.enabled else None)
     if run.interrupted:
         done_rounds = max((r.round for r in report.rounds), default=0)
         report.status = "failed"
@@ -438,7 +446,7 @@ def pooled(report: TrainingReport, recorder: Recorder) -> PooledMetrics | None:
 def _baselines(run: _Run) -> None:
     """Ask each node for its local-only model's accuracy (same model, same DP budget)."""
     by_node = {n.node: n for n in run.report.nodes}
-    msgs = query_messages(run.admitted, P.BASELINE, run.config)
+    msgs = query_messages(run.admitted, P.BASELINE, run.config, run.final if run.task.personal.enabled else None)
     for reply in run.grid.send_and_receive(msgs, timeout=run.options.reply_timeout):
         nr = by_node.get(run.names.get(reply.metadata.src_node_id, ""))
         if nr is None or reply.has_error():
@@ -448,3 +456,8 @@ def _baselines(run: _Run) -> None:
         nr.local_only_epsilon = values["epsilon"]
         if nr.federated_accuracy is not None:
             nr.gain = nr.federated_accuracy - nr.local_only_accuracy
+        if "personal-accuracy" in values:  # simulation only: exact, apart from the budget
+            nr.personal_accuracy = values["personal-accuracy"]
+            nr.personal_variant = "fine-tuned" if values.get("personal-fine-tuned") == 1.0 else "global"
+            nr.personal_gain = nr.personal_accuracy - nr.local_only_accuracy
+            nr.test_rows = int(values.get("test-rows", 0))

@@ -69,6 +69,10 @@ if TYPE_CHECKING:
         default_policy_text, file_sha256, KINDS, LimitsSpec, load_policy, min_rows_for, NodePolicy, pin_contract_text,
         PolicyCode, Proposal, Rule, RULES, secure_aggregation_text, SecureAggregationSpec, STRATEGIES,
     )
+    from fedgov.node.personal import (
+        ensure_personal, MIN_VALIDATION_ROWS, personal_test_accuracy, personalise, PersonalModel, PersonalModels,
+        PersonalRecord, validation_split,
+    )
     from fedgov.node.refusals import (
         error_reason, is_allowed, PARAMS, parse_error_reason, Refusal, refusal_text, TEMPLATES,
     )
@@ -91,7 +95,7 @@ if TYPE_CHECKING:
         answer_query, mechanism_of, query_fingerprint, query_id_of, read_node_frame,
     )
     from fedgov.node.training import (
-        RoundResult, train_dp_round, train_nonprivate_round,
+        fine_tune, FineTuned, RoundResult, train_dp_round, train_nonprivate_round,
     )
 
 _MODULES: dict[str, tuple[str, ...]] = {
@@ -133,6 +137,10 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "pin_contract_text",
         "PolicyCode", "Proposal", "Rule", "RULES", "secure_aggregation_text", "SecureAggregationSpec", "STRATEGIES",
     ),
+    "personal": (
+        "ensure_personal", "MIN_VALIDATION_ROWS", "personal_test_accuracy", "personalise", "PersonalModel", "PersonalModels",
+        "PersonalRecord", "validation_split",
+    ),
     "refusals": (
         "error_reason", "is_allowed", "PARAMS", "parse_error_reason", "Refusal", "refusal_text", "TEMPLATES",
     ),
@@ -157,7 +165,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "answer_query", "mechanism_of", "query_fingerprint", "query_id_of", "read_node_frame",
     ),
     "training": (
-        "RoundResult", "train_dp_round", "train_nonprivate_round",
+        "fine_tune", "FineTuned", "RoundResult", "train_dp_round", "train_nonprivate_round",
     ),
 }
 """The public names of the package, by the module they come from."""
@@ -189,6 +197,9 @@ __all__ = [
     "spent", "spent_history", "StageRequest", "stop_blocked", "STRATEGIES", "table_markdown", "task_gate_context",
     "task_id", "task_of", "TaskState", "TaskStatus", "TEMPLATES", "train", "train_dp_round", "train_nonprivate_round",
     "validated_frame",
+    # personal models (fedgov.node.personal, fedgov.node.training)
+    "ensure_personal", "fine_tune", "FineTuned", "MIN_VALIDATION_ROWS", "personal_test_accuracy", "personalise",
+    "PersonalModel", "PersonalModels", "PersonalRecord", "validation_split",
 ]
 
 

@@ -135,6 +135,14 @@ DECLARATION: dict[str, tuple[Release, ...]] = {
             "simulated",
         ),
         Release(P.METRICS, "metric", "epsilon", "public: what the local-only model would cost (the task's own target)", "simulated"),
+        Release(
+            P.METRICS, "metric", "personal-accuracy",
+            "simulation only (a deployed node refuses): the personal model's exact accuracy on the node's test split, "
+            "apart from the budget like the local-only one; a deployed node sends nothing about its personal model",
+            "simulated",
+        ),
+        Release(P.METRICS, "metric", "personal-fine-tuned", "simulation only: which variant the personal model is (1 fine-tuned, 0 global)", "simulated"),
+        Release(P.METRICS, "metric", "test-rows", "simulation only: the test split's size, for the standard error of its figures", "simulated"),
     ),
     P.END: (Release(P.METRICS, "metric", "ok", "public constant 1", "one"),),
     ERROR_KIND: (

@@ -48,7 +48,9 @@ from fedgov.privacy.dpsgd import FusedClipper, fused_supported, noised_mean_grad
 from fedgov.privacy.rng import RandomSource, SecureRNG, draw_normal
 
 __all__ = [
+    "FineTuned",
     "RoundResult",
+    "fine_tune",
     "train_dp_round",
     "train_nonprivate_round",
 ]
@@ -591,3 +593,81 @@ def train_nonprivate_round(
         steps=steps,
         train_loss=float(np.mean(losses)),
     )
+
+
+@dataclass(frozen=True)
+class FineTuned:
+    """What :func:`fine_tune` kept: the epoch best on the validation rows (0: none beat the
+    model it started from), its weights and its validation accuracy and loss; and those of the
+    model it started from."""
+
+    state: dict[str, np.ndarray]
+    epoch: int
+    val_accuracy: float
+    val_loss: float
+    start_accuracy: float
+    start_loss: float
+
+
+def _val_score(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    with eval_mode(model), torch.no_grad():
+        logits = model(X)
+    return float((logits.argmax(dim=1) == y).float().mean()), float(nn.functional.cross_entropy(logits, y))
+
+
+def fine_tune(
+    model: nn.Module,
+    X: np.ndarray,
+    y: np.ndarray,
+    X_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    epochs: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    proximal_mu: float = 0.0,
+) -> FineTuned:
+    """Ordinary (non-private) fine-tuning of ``model`` on ``(X, y)`` for up to ``epochs`` epochs
+    of shuffled mini-batch SGD, keeping the epoch that is best on ``(X_val, y_val)``: the higher
+    validation accuracy, the lower validation loss between equal accuracies. Epoch 0, the model as
+    given, is a candidate too, so the result is never worse on the validation rows than the start.
+
+    ``proximal_mu`` adds ``mu/2 * ||w - w_start||^2`` to the loss, a pull towards the model it
+    started from (FedProx's term), which keeps a small node's model from straying far on few rows.
+
+    Every epoch is always run (the work, and so the time, does not depend on which one is kept).
+    For the node's personal model (:mod:`fedgov.node.personal`), which never leaves the node.
+    """
+    Xt, yt = as_tensors(X, y)
+    Xv, yv = as_tensors(X_val, y_val)
+    if len(yt) == 0 or len(yv) == 0:
+        raise ModelError("fine-tuning needs at least one training and one validation row")
+    with eval_mode(model):
+        n_classes = model(Xt[:1]).shape[1]
+    check_labels(yt, n_classes)
+    check_labels(yv, n_classes)
+    start_acc, start_loss = _val_score(model, Xv, yv)
+    best = (start_acc, -start_loss)
+    best_state, best_epoch, best_acc, best_loss = get_state(model), 0, start_acc, start_loss
+    generator = torch.Generator().manual_seed(_seeds(seed)[0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
+    criterion = nn.CrossEntropyLoss()
+    anchor = [(p, p.detach().clone()) for p in model.parameters()] if proximal_mu > 0 else []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(len(yt), generator=generator)
+        for start in range(0, len(yt), batch_size):
+            idx = order[start : start + batch_size]
+            xb, yb = Xt[idx], yt[idx]
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(xb), yb)
+            if anchor:
+                loss = loss + 0.5 * proximal_mu * sum(((p - p0) ** 2).sum() for p, p0 in anchor)
+            loss.backward()
+            optimizer.step()
+        acc, loss = _val_score(model, Xv, yv)
+        if (acc, -loss) > best:
+            best, best_state, best_epoch, best_acc, best_loss = (acc, -loss), get_state(model), epoch, acc, loss
+    optimizer.zero_grad(set_to_none=True)
+    return FineTuned(best_state, best_epoch, best_acc, best_loss, start_acc, start_loss)
