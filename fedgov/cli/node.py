@@ -155,9 +155,9 @@ def _shown(text: str) -> str:
     """Text the coordinator may have chosen (a message kind, a task's name, an error text) as a
     table cell: no Rich markup, no control characters (an escape sequence could hide or forge
     lines of what the privacy officer reads)."""
-    from rich.markup import escape
+    from rich.markup import escape  # lazy: rich.markup (fedgov --help)
 
-    from fedgov.protocol import plain_text
+    from fedgov.protocol import plain_text  # lazy: pydantic models (fedgov --help)
 
     return escape(plain_text(text))
 

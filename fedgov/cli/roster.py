@@ -86,7 +86,7 @@ def roster_show(
     t.add_column("name")
     names: dict[str, str] | None = None
     if registry is not None:
-        from fedgov.config.registry import default_registry, load_registry
+        from fedgov.config.registry import default_registry, load_registry  # lazy: the registry (fedgov --help)
 
         reg = default_registry() if str(registry) == "cbs" else load_registry(registry)
         names = {m.name: reg.name(m.name) if m.name in reg else "(not in the registry)" for m in r.members}
