@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -147,6 +149,55 @@ def data_validate(
     c = load_contract(contract)
     frame = validate_frame(read_table(file), c, file=str(file))
     console.print(f"[green]ok[/] {file}: {len(frame)} rows conform to {c.ref}")
+
+
+@data_app.command("draft")
+def data_draft(
+    file: Annotated[Path, typer.Argument(help="CSV or Parquet file: one row per record, a column naming each row's organisation")],
+    target: Annotated[str, typer.Option("--target", "-t", help="The column to predict")],
+    organisation: Annotated[str, typer.Option("--organisation", "-o", help="The column naming each row's organisation")],
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Name of the drafted contract, federation and task (default: the file's stem)")] = None,
+    person_id: Annotated[str | None, typer.Option("--person-id", help="A column identifying the person a row belongs to")] = None,
+    drop: Annotated[list[str] | None, typer.Option("--drop", help="A column to leave out of the contract (repeatable)")] = None,
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Where to write contracts/, registries/, federations/, tasks/, queries/")] = Path("configs"),
+    epsilon: Annotated[float, typer.Option("--epsilon", help="The task's epsilon per node")] = 2.0,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite drafted files that exist")] = False,
+) -> None:
+    """Draft a contract, an organisation registry, a federation, a task and a query for a new table.
+
+    Every numeric bound is read off the table and rounded outward, and says so: replace it by a
+    bound known without the data before a real federation uses the contract.
+    """
+
+
+    from fedgov.data import read_table  # lazy: pandas (fedgov --help)
+    from fedgov.data.draft import DraftError, draft  # lazy: pandas (fedgov --help)
+
+    stem = name or re.sub(r"[^a-z0-9_-]+", "-", file.name.split(".")[0].lower()).strip("-_") or "dataset"
+    df = read_table(file)
+    source = os.path.relpath(file.resolve(), out_dir.resolve()).replace(os.sep, "/")
+    try:
+        result = draft(df, name=stem, source=source, target=target, organisation=organisation, person_id=person_id,
+                       drop=tuple(drop or ()), epsilon=epsilon)
+    except DraftError as exc:
+        usage_error(f"{file}: {exc}")
+    existing = [out_dir / rel for rel in result.files if (out_dir / rel).exists()]
+    if existing and not force:
+        usage_error("would overwrite " + ", ".join(map(str, existing)) + " (--force to overwrite)")
+    for rel, text in result.files.items():
+        path = out_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        console.print(f"[green]wrote[/] {escape(str(path))}")
+    for note in result.notes:
+        console.print(f"  {escape(note)}", soft_wrap=True)
+    console.print(
+        f"Next: read {escape(str(out_dir / 'contracts' / (stem + '.toml')))} (every min/max is a placeholder read off the data), then\n"
+        f"  fedgov check {escape(str(out_dir / 'tasks' / (stem + '.toml')))}\n"
+        f"  fedgov run {escape(str(out_dir / 'tasks' / (stem + '.toml')))}\n"
+        f"  fedgov query {escape(str(out_dir / 'queries' / (stem + '.toml')))}",
+        soft_wrap=True,
+    )
 
 
 def report(
