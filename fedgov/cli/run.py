@@ -14,7 +14,7 @@ from rich.table import Table
 import fedgov
 from fedgov.cli.console import console, new_typer, print_error, usage_error
 from fedgov.cli.options import Approval, Cpus, JsonOut, NodeBudget, RayAddress, RunsDir, StateDir, simulation_options
-from fedgov.cli.summary import print_summary, run_with_progress
+from fedgov.cli.summary import exit_if_not_learned, print_summary, run_with_progress
 from fedgov.config import load_contract, load_federation, load_task
 from fedgov.config._base import load_toml
 from fedgov.errors import EXIT_HELP, ExitCode, FedgovError
@@ -65,6 +65,7 @@ def run(
     print_summary(report, run_dir)
     if json_out:
         print(report.model_dump_json(indent=2))
+    exit_if_not_learned(report)
 
 
 def check(
