@@ -69,7 +69,7 @@ def main(src: Path) -> None:
             "test_fraction = 0.2",
             "",
         ]
-        for code, value in zip(codes, orgs):
+        for code, value in zip(codes[: len(orgs)], orgs, strict=True):
             lines += ["[[members]]", f'code = "{code}"', f'values = ["{value}"]']
         (ROOT / "configs" / "federations" / f"{name}.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
         print(f"{name}: {len(df)} rows, {len(orgs)} organisations -> {out.relative_to(ROOT)}")
