@@ -109,7 +109,10 @@ def check_learning(
     )
     if metric == "accuracy" and binary and auc is not None and math.isfinite(auc) and auc > 0.5:
         message += f"; its AUC {auc:.4f} shows how well it ranks, but no prediction beats the guess"
-    advice = ["train longer: more training.rounds, or more training.local_epochs"]
+    advice = [
+        "train longer: more training.rounds or training.local_epochs; or a larger training.learning_rate "
+        "(unset, fedgov picks one for the node's size and DP-SGD)"
+    ]
     if privacy:
         advice.append(
             "spend more privacy where the nodes' policies allow it (privacy.target_epsilon): DP noise may drown the signal; "
