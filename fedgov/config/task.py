@@ -91,6 +91,13 @@ class TrainingSpec(StrictModel):
             "or robust to a few bad nodes: median (FedMedian), trimmed-mean (FedTrimmedAvg), krum (Krum)"
         ),
     )
+    server_momentum: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="the coordinator's momentum on the averaged update (FedAvgM, Hsu et al. 2019, arXiv:1909.06335): "
+        "post-processing of what the nodes sent, so no privacy cost. Helps where the model moves too slowly (measured: "
+        "Chem97, 0.26 to 0.33 or more at 0.9), hurts where the noise dominates (Adult demo-12, Benefits): off by default; "
+        "aggregation = mean without secure aggregation only",
+    )
     trim_fraction: float = Field(default=0.2, ge=0, lt=0.5, description="trimmed-mean: share cut at each end")
     krum_bad_nodes: int = Field(default=1, ge=0, description="krum: how many nodes may be malicious")
     update_encoding: Literal["float16-delta", "float32-delta"] = Field(
@@ -181,6 +188,11 @@ class TrainingSpec(StrictModel):
             raise ValueError(
                 f"aggregation '{self.aggregation}' must see every node's update; under secure_aggregation the "
                 "coordinator sees only their sum: use aggregation = \"mean\""
+            )
+        if self.server_momentum > 0 and (self.secure_aggregation or self.aggregation != "mean" or self.strategy != "fedavg"):
+            raise ValueError(
+                "server_momentum applies to plain FedAvg: strategy = \"fedavg\", aggregation = \"mean\", "
+                "no secure_aggregation"
             )
         if self.secure_aggregation and self.max_update_norm is not None:
             raise ValueError(
