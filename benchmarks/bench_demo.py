@@ -48,7 +48,7 @@ def centralized_nonprivate(task_path: Path, epochs: int = 20) -> float:
     X, y = load(fed.source)
     Xt, yt = load(task.evaluation.centralized)
     model = build_model(task.model, n_features=enc.n_features, n_classes=enc.n_classes, seed=0)
-    training = TrainingSpec(local_epochs=epochs, batch_size=256, learning_rate=task.training.learning_rate)
+    training = TrainingSpec(local_epochs=epochs, batch_size=256, learning_rate=task.training.learning_rate or 0.5)
     train_nonprivate_round(model, X, y, training=training, seed=0)
     return evaluate(model, Xt, yt).accuracy
 

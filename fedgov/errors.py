@@ -16,6 +16,7 @@ documented exit code (:class:`ExitCode`, :data:`EXIT_HELP`) instead of a traceba
     │       └── BudgetExceeded       14  a reservation would overspend a data set's budget
     ├── FederationError              20  the federation cannot run (too few nodes, a failed Flower process),
     │                                    or a report shows a failed or unfinished run (fedgov report)
+    │   (no exception)               21  a completed run whose global model does not beat guessing (NOT_LEARNED)
     ├── ReportError                  10  a run's report file is missing, not JSON, or not a fedgov report
     ├── LedgerCorrupted              31  the ledger file is not fedgov's, or SQLite reports it damaged
     ├── AuditError                    1  the audit log refuses an entry (payload too large, not JSON)
@@ -92,6 +93,7 @@ class ExitCode(IntEnum):
     MODEL = 13
     PRIVACY = 14
     FEDERATION = 20
+    NOT_LEARNED = 21
     AUDIT_TAMPERED = 30
     STATE_CORRUPTED = 31
     INTERRUPTED = 130
@@ -111,6 +113,9 @@ EXIT_HELP: dict[ExitCode, str] = {
     ExitCode.FEDERATION: "The federation could not run: too few nodes accepted, "
     "or a Flower process failed; also what `fedgov report` ends in for a run (training or query) "
     "that failed or never finished.",
+    ExitCode.NOT_LEARNED: "The run completed, but the global model does not beat guessing (the majority rate, or an AUC "
+    "of 0.5 for an imbalanced binary target) by more than the noise of its test set; the summary and the report "
+    "('learning') say what to try: more rounds or local epochs, a larger epsilon, other features.",
     ExitCode.AUDIT_TAMPERED: "The node's audit log failed verification: an entry was changed, "
     "removed or reordered; the message names the first bad entry.",
     ExitCode.STATE_CORRUPTED: "A node database (ledger, audit log, node state) is corrupted or is not "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fedgov.errors import Problem, ReportError
 
 __all__ = [
+    "LearningCheck",
+    "check_learning",
     "RoundMetrics",
     "NodeResult",
     "GlobalMetrics",
@@ -67,6 +69,87 @@ class PooledMetrics(_Model):
     nodes: int = Field(description="how many nodes' evaluations are pooled")
     round: int = Field(description="the round of the evaluation pooled (the last one the nodes evaluated)")
     label: str = POOLED_LABEL
+
+
+IMBALANCED_MINORITY = 0.2
+"""A binary target whose rarer class is below this share is judged by AUC, not accuracy: always
+guessing the majority is then right most of the time whatever the model learned."""
+
+SIGNIFICANCE_SE = 2.0
+"""How many standard errors of the test set a model must beat its baseline by to count as learned."""
+
+
+class LearningCheck(_Model):
+    """Did the global model learn anything the test set can tell from guessing?
+
+    ``metric`` is accuracy against the majority rate, or, for a binary target whose rarer class
+    is under :data:`IMBALANCED_MINORITY`, ROC AUC against 0.5. ``margin`` is the noise of the
+    test set: :data:`SIGNIFICANCE_SE` standard errors of the baseline on ``n`` rows (a
+    proportion's ``sqrt(p (1 - p) / n)``; for AUC Hanley and McNeil's standard error at 0.5,
+    ``sqrt((n0 + n1 + 1) / (12 n0 n1))``). ``learned`` is ``value - baseline > margin``.
+    """
+
+    learned: bool
+    metric: Literal["accuracy", "auc"]
+    value: float
+    baseline: float = Field(description="the majority rate (accuracy) or 0.5 (AUC)")
+    margin: float = Field(description="two standard errors of the baseline on the test set's size")
+    n: int = Field(description="rows in the test set the figures come from")
+    message: str = ""
+    advice: list[str] = Field(default_factory=list, description="what to try when the model did not learn")
+
+
+def check_learning(
+    *, accuracy: float, auc: float | None, class_counts: Sequence[int], privacy: bool = True, where: str = "the held-out test set",
+) -> LearningCheck | None:
+    """Judge a global model's test figures against guessing (see :class:`LearningCheck`).
+
+    ``class_counts``: rows of each class in the test set (the majority rate and the AUC's noise
+    come from them). None when there is nothing to judge (an empty test set, or one class only).
+    Pure: figures in, verdict out.
+    """
+    counts = [int(c) for c in class_counts if int(c) > 0]
+    n = sum(counts)
+    if n == 0 or len(counts) < 2:
+        return None
+    majority = max(counts) / n
+    binary = len(class_counts) == 2 and len(counts) == 2
+    imbalanced = binary and min(counts) / n < IMBALANCED_MINORITY
+    if imbalanced and auc is not None and math.isfinite(auc):
+        n0, n1 = counts
+        margin = SIGNIFICANCE_SE * math.sqrt((n0 + n1 + 1) / (12.0 * n0 * n1))
+        metric: Literal["accuracy", "auc"] = "auc"
+        value, baseline = float(auc), 0.5
+    else:
+        margin = SIGNIFICANCE_SE * math.sqrt(majority * (1 - majority) / n)
+        metric, value, baseline = "accuracy", float(accuracy), majority
+    learned = value - baseline > margin
+    name = "AUC" if metric == "auc" else "accuracy"
+    against = "0.5 (chance)" if metric == "auc" else f"the majority rate {baseline:.4f} (always guessing the most frequent class)"
+    if learned:
+        message = f"the global model's {name} {value:.4f} beats {against} by more than the test set's noise (±{margin:.4f}, {n} rows)"
+        return LearningCheck(learned=True, metric=metric, value=value, baseline=baseline, margin=margin, n=n, message=message)
+    message = (
+        f"the global model did not learn: its {name} on {where} ({n} rows) is {value:.4f}, not above {against} "
+        f"by more than the test set's noise (±{margin:.4f})"
+    )
+    if metric == "accuracy" and binary and auc is not None and math.isfinite(auc) and auc > 0.5:
+        message += f"; its AUC {auc:.4f} shows how well it ranks, but no prediction beats the guess"
+    advice = [
+        "train longer: more training.rounds or training.local_epochs; or a larger training.learning_rate "
+        "(unset, fedgov picks one for the node's size and DP-SGD)"
+    ]
+    if privacy:
+        advice.append(
+            "spend more privacy where the nodes' policies allow it (privacy.target_epsilon): DP noise may drown the signal; "
+            "a run with privacy.enabled = false tells whether the noise or the model is the limit"
+        )
+    advice += [
+        "check the features: are the columns that carry the signal in the task (features), and do the contract's "
+        "min and max fit the data (values outside are clipped, a range far too wide squeezes them together)?",
+        "a model with more capacity (model.name = \"mlp\"), or a target with more signal, when the plain model is the limit",
+    ]
+    return LearningCheck(learned=False, metric=metric, value=value, baseline=baseline, margin=margin, n=n, message=message, advice=advice)
 
 
 class RoundMetrics(_Model):
@@ -184,6 +267,9 @@ class TrainingReport(_Model):
     pooled: PooledMetrics | None = Field(
         default=None, description="the global model on the nodes' own test splits, pooled (their released counts): "
         "the global figure when the task has no central test set",
+    )
+    learning: LearningCheck | None = Field(
+        default=None, description="whether the global model beats guessing by more than the test set's noise, and what to try"
     )
     artifacts: dict[str, str] = Field(default_factory=dict)
 

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from fedgov.cli.console import console, new_typer
 from fedgov.cli.daemon import ConsoleHost, ConsolePort, PasswordFile, TlsCert, TlsDev, TlsKey, foreground, serve_console
-from fedgov.cli.summary import print_summary, run_with_progress
+from fedgov.cli.summary import exit_if_not_learned, print_summary, run_with_progress
 from fedgov.deploy.local import local_federation_down, local_federation_up
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ def task_submit(
     print_summary(report, run_dir)
     if json_out:
         print(report.model_dump_json(indent=2))
+    exit_if_not_learned(report)
 
 
 @task_app.command("resume")
@@ -82,6 +83,7 @@ def task_resume(
     print_summary(report, done)
     if json_out:
         print(report.model_dump_json(indent=2))
+    exit_if_not_learned(report)
 
 
 def _runs_table(infos: list[RunInfo]) -> Table:

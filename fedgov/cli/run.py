@@ -20,7 +20,7 @@ from fedgov.cli.daemon import ConsoleHost, ConsolePort, PasswordFile, TlsCert, T
 from fedgov.cli.options import (
     Approval, Cpus, JsonOut, NodeBudget, NodePolicyOption, RayAddress, RunsDir, StateDir, simulation_options,
 )
-from fedgov.cli.summary import print_query_summary, print_summary, run_with_progress
+from fedgov.cli.summary import exit_if_not_learned, print_query_summary, print_summary, run_with_progress
 from fedgov.config import load_contract, load_federation, load_task
 from fedgov.config._base import load_toml
 from fedgov.errors import EXIT_HELP, ExitCode, FederationError, FedgovError
@@ -76,6 +76,7 @@ def run(
     print_summary(report, run_dir)
     if json_out:
         print(report.model_dump_json(indent=2))
+    exit_if_not_learned(report)
 
 
 def check(
@@ -242,6 +243,8 @@ def report(
         raise FederationError(
             f"the run has not finished: its report says '{status}' (still running, or stopped before it could end; report: {path})"
         )
+    if path.name != "query.json":
+        exit_if_not_learned(r)  # a completed run whose model does not beat guessing: 21, as the run itself ended
 
 
 def exit_codes() -> None:

@@ -11,18 +11,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedgov.cli.console import console, err_console
-from fedgov.errors import FedgovError, ReportError
+from fedgov.errors import ExitCode, FedgovError, ReportError
 
 if TYPE_CHECKING:
     from fedgov.analytics import QueryReport
     from fedgov.reports import TrainingReport
 
-__all__ = ["print_query_summary", "print_summary", "run_with_progress"]
+__all__ = ["exit_if_not_learned", "print_learning", "print_query_summary", "print_summary", "run_with_progress"]
 
 
 def _fmt(v: float | str | bool | None, spec: str = ".3f") -> str:
@@ -87,8 +88,15 @@ def print_summary(report: TrainingReport, run_dir: Path) -> None:
             f"Global model, {pl.label}: accuracy [bold]{pl.accuracy:.4f}[/] ({pl.nodes} nodes, round {pl.round}; "
             "no central test set: evaluation.centralized)"
         )
+        if report.learning is None:
+            console.print(
+                "Whether it beats guessing cannot be judged here: the coordinator does not know the classes' shares. "
+                "A statistics query counting rows by the target gives them (fedgov data draft writes one), or give "
+                "the task a central test set.", soft_wrap=True,
+            )
     elif report.status == "completed":
         console.print("No global figure: the task has no central test set (evaluation.centralized) and the nodes did not evaluate")
+    print_learning(report)
     gain = report.median_gain()
     if report.privacy.get("mode") == "distributed":
         console.print(
@@ -122,6 +130,27 @@ def print_summary(report: TrainingReport, run_dir: Path) -> None:
         )
     shown = [f"{label}: {run_dir / name}" for label, name in (("Report", "report.json"), ("Plot", "accuracy.png"), ("Model", "model.pt")) if (run_dir / name).is_file()]
     console.print("   ".join(shown))
+
+
+def print_learning(report: TrainingReport) -> None:
+    """Whether the global model beats guessing by more than its test set's noise; if not, plainly,
+    with what to try (``report.learning``, :func:`fedgov.reports.check_learning`)."""
+    check = report.learning
+    if check is None:
+        return
+    if check.learned:
+        console.print(f"[green]Learned:[/] {escape(check.message)}.")
+        return
+    console.print(f"[bold red]Not learned:[/] {escape(check.message)}. Try:")
+    for tip in check.advice:
+        console.print(f"  - {escape(tip)}")
+
+
+def exit_if_not_learned(report: TrainingReport) -> None:
+    """End the command with :attr:`ExitCode.NOT_LEARNED` when a completed run's global model
+    does not beat guessing (after the summary has said so)."""
+    if report.status == "completed" and report.learning is not None and not report.learning.learned:
+        raise typer.Exit(int(ExitCode.NOT_LEARNED))
 
 
 def _show_event(progress: Progress, bar: TaskID, ev: dict[str, Any]) -> None:

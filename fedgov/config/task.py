@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -40,13 +41,43 @@ class ModelSpec(StrictModel):
         return self
 
 
+AUTO_BATCH_SIZE = 256
+"""The automatic batch size of a large node (training.batch_size unset)."""
+AUTO_MIN_BATCH = 16
+"""The automatic batch size never goes below this (a small node's quarter of its rows may)."""
+AUTO_MIN_STEPS = 10
+"""Automatic local epochs: enough for at least this many steps a round (a small node makes few per epoch)."""
+AUTO_MAX_EPOCHS = 20
+"""Automatic local epochs: at most this many."""
+AUTO_DP_LEARNING_RATE = 4.0
+"""The automatic learning rate of local DP-SGD with sgd. A step moves by at most learning_rate times
+max_grad_norm (every per-record gradient is clipped to it), so DP-SGD needs a larger rate than plain
+training: measured with benchmarks/bench_utility.py (README "Utility under DP")."""
+AUTO_LEARNING_RATE = 0.5
+"""The automatic learning rate without local DP-SGD (no privacy, or distributed DP), sgd."""
+AUTO_ADAM_LEARNING_RATE = 0.05
+"""The automatic learning rate with optimizer = "adam"."""
+
+
 class TrainingSpec(StrictModel):
     """Rounds, local optimisation and the Flower strategy."""
 
     rounds: int = Field(default=10, ge=1, le=10_000)
-    local_epochs: int = Field(default=1, ge=1, le=1000)
-    batch_size: int = Field(default=256, ge=1)
-    learning_rate: float = Field(default=0.1, gt=0, le=100)
+    local_epochs: int | None = Field(
+        default=None, ge=1, le=1000,
+        description="local epochs per round; None (auto): each node takes enough epochs for at least "
+        "AUTO_MIN_STEPS steps a round, from its own (released) row count",
+    )
+    batch_size: int | None = Field(
+        default=None, ge=1,
+        description="batch size (the expected Poisson batch under DP-SGD); None (auto): AUTO_BATCH_SIZE, "
+        "at most a quarter of the node's (released) rows, at least AUTO_MIN_BATCH",
+    )
+    learning_rate: float | None = Field(
+        default=None, gt=0, le=100,
+        description="None (auto): AUTO_DP_LEARNING_RATE for DP-SGD with sgd (its clipped, noised steps need a "
+        "larger rate), AUTO_LEARNING_RATE otherwise; adam: AUTO_ADAM_LEARNING_RATE",
+    )
     momentum: float = Field(default=0.0, ge=0, lt=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
     strategy: Literal["fedavg", "fedprox"] = "fedavg"
@@ -60,6 +91,13 @@ class TrainingSpec(StrictModel):
             "how the coordinator combines the nodes' models: mean (FedAvg/FedProx, weighted by examples), "
             "or robust to a few bad nodes: median (FedMedian), trimmed-mean (FedTrimmedAvg), krum (Krum)"
         ),
+    )
+    server_momentum: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="the coordinator's momentum on the averaged update (FedAvgM, Hsu et al. 2019, arXiv:1909.06335): "
+        "post-processing of what the nodes sent, so no privacy cost. Helps where the model moves too slowly (measured: "
+        "Chem97, 0.26 to 0.33 or more at 0.9), hurts where the noise dominates (Adult demo-12, Benefits): off by default; "
+        "aggregation = mean without secure aggregation only",
     )
     trim_fraction: float = Field(default=0.2, ge=0, lt=0.5, description="trimmed-mean: share cut at each end")
     krum_bad_nodes: int = Field(default=1, ge=0, description="krum: how many nodes may be malicious")
@@ -99,6 +137,50 @@ class TrainingSpec(StrictModel):
     )
     seed: int = 0
 
+    def resolved(self, rows: int, *, dp_sgd: bool) -> TrainingSpec:
+        """This spec with every automatic setting (None) made concrete for a node of ``rows`` rows.
+
+        ``rows`` must be a value the node may use openly: under local DP-SGD its *released* (noisy)
+        row count, which its plan already depends on; ``dp_sgd``: whether the node trains with
+        local DP-SGD. The same inputs give the same spec at the node, in its plan and in its
+        training. Explicit settings are kept as they are.
+        """
+        batch = self.batch_size
+        if batch is None:
+            batch = max(AUTO_MIN_BATCH, min(AUTO_BATCH_SIZE, rows // 4))
+        epochs = self.local_epochs
+        if epochs is None:
+            steps_per_epoch = max(2, math.ceil(rows / batch)) if dp_sgd else max(1, math.ceil(rows / batch))
+            epochs = min(AUTO_MAX_EPOCHS, max(1, math.ceil(AUTO_MIN_STEPS / steps_per_epoch)))
+        lr = self.learning_rate
+        if lr is None:
+            if self.optimizer == "adam":
+                lr = AUTO_ADAM_LEARNING_RATE
+            else:
+                lr = AUTO_DP_LEARNING_RATE if dp_sgd else AUTO_LEARNING_RATE
+        return self.model_copy(update={"batch_size": batch, "local_epochs": epochs, "learning_rate": lr})
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of a :meth:`resolved` spec."""
+        if self.learning_rate is None:
+            raise ValueError("the learning rate is automatic: resolve the training spec for the node first (resolved)")
+        return self.learning_rate
+
+    @property
+    def epochs(self) -> int:
+        """The local epochs of a :meth:`resolved` spec."""
+        if self.local_epochs is None:
+            raise ValueError("the local epochs are automatic: resolve the training spec for the node first (resolved)")
+        return self.local_epochs
+
+    @property
+    def batch(self) -> int:
+        """The batch size of a :meth:`resolved` spec."""
+        if self.batch_size is None:
+            raise ValueError("the batch size is automatic: resolve the training spec for the node first (resolved)")
+        return self.batch_size
+
     @model_validator(mode="after")
     def _check(self) -> TrainingSpec:
         if self.strategy == "fedprox" and self.proximal_mu <= 0:
@@ -107,6 +189,11 @@ class TrainingSpec(StrictModel):
             raise ValueError(
                 f"aggregation '{self.aggregation}' must see every node's update; under secure_aggregation the "
                 "coordinator sees only their sum: use aggregation = \"mean\""
+            )
+        if self.server_momentum > 0 and (self.secure_aggregation or self.aggregation != "mean" or self.strategy != "fedavg"):
+            raise ValueError(
+                "server_momentum applies to plain FedAvg: strategy = \"fedavg\", aggregation = \"mean\", "
+                "no secure_aggregation"
             )
         if self.secure_aggregation and self.max_update_norm is not None:
             raise ValueError(

@@ -140,7 +140,9 @@ def decode_updates(
             log.warning("round update of %s left out: %s", name(m), exc)
             bad[name(m)] = f"update could not be read: {exc}"
             continue
-        m.content[P.ARRAYS] = ArrayRecord({k: Array(v) for k, v in local.items()})
+        # in the global model's order: Flower's FedAvgM pairs its arrays with the aggregate's by position
+        order = list(global_arrays) if set(global_arrays) == set(local) else list(local)
+        m.content[P.ARRAYS] = ArrayRecord({k: Array(local[k]) for k in order})
         out.append(m)
     return out, bad
 

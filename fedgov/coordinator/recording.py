@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 
 from fedgov.config import Task
 from fedgov.coordinator.aggregation import aggregate_metrics, decode_updates, metric_values, screen_updates, weighted_nanmean
@@ -264,6 +264,8 @@ def build_strategy(
         strategy = Krum(num_malicious_nodes=t.krum_bad_nodes, **fedavg)
     elif t.strategy == "fedprox":
         strategy = FedProx(proximal_mu=t.proximal_mu, **fedavg)
+    elif t.server_momentum > 0:
+        strategy = FedAvgM(server_momentum=t.server_momentum, **fedavg)
     else:
         strategy = FedAvg(**fedavg)
     return Recording(

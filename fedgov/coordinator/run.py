@@ -49,7 +49,7 @@ from fedgov.coordinator.recording import Recorder, build_strategy
 from fedgov.errors import FederationError
 from fedgov.privacy.distributed import DistributedPlan
 from fedgov.reports import (
-    POOLED_LABEL, GlobalMetrics, NodeResult, PooledMetrics, TrainingReport, refusal_lines, write_json_atomic,
+    POOLED_LABEL, GlobalMetrics, NodeResult, PooledMetrics, TrainingReport, check_learning, refusal_lines, write_json_atomic,
 )
 
 __all__ = ["TrainingOptions", "run_training"]
@@ -424,6 +424,11 @@ def _collect(report: TrainingReport, recorder: Recorder, evaluator: CentralEvalu
     last = report.rounds[-1] if report.rounds else None
     if last is not None and last.accuracy is not None:
         report.final = GlobalMetrics(accuracy=last.accuracy, loss=last.loss or 0.0, auc=last.auc, n=0 if evaluator.y is None else len(evaluator.y))
+        if evaluator.y is not None:
+            report.learning = check_learning(
+                accuracy=last.accuracy, auc=last.auc, privacy=bool(report.privacy.get("enabled")),
+                class_counts=np.bincount(evaluator.y, minlength=evaluator.encoder.n_classes).tolist(),
+            )
 
 
 def pooled(report: TrainingReport, recorder: Recorder) -> PooledMetrics | None:

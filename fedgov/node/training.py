@@ -198,8 +198,8 @@ def _secure_sampler_class() -> type:
 
 def _optimizer(model: nn.Module, training: TrainingSpec) -> torch.optim.Optimizer:
     if training.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=training.learning_rate)
-    return torch.optim.SGD(model.parameters(), lr=training.learning_rate, momentum=training.momentum)
+        return torch.optim.Adam(model.parameters(), lr=training.lr)
+    return torch.optim.SGD(model.parameters(), lr=training.lr, momentum=training.momentum)
 
 
 def _proximal_anchor(
@@ -305,7 +305,7 @@ def _train_fused(
     plain_sgd = _FAST_PLAIN_SGD and training.optimizer == "sgd" and training.momentum == 0 and anchor is None
     noise_std = plan.noise_multiplier * privacy.max_grad_norm
     steps = 0
-    for _ in range(training.local_epochs):
+    for _ in range(training.epochs):
         if replay_opacus:
             assert isinstance(sampler, torch.Generator)
             torch.empty((), dtype=torch.int64).random_(generator=sampler)  # DataLoader's _base_seed
@@ -330,7 +330,7 @@ def _train_fused(
                 # p -= lr * (clipped sum + std * z) / B, in two calls: the same update as below.
                 step.flat.add_(ahead[i % chunk], alpha=noise_std)
                 with torch.no_grad():
-                    torch._foreach_add_(list[torch.Tensor](params), clipper.grads, alpha=-training.learning_rate / expected)
+                    torch._foreach_add_(list[torch.Tensor](params), clipper.grads, alpha=-training.lr / expected)
                 steps += 1
                 continue
             grads = noised_mean_grad(
@@ -367,7 +367,9 @@ def train_dp_round(
 ) -> RoundResult:
     """One round of local DP-SGD on ``model`` (trained in place), accounted on the node's ledger.
 
-    ``training.local_epochs`` epochs of ``plan.steps_per_epoch`` Poisson-sampled steps each.
+    ``training.local_epochs`` epochs of ``plan.steps_per_epoch`` Poisson-sampled steps each
+    (automatic settings, None in ``training``, are resolved from ``plan.rows``, the node's
+    released row count, exactly as :func:`fedgov.privacy.plans.node_plan` resolved them).
     Before any step, the epsilon of ``history`` plus this round is computed; if it exceeds
     ``plan.target_epsilon`` the round is refused (:class:`PrivacyError`): the node's hard cap.
     After the round, Opacus' recorded history is checked against the plan.
@@ -393,6 +395,8 @@ def train_dp_round(
     the mean training loss over non-empty batches, and ``num_examples = rows``.
     """
     Xt, yt = as_tensors(X, y)
+    # Automatic settings from the plan's (released) row count, as the plan itself was made.
+    training = training.resolved(plan.rows, dp_sgd=True)
     _check_plan(len(yt), training, privacy, plan)
     prior = merge_history(list(history))
     expected = merge_history(prior + [plan.round_entry()])
@@ -495,7 +499,7 @@ def _train_opacus(
             )
         losses = []
         steps = 0
-        for _ in range(training.local_epochs):
+        for _ in range(training.epochs):
             for xb, yb in dp_loader:
                 # With Opacus' full backward hooks, torch warns at every backward that the first
                 # layer's input needs no gradient. Asking for it costs little (measured) and
@@ -559,6 +563,7 @@ def train_nonprivate_round(
     Xt, yt = as_tensors(X, y)
     if len(yt) == 0:
         raise ModelError("cannot train on 0 rows")
+    training = training.resolved(len(yt), dp_sgd=False)  # automatic settings: no DP-SGD plan to follow
     with eval_mode(model):
         n_classes = model(Xt[:1]).shape[1]
     check_labels(yt, n_classes)
@@ -566,7 +571,7 @@ def train_nonprivate_round(
     sample_seed, _ = _seeds(seed)
     loader = DataLoader(
         _Rows(Xt, yt),
-        batch_size=training.batch_size,
+        batch_size=training.batch,
         collate_fn=_pass_through,  # type: ignore[arg-type]  # torch types collate_fn per row; _Rows hands over whole batches
         shuffle=True,
         generator=torch.Generator().manual_seed(sample_seed),
@@ -576,7 +581,7 @@ def train_nonprivate_round(
     model.train()
     losses: list[float] = []
     steps = 0
-    for _ in range(training.local_epochs):
+    for _ in range(training.epochs):
         for xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(model(xb), yb)

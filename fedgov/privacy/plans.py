@@ -26,10 +26,15 @@ def node_evaluations(task: Task) -> int:
 
 
 def node_plan(task: Task, rows: int) -> DPPlan:
-    """The node's local DP-SGD plan for ``task`` on ``rows`` records (its sigma and steps)."""
+    """The node's local DP-SGD plan for ``task`` on ``rows`` records (its sigma and steps).
+
+    ``rows`` is the node's released (noisy) row count: the automatic batch size and local epochs
+    (:meth:`~fedgov.config.TrainingSpec.resolved`) come from it, so nothing in the plan depends
+    on the true count."""
     p = task.privacy
+    training = task.training.resolved(rows, dp_sgd=True)  # automatic settings from the (released) row count
     return _plan_cached(
-        rows, task.training.batch_size, task.training.local_epochs, task.training.rounds,
+        rows, training.batch, training.epochs, task.training.rounds,
         p.target_epsilon, p.delta_for(rows), p.accountant, p.margin, node_evaluations(task), task.evaluation.epsilon,
     )
 

@@ -88,3 +88,28 @@ def test_strategy_follows_the_task(tmp_path: Path) -> None:
         t = task.model_copy(update={"training": task.training.model_copy(update={"aggregation": agg})})
         names[agg] = type(build_strategy(t, 12, Recorder({}, EventWriter(tmp_path / "e.jsonl"))).strategy).__name__
     assert names == {"mean": "FedAvg", "median": "FedMedian", "trimmed-mean": "FedTrimmedAvg", "krum": "Krum"}
+
+
+def test_server_momentum_is_fedavgm_and_carries_the_last_step(tmp_path: Path) -> None:
+    task, _ = load_task(ROOT / "configs" / "tasks" / "adult-income.toml")
+    task = task.model_copy(update={"training": task.training.model_copy(update={"server_momentum": 0.9})})
+    wrapped = build_strategy(task, 2, Recorder({}, EventWriter(tmp_path / "m.jsonl")))
+    assert type(wrapped.strategy).__name__ == "FedAvgM"
+    start = {k: np.zeros_like(v) for k, v in GLOBAL.items()}
+    step = {k: np.full_like(v, 0.1) for k, v in GLOBAL.items()}
+    wrapped.strategy.current_arrays = ArrayRecord({k: Array(v) for k, v in start.items()})  # type: ignore[attr-defined]  # set by configure_train in a run
+    first, _ = wrapped.strategy.aggregate_train(1, [_reply(i, {k: start[k] + step[k] for k in start}) for i in (1, 2)])
+    assert first is not None
+    after_1 = {k: v.numpy() for k, v in first.items()}
+    np.testing.assert_allclose(after_1["w"], 0.1, rtol=1e-6)  # round 1: the nodes' average
+    second, _ = wrapped.strategy.aggregate_train(2, [_reply(i, {k: after_1[k] + step[k] for k in start}) for i in (1, 2)])
+    assert second is not None
+    np.testing.assert_allclose(second["w"].numpy(), 0.1 + 0.1 + 0.9 * 0.1, rtol=1e-6)  # plus 0.9 of the last move
+
+
+def test_server_momentum_needs_plain_fedavg() -> None:
+    from fedgov.config import TrainingSpec
+
+    for bad in ({"secure_aggregation": True}, {"aggregation": "median"}, {"strategy": "fedprox", "proximal_mu": 0.1}):
+        with pytest.raises(ValueError, match="server_momentum applies to plain FedAvg"):
+            TrainingSpec(server_momentum=0.9, **bad)  # type: ignore[arg-type]
