@@ -64,6 +64,7 @@ class PooledMetrics(_Model):
     (``evaluation.centralized``)."""
 
     accuracy: float = Field(description="sum of the nodes' released correct counts / sum of their released totals, in [0, 1]")
+    sd: float = Field(default=0.0, description="standard deviation of the pooled accuracy from the nodes' DP noise (0: exact counts)")
     correct: float = Field(description="sum of the released (noisy) correct counts")
     total: float = Field(description="sum of the released (noisy) totals")
     nodes: int = Field(description="how many nodes' evaluations are pooled")

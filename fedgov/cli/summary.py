@@ -85,9 +85,16 @@ def print_summary(report: TrainingReport, run_dir: Path) -> None:
     elif report.pooled is not None:  # no central test set: the nodes' released counts, pooled
         pl = report.pooled
         console.print(
-            f"Global model, {pl.label}: accuracy [bold]{pl.accuracy:.4f}[/] ({pl.nodes} nodes, round {pl.round}; "
-            "no central test set: evaluation.centralized)"
+            f"Global model, {pl.label}: accuracy [bold]{pl.accuracy:.4f}[/]"
+            + (f" ± {pl.sd:.4f} (the nodes' DP noise)" if pl.sd > 0 else "")
+            + f" ({pl.nodes} nodes, round {pl.round}; no central test set: evaluation.centralized)"
         )
+        if pl.sd > 0.05:
+            console.print(
+                f"  [yellow]The pooled figure is too noisy to tell much[/] (± {pl.sd:.2f}): the nodes' test splits are small "
+                "beside the noise on their released counts; more evaluation.epsilon, or a central test set, gives a sharper figure.",
+                soft_wrap=True,
+            )
         if report.learning is None:
             console.print(
                 "Whether it beats guessing cannot be judged here: the coordinator does not know the classes' shares. "

@@ -443,8 +443,15 @@ def pooled(report: TrainingReport, recorder: Recorder) -> PooledMetrics | None:
     if not counts or total <= 0:
         return None
     label = POOLED_LABEL if report.privacy.get("enabled") else POOLED_LABEL.replace("(DP counts)", "(exact counts: no DP)")
+    # the noise of the pooled ratio: each node's two counts carry Gaussian noise of sd z sqrt(2)
+    # (its evaluation_noise z, public in its plan); Var(C~/T~) ~ (Var C + acc^2 Var T) / T^2
+    noise = {n.node: n.evaluation_noise for n in report.nodes}
+    pooled_nodes = [n for n in last.nodes_evaluated if n in recorder.node_eval]
+    var = sum(2.0 * (noise.get(n) or 0.0) ** 2 for n in pooled_nodes)
+    acc = correct / total
+    sd = math.sqrt(var * (1.0 + acc**2)) / total if var > 0 else 0.0
     return PooledMetrics(
-        accuracy=min(1.0, max(0.0, correct / total)), correct=correct, total=total, nodes=len(counts), round=last.round, label=label,
+        accuracy=min(1.0, max(0.0, acc)), sd=sd, correct=correct, total=total, nodes=len(counts), round=last.round, label=label,
     )
 
 

@@ -53,12 +53,12 @@ def _q(text: str) -> str:
 
 
 def nice_bounds(lo: float, hi: float, *, integer: bool) -> tuple[float, float]:
-    """``[lo, hi]`` widened outward to round numbers (one significant step of the range), so
+    """``[lo, hi]`` widened outward to round numbers (a step of the power of ten below the range), so
     that the draft does not state the table's exact minimum and maximum."""
     if lo == hi:
         step = 10.0 ** math.floor(math.log10(abs(lo))) if lo else 1.0
     else:
-        step = 10.0 ** math.floor(math.log10(hi - lo) - 1)
+        step = 10.0 ** math.floor(math.log10(hi - lo))
     if integer:
         step = max(1.0, step)
     nlo = math.floor(lo / step) * step
@@ -69,7 +69,9 @@ def nice_bounds(lo: float, hi: float, *, integer: bool) -> tuple[float, float]:
         nhi = nlo + step
     if integer:
         return float(int(nlo)), float(int(nhi))
-    return float(f"{nlo:.6g}"), float(f"{nhi:.6g}")
+    # printed short, and never inward of the table's own range (floating point can round either way)
+    slo, shi = float(f"{nlo:.12g}"), float(f"{nhi:.12g}")
+    return (slo if slo <= lo else lo), (shi if shi >= hi else hi)
 
 
 def _num(v: float, integer: bool) -> str:
