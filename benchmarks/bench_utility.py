@@ -48,6 +48,7 @@ TABLES: dict[str, tuple[str, str]] = {
     # name: (task file, metric)
     "chem97": ("configs/tasks/chem97.toml", "accuracy"),
     "egsingle": ("configs/tasks/egsingle.toml", "auc"),
+    "guprenat": ("configs/tasks/guprenat.toml", "accuracy"),
     "benefits": ("configs/tasks/benefits.toml", "accuracy"),
 }
 VARIANTS: dict[str, tuple[str, str]] = {

@@ -11,7 +11,7 @@ Output: ``data/<name>/<name>.csv`` (the rows and values unchanged; only the colu
     python scripts/prepare_public_tables.py DIR_WITH_R_EXPORTS
 
 Also ``configs/registries/<name>.csv``: the organisations, coded by their value in the
-organisation column (a state's abbreviation, an authority's or a school's number).
+organisation column (a state's, an authority's or a school's number).
 """
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ TABLES = {
                "A-level chemistry scores 1997 (mlmRev::Chem97), one member per local education authority"),
     "egsingle": ("egsingle.csv", "schoolid", [],
                  "US Sustaining Effects Study, maths (mlmRev::egsingle), one member per school"),
+    "guprenat": ("guPrenat.csv", "cluster", ["kid", "mom"],
+                 "Prenatal care in Guatemala (mlmRev::guPrenat), one member per community"),
     "benefits": ("Benefits.csv", "state", ["Unnamed: 0"],
                  "Unemployment insurance of blue-collar workers (Ecdat::Benefits), one member per US state"),
 }
 
 
-ORG_NAMES = {"chem97": "LEA {}", "egsingle": "School {}", "benefits": "State {}"}
+ORG_NAMES = {"chem97": "LEA {}", "egsingle": "School {}", "guprenat": "Community {}", "benefits": "State {}"}
 """How a registry names an organisation from its value (the data sets give numbers, or US states)."""
 
 
@@ -64,7 +66,7 @@ def main(src: Path) -> None:
             "min_rows = 1",
             "test_fraction = 0.2",
             "",
-            "# every organisation may take part however few rows it holds (simulated nodes' policies)",
+            "# simulated nodes' policies: no minimum of rows of their own (local DP-SGD still needs 10 training rows)",
             "[node_policy]",
             "min_rows = 1",
             "",

@@ -214,8 +214,8 @@ def draft(
         f"# {source}, each with its own rows (a natural partition).\n"
         f"name = {_q(name)}\nregistry = {_q(f'../registries/{name}.csv')}\nsource = {_q(f'../{source}')}\nseed = 0\n\n"
         f'[partition]\nkind = "column"\ncolumn = {_q(organisation)}\ntest_fraction = 0.2\n\n'
-        "# What the simulated nodes' policies say (a real node's policy is its own): here every\n"
-        "# organisation may take part however few rows it holds; see the README, 'Steering a simulation'.\n"
+        "# What the simulated nodes' policies say (a real node's policy is its own): no minimum of rows\n"
+        "# of their own (local DP-SGD still needs 10 training rows); see the README, 'Steering a simulation'.\n"
         "[node_policy]\nmin_rows = 1\n\n" + "\n\n".join(members) + "\n"
     )
 
