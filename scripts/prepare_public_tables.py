@@ -47,7 +47,9 @@ def main(src: Path) -> None:
         out = ROOT / "data" / name / f"{name}.csv"
         out.parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(out, index=False)
-        orgs = sorted(df[org].unique(), key=lambda v: (len(v), v))
+        sizes = df[org].value_counts()
+        # a member needs a row to train on and one to test (as fedgov data draft, single-row organisations are left out)
+        orgs = sorted((v for v, n in sizes.items() if n >= 2), key=lambda v: (len(v), v))
         registry = ["code,name"] + [f"{v},{ORG_NAMES[name].format(v)}" for v in orgs]
         (ROOT / "configs" / "registries" / f"{name}.csv").write_text("\n".join(registry) + "\n", encoding="utf-8")
         lines = [

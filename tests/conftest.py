@@ -200,12 +200,15 @@ def write_task_(
 ) -> Path:
     """A training task on the Adult contract: the sections as given (``model``: the model's name or
     its whole section, None for no ``[model]`` section; ``evaluation=None``: no ``[evaluation]``
-    section); a None value leaves its key out. ``personal`` is the ``[personal]`` section; by
+    section); a None value leaves its key out; ``training.local_epochs`` is 1 unless given. ``personal`` is the ``[personal]`` section; by
     default the nodes keep no personal model (fine-tuning at every node of every run would cost
     the suite seconds a run; ``tests/inprocess/test_personal_release.py`` turns it on)."""
     text = toml_table(None, {"name": name, "contract": contract, "federation": federation})
     if model is not None:
         text += toml_table("model", {"name": model} if isinstance(model, str) else model)
+    # one local epoch unless a test says otherwise (local_epochs=None: fedgov's automatic epochs, which
+    # give small nodes up to 20 epochs a round where local steps spend no privacy: seconds per run)
+    training = {"local_epochs": 1, **training}
     text += toml_table("training", training) + toml_table("privacy", privacy)
     if evaluation is not None:
         text += toml_table("evaluation", evaluation)

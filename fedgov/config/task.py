@@ -46,15 +46,22 @@ AUTO_BATCH_SIZE = 256
 AUTO_MIN_BATCH = 16
 """The automatic batch size never goes below this (a small node's quarter of its rows may)."""
 AUTO_MIN_STEPS = 10
-"""Automatic local epochs: enough for at least this many steps a round (a small node makes few per epoch)."""
+"""Automatic local epochs under local DP-SGD: enough for at least this many steps a round (a small
+node makes few per epoch; every step spends privacy)."""
+AUTO_MIN_STEPS_FREE = 100
+"""Automatic local epochs where local steps spend no privacy (distributed DP adds its noise once to
+the round's sum; no DP at all): enough for at least this many steps a round. Small organisations
+under-train otherwise (benchmarks/bench_utility.py: Chem97 0.258 at 10 steps, 0.33 at about 100)."""
 AUTO_MAX_EPOCHS = 20
 """Automatic local epochs: at most this many."""
 AUTO_DP_LEARNING_RATE = 4.0
 """The automatic learning rate of local DP-SGD with sgd. A step moves by at most learning_rate times
 max_grad_norm (every per-record gradient is clipped to it), so DP-SGD needs a larger rate than plain
 training: measured with benchmarks/bench_utility.py (README "Utility under DP")."""
-AUTO_LEARNING_RATE = 0.5
-"""The automatic learning rate without local DP-SGD (no privacy, or distributed DP), sgd."""
+AUTO_LEARNING_RATE = 2.0
+"""The automatic learning rate without local DP-SGD (no privacy, or distributed DP), sgd: features are
+scaled into [0, 1] by the contract's bounds, so a logistic regression needs a large rate to move
+within a few hundred steps (Chem97, guPrenat: rate 2 against 0.5; benchmarks/bench_utility.py)."""
 AUTO_ADAM_LEARNING_RATE = 0.05
 """The automatic learning rate with optimizer = "adam"."""
 
@@ -66,7 +73,8 @@ class TrainingSpec(StrictModel):
     local_epochs: int | None = Field(
         default=None, ge=1, le=1000,
         description="local epochs per round; None (auto): each node takes enough epochs for at least "
-        "AUTO_MIN_STEPS steps a round, from its own (released) row count",
+        "AUTO_MIN_STEPS steps a round under local DP-SGD (from its released row count), AUTO_MIN_STEPS_FREE "
+        "where local steps spend no privacy (distributed DP, no DP), at most AUTO_MAX_EPOCHS",
     )
     batch_size: int | None = Field(
         default=None, ge=1,
@@ -151,7 +159,8 @@ class TrainingSpec(StrictModel):
         epochs = self.local_epochs
         if epochs is None:
             steps_per_epoch = max(2, math.ceil(rows / batch)) if dp_sgd else max(1, math.ceil(rows / batch))
-            epochs = min(AUTO_MAX_EPOCHS, max(1, math.ceil(AUTO_MIN_STEPS / steps_per_epoch)))
+            min_steps = AUTO_MIN_STEPS if dp_sgd else AUTO_MIN_STEPS_FREE
+            epochs = min(AUTO_MAX_EPOCHS, max(1, math.ceil(min_steps / steps_per_epoch)))
         lr = self.learning_rate
         if lr is None:
             if self.optimizer == "adam":

@@ -18,6 +18,7 @@ from fedgov.config.task import (
     AUTO_MAX_EPOCHS,
     AUTO_MIN_BATCH,
     AUTO_MIN_STEPS,
+    AUTO_MIN_STEPS_FREE,
     PrivacySpec,
     TrainingSpec,
 )
@@ -39,6 +40,14 @@ def test_a_small_node_takes_smaller_batches_and_more_epochs() -> None:
     r = TrainingSpec().resolved(128, dp_sgd=True)
     assert r.batch == 32  # a quarter of its rows
     assert r.epochs == 3 and r.epochs * poisson_batches(rows=128, batch_size=r.batch)[2] >= AUTO_MIN_STEPS
+
+
+def test_where_local_steps_spend_no_privacy_a_small_node_works_longer() -> None:
+    private = TrainingSpec().resolved(190, dp_sgd=True)
+    free = TrainingSpec().resolved(190, dp_sgd=False)  # distributed DP, or none: noise once on the sum
+    assert free.batch == private.batch == 47
+    assert free.epochs * 5 >= AUTO_MIN_STEPS_FREE > private.epochs * 5  # 5 batches an epoch
+    assert free.lr == AUTO_LEARNING_RATE > 1 and private.lr == AUTO_DP_LEARNING_RATE
 
 
 def test_learning_rate_depends_on_dp_sgd_and_the_optimizer() -> None:
@@ -63,7 +72,7 @@ def test_resolved_settings_stay_in_bounds(rows: int, dp: bool) -> None:
     assert AUTO_MIN_BATCH <= r.batch <= AUTO_BATCH_SIZE
     assert 1 <= r.epochs <= AUTO_MAX_EPOCHS
     per_epoch = max(2, math.ceil(rows / r.batch)) if dp else max(1, math.ceil(rows / r.batch))
-    assert r.epochs * per_epoch >= AUTO_MIN_STEPS or r.epochs == AUTO_MAX_EPOCHS
+    assert r.epochs * per_epoch >= (AUTO_MIN_STEPS if dp else AUTO_MIN_STEPS_FREE) or r.epochs == AUTO_MAX_EPOCHS
     assert r.resolved(rows, dp_sgd=dp) == r  # resolving twice changes nothing
 
 
