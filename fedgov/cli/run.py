@@ -162,6 +162,11 @@ def data_draft(
     drop: Annotated[list[str] | None, typer.Option("--drop", help="A column to leave out of the contract (repeatable)")] = None,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="Where to write contracts/, registries/, federations/, tasks/, queries/")] = Path("configs"),
     epsilon: Annotated[float, typer.Option("--epsilon", help="The task's epsilon per node")] = 2.0,
+    central_test: Annotated[float, typer.Option(
+        "--central-test", min=0.0, max=0.5,
+        help="Share of the rows held out as the coordinator's test set (data/NAME-central-test.csv; the rest: "
+        "data/NAME-nodes.csv); 0: none, the summary then shows the nodes' pooled figure",
+    )] = 0.1,
     force: Annotated[bool, typer.Option("--force", help="Overwrite drafted files that exist")] = False,
 ) -> None:
     """Draft a contract, an organisation registry, a federation, a task and a query for a new table.
@@ -177,12 +182,20 @@ def data_draft(
     stem = name or re.sub(r"[^a-z0-9_-]+", "-", file.name.split(".")[0].lower()).strip("-_") or "dataset"
     df = read_table(file)
     source = os.path.relpath(file.resolve(), out_dir.resolve()).replace(os.sep, "/")
+    held: dict[str, Any] = {}
+    if central_test > 0:  # a seeded split: the nodes' rows and the coordinator's held-out test set
+        import numpy as np  # lazy: numpy (fedgov --help)
+
+        test = np.random.default_rng(0).random(len(df)) < central_test
+        source = f"data/{stem}-nodes.csv"
+        held = {source: df[~test], f"data/{stem}-central-test.csv": df[test]}
     try:
-        result = draft(df, name=stem, source=source, target=target, organisation=organisation, person_id=person_id,
-                       drop=tuple(drop or ()), epsilon=epsilon)
+        result = draft(df[~test] if held else df, name=stem, source=source, target=target, organisation=organisation,
+                       person_id=person_id, drop=tuple(drop or ()), epsilon=epsilon,
+                       central=f"data/{stem}-central-test.csv" if held else None)
     except DraftError as exc:
         usage_error(f"{file}: {exc}")
-    existing = [out_dir / rel for rel in result.files if (out_dir / rel).exists()]
+    existing = [out_dir / rel for rel in [*result.files, *held] if (out_dir / rel).exists()]
     if existing and not force:
         usage_error("would overwrite " + ", ".join(map(str, existing)) + " (--force to overwrite)")
     for rel, text in result.files.items():
@@ -190,6 +203,13 @@ def data_draft(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         console.print(f"[green]wrote[/] {escape(str(path))}")
+    for rel, part in held.items():
+        path = out_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # the central test set holds the contract's columns only (no organisation, nothing dropped)
+        cols = [c for c in part.columns if c not in (organisation, *(drop or ()))] if rel.endswith("central-test.csv") else list(part.columns)
+        part[cols].to_csv(path, index=False)
+        console.print(f"[green]wrote[/] {escape(str(path))} ({len(part)} rows)")
     for note in result.notes:
         console.print(f"  {escape(note)}", soft_wrap=True)
     console.print(

@@ -28,6 +28,9 @@ MAX_CATEGORIES = 50
 as free text (never a feature)."""
 
 
+SMALL_ORGANISATION = 500
+"""Organisations with fewer rows than this (the median) get a distributed-DP task."""
+
 MIN_MEMBER_ROWS = 2
 """An organisation with fewer rows is left out of the drafted federation: a simulated node needs
 a row to train on and one to test."""
@@ -147,11 +150,13 @@ def draft(
     person_id: str | None = None,
     drop: tuple[str, ...] = (),
     epsilon: float = 2.0,
+    central: str | None = None,
 ) -> Draft:
     """Drafts for the table ``df`` (read as text, as a CSV holds it), whose file is ``source``
     (relative to the output folder). Files: ``contracts/NAME.toml``,
     ``registries/NAME.csv``, ``federations/NAME.toml``, ``tasks/NAME.toml``,
-    ``queries/NAME.toml``."""
+    ``queries/NAME.toml``. ``central``: a held-out test file (relative to the output folder) the
+    task evaluates the global model on every round (``[evaluation] centralized``)."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
         raise DraftError(f"name '{name}': lower-case letters, digits, '-' and '_', starting with a letter or digit")
     for what, col in (("target", target), ("organisation", organisation), ("person id", person_id), *(("drop", d) for d in drop)):
@@ -219,13 +224,30 @@ def draft(
         "[node_policy]\nmin_rows = 1\n\n" + "\n\n".join(members) + "\n"
     )
 
-    # The task: the defaults, which size batches, epochs and rounds from each node's data.
+    # The task: the defaults, which size batches, epochs and rounds from each node's data; small
+    # organisations get distributed DP (noise once on the sum), large ones DP-SGD at every node.
+    median = float(sizes[sizes.index.isin(orgs)].median())
+    small = median < SMALL_ORGANISATION
+    if small:
+        how = (f"# The organisations are small (median {median:.0f} rows, under {SMALL_ORGANISATION}): distributed DP, each\n"
+               "# clipping its whole update and adding a share of the noise, summed under secure aggregation; the\n"
+               "# guarantee is per organisation (and so per person in it). Record-level DP-SGD on a few hundred\n"
+               "# rows drowns in its own noise (README, 'Utility under DP').\n")
+        privacy = f'[privacy]\nmode = "distributed"\nupdate_clip = 5.0\ntarget_epsilon = {epsilon:g}\n\n[training]\nsecure_aggregation = true\nrounds = 4\n'
+        out.notes.append(f"median {median:.0f} rows per organisation: the task uses distributed DP under secure aggregation")
+    else:
+        how = f"# DP-SGD at every node (median {median:.0f} rows per organisation).\n"
+        privacy = f"[privacy]\ntarget_epsilon = {epsilon:g}\n"
     out.files[f"tasks/{name}.toml"] = (
-        f"# Draft task (fedgov data draft): predict '{target}' from the other columns, DP-SGD at every\n"
-        f"# node with epsilon {epsilon:g} per node for the whole task; training settings left to the defaults.\n"
+        f"# Draft task (fedgov data draft): predict '{target}' from the other columns, epsilon {epsilon:g} per\n"
+        f"# node for the whole task; the training settings left to fedgov's defaults.\n" + how +
         f"name = {_q(name)}\ndescription = {_q(f'Predict {target}')}\n"
         f"contract = {_q(f'../contracts/{name}.toml')}\nfederation = {_q(f'../federations/{name}.toml')}\n\n"
-        f'[model]\nname = "logreg"\n\n[privacy]\ntarget_epsilon = {epsilon:g}\n'
+        f'[model]\nname = "logreg"\n\n' + privacy
+        + (
+            "\n# rows held out before the split, for the coordinator's figure of the global model every round\n"
+            f"[evaluation]\ncentralized = {_q(f'../{central}')}\n" if central else ""
+        )
     )
 
     # The query: rows per target class, and the mean of the first numeric column.

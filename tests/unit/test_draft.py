@@ -63,6 +63,14 @@ def test_the_drafts_load_with_fedgovs_own_loaders_and_the_table_conforms(tmp_pat
 
     task, _ = load_task(cfg / "tasks" / "mine.toml")
     assert task.privacy.target_epsilon == 2.0
+    assert task.privacy.mode == "distributed" and task.training.secure_aggregation  # 15 rows an organisation
+    # a seeded tenth held out for the coordinator's figure: its rows are not in the nodes' file
+    assert task.evaluation.centralized is not None
+    central = pd.read_csv(task.evaluation.centralized, dtype=str, keep_default_na=False)
+    nodes = pd.read_csv(cfg / "data" / "mine-nodes.csv", dtype=str, keep_default_na=False)
+    assert 0 < len(central) < len(nodes) and len(central) + len(nodes) == len(_table())
+    assert list(central.columns) == [c.name for c in contract.columns]  # the contract's columns only
+    validate_frame(central, contract, file="central")
     query, _ = load_query(cfg / "queries" / "mine.toml")
     assert [m.kind for m in query.measures] == ["count", "mean"]
 
@@ -74,6 +82,18 @@ def test_numeric_organisations_are_named_by_their_column() -> None:
     df = pd.DataFrame({"lea": ["7", "7", "12", "12", "12"], "y": ["a", "b", "a", "b", "a"], "x": ["1", "2", "3", "4", "5"]})
     out = draft(df, name="t", source="t.csv", target="y", organisation="lea")
     assert out.files["registries/t.csv"].splitlines() == ["code,name", "7,lea 7", "12,lea 12"]
+
+
+def test_large_organisations_get_dp_sgd_at_every_node(tmp_path: Path) -> None:
+    n = 1200
+    df = pd.DataFrame({"org": ["a", "b"] * (n // 2), "y": ["p", "q", "q"] * (n // 3), "x": [str(i % 7) for i in range(n)]})
+    out = draft(df, name="big", source="big.csv", target="y", organisation="org")
+    for rel, text in out.files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    df.to_csv(tmp_path / "big.csv", index=False)
+    task, _ = load_task(tmp_path / "tasks" / "big.toml")
+    assert task.privacy.mode == "local" and not task.training.secure_aggregation
 
 
 @pytest.mark.parametrize(
