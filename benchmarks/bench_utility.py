@@ -238,6 +238,8 @@ def row(r: dict[str, Any]) -> str:
     if r["table"].startswith("adult"):
         s, ok = f"{s}; target acc. {DEMO_TARGET}", ok
     pers = "n/a" if r["fedgov_personalised"] is None else f"{r['fedgov_personalised']:.4f}"
+    if r["fedgov_personalised"] is not None and r["metric"] == "auc":  # the nodes report accuracy, not AUC
+        pers = f"accuracy {pers} (majority {r['majority']:.4f})"
     return (
         f"| {r['table']} | {r['metric']} | {r['baseline']:.4f} | {r['plain_lr']:.4f} | {r['fedgov_defaults']:.4f} | {s}{ok} | {pers} | "
         f"{r['nodes_trained']} of {r['nodes']} | {r['target_epsilon']} |"
