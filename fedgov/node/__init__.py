@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     )
     from fedgov.node.policy import (
         AcceptSpec, BudgetSpec, check_query, check_task, ContractPin, DatasetSpec, decide, Decision,
-        default_policy_text, file_sha256, KINDS, LimitsSpec, load_policy, min_rows_for, NodePolicy, pin_contract_text,
+        default_policy_text, file_sha256, KINDS, LimitsSpec, load_policy, MIN_ROWS_LOCAL, min_rows_for, NodePolicy, pin_contract_text,
         PolicyCode, Proposal, Rule, RULES, secure_aggregation_text, SecureAggregationSpec, STRATEGIES,
     )
     from fedgov.node.personal import (
@@ -133,7 +133,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ),
     "policy": (
         "AcceptSpec", "BudgetSpec", "check_query", "check_task", "ContractPin", "DatasetSpec", "decide", "Decision",
-        "default_policy_text", "file_sha256", "KINDS", "LimitsSpec", "load_policy", "min_rows_for", "NodePolicy",
+        "default_policy_text", "file_sha256", "KINDS", "LimitsSpec", "load_policy", "MIN_ROWS_LOCAL", "min_rows_for", "NodePolicy",
         "pin_contract_text",
         "PolicyCode", "Proposal", "Rule", "RULES", "secure_aggregation_text", "SecureAggregationSpec", "STRATEGIES",
     ),
@@ -185,7 +185,7 @@ __all__ = [
     "ERROR_KIND", "error_reason", "evaluate_global", "evaluated_rounds", "EVALUATION_NOTE", "file_sha256",
     "GateContext", "GENESIS_HASH", "held_contracts", "hello", "hello_refusal", "Identity", "init_node", "is_admitted",
     "is_allowed", "keep_keys", "kind_of", "KINDS", "LedgerEvent", "LimitsSpec", "load_policy", "local_only_baseline",
-    "mask_release", "mask_update", "MAX_PAYLOAD_BYTES", "Mechanism", "mechanism_of", "min_rows_for", "model_digest",
+    "mask_release", "mask_update", "MAX_PAYLOAD_BYTES", "Mechanism", "mechanism_of", "MIN_ROWS_LOCAL", "min_rows_for", "model_digest",
     "model_dimension", "node_display_name", "node_identity", "node_of", "NodeHome", "NodePolicy", "NodeState", "NoRoster", "one_read", "PARAMS",
     "parse_error_reason", "PendingTask", "pin_contract_text", "pin_new_contract", "PolicyCode", "precheck", "prepare",
     "PreparedData", "PrivacyLedger", "Proposal", "public_answer", "public_hello", "public_reason", "public_row_count",

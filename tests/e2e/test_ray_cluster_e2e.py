@@ -159,7 +159,7 @@ def small_task(tmp_path: Path, write_federation: Callable[..., Path], write_task
     fed = write_federation(tmp_path / "fed.toml", name="ray-4", members=MEMBERS, seed=5, min_rows=200)
     return write_task(
         tmp_path / "task.toml", name="ray-e2e", federation=fed,
-        training={"rounds": 1, "batch_size": 256, "learning_rate": 0.5, "min_nodes": 2, "seed": 1},
+        training={"rounds": 1, "batch_size": 256, "min_nodes": 2, "seed": 1},
         privacy={"target_epsilon": 2.0, "delta": 1e-5},
         evaluation={"centralized": adult_test_csv},
     )
