@@ -5,6 +5,8 @@ refuses that member while the others go on. fedgov's real ClientApp, in process.
 
 from __future__ import annotations
 
+import math
+
 import json
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,10 @@ def test_a_typo_in_one_members_file_refuses_that_member_and_the_others_go_on(
     assert report.pooled.label == POOLED_LABEL and report.pooled.nodes == 2 and report.pooled.round == 1
     assert 0.5 < report.pooled.accuracy <= 1.0
     assert report.pooled.accuracy == pytest.approx(min(1.0, report.pooled.correct / report.pooled.total))
+    # its noise: each node's two released counts carry Gaussian noise of sd z sqrt(2) (its plan's z)
+    acc = report.pooled.correct / report.pooled.total
+    var = sum(2.0 * n.evaluation_noise**2 for n in report.nodes if n.evaluation_noise is not None)
+    assert var > 0 and report.pooled.sd == pytest.approx(math.sqrt(var * (1 + acc**2)) / report.pooled.total)
     with console.capture() as out:
         print_summary(report, tmp_path / "run")
     assert f"Global model, {POOLED_LABEL}: accuracy" in out.get()

@@ -137,6 +137,17 @@ def test_report_of_a_completed_training_run_exits_zero(tmp_path: Path) -> None:
     assert out.exit_code == 0 and "demo-task: per node" in out.stdout
 
 
+def test_report_of_a_model_that_did_not_learn_says_so_and_exits_21(tmp_path: Path) -> None:
+    from fedgov.reports import check_learning
+
+    rep = _training_report("completed")
+    rep.learning = check_learning(accuracy=0.76, auc=0.5, class_counts=[760, 240])  # majority 0.76: no better than guessing
+    assert rep.learning is not None and not rep.learning.learned
+    d = _run_dir(tmp_path, "report.json", rep.model_dump_json())
+    out = runner.invoke(app, ["report", str(d)], env={"COLUMNS": "200"})
+    assert out.exit_code == 21 and "Not learned" in out.stdout
+
+
 # --------------------------------------------------------------------------- fedgov run / query
 
 
