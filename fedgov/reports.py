@@ -29,6 +29,7 @@ __all__ = [
     "GlobalMetrics",
     "PooledMetrics",
     "POOLED_LABEL",
+    "SIMULATED_POOLED_LABEL",
     "TrainingReport",
     "write_json_atomic",
     "load_report",
@@ -54,6 +55,10 @@ class GlobalMetrics(_Model):
 
 POOLED_LABEL = "pooled over the nodes' own test splits (DP counts)"
 """What the pooled figure is, wherever it is shown (report, summary)."""
+SIMULATED_POOLED_LABEL = "the final model on the members' pooled test splits (simulation only: exact, read from the split table)"
+"""The pooled figure of a simulation whose nodes released none (distributed DP, or no evaluation at
+the nodes): the simulation's coordinator reads the test splits it wrote itself, as it does for a
+statistics query's true answer. A deployed coordinator has no such figure."""
 
 
 class PooledMetrics(_Model):
@@ -70,6 +75,7 @@ class PooledMetrics(_Model):
     nodes: int = Field(description="how many nodes' evaluations are pooled")
     round: int = Field(description="the round of the evaluation pooled (the last one the nodes evaluated)")
     label: str = POOLED_LABEL
+    auc: float | None = Field(default=None, description="the AUC of a binary target (simulation's exact figure only)")
 
 
 IMBALANCED_MINORITY = 0.2

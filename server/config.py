@@ -93,7 +93,8 @@ class RunConfig(BaseModel):
         manifest, deployed ones as many as ``training.min_nodes`` asks for."""
         from fedgov.data import read_manifest
 
-        expected = len(read_manifest(self.manifest_path)) if self.manifest_path is not None else task.training.min_nodes
+        nodes = read_manifest(self.manifest_path) if self.manifest_path is not None else None
+        expected = len(nodes) if nodes is not None else task.training.min_nodes
         return TrainingOptions(
             run_dir=self.run_dir or Path("runs") / f"flwr-{task.name}",
             expected_nodes=expected,
@@ -106,6 +107,8 @@ class RunConfig(BaseModel):
             reply_timeout=task.training.reply_timeout,
             flower_run_id=flower_run_id,
             resume=self.resume,
+            # a simulation's coordinator may read the test splits it wrote (the exact pooled figure)
+            simulated_test={n.code: n.test_path for n in nodes} if nodes is not None and self.mode == "simulation" else None,
         )
 
     def query_arguments(self, query_name: str, *, flower_run_id: int) -> QueryArguments:

@@ -135,7 +135,8 @@ def _global_figure(task: Any) -> str:
         )
     return (
         "no central test set ([evaluation] centralized) and no evaluation at the nodes (evaluation.at_nodes, "
-        "evaluation.epsilon, privacy.mode): the run will show no global figure"
+        "evaluation.epsilon, privacy.mode): a simulation shows the final model on the members' pooled test splits "
+        "(exact, read by the simulation from the table it split); a deployed run shows no global figure"
     )
 
 

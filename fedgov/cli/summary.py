@@ -87,6 +87,7 @@ def print_summary(report: TrainingReport, run_dir: Path) -> None:
         console.print(
             f"Global model, {pl.label}: accuracy [bold]{pl.accuracy:.4f}[/]"
             + (f" ± {pl.sd:.4f} (the nodes' DP noise)" if pl.sd > 0 else "")
+            + (f", AUC {pl.auc:.4f}" if pl.auc is not None else "")
             + f" ({pl.nodes} nodes, round {pl.round}; no central test set: evaluation.centralized)"
         )
         if pl.sd > 0.05:

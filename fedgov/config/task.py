@@ -60,10 +60,15 @@ max_grad_norm (every per-record gradient is clipped to it), so DP-SGD needs a la
 training: measured with benchmarks/bench_utility.py (README "Utility under DP")."""
 AUTO_LEARNING_RATE = 2.0
 """The automatic learning rate without local DP-SGD (no privacy, or distributed DP), sgd: features are
-scaled into [0, 1] by the contract's bounds, so a logistic regression needs a large rate to move
+scaled by the contract's bounds into [-1, 1], so a logistic regression needs a large rate to move
 within a few hundred steps (Chem97, guPrenat: rate 2 against 0.5; benchmarks/bench_utility.py)."""
 AUTO_ADAM_LEARNING_RATE = 0.05
 """The automatic learning rate with optimizer = "adam"."""
+AUTO_SERVER_MOMENTUM_DISTRIBUTED = 0.9
+"""The coordinator's automatic momentum (training.server_momentum unset) under distributed DP: its few
+rounds move a clipped update each, and momentum lets them add up; post-processing of the noisy
+sum, so no privacy cost (benchmarks/bench_utility.py: egsingle, guPrenat, Chem97, Vietnam). 0 under
+local DP-SGD and without DP, where it measured no better (README "Utility under DP")."""
 
 
 class TrainingSpec(StrictModel):
@@ -100,12 +105,12 @@ class TrainingSpec(StrictModel):
             "or robust to a few bad nodes: median (FedMedian), trimmed-mean (FedTrimmedAvg), krum (Krum)"
         ),
     )
-    server_momentum: float = Field(
-        default=0.0, ge=0, lt=1,
+    server_momentum: float | None = Field(
+        default=None, ge=0, lt=1,
         description="the coordinator's momentum on the averaged update (FedAvgM, Hsu et al. 2019, arXiv:1909.06335): "
-        "post-processing of what the nodes sent, so no privacy cost. Helps where the model moves too slowly (measured: "
-        "Chem97, 0.26 to 0.33 or more at 0.9), hurts where the noise dominates (Adult demo-12, Benefits): off by default; "
-        "aggregation = mean without secure aggregation only",
+        "post-processing of what the nodes sent, so no privacy cost; aggregation = mean and strategy = fedavg only. "
+        "Unset: 0.9 under distributed DP (AUTO_SERVER_MOMENTUM_DISTRIBUTED; its few clipped rounds move too little "
+        "without it), 0 otherwise (under local DP-SGD it measured no better on the Adult demo)",
     )
     trim_fraction: float = Field(default=0.2, ge=0, lt=0.5, description="trimmed-mean: share cut at each end")
     krum_bad_nodes: int = Field(default=1, ge=0, description="krum: how many nodes may be malicious")
@@ -199,10 +204,10 @@ class TrainingSpec(StrictModel):
                 f"aggregation '{self.aggregation}' must see every node's update; under secure_aggregation the "
                 "coordinator sees only their sum: use aggregation = \"mean\""
             )
-        if self.server_momentum > 0 and (self.secure_aggregation or self.aggregation != "mean" or self.strategy != "fedavg"):
+        if self.server_momentum and (self.aggregation != "mean" or self.strategy != "fedavg"):
             raise ValueError(
-                "server_momentum applies to plain FedAvg: strategy = \"fedavg\", aggregation = \"mean\", "
-                "no secure_aggregation"
+                "server_momentum applies to FedAvg's mean: strategy = \"fedavg\", aggregation = \"mean\" "
+                "(with or without secure_aggregation)"
             )
         if self.secure_aggregation and self.max_update_norm is not None:
             raise ValueError(
@@ -339,6 +344,16 @@ class Task(StrictModel):
                 "keeps from the coordinator: set training.secure_aggregation = true"
             )
         return self
+
+    @property
+    def server_momentum(self) -> float:
+        """``training.server_momentum``, or its automatic value: :data:`AUTO_SERVER_MOMENTUM_DISTRIBUTED`
+        under distributed DP with FedAvg's mean, 0 otherwise."""
+        t = self.training
+        if t.server_momentum is not None:
+            return t.server_momentum
+        distributed = self.privacy.enabled and self.privacy.mode == "distributed"
+        return AUTO_SERVER_MOMENTUM_DISTRIBUTED if distributed and t.aggregation == "mean" and t.strategy == "fedavg" else 0.0
 
 
 def _check_against_contract(task: Task, contract: Contract, file: str) -> list[Problem]:

@@ -254,7 +254,7 @@ def build_strategy(
             fedavg["fraction_train"] = 1.0
         strategy = SecureFedAvg(
             stage_config=stage_config or {}, params=SecAggParams(clip=t.secure_clip), stage_timeout=t.reply_timeout,
-            distributed=distributed, dropout_tolerance=p.dropout_tolerance, **fedavg,
+            distributed=distributed, dropout_tolerance=p.dropout_tolerance, server_momentum=task.server_momentum, **fedavg,
         )
     elif t.aggregation == "median":
         strategy = FedMedian(**fedavg)
@@ -264,8 +264,8 @@ def build_strategy(
         strategy = Krum(num_malicious_nodes=t.krum_bad_nodes, **fedavg)
     elif t.strategy == "fedprox":
         strategy = FedProx(proximal_mu=t.proximal_mu, **fedavg)
-    elif t.server_momentum > 0:
-        strategy = FedAvgM(server_momentum=t.server_momentum, **fedavg)
+    elif task.server_momentum > 0:
+        strategy = FedAvgM(server_momentum=task.server_momentum, **fedavg)
     else:
         strategy = FedAvg(**fedavg)
     return Recording(

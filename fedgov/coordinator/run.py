@@ -49,7 +49,7 @@ from fedgov.coordinator.recording import Recorder, build_strategy
 from fedgov.errors import FederationError
 from fedgov.privacy.distributed import DistributedPlan
 from fedgov.reports import (
-    POOLED_LABEL, GlobalMetrics, NodeResult, PooledMetrics, TrainingReport, check_learning, refusal_lines, write_json_atomic,
+    POOLED_LABEL, SIMULATED_POOLED_LABEL, GlobalMetrics, NodeResult, PooledMetrics, TrainingReport, check_learning, refusal_lines, write_json_atomic,
 )
 
 __all__ = ["TrainingOptions", "run_training"]
@@ -72,6 +72,11 @@ class TrainingOptions(BaseModel):
     reply_timeout: float = Field(default=600.0, description="seconds to wait for the nodes' replies to one message")
     local_baseline: bool = Field(default=True, description="ask each node for its local-only model's accuracy at the end")
     flower_run_id: int | None = Field(default=None, description="the Flower run id: the run part of the nodes' ledger key")
+    simulated_test: dict[str, Path] | None = Field(
+        default=None,
+        description="simulation only: each simulated node's test split, which the simulation wrote; read for the exact "
+        "pooled figure (and the learning check) of a run whose nodes released no evaluation",
+    )
     resume: bool = Field(default=False, description="continue from the last checkpoint in run_dir")
 
 
@@ -362,6 +367,8 @@ def _complete(run: _Run, result: Result, recorder: Recorder, evaluator: CentralE
 
     _collect(run.report, recorder, evaluator)
     run.final = result.arrays
+    if run.options.simulated_test and run.report.final is None and (run.report.pooled is None or run.report.learning is None):
+        _simulated_pooled(run, {k: v.numpy() for k, v in result.arrays.items()})
     if run.options.local_baseline:
         run.events.emit("baselines", nodes=len(run.admitted))
         _baselines(run)
@@ -429,6 +436,54 @@ def _collect(report: TrainingReport, recorder: Recorder, evaluator: CentralEvalu
                 accuracy=last.accuracy, auc=last.auc, privacy=bool(report.privacy.get("enabled")),
                 class_counts=np.bincount(evaluator.y, minlength=evaluator.encoder.n_classes).tolist(),
             )
+
+
+def _simulated_pooled(run: _Run, final: dict[str, np.ndarray]) -> None:
+    """A simulation without a central test set: the final model on the pooled test splits of the
+    nodes that trained, exact (:data:`SIMULATED_POOLED_LABEL`). It becomes the report's pooled
+    figure where the nodes released none (distributed DP, no evaluation at the nodes), and the
+    learning check's ground where there was none. A test split that does not conform to the
+    contract (a member that refused ``data-invalid``) is left out."""
+    from fedgov.data import Encoder, read_table, validate_frame
+    from fedgov.errors import FedgovError
+    from fedgov.models import build_model, evaluate, set_state
+
+    assert run.options.simulated_test is not None
+    trained = [n.node for n in run.report.nodes if n.rounds_trained > 0]
+    encoder = Encoder.from_contract(run.contract, run.task.features)
+    columns = [*run.contract.feature_names(run.task.features), str(run.contract.target)]
+    xs, ys = [], []
+    for code in trained:
+        path = run.options.simulated_test.get(code)
+        if path is None:
+            continue
+        try:
+            raw = read_table(path)
+            frame = validate_frame(raw[[c for c in raw.columns if c in columns]], run.contract, file=str(path), columns=columns)
+        except (FedgovError, OSError):  # DataValidationError and DataFileError are FedgovErrors
+            continue
+        X, y = encoder.transform(frame)
+        if len(y):
+            xs.append(X)
+            ys.append(y)
+    if not ys:
+        return
+    X, y = np.concatenate(xs), np.concatenate(ys)
+    model = build_model(run.task.model, n_features=encoder.n_features, n_classes=encoder.n_classes, seed=run.task.training.seed)
+    set_state(model, final)
+    m = evaluate(model, X, y)
+    last = run.report.rounds[-1].round if run.report.rounds else 0
+    if run.report.pooled is None:
+        run.report.pooled = PooledMetrics(
+            accuracy=float(m.accuracy), sd=0.0, correct=float(round(m.accuracy * len(y))), total=float(len(y)), nodes=len(ys),
+            round=last, label=SIMULATED_POOLED_LABEL, auc=m.auc,
+        )
+    if run.report.learning is None:
+        run.report.learning = check_learning(
+            accuracy=float(m.accuracy), auc=m.auc, privacy=bool(run.report.privacy.get("enabled")),
+            class_counts=np.bincount(y, minlength=encoder.n_classes).tolist(),
+            where="the members' pooled test splits (simulation, exact)",
+        )
 
 
 def pooled(report: TrainingReport, recorder: Recorder) -> PooledMetrics | None:

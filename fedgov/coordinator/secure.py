@@ -149,9 +149,13 @@ class SecureFedAvg(FedAvg):
 
     def __init__(
         self, *, stage_config: dict[str, str], params: SecAggParams, stage_timeout: float,
-        distributed: DistributedPlan | None = None, dropout_tolerance: float = 0.0, **fedavg: Any,
+        distributed: DistributedPlan | None = None, dropout_tolerance: float = 0.0, server_momentum: float = 0.0,
+        **fedavg: Any,
     ) -> None:
         super().__init__(**fedavg)
+        self.server_momentum = server_momentum
+        # FedAvgM's momentum on the decoded mean update: post-processing of the released sum
+        self._velocity: dict[str, np.ndarray] | None = None
         self.stage_config = stage_config
         self.params = params
         self.stage_timeout = stage_timeout
@@ -217,8 +221,21 @@ class SecureFedAvg(FedAvg):
         new = self._distributed_model(total, len(masked)) if self.distributed is not None else self._weighted_model(total, len(masked), server_round)
         if new is None:
             return None, None
+        new = self._with_momentum(new)
         metrics = self.train_metrics_aggr_fn([r.content for r in replies], self.weighted_by_key)
         return ArrayRecord({k: Array(v) for k, v in new.items()}), metrics
+
+    def _with_momentum(self, new: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """FedAvgM (Hsu et al. 2019) on the round's mean update ``new - global``: ``v = beta v + update``,
+        the global model moved by ``v``. With ``server_momentum`` 0, ``new`` itself."""
+        if self.server_momentum <= 0:
+            return new
+        update = {k: new[k].astype(np.float64) - g.astype(np.float64) for k, g in self._global.items()}
+        if self._velocity is None:
+            self._velocity = update
+        else:
+            self._velocity = {k: self.server_momentum * self._velocity[k] + u for k, u in update.items()}
+        return {k: (g.astype(np.float64) + self._velocity[k]).astype(g.dtype) for k, g in self._global.items()}
 
     def _distributed_model(self, total: np.ndarray, contributors: int) -> dict[str, np.ndarray]:
         """The global model moved by the decoded mean of a distributed-DP sum."""

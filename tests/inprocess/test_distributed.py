@@ -388,3 +388,52 @@ def test_a_tiny_municipality_takes_part_under_distributed_dp(tmp_path: Path, mon
     answer, _ = N.hello(local, contract, node=nodes[0].code, node_name="x", train_path=tiny, test_path=None,
                         release_rows=lambda n: n, min_rows=home.policy().limits.min_rows)
     assert answer.code == "too-few-rows" and "limits.min_rows" in str(answer.reason)
+
+
+def test_a_simulation_without_a_central_test_set_reports_the_final_model_on_the_pooled_test_splits(
+    tmp_path: Path, write_federation, write_task
+) -> None:
+    """Under distributed DP the nodes release no evaluation; the simulation's coordinator reads the
+    test splits it wrote and reports the final model on them, exact and labelled as a
+    simulation's figure, and judges learning on it. A deployed run (no test splits) has none."""
+    import torch
+
+    from fedgov.coordinator.run import run_training
+    from fedgov.data import Encoder, read_table, validate_frame
+    from fedgov.models import build_model, evaluate, set_state
+    from fedgov.reports import SIMULATED_POOLED_LABEL
+
+    fed = write_federation(tmp_path / "fed.toml", name="dd-4", members=CITIES[:4], seed=4, min_rows=300)
+    task_path = write_task(
+        tmp_path / "task.toml", name="distributed-pooled", federation=fed,
+        training={"rounds": 2, "local_epochs": 2, "batch_size": 64, "learning_rate": 0.5, "min_nodes": 2, "seed": 1,
+                  "secure_aggregation": True, "reply_timeout": 5},
+        privacy={"mode": "distributed", "target_epsilon": 8.0, "delta": 1e-5, "update_clip": 2.0, "accountant": "rdp"},
+    )
+    task, contract, nodes, manifest = prepare(tmp_path / "nodes", fed, task_path)
+    assert task.evaluation.centralized is None
+    common = dict(expected_nodes=len(nodes), task_file=str(task_path), federation="dd-4", local_baseline=False, connect_timeout=5)
+    report = run_training(
+        InProcessGrid(manifest, len(nodes), run_id=91), task, contract, run_dir=tmp_path / "run", flower_run_id=91,
+        simulated_test={n.code: n.test_path for n in nodes}, **common,
+    )
+    assert report.status == "completed", report.message
+    assert report.final is None and report.pooled is not None and report.learning is not None
+    pl = report.pooled
+    assert pl.label == SIMULATED_POOLED_LABEL and pl.sd == 0.0 and pl.nodes == len(nodes)
+    # the same figure, computed here from the saved model and the nodes' test splits
+    enc = Encoder.from_contract(contract, task.features)
+    xs, ys = zip(*(enc.transform(validate_frame(read_table(n.test_path), contract, file=str(n.test_path))) for n in nodes), strict=True)
+    X, y = np.concatenate(xs), np.concatenate(ys)
+    model = build_model(task.model, n_features=enc.n_features, n_classes=enc.n_classes, seed=task.training.seed)
+    set_state(model, {k: v.numpy() for k, v in torch.load(tmp_path / "run" / "model.pt", weights_only=True).items()})
+    expected = evaluate(model, X, y)
+    assert pl.total == len(y) and pl.accuracy == pytest.approx(expected.accuracy) and pl.auc == pytest.approx(expected.auc)
+    assert report.learning.n == len(y)
+    assert report.learning.learned or "pooled test splits (simulation, exact)" in report.learning.message
+    # without the test splits (as deployed) there is no global figure and nothing is judged
+    _, _, nodes2, manifest2 = prepare(tmp_path / "nodes2", fed, task_path)
+    deployed = run_training(
+        InProcessGrid(manifest2, len(nodes2), run_id=92), task, contract, run_dir=tmp_path / "run2", flower_run_id=92, **common,
+    )
+    assert deployed.status == "completed" and deployed.pooled is None and deployed.learning is None

@@ -110,6 +110,37 @@ def test_server_momentum_is_fedavgm_and_carries_the_last_step(tmp_path: Path) ->
 def test_server_momentum_needs_plain_fedavg() -> None:
     from fedgov.config import TrainingSpec
 
-    for bad in ({"secure_aggregation": True}, {"aggregation": "median"}, {"strategy": "fedprox", "proximal_mu": 0.1}):
-        with pytest.raises(ValueError, match="server_momentum applies to plain FedAvg"):
+    for bad in ({"aggregation": "median"}, {"strategy": "fedprox", "proximal_mu": 0.1}):
+        with pytest.raises(ValueError, match="server_momentum applies to FedAvg's mean"):
             TrainingSpec(server_momentum=0.9, **bad)  # type: ignore[arg-type]
+    assert TrainingSpec(server_momentum=0.9, secure_aggregation=True).server_momentum == 0.9
+
+
+def test_secure_fedavg_momentum_moves_by_the_velocity() -> None:
+    """Under secure aggregation the coordinator applies FedAvgM to the decoded mean update itself."""
+    from fedgov.coordinator.secure import SecureFedAvg
+    from fedgov.privacy.secagg import SecAggParams
+
+    strategy = SecureFedAvg(stage_config={}, params=SecAggParams(clip=8.0), stage_timeout=1.0, server_momentum=0.5)
+    strategy._global = {"w": np.zeros(3, dtype=np.float32)}
+    first = strategy._with_momentum({"w": np.full(3, 0.2, dtype=np.float32)})
+    np.testing.assert_allclose(first["w"], 0.2, rtol=1e-6)  # round 1: the mean update
+    strategy._global = first
+    second = strategy._with_momentum({"w": first["w"] + np.float32(0.1)})
+    np.testing.assert_allclose(second["w"], 0.2 + 0.1 + 0.5 * 0.2, rtol=1e-6)  # plus half of the last move
+    assert second["w"].dtype == np.float32
+    plain = SecureFedAvg(stage_config={}, params=SecAggParams(clip=8.0), stage_timeout=1.0)
+    plain._global = {"w": np.zeros(3, dtype=np.float32)}
+    same = {"w": np.full(3, 0.2, dtype=np.float32)}
+    assert plain._with_momentum(same) is same
+
+
+def test_server_momentum_is_automatic_under_distributed_dp_only() -> None:
+    from fedgov.config.task import AUTO_SERVER_MOMENTUM_DISTRIBUTED
+
+    distributed, _ = load_task(ROOT / "configs" / "tasks" / "guprenat.toml")
+    local, _ = load_task(ROOT / "configs" / "tasks" / "adult-income.toml")
+    assert distributed.training.server_momentum is None and distributed.server_momentum == AUTO_SERVER_MOMENTUM_DISTRIBUTED
+    assert local.server_momentum == 0.0
+    off = distributed.model_copy(update={"training": distributed.training.model_copy(update={"server_momentum": 0.0})})
+    assert off.server_momentum == 0.0

@@ -189,3 +189,22 @@ def test_duplicate_members_refused(tmp_path: Path, write_file) -> None:
     )
     with pytest.raises(ConfigError, match="repeated: GM0363"):
         load_federation(p)
+
+
+PUBLIC_TABLES = ["chem97", "egsingle", "guprenat", "benefits", "vietnam"]
+
+
+@pytest.mark.parametrize("name", PUBLIC_TABLES)
+def test_public_tables_conform_and_split_over_their_organisations(name: str, tmp_path: Path) -> None:
+    """Each shipped public table conforms to its contract, and its federation gives every
+    member (an organisation of its registry) rows to train on and to test with."""
+    from fedgov.data.partition import materialize
+
+    root = Path(__file__).resolve().parents[2]
+    task, contract = load_task(root / "configs" / "tasks" / f"{name}.toml")
+    assert task.federation is not None
+    fed = load_federation(task.federation)
+    assert (root / "data" / name / "README.md").read_text("utf-8").count("Licence") == 1
+    nodes = materialize(fed, contract, tmp_path)
+    assert [n.code for n in nodes] == [m.code for m in fed.members]
+    assert all(n.train_rows >= 1 and n.test_rows >= 1 for n in nodes)

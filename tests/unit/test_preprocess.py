@@ -96,10 +96,11 @@ def test_values_are_encoded_from_contract_parameters() -> None:
     assert x.shape == (5, 9)
     expected = np.array(
         [
-            [0.0, 0.0, 0, 1, 0, 0, 0, 1, 0],
+            # numbers centred into [-1, 1] by the contract's bounds (a missing one: 0, the middle)
+            [-1.0, -1.0, 0, 1, 0, 0, 0, 1, 0],
             [1.0, 1.0, 0, 0, 0, 1, 0, 0, 0],
-            [0.5, math.log1p(9) / math.log1p(1000), 0, 0, 0, 0, 1, 0, 1],
-            [0.0, 0.0, 1, 0, 1, 0, 0, 1, 0],
+            [0.0, 2 * math.log1p(9) / math.log1p(1000) - 1, 0, 0, 0, 0, 1, 0, 1],
+            [-1.0, 0.0, 1, 0, 1, 0, 0, 1, 0],
             [1.0, 1.0, 0, 0, 1, 0, 0, 0, 0],
         ],
         dtype=np.float32,
@@ -118,7 +119,9 @@ def test_adult_width_range_and_classes(adult: Contract, adult_typed: pd.DataFram
     assert enc.n_features == width == 108
     x, y = enc.transform(adult_typed)
     assert x.shape == (2000, 108)
-    assert np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0
+    assert np.isfinite(x).all() and x.min() >= -1.0 and x.max() <= 1.0
+    numeric = [i for i, n in enumerate(enc.feature_names) if adult.column(n.split("=")[0].split(":")[0]).type != ColumnType.CATEGORICAL and ":" not in n]
+    assert numeric and x[:, numeric].min() < 0.0  # numbers are centred, not in [0, 1]
     assert set(np.unique(y)) == {0, 1}
     assert enc.class_names == ["<=50K", ">50K"]
     assert (y == 1).tolist() == (adult_typed["income"] == ">50K").tolist()
@@ -188,7 +191,7 @@ def test_a_row_encodes_the_same_alone_or_among_others(
     x_one, y_one = enc.transform(small_frame([others[i]]))
     np.testing.assert_array_equal(x_all[i], x_one[0])
     assert y_all[i] == y_one[0]
-    assert x_all.min() >= 0.0 and x_all.max() <= 1.0
+    assert x_all.min() >= -1.0 and x_all.max() <= 1.0
     # Reordering the frame reorders the output and nothing else.
     perm = data.draw(st.permutations(range(len(others))))
     x_perm, _ = enc.transform(small_frame([others[j] for j in perm]))
