@@ -66,7 +66,9 @@ class PooledMetrics(_Model):
     counts the nodes released in their last evaluation over the sum of their totals. Each count
     is a DP release the nodes made anyway (through their release gate and ledger): no privacy
     spent for it. The global figure of a task without a central test set
-    (``evaluation.centralized``)."""
+    (``evaluation.centralized``). In a simulation whose nodes released no evaluation (distributed
+    DP), the final model on the pooled test splits the simulation wrote, exact
+    (:data:`SIMULATED_POOLED_LABEL`; ``sd`` 0, ``correct`` and ``total`` exact counts)."""
 
     accuracy: float = Field(description="sum of the nodes' released correct counts / sum of their released totals, in [0, 1]")
     sd: float = Field(default=0.0, description="standard deviation of the pooled accuracy from the nodes' DP noise (0: exact counts)")
@@ -75,7 +77,9 @@ class PooledMetrics(_Model):
     nodes: int = Field(description="how many nodes' evaluations are pooled")
     round: int = Field(description="the round of the evaluation pooled (the last one the nodes evaluated)")
     label: str = POOLED_LABEL
-    auc: float | None = Field(default=None, description="the AUC of a binary target (simulation's exact figure only)")
+    auc: float | None = Field(
+        default=None, description="the AUC (macro one-vs-rest for more than two classes): the simulation's exact figure only",
+    )
 
 
 IMBALANCED_MINORITY = 0.2
@@ -265,6 +269,7 @@ class TrainingReport(_Model):
     model: str
     model_parameters: int | None = Field(default=None, description="the model's parameter count (times 4: its size in float32 bytes)")
     strategy: str
+    server_momentum: float = Field(default=0.0, description="the coordinator's momentum the run used (training.server_momentum, or its automatic value)")
     rounds_planned: int
     privacy: dict[str, float | str | bool | None] = Field(default_factory=dict)
     majority_rate: float | None = Field(default=None, description="accuracy of always predicting the majority class")
@@ -272,7 +277,8 @@ class TrainingReport(_Model):
     nodes: list[NodeResult] = Field(default_factory=list)
     final: GlobalMetrics | None = None
     pooled: PooledMetrics | None = Field(
-        default=None, description="the global model on the nodes' own test splits, pooled (their released counts): "
+        default=None, description="the global model on the nodes' own test splits, pooled (their released counts; in a "
+        "simulation whose nodes released none, the final model on the test splits it wrote, exact: see label): "
         "the global figure when the task has no central test set",
     )
     learning: LearningCheck | None = Field(

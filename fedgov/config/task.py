@@ -67,8 +67,10 @@ AUTO_ADAM_LEARNING_RATE = 0.05
 AUTO_SERVER_MOMENTUM_DISTRIBUTED = 0.9
 """The coordinator's automatic momentum (training.server_momentum unset) under distributed DP: its few
 rounds move a clipped update each, and momentum lets them add up; post-processing of the noisy
-sum, so no privacy cost (benchmarks/bench_utility.py: egsingle, guPrenat, Chem97, Vietnam). 0 under
-local DP-SGD and without DP, where it measured no better (README "Utility under DP")."""
+sum, so no privacy cost. Measured with fedgov's automatic local work (benchmarks/tune_tables.py,
+README "Utility under DP"): Chem97, egsingle and guPrenat gain with it. A task with much more local
+work per round (nl-342-distributed: 20 epochs) measured slightly worse and sets 0. 0 under local
+DP-SGD and without DP, where it measured no better on the Adult demo."""
 
 
 class TrainingSpec(StrictModel):

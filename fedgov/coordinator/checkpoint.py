@@ -2,7 +2,8 @@
 
 After every completed round the coordinator writes, into ``<run dir>/checkpoint/``:
 
-* ``model-<round>.npz``: the global model after that round (float arrays, exactly);
+* ``model-<round>.npz``: the global model after that round (float arrays, exactly), and the
+  coordinator's momentum (FedAvgM's velocity, arrays named ``momentum/<name>``) when it has one;
 * ``state.json`` (a :class:`Checkpoint`): the round, the task's fingerprint, the ledger key the
   nodes reserved under (``task_run``), the nodes admitted, the rounds recorded so far and each
   node's accounting view (the epsilon it reported, the rounds it trained), and the SHA-256 of
@@ -15,7 +16,9 @@ Flower has no resume (``Strategy.start`` has no start round): fedgov saves from 
 strategy's ``evaluate_fn``, which Flower calls after every round, and on resume runs the
 remaining rounds with the round numbers offset (:class:`fedgov.coordinator.recording.Recording`). The strategies
 fedgov offers (FedAvg, FedProx, FedMedian, FedTrimmedAvg, Krum) keep no state between rounds
-besides the global model, so the model is the whole strategy state.
+besides the global model; with ``server_momentum`` (FedAvgM, and secure aggregation's own) the
+momentum is the rest, saved beside the model and restored on resume
+(:func:`fedgov.coordinator.recording.momentum_state`).
 
 No node's ledger is charged twice: a node resumes the reservation it made for the run
 (``task_run``) instead of reserving anew, its accountant continues from the spends in its own
@@ -36,7 +39,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedgov.errors import ConfigError, Problem
 from fedgov.reports import NodeResult, RoundMetrics, write_json_atomic
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "checkpoint_dir"]
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "load_momentum", "checkpoint_dir", "MOMENTUM_PREFIX"]
+
+MOMENTUM_PREFIX = "momentum/"
+"""Names of the momentum's arrays in a checkpoint's model file."""
 
 FORMAT = 1
 
@@ -76,13 +82,16 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def save_checkpoint(run_dir: Path, state: Checkpoint, arrays: dict[str, np.ndarray]) -> Path:
-    """Write the model, then the state that names it; remove older model files."""
+def save_checkpoint(
+    run_dir: Path, state: Checkpoint, arrays: dict[str, np.ndarray], momentum: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """Write the model (and the coordinator's momentum, if any), then the state that names it;
+    remove older model files."""
     from fedgov.data.io import atomic_write_bytes
 
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
-    data = _npz_bytes(arrays)
+    data = _npz_bytes({**arrays, **{MOMENTUM_PREFIX + k: v for k, v in (momentum or {}).items()}})
     model_file = f"model-{state.round}.npz"
     atomic_write_bytes(d / model_file, data)
     state = state.model_copy(update={"model_file": model_file, "model_sha256": hashlib.sha256(data).hexdigest()})
@@ -96,6 +105,18 @@ def save_checkpoint(run_dir: Path, state: Checkpoint, arrays: dict[str, np.ndarr
 def load_checkpoint(run_dir: Path) -> tuple[Checkpoint, dict[str, np.ndarray]]:
     """The last checkpoint of ``run_dir`` and its model; a clear error if there is none or it
     is damaged (it is never half-used)."""
+    state, arrays = _load(run_dir)
+    return state, {k: v for k, v in arrays.items() if not k.startswith(MOMENTUM_PREFIX)}
+
+
+def load_momentum(run_dir: Path) -> dict[str, np.ndarray] | None:
+    """The coordinator's momentum saved with the last checkpoint of ``run_dir``; None without one."""
+    _, arrays = _load(run_dir)
+    momentum = {k[len(MOMENTUM_PREFIX):]: v for k, v in arrays.items() if k.startswith(MOMENTUM_PREFIX)}
+    return momentum or None
+
+
+def _load(run_dir: Path) -> tuple[Checkpoint, dict[str, np.ndarray]]:
     d = checkpoint_dir(run_dir)
     path = d / "state.json"
     if not path.is_file():

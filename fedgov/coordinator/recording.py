@@ -227,6 +227,26 @@ class Recording(Strategy):
         return self.strategy.aggregate_evaluate(r, ok)
 
 
+def momentum_state(strategy: Strategy, keys: list[str]) -> dict[str, np.ndarray] | None:
+    """The coordinator's momentum, by the model's array names ``keys`` (a checkpoint keeps it):
+    :class:`SecureFedAvg`'s velocity, or Flower's FedAvgM ``momentum_vector`` (its sign: old
+    minus new); None when the strategy has none (yet)."""
+    if isinstance(strategy, SecureFedAvg):
+        return None if strategy._velocity is None else dict(strategy._velocity)
+    vector = getattr(strategy, "momentum_vector", None) if isinstance(strategy, FedAvgM) else None
+    if vector is None:
+        return None
+    return {k: np.asarray(v) for k, v in zip(keys, vector, strict=True)}
+
+
+def restore_momentum(strategy: Strategy, momentum: dict[str, np.ndarray], keys: list[str]) -> None:
+    """Give a resumed run's strategy the momentum :func:`momentum_state` saved."""
+    if isinstance(strategy, SecureFedAvg):
+        strategy._velocity = {k: np.asarray(momentum[k], dtype=np.float64) for k in keys}
+    elif isinstance(strategy, FedAvgM):
+        strategy.momentum_vector = [np.asarray(momentum[k]) for k in keys]
+
+
 def build_strategy(
     task: Task, n_nodes: int, recorder: Recorder, *, round_offset: int = 0, stage_config: dict[str, str] | None = None,
     distributed: DistributedPlan | None = None,

@@ -34,18 +34,18 @@ from typing import Any, Literal
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy import Result, Strategy
 from pydantic import BaseModel, ConfigDict, Field
 
 import fedgov
 from fedgov import protocol as P
 from fedgov.config import Contract, Task
 from fedgov.coordinator.aggregation import metric_values
-from fedgov.coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedgov.coordinator.checkpoint import Checkpoint, load_checkpoint, load_momentum, save_checkpoint
 from fedgov.coordinator.evaluation import CentralEvaluator
 from fedgov.coordinator.events import EventWriter
 from fedgov.coordinator.grid import AdmittedGrid, end_task, hello, query_messages, task_config, wait_for_nodes
-from fedgov.coordinator.recording import Recorder, build_strategy
+from fedgov.coordinator.recording import Recorder, build_strategy, momentum_state, restore_momentum
 from fedgov.errors import FederationError
 from fedgov.privacy.distributed import DistributedPlan
 from fedgov.reports import (
@@ -158,6 +158,7 @@ def _start(grid: Grid, task: Task, contract: Contract, options: TrainingOptions)
         started=datetime.now(timezone.utc),
         model=task.model.name,
         strategy=task.training.strategy,
+        server_momentum=task.server_momentum,
         rounds_planned=task.training.rounds,
         privacy=_privacy_summary(task),
     )
@@ -305,7 +306,10 @@ def _train(run: _Run, recorder: Recorder, evaluator: CentralEvaluator) -> Result
         task, len(run.admitted), recorder, round_offset=done, stage_config=run.config, distributed=_distributed(run, parameters),
     )
     evaluator.round_offset = done
-    evaluator.after_round = functools.partial(_save_checkpoint, run, recorder, type(strategy.strategy).__name__)
+    keys = list(initial)
+    if run.resumed is not None and (momentum := load_momentum(opts.run_dir)) is not None:
+        restore_momentum(strategy.strategy, momentum, keys)  # as an uninterrupted run would have it
+    evaluator.after_round = functools.partial(_save_checkpoint, run, recorder, strategy.strategy, keys)
     cfg = ConfigRecord({**run.config, "num-rounds": task.training.rounds})
     run.events.emit("training-start", nodes=len(run.admitted), rounds=task.training.rounds, first_round=done + 1)
     return strategy.start(
@@ -346,18 +350,18 @@ def _distributed(run: _Run, parameters: int) -> DistributedPlan | None:
     return dplan
 
 
-def _save_checkpoint(run: _Run, recorder: Recorder, strategy: str, r: int, arrays: ArrayRecord) -> None:
+def _save_checkpoint(run: _Run, recorder: Recorder, strategy: Strategy, keys: list[str], r: int, arrays: ArrayRecord) -> None:
     """After round ``r``: the rounds so far into the report, and the checkpoint to resume from."""
     task, opts, report = run.task, run.options, run.report
     report.rounds = [recorder.rounds[k] for k in sorted(recorder.rounds) if k > 0]
     state = Checkpoint(
         task=task.name, task_file=opts.task_file, task_fingerprint=P.fingerprint(task, run.contract),
         federation=opts.federation_file or opts.federation, mode=opts.mode, task_run=run.task_run, round=r,
-        rounds_planned=task.training.rounds, strategy=strategy,
+        rounds_planned=task.training.rounds, strategy=type(strategy).__name__,
         nodes_admitted=sorted(run.names[n] for n in run.admitted), nodes=report.nodes, rounds=report.rounds,
         majority_rate=report.majority_rate, model_file="", model_sha256="", **recorder.state(),
     )
-    save_checkpoint(opts.run_dir, state, {k: v.numpy() for k, v in arrays.items()})
+    save_checkpoint(opts.run_dir, state, {k: v.numpy() for k, v in arrays.items()}, momentum_state(strategy, keys))
     run.events.emit("checkpoint", round=r)
 
 
@@ -368,7 +372,10 @@ def _complete(run: _Run, result: Result, recorder: Recorder, evaluator: CentralE
     _collect(run.report, recorder, evaluator)
     run.final = result.arrays
     if run.options.simulated_test and run.report.final is None and (run.report.pooled is None or run.report.learning is None):
-        _simulated_pooled(run, {k: v.numpy() for k, v in result.arrays.items()})
+        try:
+            _simulated_pooled(run, {k: v.numpy() for k, v in result.arrays.items()})
+        except Exception:  # noqa: BLE001 - a figure for the summary must not fail a completed run
+            log.exception("the simulation's pooled figure could not be computed; the run's model is kept")
     if run.options.local_baseline:
         run.events.emit("baselines", nodes=len(run.admitted))
         _baselines(run)

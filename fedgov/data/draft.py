@@ -233,7 +233,7 @@ def draft(
                "# clipping its whole update and adding a share of the noise, summed under secure aggregation; the\n"
                "# guarantee is per organisation (and so per person in it). Record-level DP-SGD on a few hundred\n"
                "# rows drowns in its own noise (README, 'Utility under DP').\n")
-        privacy = f'[privacy]\nmode = "distributed"\nupdate_clip = 5.0\ntarget_epsilon = {epsilon:g}\n\n[training]\nsecure_aggregation = true\nrounds = 4\n'
+        privacy = f'[privacy]\nmode = "distributed"\nupdate_clip = 3.0\ntarget_epsilon = {epsilon:g}\n\n[training]\nsecure_aggregation = true\nrounds = 4\n'
         out.notes.append(f"median {median:.0f} rows per organisation: the task uses distributed DP under secure aggregation")
     else:
         how = f"# DP-SGD at every node (median {median:.0f} rows per organisation).\n"

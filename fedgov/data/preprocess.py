@@ -30,8 +30,8 @@ __all__ = ["Encoder"]
 log = logging.getLogger(__name__)
 
 ENCODING_VERSION = 2
-"""Part of :attr:`Encoder.signature`: 2 since numbers are centred into [-1, 1] (1: [0, 1]), so that a
-node and a coordinator of fedgov versions that encode differently see that they disagree."""
+"""Part of :attr:`Encoder.signature`: 2 since numbers are centred into [-1, 1] (1: [0, 1]), so that
+encoders of fedgov versions that encode differently never share a signature."""
 
 
 @dataclass(frozen=True)

@@ -164,3 +164,28 @@ def test_checkpoint_model_tampering_is_detected(clean_and_resumed: dict) -> None
     finally:
         model.write_bytes(original)
     assert set(arrays) == set(load_checkpoint(run_dir)[1])
+
+
+def test_a_resumed_run_keeps_the_coordinators_momentum(tmp_path: Path, three_city_task, run_task) -> None:
+    """With server momentum (FedAvgM) the momentum is strategy state besides the model: the
+    checkpoint keeps it, and the resumed run ends where the uninterrupted one does."""
+    from fedgov.coordinator.checkpoint import load_momentum
+
+    fed, task_path = three_city_task(tmp_path, training={"server_momentum": 0.9})
+    state = tmp_path / "state"
+    _, _, nodes, manifest = prepare(tmp_path / "clean", fed, task_path, state_dir=state)
+    clean = run_task(InProcessGrid(manifest, len(nodes), run_id=20), task_path, tmp_path / "clean" / "run", run_id=20, federation=FED)
+    _, _, nodes, manifest = prepare(tmp_path / "crash", fed, task_path, state_dir=state)
+    grid = InProcessGrid(manifest, len(nodes), run_id=21)
+    grid.crash_after_train_round = 3
+    with pytest.raises(CoordinatorCrash):
+        run_task(grid, task_path, tmp_path / "crash" / "run", run_id=21, federation=FED)
+    saved = load_momentum(tmp_path / "crash" / "run")
+    assert saved is not None and set(saved) == set(load_checkpoint(tmp_path / "crash" / "run")[1])
+    resumed = run_task(
+        InProcessGrid(manifest, len(nodes), run_id=22), task_path, tmp_path / "crash" / "run", run_id=22, federation=FED, resume=True
+    )
+    assert clean.status == resumed.status == "completed", resumed.message
+    assert clean.final is not None and resumed.final is not None
+    for a, b in zip(clean.rounds, resumed.rounds, strict=True):
+        assert (b.accuracy, b.loss) == pytest.approx((a.accuracy, a.loss), rel=1e-5)

@@ -144,3 +144,43 @@ def test_server_momentum_is_automatic_under_distributed_dp_only() -> None:
     assert local.server_momentum == 0.0
     off = distributed.model_copy(update={"training": distributed.training.model_copy(update={"server_momentum": 0.0})})
     assert off.server_momentum == 0.0
+
+
+def test_the_momentum_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    """SecureFedAvg's velocity and FedAvgM's momentum vector are saved beside the model and given
+    back to a resumed run's strategy; the model file alone is what load_checkpoint returns."""
+    from flwr.serverapp.strategy import FedAvgM
+
+    from fedgov.coordinator.checkpoint import Checkpoint, load_checkpoint, load_momentum, save_checkpoint
+    from fedgov.coordinator.recording import momentum_state, restore_momentum
+    from fedgov.coordinator.secure import SecureFedAvg
+    from fedgov.privacy.secagg import SecAggParams
+
+    keys = ["w", "b"]
+    model = {"w": np.ones((2, 3), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
+    secure = SecureFedAvg(stage_config={}, params=SecAggParams(clip=8.0), stage_timeout=1.0, server_momentum=0.9)
+    assert momentum_state(secure, keys) is None  # no round yet
+    secure._velocity = {"w": np.full((2, 3), 0.25), "b": np.array([0.5, -0.5])}
+    state = Checkpoint(task="t", task_file="t.toml", task_fingerprint="f", federation="x", mode="simulation", task_run="1",
+                       round=2, rounds_planned=4, strategy="SecureFedAvg", nodes_admitted=[], nodes=[], rounds=[],
+                       model_file="", model_sha256="")
+    save_checkpoint(tmp_path, state, model, momentum_state(secure, keys))
+    _, arrays = load_checkpoint(tmp_path)
+    assert sorted(arrays) == ["b", "w"]
+    saved = load_momentum(tmp_path)
+    assert saved is not None
+    fresh = SecureFedAvg(stage_config={}, params=SecAggParams(clip=8.0), stage_timeout=1.0, server_momentum=0.9)
+    restore_momentum(fresh, saved, keys)
+    assert fresh._velocity is not None
+    np.testing.assert_array_equal(fresh._velocity["b"], [0.5, -0.5])
+    flower = FedAvgM(server_momentum=0.9)
+    flower.momentum_vector = [np.full((2, 3), -0.1), np.array([0.2, 0.3])]
+    got = momentum_state(flower, keys)
+    assert got is not None
+    save_checkpoint(tmp_path, state, model, got)
+    again = FedAvgM(server_momentum=0.9)
+    restore_momentum(again, load_momentum(tmp_path) or {}, keys)
+    assert again.momentum_vector is not None
+    np.testing.assert_array_equal(again.momentum_vector[1], [0.2, 0.3])
+    save_checkpoint(tmp_path, state, model)  # no momentum: none is found
+    assert load_momentum(tmp_path) is None
