@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 TASK = ROOT / "configs" / "tasks" / "adult-income.toml"
-OK_EXITS = (0, 21)
 
 
 def federated_exact(run_dir: Path, code: str) -> float:
@@ -51,15 +48,10 @@ def federated_exact(run_dir: Path, code: str) -> float:
 def one_run(runs: Path) -> dict[str, Any]:
     from fedgov.reports import load_report
 
-    cmd = [sys.executable, "-m", "fedgov.cli", "run", str(TASK), "--runs-dir", str(runs)]
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.time() - t0
-    reports = sorted(runs.glob("*/report.json"), key=lambda p: p.stat().st_mtime)
-    if proc.returncode not in OK_EXITS or not reports:
-        raise SystemExit(f"{' '.join(cmd)} failed with exit {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    run_dir = reports[-1].parent
-    report = load_report(reports[-1])
+    from bench_utility import fedgov_run  # the same `fedgov run`, exit codes 0 and 21 accepted
+
+    run_dir, _, wall, _ = fedgov_run(TASK, runs, [])
+    report = load_report(run_dir / "report.json")
     nodes = []
     for n in report.nodes:
         se = n.standard_error()
