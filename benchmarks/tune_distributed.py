@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,16 +84,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--epsilon", type=float, default=1.0)
     args = ap.parse_args()
-    import torch
-
-    from fedgov.config import load_task
     from fedgov.node.rounds import prepare
+    from tune_tables import load_nodes  # benchmarks/: the same node data, the same quiet set-up
 
-    logging.disable(logging.WARNING)
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    task, contract = load_task(args.task)
-    datas = [prepare(task, contract, d / "train.csv", d / "test.csv") for d in sorted(args.nodes_dir.iterdir()) if (d / "train.csv").is_file()]
+    task, contract, datas = load_nodes(args.task, args.nodes_dir)
     held = prepare(task, contract, ROOT / "data" / "adult" / "adult_test.csv", None)
     test = (np.concatenate([held.X_train, held.X_test]), np.concatenate([held.y_train, held.y_test]))
     print(f"{len(datas)} municipalities, {len(test[1])} test rows, epsilon {args.epsilon} per municipality", flush=True)

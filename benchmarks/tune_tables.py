@@ -77,6 +77,22 @@ def replay(datas: list[Any], task: Any, config: list[str], seed: int, score: Any
     return plan.noise_multiplier, score(_model(t, datas[0], glob))
 
 
+def load_nodes(task_path: Path, nodes_dir: Path) -> tuple[Any, Any, list[Any]]:
+    """Quiet, one-threaded torch, and the task, its contract and every node directory's prepared
+    data (``fedgov.node.rounds.prepare`` on its ``train.csv`` and ``test.csv``), in name order."""
+    import torch
+
+    from fedgov.config import load_task
+    from fedgov.node.rounds import prepare
+
+    logging.disable(logging.WARNING)
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    task, contract = load_task(task_path)
+    datas = [prepare(task, contract, d / "train.csv", d / "test.csv") for d in sorted(nodes_dir.iterdir()) if (d / "train.csv").is_file()]
+    return task, contract, datas
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", type=Path, required=True)
@@ -89,14 +105,7 @@ def main() -> None:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from fedgov.config import load_task
-    from fedgov.node.rounds import prepare
-
-    logging.disable(logging.WARNING)
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    task, contract = load_task(args.task)
-    datas = [prepare(task, contract, d / "train.csv", d / "test.csv") for d in sorted(args.nodes_dir.iterdir()) if (d / "train.csv").is_file()]
+    task, contract, datas = load_nodes(args.task, args.nodes_dir)
     X = torch.tensor(np.concatenate([d.X_test for d in datas]), dtype=torch.float32)
     y = np.concatenate([d.y_test for d in datas])
 
