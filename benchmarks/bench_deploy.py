@@ -8,7 +8,10 @@ Adult split by population), ``--rounds`` rounds (default 5), in one invocation:
 2. deployed with ``--runtime cold`` (``fedgov local-federation up``: a coordinator, its
    gateway and the nodes as separate processes with TLS and node keys; every message in a
    fresh ClientApp process, as Flower runs it; fedgov's shorter waits at the coordinator apply);
-3. deployed with the warm node runtime (the default: one long-lived worker per node).
+3. deployed with the warm node runtime (the default: one long-lived worker per node), the
+   SuperLink's state in memory with the admitted nodes in ``nodes.json`` (the default,
+   :mod:`fedgov.deploy.linkrun`); with ``--with-database`` also before it, the warm runtime
+   with the SuperLink's state in Flower's SQLite database (``--superlink-state database``).
 
 Before each deployed run, with the federation idle for ``--idle`` seconds, the resident
 memory (RSS, from /proc) of each process tree is read: the coordinator (SuperLink and
@@ -20,6 +23,7 @@ Gaussian noise on the sum; ``configs/tasks/adult-income-distributed.toml`` on th
 members) on the warm deployment, and reports its time per round.
 
     .venv/bin/python benchmarks/bench_deploy.py [--nodes 3] [--rounds 5] [--idle 15] [--distributed] [--skip-cold]
+        [--with-database]
 
 Prints a table and writes ``benchmarks/results/deploy[-N].json``.
 """
@@ -117,6 +121,7 @@ _CLASSES = (
     ("fedgov.deploy.clientapp", "node: relays / cold ClientApps"),
     ("flwr-clientapp", "node: relays / cold ClientApps"),
     ("flower-superlink", "coordinator: SuperLink"),
+    ("fedgov.deploy.linkrun", "coordinator: SuperLink"),
     ("fedgov.deploy.gateway", "coordinator: gateway"),
     ("flwr-serverapp", "coordinator: ServerApp"),
 )
@@ -172,11 +177,12 @@ def _cpu_run(cmd: list[str], log: Path, under: str) -> tuple[float, dict[str, fl
     return wall, {k: round(v - base.get(k, 0.0), 1) for k, v in sorted(seen.items(), key=lambda kv: -kv[1])}
 
 
-def _deployed(tmp: Path, label: str, task: Path, nodes: int, runtime: str, idle: float, extra: list[Path]) -> dict[str, Any]:
+def _deployed(tmp: Path, label: str, task: Path, nodes: int, runtime: str, idle: float, extra: list[Path],
+              superlink_state: str = "memory") -> dict[str, Any]:
     lf = tmp / f"lf-{label}"
     t0 = time.monotonic()
-    _run([*FEDGOV, "local-federation", "up", "--dir", str(lf), "--nodes", str(nodes), "--task", str(task), "--runtime", runtime],
-         tmp / f"up-{label}.log")
+    _run([*FEDGOV, "local-federation", "up", "--dir", str(lf), "--nodes", str(nodes), "--task", str(task), "--runtime", runtime,
+          "--superlink-state", superlink_state], tmp / f"up-{label}.log")
     out: dict[str, Any] = {"up_s": round(time.monotonic() - t0, 1)}
     try:
         time.sleep(idle)
@@ -200,6 +206,8 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=15.0)
     ap.add_argument("--distributed", action="store_true", help="also a distributed-DP task under secure aggregation (warm)")
     ap.add_argument("--skip-cold", action="store_true", help="leave out the deployment with a fresh process per message")
+    ap.add_argument("--with-database", action="store_true",
+                    help="also the warm runtime with the SuperLink's state in Flower's SQLite database (superlink_state = database)")
     args = ap.parse_args()
     result: dict[str, Any] = {"machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
                               "nodes": args.nodes, "rounds": args.rounds}
@@ -211,14 +219,16 @@ def main() -> int:
         result["simulation"] = _summary(_latest_run(tmp / "sim-runs"), wall)
         if not args.skip_cold:
             result["cold"] = _deployed(tmp, "cold", task, args.nodes, "cold", args.idle, [])
+        if args.with_database:
+            result["warm-database"] = _deployed(tmp, "warm-database", task, args.nodes, "warm", args.idle, [], "database")
         result["warm"] = _deployed(tmp, "warm", task, args.nodes, "warm", args.idle, extra)
     sim = result["simulation"]["median_round_s"]
-    for mode in ("cold", "warm"):
+    for mode in ("cold", "warm-database", "warm"):
         if mode in result:
             result[f"ratio_round_{mode}_over_simulation"] = round(result[mode]["run"]["median_round_s"] / sim, 2)
     out = ROOT / "benchmarks" / "results" / ("deploy.json" if args.nodes == 3 else f"deploy-{args.nodes}.json")
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    modes = [m for m in ("cold", "warm") if m in result]
+    modes = [m for m in ("cold", "warm-database", "warm") if m in result]
     print(f"demo task, {args.nodes} nodes, {args.rounds} rounds ({result['machine']})")
     print("| | simulation | " + " | ".join(f"deployed, {m} runtime" for m in modes) + " |")
     print("|---|---|" + "---|" * len(modes))

@@ -19,7 +19,7 @@ from typing import Any
 
 __all__ = ["FIRST", "LONGEST", "shorten_object_pulls"]
 
-FIRST = 0.02
+FIRST = 0.005
 LONGEST = 0.5
 
 

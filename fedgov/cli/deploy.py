@@ -9,6 +9,7 @@ nodes on this machine, each a process of its own, for trying out and testing dep
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -19,6 +20,17 @@ from fedgov.cli.console import console, new_typer
 from fedgov.cli.daemon import ConsoleHost, ConsolePort, PasswordFile, TlsCert, TlsDev, TlsKey, foreground, serve_console
 from fedgov.cli.summary import exit_if_not_learned, print_summary, run_with_progress
 from fedgov.deploy.local import local_federation_down, local_federation_up
+
+
+class SuperLinkState(str, Enum):
+    memory = "memory"
+    database = "database"
+
+
+SUPERLINK_STATE_HELP = (
+    "The SuperLink's state: 'memory' (Flower's in-memory state, the admitted nodes kept in nodes.json; fast) or "
+    "'database' (Flower's SQLite state.db: Flower's run list kept across restarts; about twice the time per deployed round)"
+)
 
 if TYPE_CHECKING:
     from fedgov.deploy.tasks import RunInfo
@@ -151,11 +163,13 @@ def coordinator_init(
     port: Annotated[int, typer.Option(help="The gateway's HTTPS port (Fleet API only)")] = 9092,
     superlink_port: Annotated[int | None, typer.Option(help="The SuperLink's own port on 127.0.0.1 (default: port + 1)")] = None,
     san: Annotated[list[str] | None, typer.Option("--san", help="Extra host name or IP for the server certificate")] = None,
+    superlink_state: Annotated[SuperLinkState, typer.Option(help=SUPERLINK_STATE_HELP)] = SuperLinkState.memory,
 ) -> None:
     """Create a coordinator directory: development CA and server certificate, coordinator.toml."""
     from fedgov.deploy.superlink import init_coordinator  # lazy: cryptography (fedgov --help)
 
-    cfg = init_coordinator(directory, host=host, port=port, superlink_port=superlink_port, hosts=tuple(san or ()))
+    cfg = init_coordinator(directory, host=host, port=port, superlink_port=superlink_port, hosts=tuple(san or ()),
+                           superlink_state=superlink_state.value)
     base = directory.resolve()
     console.print(
         f"coordinator directory {base} created: nodes connect to {cfg.host}:{cfg.port} (Fleet API only); "
@@ -236,9 +250,10 @@ def local_up(
     nodes: Annotated[int, typer.Option("--nodes", "-n", help="Number of nodes (the first members of the task's federation)")] = 3,
     task: Annotated[Path | None, typer.Option("--task", help="Task whose federation and contract give the nodes' data (default: the demo task)")] = None,
     runtime: Annotated[str, typer.Option("--runtime", help="The nodes' ClientApp runtime: 'warm' (a long-lived worker per node) or 'cold' (a fresh process per message, as Flower does)")] = "warm",
+    superlink_state: Annotated[SuperLinkState, typer.Option(help=SUPERLINK_STATE_HELP + " (a new coordinator only)")] = SuperLinkState.memory,
 ) -> None:
     """Start a coordinator and N nodes in the background; wait until all nodes are online."""
-    state = local_federation_up(directory, nodes=nodes, task_path=task, runtime=runtime)
+    state = local_federation_up(directory, nodes=nodes, task_path=task, runtime=runtime, superlink_state=superlink_state.value)
     console.print(
         f"coordinator on {state['address']} (gateway pid {state['gateway']}, SuperLink pid {state['superlink']} "
         f"on {state['control_address']}), {len(state['nodes'])} node(s) online:"

@@ -8,7 +8,7 @@ gRPC grid in a deployment, its simulation grid under ``fedgov run``, and
 * :func:`hello`: the admission round, each node's answer (:class:`fedgov.protocol.NodeHello`);
 * :func:`end_task`: the best-effort notice that a task ended (nodes release what they did not spend);
 * :class:`PollingGrid`: Flower's grid with a short wait for replies (Flower's deployed grid
-  looks for replies every 3 s; this one after 20 ms, doubling to at most 100 ms);
+  looks for replies every 3 s; this one after 5 ms, doubling to at most 25 ms);
 * :class:`AdmittedGrid`: the view the strategy gets, with only the admitted nodes, a bounded
   wait for missing ones, and a count of the bytes that crossed it (:func:`message_bytes`).
 """
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 def poll_replies(
-    grid: Grid, messages: Iterable[Message], *, timeout: float | None = None, first: float = 0.01, longest: float = 0.1
+    grid: Grid, messages: Iterable[Message], *, timeout: float | None = None, first: float = 0.005, longest: float = 0.025
 ) -> list[Message]:
     """Push ``messages`` and pull their replies until all came or ``timeout`` s passed.
 

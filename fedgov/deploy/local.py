@@ -21,7 +21,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fedgov.errors import ConfigError, FederationError, Problem
 from fedgov.launch.processes import ManagedProcess, free_port, kill_tree
@@ -117,11 +117,14 @@ def local_federation_up(
     budget: float = 10.0,
     connect_timeout: float = 90.0,
     runtime: str = "warm",
+    superlink_state: Literal["memory", "database"] = "memory",
 ) -> dict[str, Any]:
     """Create (or reuse) and start a local federation; return its state (also in the state file).
 
     ``runtime`` is the nodes' ClientApp runtime: ``"warm"`` (a long-lived worker per node,
     :mod:`fedgov.deploy.worker`) or ``"cold"`` (a fresh process per message, as Flower does).
+    ``superlink_state`` is a new coordinator's (:class:`~fedgov.deploy.superlink.CoordinatorConfig`);
+    a coordinator directory that exists keeps its own.
 
     Waits until every node is online at the SuperLink. On any failure, everything started
     is stopped again.
@@ -141,7 +144,7 @@ def local_federation_up(
         raise FederationError(f"a local federation is already running in {base}; stop it with 'fedgov local-federation down'")
     coord_dir = base / "coordinator"
     if not (coord_dir / "coordinator.toml").is_file():
-        init_coordinator(coord_dir, port=free_port(), superlink_port=free_port())
+        init_coordinator(coord_dir, port=free_port(), superlink_port=free_port(), superlink_state=superlink_state)
     _, cfg = load_coordinator(coord_dir)
     ca = cfg.path(coord_dir, cfg.ca_cert)
     members = _prepare_nodes(base, nodes, (task_path or _default_task()).resolve(), budget)
@@ -212,7 +215,8 @@ def restart_coordinator(directory: Path | str, *, grace: float = 10.0) -> dict[s
     """Stop the local federation's coordinator (gateway and SuperLink) and start it again.
 
     The nodes keep running: they retry until the SuperLink is back and reconnect with the node
-    ids their keys were registered under (the SuperLink's state database keeps them).
+    ids their keys were registered under (the coordinator's ``nodes.json`` keeps them,
+    :mod:`fedgov.deploy.linkrun`).
     """
     from fedgov.deploy.superlink import start_coordinator
 
@@ -311,4 +315,5 @@ def _is_flower(pid: int) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    return "flower-superlink" in cmd or "flower-supernode" in cmd or "fedgov.deploy.gateway" in cmd or "fedgov.deploy.noderun" in cmd
+    return any(k in cmd for k in ("flower-superlink", "flower-supernode", "fedgov.deploy.gateway", "fedgov.deploy.noderun",
+                                  "fedgov.deploy.linkrun"))

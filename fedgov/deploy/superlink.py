@@ -5,7 +5,8 @@
     <coordinator-dir>/
       coordinator.toml     host, port, database, certificate paths (:class:`CoordinatorConfig`)
       pki/                 ca.crt (given to the nodes), ca.key, server.pem, server.key (0600)
-      state.db             the SuperLink's database: registered nodes, runs
+      nodes.json           the admitted nodes: node id, public key, name (mode 0600; :mod:`fedgov.deploy.linkrun`)
+      state.db             Flower's SQLite state, with superlink_state = "database" only
       flwr-home/           FLWR_HOME for the ``flwr`` CLI: a connection with ``root-certificates``
       logs/
 
@@ -27,7 +28,7 @@ import ssl
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -65,7 +66,13 @@ class CoordinatorConfig(BaseModel):
     superlink_port: int = Field(
         default=9093, ge=1, le=65535, description="the SuperLink's own port, on 127.0.0.1 only (Control API)"
     )
-    database: str = "state.db"
+    superlink_state: Literal["memory", "database"] = Field(
+        default="memory",
+        description="the SuperLink's state: in memory with the admitted nodes in nodes.json (fast), or Flower's SQLite "
+        "database file (runs kept across restarts; about twice the time per deployed round)",
+    )
+    nodes_file: str = Field(default="nodes.json", description="the admitted nodes (superlink_state = \"memory\")")
+    database: str = Field(default="state.db", description="Flower's SQLite state (superlink_state = \"database\")")
     ca_cert: str = "pki/ca.crt"
     server_cert: str = "pki/server.pem"
     server_key: str = "pki/server.key"
@@ -133,6 +140,7 @@ def init_coordinator(
     port: int = 9092,
     superlink_port: int | None = None,
     hosts: tuple[str, ...] = (),
+    superlink_state: Literal["memory", "database"] = "memory",
 ) -> CoordinatorConfig:
     """Create a coordinator directory: development PKI, ``coordinator.toml``, ``flwr`` config."""
     base = Path(directory).resolve()
@@ -149,7 +157,7 @@ def init_coordinator(
             "the SuperLink's port must differ from the gateway's",
             [Problem(str(cfg_path), "superlink_port", f"{internal} is also the public port")],
         )
-    cfg = CoordinatorConfig(host=host, port=port, superlink_port=internal)
+    cfg = CoordinatorConfig(host=host, port=port, superlink_port=internal, superlink_state=superlink_state)
     extra = tuple(h for h in (host, *hosts) if h not in ("0.0.0.0", "::", ""))
     create_dev_pki(cfg.path(base, "pki"), hosts=extra)
     cfg_path.write_text(
@@ -194,18 +202,28 @@ class Coordinator:
 
 
 def superlink_args(base: Path, cfg: CoordinatorConfig) -> list[str]:
-    """The SuperLink's command line: TLS, node authentication, state, and 127.0.0.1 only."""
-    return [
-        flwr_bin("flower-superlink"),
+    """The SuperLink's command line: TLS, node authentication, state, and 127.0.0.1 only.
+
+    With ``superlink_state = "memory"`` (the default) Flower's SuperLink runs in
+    :mod:`fedgov.deploy.linkrun`: Flower's in-memory state, the admitted nodes kept in
+    ``nodes_file``; with ``"database"``, Flower's own ``flower-superlink`` on ``database``."""
+    from fedgov.deploy.linkrun import ARG, MIGRATE_ARG
+
+    flower = [
         "--ssl-ca-certfile", str(cfg.path(base, cfg.ca_cert)),
         "--ssl-certfile", str(cfg.path(base, cfg.server_cert)),
         "--ssl-keyfile", str(cfg.path(base, cfg.server_key)),
         "--enable-supernode-auth",
-        "--database", str(cfg.path(base, cfg.database)),
         "--disable-runtime-dependency-installation",
         # Never on the network: the Control API behind this port has no authentication.
         "--host", "127.0.0.1",
         "--port", str(cfg.superlink_port),
+    ]
+    if cfg.superlink_state == "database":
+        return [flwr_bin("flower-superlink"), *flower, "--database", str(cfg.path(base, cfg.database))]
+    return [
+        sys.executable, "-P", "-m", "fedgov.deploy.linkrun",
+        ARG, str(cfg.path(base, cfg.nodes_file)), MIGRATE_ARG, str(cfg.path(base, cfg.database)), *flower,
     ]
 
 
@@ -243,7 +261,7 @@ def _gateway_proc(base: Path, cfg: CoordinatorConfig, home: Path) -> ManagedProc
 
 
 def start_coordinator(directory: Path | str, *, timeout: float = 60.0) -> Coordinator:
-    """Start the SuperLink (TLS, SuperNode authentication, persistent state) and the gateway.
+    """Start the SuperLink (TLS, SuperNode authentication, the admitted nodes kept) and the gateway.
 
     Waits until both answer ``/health``: the SuperLink on its local port, the gateway on the
     public one. On failure both are stopped.

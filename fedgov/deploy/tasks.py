@@ -9,6 +9,7 @@ and its report. The ServerApp writes the Flower run id into the run's first even
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from fedgov.deploy.superlink import CONNECTION, _json_out, run_flwr
 from fedgov.errors import FederationError
 
-__all__ = ["RunInfo", "list_runs", "run_status", "stop_run", "run_dirs"]
+__all__ = ["NOT_AT_SUPERLINK", "RunInfo", "list_runs", "run_status", "stop_run", "run_dirs"]
 
 
 class RunInfo(BaseModel):
@@ -120,28 +121,70 @@ def _runs(coordinator_dir: Path, extra: list[str]) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
+NOT_AT_SUPERLINK = "not-at-superlink"
+"""The status of a run that has a run directory but that the SuperLink does not know: it ran
+before the coordinator restarted (the SuperLink keeps its runs in memory,
+:mod:`fedgov.deploy.linkrun`); its run directory says how it ended."""
+
+
+def _started_at(run_dir: Path, run_id: int) -> str:
+    for ev in _started_events(run_dir / "events.jsonl"):
+        if ev.get("flower_run_id") is not None and int(ev["flower_run_id"]) == run_id and isinstance(ev.get("time"), int | float):
+            return datetime.fromtimestamp(float(ev["time"]), tz=timezone.utc).isoformat()
+    return ""
+
+
+def _from_dir(run_id: int, run_dir: Path) -> RunInfo:
+    """A run the SuperLink does not know, from its run directory alone."""
+    done, planned, rstatus, message, task = _rounds(run_dir)
+    return RunInfo(
+        run_id=run_id, status=NOT_AT_SUPERLINK, status_details="ran before the coordinator restarted; see its run directory",
+        pending_at=_started_at(run_dir, run_id), run_dir=str(run_dir), rounds_done=done, rounds_planned=planned,
+        report_status=rstatus, message=message, task=task,
+    )
+
+
 def list_runs(coordinator_dir: Path, runs_dir: Path = Path("runs")) -> list[RunInfo]:
-    """Every run the coordinator's SuperLink knows, newest first."""
+    """Every run the coordinator's SuperLink knows, and the runs of ``runs_dir`` it does not
+    know (from before a restart: status :data:`NOT_AT_SUPERLINK`), newest first."""
     dirs = run_dirs(runs_dir)
     infos = [_info(r, dirs) for r in _runs(coordinator_dir, [])]
-    return sorted(infos, key=lambda i: i.pending_at, reverse=True)
+    known = {i.run_id for i in infos}
+    infos += [_from_dir(rid, d) for rid, d in dirs.items() if rid not in known]
+    return sorted(infos, key=lambda i: _sort_key(i.pending_at), reverse=True)
+
+
+def _sort_key(pending_at: str) -> float:
+    """Seconds since the epoch of Flower's or fedgov's timestamp (0 when there is none)."""
+    try:
+        return datetime.fromisoformat(pending_at.replace("Z", "+00:00")).timestamp() if pending_at else 0.0
+    except ValueError:
+        return 0.0
 
 
 def run_status(coordinator_dir: Path, run_id: int, runs_dir: Path = Path("runs")) -> RunInfo:
-    """One run; :class:`FederationError` if the SuperLink does not know it."""
+    """One run: the SuperLink's view, else (a run from before a restart) its run directory's;
+    :class:`FederationError` if neither knows it."""
     try:
         rows = _runs(coordinator_dir, ["--run-id", str(run_id)])
     except FederationError as exc:
-        raise FederationError(f"run {run_id} is not known at this coordinator: {exc}") from exc
+        rows, why = [], f": {exc}"
+    else:
+        why = " ('fedgov task list' shows the runs)"
     rows = [r for r in rows if int(r.get("run-id", -1)) == run_id]
-    if not rows:
-        raise FederationError(f"run {run_id} is not known at this coordinator ('fedgov task list' shows the runs)")
-    return _info(rows[0], run_dirs(runs_dir))
+    dirs = run_dirs(runs_dir)
+    if rows:
+        return _info(rows[0], dirs)
+    if run_id in dirs:
+        return _from_dir(run_id, dirs[run_id])
+    raise FederationError(f"run {run_id} is not known at this coordinator{why}")
 
 
 def stop_run(coordinator_dir: Path, run_id: int) -> RunInfo:
     """Stop a run (``flwr stop``); the ServerApp and the nodes' ClientApps end within seconds."""
     current = run_status(coordinator_dir, run_id, Path("/nonexistent"))
+    if current.status == NOT_AT_SUPERLINK:
+        raise FederationError(f"run {run_id} ran before the coordinator restarted; nothing to stop")
     if current.status.startswith("finished"):
         raise FederationError(f"run {run_id} has already finished ({current.status}); nothing to stop")
     _json_out(run_flwr(coordinator_dir, ["stop", str(run_id), CONNECTION, "--format", "json"]))

@@ -78,3 +78,34 @@ def test_stop_refuses_a_finished_run_and_stops_a_running_one(tmp_path: Path, mon
     state["status"] = "running"
     assert tasks.stop_run(tmp_path, 5).status == "finished:stopped"
     assert ["stop", "5", "fedgov", "--format", "json"] in seen
+
+
+def test_runs_from_before_a_coordinator_restart_come_from_their_run_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SuperLink keeps its runs in memory: after a restart it knows only the new ones. The
+    list still shows the older runs, from their run directories, newest first with the others."""
+    runs = tmp_path / "runs"
+    old = _run_dir(runs, "old", 7, [1, 2, 3], 3, "completed")
+    events = old / "events.jsonl"
+    lines = [json.loads(x) for x in events.read_text().splitlines()]
+    lines[0]["time"] = 1795000000.0  # 2026-11-18, before the SuperLink's run below
+    events.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    _run_dir(runs, "new", 8, [1], 1, "completed")
+
+    def fake(directory: Path, args: list[str], **kw: object) -> str:
+        if "--run-id" in args and args[args.index("--run-id") + 1] != "8":
+            return json.dumps({"success": False, "error-message": "[code: 16] Run ID not found."})
+        return _flwr_rows(_row(8, "finished:completed", "2026-11-28 10:00:00Z"))
+
+    monkeypatch.setattr(tasks, "run_flwr", fake)
+    infos = tasks.list_runs(tmp_path / "coord", runs)
+    assert [i.run_id for i in infos] == [8, 7]
+    before = infos[1]
+    assert before.status == tasks.NOT_AT_SUPERLINK and before.run_dir == str(old)
+    assert (before.rounds_done, before.rounds_planned, before.report_status) == (3, 3, "completed")
+    assert before.pending_at.startswith("2026-11-18")
+    assert tasks.run_status(tmp_path / "coord", 7, runs).run_dir == str(old)
+    with pytest.raises(FederationError, match="run 9 is not known"):
+        tasks.run_status(tmp_path / "coord", 9, runs)
+    with pytest.raises(FederationError, match="nothing to stop"):
+        monkeypatch.setattr(tasks, "run_dirs", lambda d: {7: old})
+        tasks.stop_run(tmp_path / "coord", 7)
