@@ -267,8 +267,13 @@ def _split_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # fedgov's own lines only: a handler on the root logger would also write Flower's DEBUG
+    # records (its logger passes them on), request bodies included
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
     log.setLevel(logging.INFO)
+    log.propagate = False
     from fedgov.errors import FedgovError
 
     own, argv = _split_args(sys.argv[1:])
