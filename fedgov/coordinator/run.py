@@ -26,6 +26,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -363,6 +365,22 @@ def _save_checkpoint(run: _Run, recorder: Recorder, strategy: Strategy, keys: li
     )
     save_checkpoint(opts.run_dir, state, {k: v.numpy() for k, v in arrays.items()}, momentum_state(strategy, keys))
     run.events.emit("checkpoint", round=r)
+    _pause_for_crash_test(r)
+
+
+#: Fault injection for the crash-and-resume tests: with this variable set to a round number, the
+#: ServerApp waits after that round's checkpoint (for at most ``_CRASH_TEST_WAIT`` seconds) for
+#: the test to kill the coordinator, so the kill falls at a defined point and not, by the speed
+#: of the machine, in the middle of the next round's first messages. Unset in any real run.
+CRASH_TEST_ENV = "FEDGOV_TEST_PAUSE_AFTER_CHECKPOINT"
+_CRASH_TEST_WAIT = 300.0
+
+
+def _pause_for_crash_test(r: int) -> None:
+    if os.environ.get(CRASH_TEST_ENV) != str(r):
+        return
+    log.warning("%s=%d: the ServerApp waits here to be killed (a test's fault injection)", CRASH_TEST_ENV, r)
+    time.sleep(_CRASH_TEST_WAIT)
 
 
 def _complete(run: _Run, result: Result, recorder: Recorder, evaluator: CentralEvaluator) -> None:

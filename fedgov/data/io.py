@@ -169,7 +169,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and :func:`os.replace`.
 
     A reader (a node process starting up) sees either the old file or the complete new one,
-    never a half-written file, even if the writer is killed.
+    never a half-written file, even if the writer is killed; the file and then its directory
+    are synced, so a power loss keeps the new file once this returns.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -182,6 +183,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (its entry, not only the file's bytes)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # a file system that cannot sync a directory: the rename stands, only not forced out
+    finally:
+        os.close(fd)
 
 
 def write_csv(df: pd.DataFrame, path: Path | str, contract: Contract | None = None) -> None:

@@ -6,11 +6,11 @@ fedgov.deploy.linkrun --fedgov-nodes <coordinator-dir>/nodes.json <flower-superl
 Why: Flower 1.42's SuperLink keeps its state either in SQLite, through SQLAlchemy's ORM
 (``--database FILE``), or in Python dictionaries (``--database :flwr-in-memory:``). Every
 Fleet API call of a SuperNode (each pull of a message and each of its objects, each push,
-each heartbeat) goes through that state. Measured with ``benchmarks/bench_deploy.py`` (the
-demo task, 3 nodes, warm runtime): 1.13 to 1.51 s per round with the SQLite file, 0.78 s in
-memory, and the SuperLink's own CPU time for the run fell from 8.0 to 3.1 s. ``py-spy``
-showed the time in SQLAlchemy (a bulk clean-up of expired task tokens on every call, the
-run-status check, the object store's rows).
+each heartbeat) goes through that state. Measured with ``benchmarks/bench_deploy.py
+--with-database`` (the demo task, 3 nodes, warm runtime, both in one invocation): 1.15 s per
+round with the SQLite file and 0.65 s in memory, the SuperLink's own CPU time for the run 7.3 s
+and 2.8 s. ``py-spy`` showed the time in SQLAlchemy (a bulk clean-up of expired task tokens on
+every call, the run-status check, the object store's rows).
 
 What a coordinator must keep across a restart is which nodes it admitted, under which node
 ids: a node that comes back after a restart must be the same node, and an operator must not
@@ -25,7 +25,10 @@ kept, and ``fedgov task resume`` continues a run from them.
 
 A coordinator whose ``coordinator.toml`` says ``superlink_state = "database"`` keeps
 Flower's SQLite state (``state.db``) instead. The first start in memory of a coordinator
-that used ``state.db`` takes its node registrations over from it (same node ids).
+that used ``state.db`` takes its node registrations over from it (same node ids) and renames
+it ``state.db.migrated``, so that it is never taken over twice; a ``state.db`` that cannot be
+read stops the start. The two states do not share registrations: switching back to
+``"database"`` starts with no admitted nodes.
 
 If Flower's in-memory state is not the one this was written for (Flower 1.42), the process
 stops with a message saying so rather than run without the admitted nodes.
@@ -36,7 +39,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +56,7 @@ __all__ = [
     "main",
     "migrate_registry",
     "save_registry",
+    "take_over",
 ]
 
 log = logging.getLogger("fedgov.coordinator")
@@ -121,28 +124,58 @@ def save_registry(path: Path, registry: NodeRegistry) -> None:
 
 def migrate_registry(database: Path) -> NodeRegistry:
     """The node registrations in a SuperLink's SQLite state (``state.db``, Flower 1.42's
-    ``node`` table), with the same node ids; an empty registry if it has none."""
+    ``node`` table), with the same node ids; an empty registry if there is no such file.
+    :class:`~fedgov.errors.ConfigError` naming the file when it is there but cannot be read:
+    a coordinator must not start without the nodes it admitted."""
+    from fedgov.errors import ConfigError, Problem
+
     if not database.is_file():
         return NodeRegistry()
-    con = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
     try:
-        rows = con.execute(
-            "SELECT node_id, owner_aid, owner_name, status, registered_at, unregistered_at, heartbeat_interval, "
-            "public_key, location, name FROM node"
-        ).fetchall()
-    except sqlite3.Error:
-        return NodeRegistry()
-    finally:
-        con.close()
-    nodes = []
-    for nid, aid, oname, status, reg_at, unreg_at, hb, pk, loc, name in rows:
-        nodes.append(RegisteredNode(
-            node_id=int(nid) % _U64,  # Flower stores the uint64 id as a signed BIGINT
-            public_key=bytes(pk).hex(), owner_aid=str(aid), owner_name=str(oname), heartbeat_interval=float(hb or 30.0),
-            registered_at=str(reg_at or ""), name=name, location=loc,
-            unregistered_at=(str(unreg_at or "") or "unknown") if status == "unregistered" else None,
-        ))
+        con = sqlite3.connect(database.resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            rows = con.execute(
+                "SELECT node_id, owner_aid, owner_name, status, registered_at, unregistered_at, heartbeat_interval, "
+                "public_key, location, name FROM node"
+            ).fetchall()
+        finally:
+            con.close()
+        nodes = [
+            RegisteredNode(
+                node_id=int(nid) % _U64,  # Flower stores the uint64 id as a signed BIGINT
+                public_key=bytes(pk).hex(), owner_aid=str(aid), owner_name=str(oname),
+                heartbeat_interval=float(hb or 30.0), registered_at=str(reg_at or ""), name=name, location=loc,
+                unregistered_at=(str(unreg_at or "") or "unknown") if status == "unregistered" else None,
+            )
+            for nid, aid, oname, status, reg_at, unreg_at, hb, pk, loc, name in rows
+        ]
+    except (sqlite3.Error, ValidationError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"{database}: cannot take the admitted nodes over from the SuperLink's database ({exc}); "
+            f"repair or remove it, or set superlink_state = \"database\"",
+            [Problem(str(database), "node", "unreadable")],
+        ) from exc
     return NodeRegistry(nodes=nodes)
+
+
+MIGRATED_SUFFIX = ".migrated"
+"""A ``state.db`` whose registrations went into ``nodes.json`` is renamed with this suffix (with its
+``-wal`` and ``-shm`` files), so that it is never taken over a second time: a registry removed by
+mistake must not bring back nodes unregistered since."""
+
+
+def take_over(database: Path, registry_path: Path) -> int:
+    """Move the registrations of ``database`` into ``registry_path`` (which must not exist yet)
+    and retire the database; how many there were (0: nothing done)."""
+    old = migrate_registry(database)
+    if not old.nodes:
+        return 0
+    save_registry(registry_path, old)
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(f"{database}{suffix}")
+        if src.exists():
+            src.rename(Path(f"{database}{MIGRATED_SUFFIX}{suffix}"))
+    return len(old.nodes)
 
 
 def durable_state(federation_manager: Any, object_store: Any, registry_path: Path) -> Any:
@@ -156,7 +189,6 @@ def durable_state(federation_manager: Any, object_store: Any, registry_path: Pat
         def __init__(self) -> None:
             super().__init__(federation_manager, object_store)
             self._registry_path = registry_path
-            self._save_lock = threading.Lock()
             self._restore(load_registry(registry_path))
 
         def _restore(self, registry: NodeRegistry) -> None:
@@ -191,27 +223,43 @@ def durable_state(federation_manager: Any, object_store: Any, registry_path: Pat
                 ])
 
         def _save(self) -> None:
-            with self._save_lock:
-                save_registry(self._registry_path, self._snapshot())
+            save_registry(self._registry_path, self._snapshot())
+
+        # Registrations are rare: each change and its write happen under the state's lock, so
+        # no other change (and no other write) comes in between, and a change whose write
+        # failed is undone before anyone else sees the state.
 
         def create_node(self, *args: Any, **kwargs: Any) -> int:
-            node_id = int(super().create_node(*args, **kwargs))
-            if node_id:
-                try:
-                    self._save()
-                except OSError:
-                    # not on disk: not admitted (the registration fails, and says so)
-                    with self.lock:
+            with self.lock:
+                node_id = int(super().create_node(*args, **kwargs))
+                if node_id:
+                    try:
+                        self._save()
+                    except BaseException:
+                        # not on disk: not admitted (the registration fails, and says so)
                         info = self.nodes.pop(node_id, None)
                         if info is not None:
                             self.node_public_key_to_node_id.pop(bytes(info.public_key), None)
                             self.owner_to_node_ids.get(info.owner_aid, set()).discard(node_id)
-                    raise
-            return node_id
+                        raise
+                return node_id
 
-        def delete_node(self, *args: Any, **kwargs: Any) -> None:
-            super().delete_node(*args, **kwargs)
-            self._save()
+        def delete_node(self, owner_aid: str, node_id: int) -> None:
+            from flwr.proto.node_pb2 import NodeInfo
+
+            with self.lock:
+                before = self.nodes.get(node_id)
+                kept = NodeInfo()
+                if before is not None:
+                    kept.CopyFrom(before)
+                super().delete_node(owner_aid, node_id)
+                try:
+                    self._save()
+                except BaseException:
+                    # not on disk: still registered (the unregistration fails, and can be retried)
+                    if before is not None:
+                        self.nodes[node_id].CopyFrom(kept)
+                    raise
 
     return DurableNodesLinkState()
 
@@ -225,7 +273,10 @@ def _check_flower() -> str | None:
         import flwr.superlink.config_loader as cl
     except ImportError as exc:
         return f"Flower's SuperLink modules moved ({exc})"
-    src = inspect.getsource(m.InMemoryLinkState.__init__)
+    try:
+        src = inspect.getsource(m.InMemoryLinkState.__init__)
+    except (OSError, TypeError) as exc:
+        return f"the source of InMemoryLinkState cannot be read ({exc})"
     for attr in ("self.nodes", "self.node_public_key_to_node_id", "self.owner_to_node_ids", "self.lock"):
         if attr not in src:
             return f"InMemoryLinkState has no {attr}"
@@ -287,10 +338,10 @@ def main() -> None:
     try:
         if not registry_path.is_file() and own.get(MIGRATE_ARG):
             legacy = Path(own[MIGRATE_ARG])
-            old = migrate_registry(legacy)
-            if old.nodes:
-                save_registry(registry_path, old)
-                log.info("took over %d node registration(s) from %s into %s", len(old.nodes), legacy, registry_path)
+            moved = take_over(legacy, registry_path)
+            if moved:
+                log.info("took over %d node registration(s) from %s into %s (the database is now %s%s)", moved, legacy,
+                         registry_path, legacy.name, MIGRATED_SUFFIX)
         known = load_registry(registry_path)
     except (FedgovError, OSError) as exc:
         sys.exit(f"fedgov.deploy.linkrun: {exc}")

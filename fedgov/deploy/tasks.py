@@ -168,6 +168,8 @@ def run_status(coordinator_dir: Path, run_id: int, runs_dir: Path = Path("runs")
     try:
         rows = _runs(coordinator_dir, ["--run-id", str(run_id)])
     except FederationError as exc:
+        if "not found" not in str(exc).lower():
+            raise  # the SuperLink did not answer: not a run it forgot
         rows, why = [], f": {exc}"
     else:
         why = " ('fedgov task list' shows the runs)"
@@ -183,8 +185,6 @@ def run_status(coordinator_dir: Path, run_id: int, runs_dir: Path = Path("runs")
 def stop_run(coordinator_dir: Path, run_id: int) -> RunInfo:
     """Stop a run (``flwr stop``); the ServerApp and the nodes' ClientApps end within seconds."""
     current = run_status(coordinator_dir, run_id, Path("/nonexistent"))
-    if current.status == NOT_AT_SUPERLINK:
-        raise FederationError(f"run {run_id} ran before the coordinator restarted; nothing to stop")
     if current.status.startswith("finished"):
         raise FederationError(f"run {run_id} has already finished ({current.status}); nothing to stop")
     _json_out(run_flwr(coordinator_dir, ["stop", str(run_id), CONNECTION, "--format", "json"]))

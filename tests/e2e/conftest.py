@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-_FLOWER = ("flower-", "flwr", "raylet", "gcs_server", "ray::", "fedgov.deploy.worker", "fedgov.deploy.noderun", "fedgov/deploy/relay.py")
+_FLOWER = ("flower-", "flwr", "raylet", "gcs_server", "ray::", "fedgov.deploy.worker", "fedgov.deploy.noderun", "fedgov.deploy.linkrun",
+           "fedgov/deploy/relay.py")
 
 
 def flower_processes_(under: Path) -> list[str]:

@@ -157,19 +157,23 @@ class _CoordinatorDies(Exception):
 
 
 def test_coordinator_killed_after_round_1_then_fedgov_run_resume(
-    tmp_path: Path, sim_task, write_federation, flower_processes
+    tmp_path: Path, sim_task, write_federation, flower_processes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The whole coordinator (SuperLink, simulation engine, ServerApp) is killed right after
     round 1 was saved; ``fedgov run --resume`` runs round 2 on the same node directories.
-    The task runs under secure aggregation, so this is also its test on real Flower processes."""
+    The task runs under secure aggregation, so this is also its test on real Flower processes.
+    The ServerApp waits after round 1's checkpoint (fault injection) until the kill, so the kill
+    cannot fall inside round 2's key exchange, whatever the speed of the machine."""
     from typer.testing import CliRunner
 
     from fedgov.coordinator.checkpoint import load_checkpoint
+    from fedgov.coordinator.run import CRASH_TEST_ENV
     from fedgov.cli import app
     from fedgov.node.home import NodeHome
 
     fed = write_federation(tmp_path / "fed.toml", name="e2e-crash", members=["GM0363", "GM0344", "GM0150"], seed=5, min_rows=200)
     seen: dict[str, Path] = {}
+    monkeypatch.setenv(CRASH_TEST_ENV, "1")
 
     def on_event(ev: dict) -> None:
         if ev.get("event") == "run-dir":
@@ -189,12 +193,16 @@ def test_coordinator_killed_after_round_1_then_fedgov_run_resume(
     for d in node_dirs:  # nobody told the nodes that the task ended: their reservations are open
         assert "release" not in [e.kind for e in NodeHome(d).ledger.events() if not e.task_id.startswith("rows-")]
 
+    monkeypatch.delenv(CRASH_TEST_ENV)
     result = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "--no-baseline"])
     assert result.exit_code == 0, result.output
     assert "Resuming after round 1 of 2" in result.output
     report = load_report(run_dir / "report.json")
     assert report.status == "completed" and [r.round for r in report.rounds] == [1, 2]
-    assert all(n.rounds_trained == 2 and n.epsilon is not None and 0 < n.epsilon <= 2.0 for n in report.nodes)
+    assert all(n.rounds_trained == 2 and n.epsilon is not None and 0 < n.epsilon <= 2.0 for n in report.nodes), (
+        [(n.node, n.status, n.rounds_trained, n.epsilon, n.refusal_reason) for n in report.nodes],
+        [(r.round, r.nodes_trained) for r in report.rounds],
+    )
     assert report.privacy["secure_aggregation"] is True and all(r.discarded is None for r in report.rounds)
     assert report.final is not None and report.final.accuracy > 0.78
     for d in node_dirs:

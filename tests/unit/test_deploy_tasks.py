@@ -106,6 +106,13 @@ def test_runs_from_before_a_coordinator_restart_come_from_their_run_directories(
     assert tasks.run_status(tmp_path / "coord", 7, runs).run_dir == str(old)
     with pytest.raises(FederationError, match="run 9 is not known"):
         tasks.run_status(tmp_path / "coord", 9, runs)
-    with pytest.raises(FederationError, match="nothing to stop"):
-        monkeypatch.setattr(tasks, "run_dirs", lambda d: {7: old})
-        tasks.stop_run(tmp_path / "coord", 7)
+    with pytest.raises(FederationError, match="run 7 is not known"):
+        tasks.stop_run(tmp_path / "coord", 7)  # nothing to stop: Flower has no such run
+
+    # a SuperLink that does not answer is not a SuperLink that forgot the run
+    def down(directory: Path, args: list[str], **kw: object) -> str:
+        raise FederationError("flwr ls failed: connection refused")
+
+    monkeypatch.setattr(tasks, "run_flwr", down)
+    with pytest.raises(FederationError, match="connection refused"):
+        tasks.run_status(tmp_path / "coord", 7, runs)

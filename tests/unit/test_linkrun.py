@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,23 +100,99 @@ def test_an_unreadable_registry_names_the_file_and_field(tmp_path: Path) -> None
         _state(path)  # the SuperLink does not start without its admitted nodes
 
 
-def test_registrations_are_taken_over_from_flowers_sqlite_state(tmp_path: Path) -> None:
-    db = tmp_path / "state.db"
+def _flower_sqlite(db: Path, ids: list[int], monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """A SuperLink SQLite state written by Flower's own SqlLinkState, its nodes given ``ids``."""
+    import flwr.server.superlink.linkstate.sql_linkstate as sl
+
+    queue = list(ids)
+    monkeypatch.setattr(sl, "generate_rand_int_from_bytes", lambda *a, **k: queue.pop(0))
     sql = SqlLinkState(str(db), NoOpFederationManager(), ObjectStoreFactory(str(db)).store())
     sql.initialize()
-    ids = {f"n{i}": int(sql.create_node("<id:none>", "none", f"key-{i}".encode(), 30.0, name=f"n{i}")) for i in range(6)}
-    sql.delete_node("<id:none>", ids["n5"])
-    del sql
+    names = {f"n{i}": int(sql.create_node("<id:none>", "none", f"key-{i}".encode(), 30.0, name=f"n{i}")) for i in range(len(ids))}
+    sql.delete_node("<id:none>", names[f"n{len(ids) - 1}"])
+    monkeypatch.undo()
+    return names
+
+
+def test_registrations_are_taken_over_from_flowers_sqlite_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "state.db"
+    # ids above 2**63 are stored by Flower as negative BIGINTs
+    ids = _flower_sqlite(db, [2**64 - 5, 12345, 2**63, 2**63 - 1], monkeypatch)
+    assert ids == {"n0": 2**64 - 5, "n1": 12345, "n2": 2**63, "n3": 2**63 - 1}
 
     registry = migrate_registry(db)
-    assert {n.name: n.node_id for n in registry.nodes} == ids  # uint64 ids, also those stored as negative BIGINTs
+    assert {n.name: n.node_id for n in registry.nodes} == ids
     path = tmp_path / "nodes.json"
-    linkrun.save_registry(path, registry)
+    assert linkrun.take_over(db, path) == 4
+    assert not db.exists() and (tmp_path / "state.db.migrated").is_file()  # never taken over twice
     state = _state(path)
-    for i in range(5):
+    for i in range(3):
         assert state.get_node_id_by_public_key(f"key-{i}".encode()) == ids[f"n{i}"]
-    assert state.get_node_id_by_public_key(b"key-5") is None
+    assert state.get_node_id_by_public_key(b"key-3") is None  # unregistered before the move: still out
     assert migrate_registry(tmp_path / "missing.db").nodes == []
+    assert linkrun.take_over(tmp_path / "missing.db", tmp_path / "other.json") == 0
+
+
+def test_a_database_that_cannot_be_read_stops_the_take_over(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    db.write_bytes(b"not a database at all, but a file that is there")
+    with pytest.raises(ConfigError, match="cannot take the admitted nodes over") as info:
+        migrate_registry(db)
+    assert str(db) in str(info.value)
+
+
+def test_an_unregistration_that_cannot_be_written_is_undone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "nodes.json"
+    state = _state(path)
+    nid = _register(state, b"key-revoked", "revoked")
+
+    def full(path: Path, registry: NodeRegistry) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(linkrun, "save_registry", full)
+    with pytest.raises(OSError):
+        state.delete_node("<id:none>", nid)
+    # memory and disk agree: still registered, so the operator's retry takes effect
+    assert state.get_node_id_by_public_key(b"key-revoked") == nid
+    monkeypatch.undo()
+    state.delete_node("<id:none>", nid)
+    assert state.get_node_id_by_public_key(b"key-revoked") is None
+    assert _state(path).get_node_id_by_public_key(b"key-revoked") is None  # and after a restart
+
+
+def test_the_process_takes_over_once_and_starts_flower_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    import flwr.superlink.config_loader as cl
+
+    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")  # the module (its package re-exports the function)
+
+    db = tmp_path / "state.db"
+    ids = _flower_sqlite(db, [2**64 - 9, 77], monkeypatch)
+    started: list[list[str]] = []
+    monkeypatch.setattr(fs, "flower_superlink", lambda: started.append(list(sys.argv)))
+    monkeypatch.setattr(cl, "LinkStateFactory", cl.LinkStateFactory)  # undone after the test
+    registry = tmp_path / "nodes.json"
+    argv = ["linkrun", ARG, str(registry), MIGRATE_ARG, str(db), "--host", "127.0.0.1", "--port", "9093"]
+    monkeypatch.setattr(sys, "argv", argv)
+    linkrun.main()
+    assert started == [["flower-superlink", "--host", "127.0.0.1", "--port", "9093", "--database", IN_MEMORY]]
+    assert {n.node_id for n in load_registry(registry).nodes} == set(ids.values())
+    assert not db.exists()
+
+    # a registry removed by mistake: the retired database is not taken over again
+    registry.unlink()
+    monkeypatch.setattr(sys, "argv", argv)
+    linkrun.main()
+    assert not registry.exists() or load_registry(registry).nodes == []
+
+    # a registry that is not valid stops the start, naming the file
+    registry.write_text("{", encoding="utf-8")
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as info:
+        linkrun.main()
+    assert str(registry) in str(info.value.code)
+    assert len(started) == 2
 
 
 def test_the_superlink_command_line_follows_the_configured_state(tmp_path: Path) -> None:
